@@ -1,0 +1,22 @@
+# The two commands of the README: `make run` (a throw-away daemon) and `make test` (the suite).
+SHELL := /bin/bash
+VENV := .venv
+RUN_DIR := $(CURDIR)/.run
+
+.PHONY: setup run test bench clean
+
+setup:
+	@scripts/setup.sh
+
+run: setup
+	PORTMETER_STATE_DIR=$(RUN_DIR)/state \
+	PORTMETER_SOCKET=$(RUN_DIR)/portmeter.sock \
+	PORTMETER_XRAY_CONFIG=$(RUN_DIR)/xray/config.json \
+	PORTMETER_POLL_INTERVAL=2 \
+	$(VENV)/bin/portmeter run
+
+test: setup
+	$(VENV)/bin/pytest
+
+clean:
+	rm -rf $(RUN_DIR)

@@ -1,0 +1,334 @@
+"""HTTP/JSON API on the Unix socket. Thin: parse, call the service, shape the answer.
+
+Paths and field names follow the seed document (`/api/system/ports`, `/api/traffic/ports/exact`,
+`rx_bytes`, `total_formatted`, ...) so existing bots keep working; key management adds
+`/api/keys`. Every error is JSON `{"detail": "..."}` with a 4xx status.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio
+import structlog
+import uvicorn
+from fastapi import Body, FastAPI, Path as PathParam, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from daemon import allocator, netinfo
+from daemon.errors import Invalid, OperationError
+from daemon.service import Service
+from daemon.state import KeyRecord
+from daemon.units import human_bytes
+
+NAME_PATTERN = r"^\w(?:[\w .@+-]{0,62}[\w.@+-])?$"
+NAME_RULE = "1-64 letters, digits, spaces or . @ + - _, starting and ending with a letter or digit"
+KeyRef = Annotated[str, PathParam(min_length=1, max_length=64, description="key id, uuid or name")]
+
+
+class NewKey(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=NAME_PATTERN, description=NAME_RULE)
+    port: int | None = Field(default=None, ge=1, le=65535)
+
+
+def key_object(key: KeyRecord) -> dict[str, Any]:
+    total = key.rx.bytes + key.tx.bytes
+    return {
+        "id": key.id,
+        "name": key.name,
+        "uuid": str(key.uuid),
+        "port": key.port,
+        "created_at": key.created_at.isoformat(),
+        "is_active": key.is_active,
+        "rx_bytes": key.rx.bytes,
+        "tx_bytes": key.tx.bytes,
+        "total_bytes": total,
+        "reset_at": None if key.reset_at is None else key.reset_at.isoformat(),
+    }
+
+
+def traffic_object(key: KeyRecord, connections: int, timestamp: int) -> dict[str, Any]:
+    total = key.rx.bytes + key.tx.bytes
+    return {
+        "key_id": key.id,
+        "name": key.name,
+        "port": key.port,
+        "uuid": str(key.uuid),
+        "connections": connections,
+        "rx_bytes": key.rx.bytes,
+        "tx_bytes": key.tx.bytes,
+        "total_bytes": total,
+        "rx_packets": key.rx.packets,
+        "tx_packets": key.tx.packets,
+        "rx_formatted": human_bytes(key.rx.bytes),
+        "tx_formatted": human_bytes(key.tx.bytes),
+        "total_formatted": human_bytes(total),
+        "reset_at": None if key.reset_at is None else key.reset_at.isoformat(),
+        "timestamp": timestamp,
+    }
+
+
+def interface_summary() -> tuple[dict[str, dict[str, int]], int]:
+    interfaces = netinfo.interface_bytes()
+    total = sum(i["rx_bytes"] + i["tx_bytes"] for i in interfaces.values())
+    return interfaces, total
+
+
+def create_app(service: Service) -> FastAPI:
+    app = FastAPI(
+        title="portmeter",
+        summary="Exact per-key traffic accounting for Xray servers",
+        docs_url=None,
+        redoc_url=None,
+    )
+    log = service.log
+    _install_error_handlers(app, log)
+
+    @app.post("/api/keys", status_code=201)
+    async def create_key(body: Annotated[NewKey, Body()]) -> dict[str, Any]:
+        port_range = service.settings.port_range
+        if body.port is not None and body.port not in port_range:
+            raise Invalid(f"port {body.port} is outside the range {port_range}")
+        return key_object(await service.create_key(body.name, body.port))
+
+    @app.get("/api/keys")
+    async def list_keys() -> dict[str, Any]:
+        await service.refresh()
+        keys = sorted(service.state.keys.values(), key=lambda k: k.port)
+        return {"keys": [key_object(k) for k in keys], "total": len(keys), "timestamp": int(time.time())}
+
+    @app.get("/api/keys/{key_id}")
+    async def show_key(key_id: KeyRef) -> dict[str, Any]:
+        service.find(key_id)
+        await service.refresh()
+        return key_object(service.find(key_id))
+
+    @app.delete("/api/keys/{key_id}")
+    async def delete_key(key_id: KeyRef) -> dict[str, Any]:
+        return key_object(await service.delete_key(key_id))
+
+    @app.get("/api/system/ports")
+    async def ports() -> dict[str, Any]:
+        assignments = service.assigned_ports()
+        port_range = service.settings.port_range
+        return {
+            "port_assignments": {
+                "used_ports": {str(port): key_id for key_id, port in sorted(assignments.items())},
+                "port_assignments": assignments,
+            },
+            "used_ports": len(assignments),
+            "available_ports": allocator.available(port_range, assignments.values()),
+            "max_ports": port_range.size,
+            "port_range": str(port_range),
+            "timestamp": int(time.time()),
+        }
+
+    @app.post("/api/system/ports/reset")
+    async def ports_reset() -> dict[str, Any]:
+        before = await service.check()
+        result = await service.reconcile()
+        after = await service.check()
+        log.info("ports_reconciled", problems_before=len(before), problems_after=len(after))
+        return {
+            "table_rebuilt": result.table_rebuilt,
+            "installed_ports": result.installed,
+            "removed_ports": result.removed,
+            "problems_before": before,
+            "problems_after": after,
+            "timestamp": int(time.time()),
+        }
+
+    @app.get("/api/system/ports/status")
+    async def ports_status() -> dict[str, Any]:
+        problems = await service.check()
+        return {
+            "valid": not problems,
+            "problems": problems,
+            "total_keys": len(service.state.keys),
+            "port_range": str(service.settings.port_range),
+            "nft_table": f"inet {service.settings.nft_table}",
+            "timestamp": int(time.time()),
+        }
+
+    @app.get("/api/traffic/ports/exact")
+    async def all_traffic() -> dict[str, Any]:
+        await service.refresh()
+        connections = await service.connections()
+        interfaces, interface_total = await anyio.to_thread.run_sync(interface_summary)
+        now = int(time.time())
+        keys = sorted(service.state.keys.values(), key=lambda k: k.port)
+        per_key = {
+            str(k.uuid): {
+                "port": k.port,
+                "key_id": k.id,
+                "key_name": k.name,
+                "traffic": traffic_object(k, connections.get(k.port, 0), now),
+            }
+            for k in keys
+        }
+        return {
+            "ports_traffic": {
+                "total_ports": len(keys),
+                "ports_traffic": per_key,
+                "total_traffic": sum(k.rx.bytes + k.tx.bytes for k in keys),
+                "total_connections": sum(connections.get(k.port, 0) for k in keys),
+            },
+            "system_summary": {
+                "total_system_traffic": interface_total,
+                "active_ports": sum(1 for k in keys if connections.get(k.port, 0)),
+                "interface_summary": interfaces,
+            },
+            "source": "nftables",
+            "timestamp": now,
+        }
+
+    @app.get("/api/keys/{key_id}/traffic/port/exact")
+    async def key_traffic(key_id: KeyRef) -> dict[str, Any]:
+        service.find(key_id)
+        await service.refresh()
+        key = service.find(key_id)
+        connections = await service.connections()
+        interfaces, interface_total = await anyio.to_thread.run_sync(interface_summary)
+        result = traffic_object(key, connections.get(key.port, 0), int(time.time()))
+        result["interface_traffic"] = interfaces
+        result["total_interface_traffic"] = interface_total
+        return result
+
+    @app.post("/api/keys/{key_id}/traffic/port/reset")
+    async def reset_key_traffic(key_id: KeyRef) -> dict[str, Any]:
+        key = await service.reset_traffic(key_id)
+        return traffic_object(key, 0, int(time.time()))
+
+    @app.get("/api/system/traffic/summary")
+    async def traffic_summary() -> dict[str, Any]:
+        await service.refresh()
+        interfaces, interface_total = await anyio.to_thread.run_sync(interface_summary)
+        keys = service.state.keys.values()
+        rx = sum(k.rx.bytes for k in keys)
+        tx = sum(k.tx.bytes for k in keys)
+        return {
+            "keys": len(keys),
+            "rx_bytes": rx,
+            "tx_bytes": tx,
+            "total_bytes": rx + tx,
+            "total_formatted": human_bytes(rx + tx),
+            "interface_summary": interfaces,
+            "total_interface_traffic": interface_total,
+            "last_poll": None if service.last_poll_at is None else int(service.last_poll_at),
+            "timestamp": int(time.time()),
+        }
+
+    return app
+
+
+def _install_error_handlers(app: FastAPI, log: structlog.typing.FilteringBoundLogger) -> None:
+    @app.exception_handler(OperationError)
+    async def operation_error(_: Request, exc: OperationError) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return JSONResponse({"detail": "request body is not valid JSON"}, status_code=400)
+        return JSONResponse({"detail": describe_errors(errors)}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("request_failed", path=request.url.path, error=repr(exc), exc_info=exc)
+        return JSONResponse({"detail": "internal error; see the daemon log"}, status_code=500)
+
+
+def describe_errors(errors: Any) -> str:
+    """Pydantic's error list as one readable line: `body.name: String should match ...`."""
+    parts = []
+    for error in errors:
+        where = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
+        message = error.get("msg", "invalid")
+        if error.get("type") == "string_pattern_mismatch" and where == "name":
+            message = f"must be {NAME_RULE}"
+        parts.append(f"{where}: {message}")
+    return "; ".join(parts)
+
+
+class SocketBusy(Exception):
+    """Another daemon already answers on the socket path."""
+
+
+def bind_unix_socket(path: Path, group: str) -> socket.socket:
+    """Listen on `path` with mode 0660 and the operators' group, replacing a stale socket file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        if _answers(path):
+            raise SocketBusy(f"{path}: another portmeter daemon is already listening there")
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    staging = path.with_name(f".{path.name}.{os.getpid()}")
+    staging.unlink(missing_ok=True)
+    with contextlib.ExitStack() as undo:
+        undo.callback(sock.close)
+        undo.callback(staging.unlink, missing_ok=True)
+        sock.bind(str(staging))
+        os.chmod(staging, 0o660)
+        with contextlib.suppress(KeyError):
+            os.chown(staging, 0, grp.getgrnam(group).gr_gid)
+        os.rename(staging, path)
+        sock.listen(256)
+        undo.pop_all()
+    return sock
+
+
+def _answers(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn without its own signal handlers: the daemon owns SIGTERM/SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def serve(service: Service, stop: anyio.Event) -> None:
+    """Answer on the Unix socket until `stop` is set, then finish requests in flight."""
+    settings = service.settings
+    sock = bind_unix_socket(settings.socket, settings.socket_group)
+    config = uvicorn.Config(
+        create_app(service),
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=3,
+    )
+    server = _QuietServer(config)
+    try:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(server.serve, [sock])
+            await stop.wait()
+            server.should_exit = True
+    finally:
+        sock.close()
+        settings.socket.unlink(missing_ok=True)

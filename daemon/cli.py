@@ -1,0 +1,220 @@
+"""The `portmeter` command: `run` starts the daemon; everything else is a client of its socket."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from daemon.units import human_bytes
+
+DEFAULT_SOCKET = "/run/portmeter/portmeter.sock"
+
+
+class CliError(Exception):
+    """Ends the command with one line on stderr and exit code 1."""
+
+
+# --- the daemon ----------------------------------------------------------------------------
+
+
+def run_daemon_command(_: argparse.Namespace) -> int:
+    import anyio
+
+    from daemon import logs
+    from daemon.api import SocketBusy, serve
+    from daemon.errors import OperationError
+    from daemon.sdnotify import Notifier
+    from daemon.service import run_daemon
+    from daemon.settings import SettingsError, load_settings
+    from daemon.state import StateError
+
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        raise CliError(f"bad settings: {exc}") from None
+    logs.configure(settings.log_level)
+    log = logs.get_logger()
+    try:
+        anyio.run(run_daemon, settings, serve, Notifier(os.environ), log)
+    except (StateError, SocketBusy) as exc:
+        log.critical("daemon_refused_to_start", reason=str(exc))
+        raise CliError(str(exc)) from None
+    except OperationError as exc:
+        log.critical("daemon_refused_to_start", reason=exc.detail)
+        raise CliError(f"{exc.detail} (portmeter needs root or CAP_NET_ADMIN)") from None
+    return 0
+
+
+# --- the client ----------------------------------------------------------------------------
+
+
+class Client:
+    def __init__(self, socket_path: str) -> None:
+        self.socket_path = socket_path
+        transport = httpx.HTTPTransport(uds=socket_path)
+        self._http = httpx.Client(transport=transport, base_url="http://portmeter", timeout=30)
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        try:
+            response = self._http.request(method, path, json=body)
+        except httpx.TransportError:
+            raise CliError(
+                f"cannot reach the portmeter daemon at {self.socket_path} "
+                "(is it running? try: systemctl status portmeter)"
+            ) from None
+        try:
+            payload = response.json()
+        except ValueError:
+            raise CliError(f"daemon answered {response.status_code} without JSON") from None
+        if response.status_code >= 400:
+            detail = payload.get("detail") if isinstance(payload, dict) else payload
+            raise CliError(str(detail))
+        return payload
+
+
+def _path_segment(ref: str) -> str:
+    return quote(ref, safe="")
+
+
+def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    return "\n".join(lines)
+
+
+def print_key(key: dict[str, Any]) -> None:
+    fields = ("id", "name", "uuid", "port", "created_at", "is_active", "reset_at")
+    for field in fields:
+        print(f"{field + ':':12} {key.get(field)}")
+    print(f"{'traffic:':12} rx {human_bytes(key['rx_bytes'])}, tx {human_bytes(key['tx_bytes'])}, "
+          f"total {human_bytes(key['total_bytes'])}")
+
+
+def keys_add(client: Client, args: argparse.Namespace) -> Any:
+    body: dict[str, Any] = {"name": args.name}
+    if args.port is not None:
+        body["port"] = args.port
+    key = client.call("POST", "/api/keys", body)
+    return key, lambda: print_key(key)
+
+
+def keys_list(client: Client, _: argparse.Namespace) -> Any:
+    result = client.call("GET", "/api/keys")
+    rows = [
+        (k["id"], k["name"], str(k["port"]), human_bytes(k["rx_bytes"]),
+         human_bytes(k["tx_bytes"]), human_bytes(k["total_bytes"]), k["created_at"][:19])
+        for k in result["keys"]
+    ]
+    header = ("ID", "NAME", "PORT", "RX", "TX", "TOTAL", "CREATED")
+    return result, lambda: print(table(rows, header) if rows else "no keys yet: portmeter keys add NAME")
+
+
+def keys_show(client: Client, args: argparse.Namespace) -> Any:
+    key = client.call("GET", f"/api/keys/{_path_segment(args.key)}")
+    return key, lambda: print_key(key)
+
+
+def keys_rm(client: Client, args: argparse.Namespace) -> Any:
+    key = client.call("DELETE", f"/api/keys/{_path_segment(args.key)}")
+    return key, lambda: print(f"deleted key {key['id']} ({key['name']}), port {key['port']} is free")
+
+
+def traffic(client: Client, args: argparse.Namespace) -> Any:
+    words = args.words
+    if len(words) == 2 and words[0] == "reset":
+        result = client.call("POST", f"/api/keys/{_path_segment(words[1])}/traffic/port/reset")
+        return result, lambda: print(f"traffic of {result['name']} (port {result['port']}) reset to 0")
+    if len(words) == 1:
+        t = client.call("GET", f"/api/keys/{_path_segment(words[0])}/traffic/port/exact")
+        rows = [_traffic_row(t)]
+        return t, lambda: print(table(rows, TRAFFIC_HEADER))
+    if words:
+        raise CliError("usage: portmeter traffic [KEY] | portmeter traffic reset KEY")
+    result = client.call("GET", "/api/traffic/ports/exact")
+    entries = result["ports_traffic"]["ports_traffic"].values()
+    rows = [_traffic_row(e["traffic"]) for e in entries]
+    total = human_bytes(result["ports_traffic"]["total_traffic"])
+    return result, lambda: print(
+        (table(rows, TRAFFIC_HEADER) + f"\n\ntotal {total}") if rows else "no keys yet"
+    )
+
+
+TRAFFIC_HEADER = ("NAME", "PORT", "RX", "TX", "TOTAL", "RX PKTS", "TX PKTS", "CONNS")
+
+
+def _traffic_row(t: dict[str, Any]) -> tuple[str, ...]:
+    return (t["name"], str(t["port"]), t["rx_formatted"], t["tx_formatted"], t["total_formatted"],
+            str(t["rx_packets"]), str(t["tx_packets"]), str(t["connections"]))
+
+
+def ports(client: Client, _: argparse.Namespace) -> Any:
+    result = client.call("GET", "/api/system/ports")
+    return result, lambda: print(
+        f"range {result['port_range']}: {result['used_ports']} used, "
+        f"{result['available_ports']} free of {result['max_ports']}"
+    )
+
+
+Handler = Callable[[Client, argparse.Namespace], Any]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--socket", default=argparse.SUPPRESS,
+                        help=f"daemon socket (default: $PORTMETER_SOCKET or {DEFAULT_SOCKET})")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print the daemon's JSON answer, for scripts")
+    parser = argparse.ArgumentParser(
+        prog="portmeter", parents=[common],
+        description="Exact per-key traffic accounting for Xray servers, counted by nftables.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="run the daemon (systemd starts this)")
+    run.set_defaults(daemon=True)
+
+    keys = sub.add_parser("keys", help="create, list, show and delete keys", parents=[common])
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    add = keys_sub.add_parser("add", help="create a key with its own port", parents=[common])
+    add.add_argument("name", help="a unique name, e.g. alice")
+    add.add_argument("--port", type=int, help="a specific port of the range (default: lowest free)")
+    add.set_defaults(handler=keys_add)
+    keys_sub.add_parser("list", help="all keys with their traffic", parents=[common]).set_defaults(
+        handler=keys_list)
+    for verb, handler, text in (("show", keys_show, "one key"), ("rm", keys_rm, "delete a key")):
+        p = keys_sub.add_parser(verb, help=text, parents=[common])
+        p.add_argument("key", help="key id, uuid or name")
+        p.set_defaults(handler=handler)
+
+    tr = sub.add_parser("traffic", parents=[common],
+                        help="exact traffic: all keys, one KEY, or `traffic reset KEY`")
+    tr.add_argument("words", nargs="*", metavar="KEY | reset KEY")
+    tr.set_defaults(handler=traffic)
+    sub.add_parser("ports", help="port range usage", parents=[common]).set_defaults(handler=ports)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if getattr(args, "daemon", False):
+            return run_daemon_command(args)
+        socket_path = getattr(args, "socket", None) or os.environ.get("PORTMETER_SOCKET") or DEFAULT_SOCKET
+        handler: Handler = args.handler
+        payload, show = handler(Client(socket_path), args)
+        if getattr(args, "json", False):
+            print(json.dumps(payload, indent=2, ensure_ascii=False))
+        else:
+            show()
+        return 0
+    except CliError as exc:
+        print(f"portmeter: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

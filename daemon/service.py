@@ -1,0 +1,393 @@
+"""The daemon: key operations under one lock, the poll loop, reconciliation, signals, sd_notify.
+
+Every operation that changes the kernel and the state file does the kernel part first and saves
+the state before it answers; if saving fails the kernel part is undone, so an acknowledged
+operation is on disk and a refused one left nothing behind. A crash between the two leaves at
+most counters that no key owns, which the start-up reconciliation removes.
+"""
+
+from __future__ import annotations
+
+import secrets
+import signal
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import structlog
+
+from daemon import allocator, netinfo
+from daemon.accounting import Account
+from daemon.counters import Counters, NftError, PortReading, TableView, port_of
+from daemon.errors import Conflict, KernelRefused, NotFound, StorageFull
+from daemon.sdnotify import Notifier
+from daemon.settings import Settings
+from daemon.state import DirectionModel, KeyRecord, State, StateStore, StorageError, now
+
+Log = structlog.typing.FilteringBoundLogger
+
+
+@dataclass(slots=True)
+class Refresh:
+    """What one reading of the kernel found and did."""
+
+    changed: bool = False
+    table_rebuilt: bool = False
+    installed: list[int] = field(default_factory=list)
+    removed: list[int] = field(default_factory=list)
+
+
+class Service:
+    def __init__(
+        self,
+        settings: Settings,
+        store: StateStore,
+        state: State,
+        counters: Counters,
+        log: Log,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.state = state
+        self.counters = counters
+        self.log = log
+        self.lock = anyio.Lock()
+        self.last_poll_at: float | None = None
+        self._last_saved_at = time.monotonic()
+
+    # --- lookups -------------------------------------------------------------------------
+
+    def find(self, ref: str) -> KeyRecord:
+        """A key by id, uuid or name (in that order)."""
+        keys = self.state.keys
+        if ref in keys:
+            return keys[ref]
+        lowered = ref.lower()
+        for key in keys.values():
+            if str(key.uuid) == lowered:
+                return key
+        for key in keys.values():
+            if key.name == ref:
+                return key
+        raise NotFound(f"no key with id, uuid or name {ref!r}")
+
+    def assigned_ports(self) -> dict[str, int]:
+        return {key.id: key.port for key in self.state.keys.values()}
+
+    # --- operations ----------------------------------------------------------------------
+
+    async def create_key(self, name: str, port: int | None = None) -> KeyRecord:
+        async with self.lock:
+            if any(key.name == name for key in self.state.keys.values()):
+                raise Conflict(f"a key named {name!r} already exists")
+            assigned = set(self.assigned_ports().values())
+            busy = await anyio.to_thread.run_sync(netinfo.bound_ports, self.settings.port_range)
+            try:
+                chosen = allocator.allocate(self.settings.port_range, assigned, busy, port)
+            except allocator.PortUnavailable as exc:
+                raise Conflict(str(exc)) from None
+            await self._install_fresh(chosen)
+            key = KeyRecord(
+                id=self._new_id(), name=name, uuid=uuid.uuid4(), port=chosen, created_at=now()
+            )
+            self.state.keys[key.id] = key
+            try:
+                self._save()
+            except StorageFull:
+                del self.state.keys[key.id]
+                await self._uninstall(chosen)
+                raise
+            self.log.info("key_created", key_id=key.id, name=key.name, port=key.port)
+            return key
+
+    async def delete_key(self, ref: str) -> KeyRecord:
+        async with self.lock:
+            key = self.find(ref)
+            del self.state.keys[key.id]
+            try:
+                self._save()
+            except StorageFull:
+                self.state.keys[key.id] = key
+                raise
+            await self._uninstall(key.port)
+            self.log.info(
+                "key_deleted",
+                key_id=key.id,
+                name=key.name,
+                port=key.port,
+                rx_bytes=key.rx.bytes,
+                tx_bytes=key.tx.bytes,
+            )
+            return key
+
+    async def reset_traffic(self, ref: str) -> KeyRecord:
+        """Zero a key's totals; what the kernel counts from now on is its new usage."""
+        async with self.lock:
+            key = self.find(ref)
+            await self._refresh_locked()
+            before = key.model_copy(deep=True)
+            key.rx = DirectionModel.of(key.rx.account().reset())
+            key.tx = DirectionModel.of(key.tx.account().reset())
+            key.reset_at = now()
+            try:
+                self._save()
+            except StorageFull:
+                self.state.keys[key.id] = before
+                raise
+            self.log.info(
+                "traffic_reset",
+                key_id=key.id,
+                port=key.port,
+                rx_bytes_before=before.rx.bytes,
+                tx_bytes_before=before.tx.bytes,
+            )
+            return key
+
+    async def refresh(self) -> Refresh:
+        """Read the kernel now, so answers are exact to this moment."""
+        async with self.lock:
+            return await self._refresh_locked()
+
+    async def poll_once(self, *, always_save: bool = False) -> Refresh:
+        """Read the kernel and persist the totals if they moved."""
+        async with self.lock:
+            result = await self._refresh_locked()
+            if result.changed or always_save:
+                self._save_quietly()
+            return result
+
+    async def reconcile(self) -> Refresh:
+        """Make the kernel table match the state: rebuild a damaged table, fix missing entries."""
+        async with self.lock:
+            result = await self._refresh_locked(check_elements=True)
+            self._save_quietly()
+            return result
+
+    async def connections(self) -> dict[int, int]:
+        return await anyio.to_thread.run_sync(netinfo.established_by_port, self.settings.port_range)
+
+    async def check(self) -> list[str]:
+        """Every disagreement between state, kernel table and allocator, as readable lines."""
+        async with self.lock:
+            found = allocator.problems(self.settings.port_range, self.assigned_ports())
+            view = await self.counters.read()
+            if view is None:
+                return [*found, f"nftables table inet {self.counters.table} is missing"]
+            found += view.problems
+            found += [f"counter {name} does not belong to a port pair" for name in view.stray_counters]
+            elements = await self.counters.map_elements()
+            wanted = {key.port for key in self.state.keys.values()}
+            for port in sorted(wanted - set(view.ports)):
+                found.append(f"port {port} has a key but no counters in the kernel")
+            for port in sorted(set(view.ports) - wanted):
+                found.append(f"port {port} has counters in the kernel but no key")
+            for direction, mapping in elements.items():
+                for port in sorted(wanted - set(mapping)):
+                    found.append(f"port {port} is missing from map {direction}")
+                for port in sorted(set(mapping) - wanted):
+                    found.append(f"map {direction} holds port {port} that no key owns")
+            return found
+
+    # --- internals -----------------------------------------------------------------------
+
+    async def _refresh_locked(self, check_elements: bool = False) -> Refresh:
+        result = Refresh()
+        view = await self._kernel("read counters", self.counters.read())
+        if view is None and self.state.table_handle is None:
+            await self._rebuild("table_created", result, level="info")
+        elif view is None:
+            await self._rebuild("table_missing", result)
+        else:
+            self._apply(view, result)
+            if view.problems:
+                await self._rebuild("table_damaged", result, problems=view.problems)
+            else:
+                await self._repair(view, result, check_elements)
+        self.last_poll_at = time.time()
+        return result
+
+    def _apply(self, view: TableView, result: Refresh) -> None:
+        if self.state.table_handle != view.handle:
+            self.state.table_handle = view.handle
+            result.changed = True
+        for key in self.state.keys.values():
+            reading = view.ports.get(key.port)
+            if reading is not None and self._advance(key, reading):
+                result.changed = True
+
+    @staticmethod
+    def _advance(key: KeyRecord, reading: PortReading) -> bool:
+        moved = False
+        for direction in ("rx", "tx"):
+            model: DirectionModel = getattr(key, direction)
+            current = getattr(reading, direction)
+            account: Account = model.account()
+            if account.reading == current:
+                continue
+            setattr(key, direction, DirectionModel.of(account.advance(current)))
+            moved = True
+        return moved
+
+    async def _rebuild(self, event: str, result: Refresh, level: str = "error", **fields: Any) -> None:
+        """Recreate the table from the state; bytes since the last reading are lost and logged."""
+        ports = sorted(self.assigned_ports().values())
+        await self._kernel("rebuild table", self.counters.build(ports))
+        if level == "info":
+            self.log.info(event, table=self.counters.table, keys=len(ports))
+        else:
+            since = None if self.last_poll_at is None else round(time.time() - self.last_poll_at, 1)
+            self.log.error(
+                event,
+                table=self.counters.table,
+                keys=len(ports),
+                action="table rebuilt from state",
+                lost="traffic since the last reading",
+                seconds_since_last_reading=since,
+                **fields,
+            )
+        result.table_rebuilt = True
+        view = await self._kernel("read counters", self.counters.read())
+        if view is not None:
+            self._apply(view, result)
+        result.changed = True
+
+    async def _repair(self, view: TableView, result: Refresh, check_elements: bool) -> None:
+        wanted = {key.port for key in self.state.keys.values()}
+        present = set(view.ports)
+        halves = {port for port in map(port_of, view.stray_counters) if port is not None}
+        missing = wanted - present
+        orphans = (present | halves) - wanted
+        if check_elements:
+            elements = await self._kernel("read maps", self.counters.map_elements())
+            for mapping in elements.values():
+                missing |= wanted - set(mapping)
+                orphans |= set(mapping) - wanted
+        if orphans:
+            await self._kernel("remove orphans", self.counters.remove_present(orphans))
+            self.log.warning("orphan_counters_removed", ports=sorted(orphans))
+            result.removed = sorted(orphans)
+        for port in sorted(missing):
+            await self._install_fresh(port)
+        if missing:
+            self.log.warning("missing_counters_installed", ports=sorted(missing))
+            result.installed = sorted(missing)
+            result.changed = True
+
+    async def _install_fresh(self, port: int) -> None:
+        """Install counters for a port; a leftover pair (crash, tampering) is removed first."""
+        try:
+            await self.counters.install([port])
+        except NftError:
+            await self._kernel("remove leftover counters", self.counters.remove_present([port]))
+            await self._kernel("install counters", self.counters.install([port]))
+            self.log.warning("leftover_counters_replaced", port=port)
+
+    async def _uninstall(self, port: int) -> None:
+        try:
+            await self.counters.remove([port])
+        except NftError as exc:
+            self.log.warning("counter_removal_retried", port=port, error=str(exc))
+            await self._kernel("remove counters", self.counters.remove_present([port]))
+
+    async def _kernel(self, what: str, call: Awaitable[Any]) -> Any:
+        try:
+            return await call
+        except NftError as exc:
+            self.log.error("nftables_refused", what=what, error=str(exc))
+            raise KernelRefused(f"nftables refused to {what}: {exc}") from None
+
+    def _new_id(self) -> str:
+        while True:
+            candidate = secrets.token_hex(4)
+            if candidate not in self.state.keys:
+                return candidate
+
+    def _save(self) -> None:
+        try:
+            self.store.save(self.state)
+        except StorageError as exc:
+            self.log.error("state_write_failed", error=str(exc))
+            raise StorageFull(f"{exc}; nothing was changed") from None
+        self._last_saved_at = time.monotonic()
+
+    def _save_quietly(self) -> None:
+        """Persist from a background loop: a failure is logged and retried at the next poll."""
+        try:
+            self._save()
+        except StorageFull:
+            pass
+
+    # --- loops ---------------------------------------------------------------------------
+
+    async def poll_loop(self) -> None:
+        while True:
+            await anyio.sleep(self.settings.poll_interval)
+            try:
+                started = time.perf_counter()
+                result = await self.poll_once()
+                self.log.debug(
+                    "poll", seconds=round(time.perf_counter() - started, 4), changed=result.changed
+                )
+            except KernelRefused:
+                pass  # already logged; the next poll tries again
+
+    async def backup_loop(self) -> None:
+        while True:
+            await anyio.sleep(self.settings.snapshot_interval)
+            try:
+                async with self.lock:
+                    target = self.store.backup()
+                if target is not None:
+                    self.log.info("state_backup_written", path=str(target))
+            except StorageError as exc:
+                self.log.error("state_backup_failed", error=str(exc))
+
+
+async def run_daemon(
+    settings: Settings,
+    serve: Callable[[Service, anyio.Event], Awaitable[None]],
+    notifier: Notifier,
+    log: Log,
+) -> None:
+    """Start, reconcile, serve until SIGTERM/SIGINT, then write a final snapshot."""
+    store = StateStore(settings.state_file, backups=settings.state_backups)
+    state = store.load()
+    counters = Counters(settings.nft_table)
+    service = Service(settings, store, state, counters, log)
+    started = time.perf_counter()
+    await service.reconcile()
+    stop = anyio.Event()
+    async with anyio.create_task_group() as background:
+        background.start_soon(service.poll_loop)
+        background.start_soon(service.backup_loop)
+        if notifier.watchdog_interval:
+            background.start_soon(_watchdog, notifier, notifier.watchdog_interval)
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with anyio.create_task_group() as serving:
+                serving.start_soon(serve, service, stop)
+                log.info(
+                    "daemon_ready",
+                    keys=len(state.keys),
+                    table=settings.nft_table,
+                    socket=str(settings.socket),
+                    port_range=str(settings.port_range),
+                    startup_seconds=round(time.perf_counter() - started, 3),
+                )
+                notifier.notify("READY=1\nSTATUS=counting")
+                async for signum in signals:
+                    log.info("daemon_stopping", signal=signal.Signals(signum).name)
+                    notifier.notify("STOPPING=1")
+                    break
+                stop.set()
+        background.cancel_scope.cancel()
+    await service.poll_once(always_save=True)
+    log.info("daemon_stopped", keys=len(service.state.keys))
+
+
+async def _watchdog(notifier: Notifier, interval: float) -> None:
+    while True:
+        notifier.notify("WATCHDOG=1")
+        await anyio.sleep(interval)

@@ -1,0 +1,113 @@
+"""Daemon settings: environment `PORTMETER_*`, optionally a TOML file named by `PORTMETER_CONFIG`.
+
+Settings are loaded once by the entry point and passed down explicitly, so tests can run several
+daemons side by side with different settings in one process tree.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BeforeValidator, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from daemon.allocator import PortRange
+
+NFT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,31}$")
+
+
+class SettingsError(Exception):
+    """A setting is missing or invalid; the message is one line an operator can act on."""
+
+
+def _parse_port_range(value: object) -> object:
+    if isinstance(value, str):
+        return PortRange.parse(value)
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="PORTMETER_", extra="forbid", frozen=True, arbitrary_types_allowed=True
+    )
+
+    state_dir: Path = Path("/var/lib/portmeter")
+    socket: Path = Path("/run/portmeter/portmeter.sock")
+    socket_group: str = "portmeter"
+    port_range: Annotated[PortRange, BeforeValidator(_parse_port_range)] = PortRange(10001, 10100)
+    nft_table: str = "portmeter"
+    poll_interval: float = Field(default=10.0, gt=0, le=3600)
+    snapshot_interval: float = Field(default=3600.0, gt=0, le=7 * 86400)
+    state_backups: int = Field(default=10, ge=0, le=1000)
+    xray_config: Path = Path("/usr/local/etc/xray/config.json")
+    xray_bin: Path = Path("/usr/local/bin/xray")
+    xray_apply: Literal["none", "restart", "api"] = "none"
+    public_host: str = ""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("nft_table")
+    @classmethod
+    def _nft_name(cls, value: str) -> str:
+        if not NFT_NAME.match(value):
+            raise ValueError("must start with a letter and hold only letters, digits and _ (max 32)")
+        return value
+
+    @field_validator("state_dir", "socket", "xray_config")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.absolute()
+
+    @property
+    def state_file(self) -> Path:
+        return self.state_dir / "state.json"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Precedence: explicit arguments, then environment, then the TOML file.
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Build settings from the environment (and the TOML file it names), or raise SettingsError."""
+    environ = os.environ if environ is None else environ
+    config_file = environ.get("PORTMETER_CONFIG")
+    settings_cls: type[Settings] = Settings
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise SettingsError(f"PORTMETER_CONFIG={config_file}: no such file")
+        settings_cls = type(
+            "FileSettings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": path}}
+        )
+    try:
+        return settings_cls()
+    except ValidationError as exc:
+        raise SettingsError(describe_validation_error(exc, prefix="PORTMETER_")) from None
+    except ValueError as exc:  # a TOML syntax error surfaces as ValueError
+        raise SettingsError(f"{config_file}: {exc}") from None
+
+
+def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:
+    """One readable line per problem, joined with '; '."""
+    parts = []
+    for error in exc.errors():
+        field = ".".join(str(p) for p in error["loc"])
+        name = f"{prefix}{field.upper()}" if prefix else field
+        parts.append(f"{name}: {error['msg']}")
+    return "; ".join(parts)

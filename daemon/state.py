@@ -1,0 +1,183 @@
+"""The state file: keys, their cumulative totals and the kernel readings those totals are based on.
+
+Written atomically (temp file, fsync, rename, fsync of the directory), so a crash leaves either the
+old or the new file, never a mix. A file that cannot be read or parsed is never overwritten: the
+daemon refuses to start and says which file and what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from daemon.accounting import Account, Reading, Usage
+
+SCHEMA_VERSION = 1
+BACKUP_STAMP = "%Y%m%dT%H%M%S%fZ"
+
+
+class StateError(Exception):
+    """The state file is unreadable or damaged; the message names the file and the remedy."""
+
+
+class StorageError(Exception):
+    """Writing the state failed (disk full, permissions); the previous file is intact."""
+
+
+class ReadingModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    table_handle: int
+    handle: int
+    packets: int = Field(ge=0)
+    bytes: int = Field(ge=0)
+
+
+class DirectionModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    packets: int = Field(default=0, ge=0)
+    bytes: int = Field(default=0, ge=0)
+    reading: ReadingModel | None = None
+
+    @classmethod
+    def of(cls, account: Account) -> DirectionModel:
+        reading = account.reading
+        return cls(
+            packets=account.total.packets,
+            bytes=account.total.bytes,
+            reading=None if reading is None else ReadingModel(**_reading_fields(reading)),
+        )
+
+    def account(self) -> Account:
+        reading = None if self.reading is None else Reading(**self.reading.model_dump())
+        return Account(Usage(self.packets, self.bytes), reading)
+
+
+class KeyRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    name: str
+    uuid: UUID
+    port: int = Field(ge=1, le=65535)
+    created_at: datetime
+    is_active: bool = True
+    reset_at: datetime | None = None
+    rx: DirectionModel = Field(default_factory=DirectionModel)
+    tx: DirectionModel = Field(default_factory=DirectionModel)
+
+
+class State(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    schema_version: Literal[1] = SCHEMA_VERSION
+    table_handle: int | None = None
+    keys: dict[str, KeyRecord] = Field(default_factory=dict)
+
+
+def _reading_fields(reading: Reading) -> dict[str, int]:
+    return {
+        "table_handle": reading.table_handle,
+        "handle": reading.handle,
+        "packets": reading.packets,
+        "bytes": reading.bytes,
+    }
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+class StateStore:
+    """Loads and saves the state file of one state directory."""
+
+    def __init__(self, path: Path, backups: int = 10) -> None:
+        self.path = path
+        self.backups = backups
+
+    @property
+    def backup_dir(self) -> Path:
+        return self.path.parent / "backups"
+
+    def load(self) -> State:
+        """The saved state; an empty one when no file exists yet."""
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return State()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise StateError(self._damaged(f"cannot be read ({_reason(exc)})")) from None
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise StateError(self._damaged(f"is not valid JSON ({exc.msg} at line {exc.lineno})")) from None
+        version = raw.get("schema_version") if isinstance(raw, dict) else None
+        if version != SCHEMA_VERSION:
+            raise StateError(
+                self._damaged(f"has schema version {version!r}, this portmeter reads {SCHEMA_VERSION}")
+            )
+        try:
+            return State.model_validate(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise StateError(self._damaged(f"does not match the schema ({where}: {first['msg']})")) from None
+
+    def save(self, state: State) -> None:
+        """Atomically replace the state file; raise StorageError and leave the old file if it fails."""
+        data = state.model_dump_json(indent=1).encode()
+        try:
+            write_atomic(self.path, data)
+        except OSError as exc:
+            raise StorageError(f"cannot write {self.path}: {_reason(exc)}") from None
+
+    def backup(self) -> Path | None:
+        """Copy the current file into backups/, keeping the newest `backups` copies."""
+        if self.backups == 0 or not self.path.exists():
+            return None
+        self.backup_dir.mkdir(mode=0o700, exist_ok=True)
+        target = self.backup_dir / f"state-{now().strftime(BACKUP_STAMP)}.json"
+        try:
+            write_atomic(target, self.path.read_bytes())
+        except OSError as exc:
+            raise StorageError(f"cannot write {target}: {_reason(exc)}") from None
+        for old in sorted(self.backup_dir.glob("state-*.json"))[: -self.backups]:
+            old.unlink(missing_ok=True)
+        return target
+
+    def _damaged(self, what: str) -> str:
+        return (
+            f"state file {self.path} {what}; it was left untouched. Restore a copy from "
+            f"{self.backup_dir}/ or move the file away to start empty"
+        )
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write `data` to `path` so that readers see the old or the new content, never a mix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _reason(exc: OSError | UnicodeDecodeError) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)
+
