@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 RUN_DIR := $(CURDIR)/.run
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test install clean
 
 setup:
 	@scripts/setup.sh
@@ -17,6 +17,9 @@ run: setup
 
 test: setup
 	$(VENV)/bin/pytest
+
+install:
+	scripts/install.sh
 
 clean:
 	rm -rf $(RUN_DIR)

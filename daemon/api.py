@@ -24,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from daemon import allocator, netinfo
 from daemon.errors import Invalid, OperationError
@@ -85,6 +86,19 @@ def interface_summary() -> tuple[dict[str, dict[str, int]], int]:
     return interfaces, total
 
 
+class JsonBodies:
+    """Treat every request body as JSON, so `curl -d '{"name": "alice"}'` works without -H."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
+
+
 def create_app(service: Service) -> FastAPI:
     app = FastAPI(
         title="portmeter",
@@ -93,6 +107,7 @@ def create_app(service: Service) -> FastAPI:
         redoc_url=None,
     )
     log = service.log
+    app.add_middleware(JsonBodies)
     _install_error_handlers(app, log)
 
     @app.post("/api/keys", status_code=201)
@@ -262,6 +277,8 @@ def describe_errors(errors: Any) -> str:
         message = error.get("msg", "invalid")
         if error.get("type") == "string_pattern_mismatch" and where == "name":
             message = f"must be {NAME_RULE}"
+        elif error.get("type") == "missing" and where == "body":
+            message = "a JSON body is required"
         parts.append(f"{where}: {message}")
     return "; ".join(parts)
 

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import quote
 
 import httpx
@@ -19,6 +19,13 @@ DEFAULT_SOCKET = "/run/portmeter/portmeter.sock"
 
 class CliError(Exception):
     """Ends the command with one line on stderr and exit code 1."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit code 2), like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"portmeter: {message} (see: {self.prog} --help)\n")
 
 
 # --- the daemon ----------------------------------------------------------------------------
@@ -166,12 +173,12 @@ Handler = Callable[[Client, argparse.Namespace], Any]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = Parser(add_help=False)
     common.add_argument("--socket", default=argparse.SUPPRESS,
                         help=f"daemon socket (default: $PORTMETER_SOCKET or {DEFAULT_SOCKET})")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="print the daemon's JSON answer, for scripts")
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="portmeter", parents=[common],
         description="Exact per-key traffic accounting for Xray servers, counted by nftables.",
     )

@@ -106,6 +106,7 @@ class Service:
     async def delete_key(self, ref: str) -> KeyRecord:
         async with self.lock:
             key = self.find(ref)
+            await self._refresh_locked()  # the final totals, reported and logged, are exact
             del self.state.keys[key.id]
             try:
                 self._save()

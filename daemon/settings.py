@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 from pydantic import BeforeValidator, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -43,7 +44,9 @@ class Settings(BaseSettings):
     state_dir: Path = Path("/var/lib/portmeter")
     socket: Path = Path("/run/portmeter/portmeter.sock")
     socket_group: str = "portmeter"
-    port_range: Annotated[PortRange, BeforeValidator(_parse_port_range)] = PortRange(10001, 10100)
+    port_range: Annotated[PortRange, NoDecode, BeforeValidator(_parse_port_range)] = PortRange(
+        10001, 10100
+    )
     nft_table: str = "portmeter"
     poll_interval: float = Field(default=10.0, gt=0, le=3600)
     snapshot_interval: float = Field(default=3600.0, gt=0, le=7 * 86400)
@@ -99,8 +102,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         return settings_cls()
     except ValidationError as exc:
         raise SettingsError(describe_validation_error(exc, prefix="PORTMETER_")) from None
-    except ValueError as exc:  # a TOML syntax error surfaces as ValueError
-        raise SettingsError(f"{config_file}: {exc}") from None
+    except ValueError as exc:  # TOML syntax errors and undecodable values surface as ValueError
+        raise SettingsError(f"{config_file or 'environment'}: {exc}") from None
 
 
 def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:
