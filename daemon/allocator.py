@@ -75,8 +75,9 @@ def allocate(
     port = lowest_free(port_range, assigned, busy)
     if port is None:
         in_use = sum(1 for p in busy - assigned if p in port_range)
+        held = sum(1 for p in assigned if p in port_range)
         raise PortUnavailable(
-            f"no free port in {port_range}: {len(assigned)} held by keys, "
+            f"no free port in {port_range}: {held} held by keys, "
             f"{in_use} in use by other processes"
         )
     return port

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -86,10 +85,9 @@ class Settings(BaseSettings):
         return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
 
 
-def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
-    """Build settings from the environment (and the TOML file it names), or raise SettingsError."""
-    environ = os.environ if environ is None else environ
-    config_file = environ.get("PORTMETER_CONFIG")
+def load_settings() -> Settings:
+    """Build settings from the process environment (and the TOML file it names), or raise SettingsError."""
+    config_file = os.environ.get("PORTMETER_CONFIG")
     settings_cls: type[Settings] = Settings
     if config_file:
         path = Path(config_file)

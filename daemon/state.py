@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from daemon.accounting import Account, Reading, Usage
 
@@ -77,6 +77,13 @@ class State(BaseModel):
     table_handle: int | None = None
     keys: dict[str, KeyRecord] = Field(default_factory=dict)
 
+    @model_validator(mode="after")
+    def _ids_match(self) -> State:
+        for key_id, key in self.keys.items():
+            if key.id != key_id:
+                raise ValueError(f"key stored under {key_id!r} has id {key.id!r}")
+        return self
+
 
 def _reading_fields(reading: Reading) -> dict[str, int]:
     return {
@@ -114,8 +121,10 @@ class StateStore:
             raw = json.loads(text)
         except json.JSONDecodeError as exc:
             raise StateError(self._damaged(f"is not valid JSON ({exc.msg} at line {exc.lineno})")) from None
+        except (ValueError, RecursionError) as exc:  # absurd numbers or nesting
+            raise StateError(self._damaged(f"is not valid JSON ({type(exc).__name__})")) from None
         version = raw.get("schema_version") if isinstance(raw, dict) else None
-        if version != SCHEMA_VERSION:
+        if type(version) is not int or version != SCHEMA_VERSION:
             raise StateError(
                 self._damaged(f"has schema version {version!r}, this portmeter reads {SCHEMA_VERSION}")
             )
@@ -161,6 +170,7 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
+        os.fchmod(fd, mode)  # a stale temp file keeps its old mode otherwise
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

