@@ -128,6 +128,11 @@ def test_curl_over_the_unix_socket(daemon: Daemon) -> None:
         capture_output=True, text=True, check=True,
     )
     assert json.loads(result.stdout)["keys"][0]["name"] == "curly"
+    posted = subprocess.run(  # curl -d sends no JSON content type: still understood
+        ["curl", "-s", "--unix-socket", str(daemon.socket), "-d", '{"name": "plain"}',
+         "http://localhost/api/keys"], capture_output=True, text=True, check=True,
+    )
+    assert json.loads(posted.stdout)["name"] == "plain"
     assert oct(daemon.socket.stat().st_mode & 0o777) == "0o660"
 
 

@@ -160,3 +160,22 @@ def test_capacity_is_the_range_size_then_409(make_daemon) -> None:  # type: igno
     full = daemon.api("POST", "/api/keys", expect=409, json={"name": "one-too-many"})
     assert "no free port" in full["detail"]
     assert daemon.api("GET", "/api/system/ports")["available_ports"] == 0
+
+
+def test_systemd_notify_ready_watchdog_stopping(net: Lab, make_daemon, workdir) -> None:  # type: ignore[no-untyped-def]
+    notify_path = workdir / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(notify_path))
+    listener.settimeout(10)
+    try:
+        daemon = make_daemon(start=False, NOTIFY_SOCKET=str(notify_path), WATCHDOG_USEC="400000")
+        daemon.start()
+        messages = [listener.recv(4096).decode() for _ in range(3)]
+        assert any(m.startswith("READY=1") for m in messages), messages
+        assert "WATCHDOG=1" in messages
+        assert daemon.stop() == 0
+        seen = []
+        while not any("STOPPING=1" in m for m in seen):
+            seen.append(listener.recv(4096).decode())
+    finally:
+        listener.close()

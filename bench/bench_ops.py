@@ -1,0 +1,92 @@
+"""Create/delete latency through the socket API and the cost of reading every counter.
+
+Runs the real daemon in a throw-away network namespace, fills it to each size, then times
+creates and deletes over the Unix socket (apply mode `none`) and full counter reads.
+Usage: .venv/bin/python -m bench.bench_ops [SIZES...]   (default: 100 1000)
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import Daemon, fresh_port_range
+from tests.netlab import lab
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+SAMPLES = 100
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def fill(daemon: Daemon, count: int) -> None:
+    def create(i: int) -> None:
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(daemon.socket)), timeout=120) as c:
+            assert c.post("http://pm/api/keys", json={"name": f"fill{i}"}).status_code == 201
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(create, range(count)))
+
+
+def timed(call) -> float:  # type: ignore[no-untyped-def]
+    started = time.perf_counter()
+    call()
+    return (time.perf_counter() - started) * 1000
+
+
+def measure(size: int, workdir: Path) -> dict[str, float]:
+    with lab() as net:
+        daemon = Daemon(net.server, workdir / f"s{size}", fresh_port_range(size + SAMPLES + 10),
+                        PORTMETER_POLL_INTERVAL="3600")
+        try:
+            daemon.start()
+            fill(daemon, size)
+            creates, deletes, reads = [], [], []
+            for i in range(SAMPLES):
+                holder: dict[str, str] = {}
+                creates.append(timed(lambda: holder.update(id=daemon.create(f"b{i}")["id"])))
+                deletes.append(timed(lambda: daemon.api("DELETE", f"/api/keys/{holder['id']}")))
+                reads.append(timed(lambda: daemon.api("GET", "/api/system/traffic/summary")))
+            return {
+                "create_p50": statistics.median(creates), "create_p99": percentile(creates, 0.99),
+                "delete_p50": statistics.median(deletes), "delete_p99": percentile(deletes, 0.99),
+                "read_all_p50": statistics.median(reads),
+            }
+        finally:
+            daemon.close()
+
+
+def main() -> None:
+    import tempfile
+
+    sizes = [int(a) for a in sys.argv[1:]] or [100, 1000]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="pmb-") as tmp:
+        for size in sizes:
+            r = measure(size, Path(tmp))
+            rows.append((size, r))
+            print(f"{size:>6} keys: create p50 {r['create_p50']:.1f} ms p99 {r['create_p99']:.1f} ms | "
+                  f"delete p50 {r['delete_p50']:.1f} ms p99 {r['delete_p99']:.1f} ms | "
+                  f"read-all (API, incl. HTTP) p50 {r['read_all_p50']:.1f} ms", flush=True)
+    import os
+
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M")
+    with RESULTS.open("a") as out:
+        for size, r in rows:
+            out.write(f"| {stamp} | ops | {os.cpu_count()} cores | {size} keys | create p50 "
+                      f"{r['create_p50']:.1f} / p99 {r['create_p99']:.1f} ms | delete p50 "
+                      f"{r['delete_p50']:.1f} / p99 {r['delete_p99']:.1f} ms | read-all p50 "
+                      f"{r['read_all_p50']:.1f} ms |\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1380 @@
+"""Xray: each key's inbound in Xray's config, REALITY keys, share links, writing and applying.
+
+This is the only module that touches Xray's files and processes. Rendering, parsing, drift and
+migration are pure functions over the config dict, so their rules are testable without Xray;
+`XrayFiles` does the file I/O (validated, atomic, backed up) and `XrayApplier` makes a running Xray
+pick the change up (restart, or Xray's API for zero downtime).
+
+Which inbounds are portmeter's is decided by one strict rule, so nothing the operator wrote is
+ever rewritten or deleted: protocol "vless", tag "inbound-<uuid>" with the uuid in canonical
+lowercase form, and exactly one client whose id is that uuid. Everything else in the config
+(other inbounds, outbounds, routing, log, api, stats, policy ...) belongs to the operator and is
+carried over unchanged. An inbound that only looks like ours (right tag, other client) is the
+operator's too; if it collides with a key, validation refuses the config instead of deleting it.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import ipaddress
+import json
+import os
+import re
+import secrets
+import stat
+import subprocess
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import quote, urlencode
+from uuid import UUID
+
+import anyio
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from daemon.allocator import PortRange, lowest_free
+
+ApplyMode = Literal["none", "restart", "api"]
+Security = Literal["reality", "none"]
+Config = dict[str, Any]
+
+TAG_PREFIX = "inbound-"
+BACKUP_STAMP = "%Y%m%dT%H%M%S%fZ"
+SHORT_ID = re.compile(r"^(?:[0-9a-f]{2}){0,8}$")
+# Xray answers RemoveInbound for an unknown tag with common.ErrNoClue.
+ABSENT_INBOUND = "not enough information for making a decision"
+FAILURE_LINE = re.compile(r"panic:|fail|error|invalid|denied|not found", re.IGNORECASE)
+
+
+class XrayError(Exception):
+    """Base of this module's errors; every message is one line an operator can act on."""
+
+
+class XrayConfigError(XrayError):
+    """A config cannot be read, rendered or validated; the live file was left untouched."""
+
+
+class XrayStorageError(XrayError):
+    """Writing the config or a backup failed (disk full, permissions); the live file is intact."""
+
+
+class XrayApplyError(XrayError):
+    """Xray did not take the change (restart or API call failed); the message says why."""
+
+
+# --- options and keys ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class XrayOptions:
+    """Everything this module needs from the settings; built by the service, passed explicitly."""
+
+    config_path: Path
+    xray_bin: Path
+    apply: ApplyMode = "none"
+    restart_command: tuple[str, ...] = ("systemctl", "restart", "xray")
+    # Outside the default key range 10001-10100, so the API inbound never competes with keys.
+    api_address: str = "127.0.0.1:62789"
+    backups: int = 10
+    reality_dest: str = ""
+    reality_server_names: tuple[str, ...] = ()
+    flow: str = "xtls-rprx-vision"
+    # "none" is for tests only: Debian's v2ray has VLESS but no REALITY.
+    security: Security = "reality"
+    public_host: str = ""
+    fingerprint: str = "chrome"
+    listen: str | None = None
+    # Milliseconds in Xray; 0 switches the clock check off (Xray's default).
+    max_time_diff: int = 0
+    command_timeout: float = 30.0
+    file_mode: int = 0o640
+
+    @property
+    def server_names(self) -> tuple[str, ...]:
+        """SNI values clients may use; the dest's host name when none are configured."""
+        if self.reality_server_names:
+            return self.reality_server_names
+        host = _split_host_port(self.reality_dest)[0] if self.reality_dest else ""
+        return (host,) if host else ()
+
+
+@dataclass(frozen=True, slots=True)
+class Reality:
+    """An X25519 key pair, both halves base64url without padding, as `xray x25519` prints them."""
+
+    private_key: str
+    public_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class XrayKey:
+    """What rendering needs of one key. `uuid` is normalised to the canonical lowercase form.
+
+    `reality` overrides the server's key pair for this key; `flow` overrides the configured
+    flow; `extra_short_ids` are accepted by the server but never put in links (kept for
+    clients migrated from a shared inbound that used several short ids).
+    """
+
+    id: str
+    name: str
+    uuid: str
+    port: int
+    short_id: str = ""
+    reality: Reality | None = None
+    flow: str | None = None
+    extra_short_ids: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "uuid", str(UUID(str(self.uuid))))
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"key {self.id}: port {self.port} is not in 1-65535")
+        for short_id in (self.short_id, *self.extra_short_ids):
+            if not SHORT_ID.match(short_id):
+                raise ValueError(
+                    f"key {self.id}: short id {short_id!r} must be 0-16 lowercase hex digits, even length"
+                )
+
+    @property
+    def tag(self) -> str:
+        return inbound_tag(self.uuid)
+
+    @property
+    def short_ids(self) -> list[str]:
+        return [self.short_id, *self.extra_short_ids]
+
+
+# --- recognising portmeter inbounds --------------------------------------------------------
+
+
+def inbound_tag(uuid: str) -> str:
+    return f"{TAG_PREFIX}{uuid}"
+
+
+def tag_uuid(tag: object) -> str | None:
+    """The uuid in a tag "inbound-<uuid>" (canonical lowercase only), else None."""
+    if not isinstance(tag, str) or not tag.startswith(TAG_PREFIX):
+        return None
+    rest = tag[len(TAG_PREFIX) :]
+    try:
+        canonical = str(UUID(rest))
+    except ValueError:
+        return None
+    return rest if canonical == rest else None
+
+
+def is_portmeter_inbound(inbound: object) -> bool:
+    """The strict rule of the module docstring: vless, tag inbound-<uuid>, one client <uuid>."""
+    if not isinstance(inbound, Mapping) or inbound.get("protocol") != "vless":
+        return False
+    uuid = tag_uuid(inbound.get("tag"))
+    clients = _clients(inbound)
+    return uuid is not None and len(clients) == 1 and clients[0].get("id") == uuid
+
+
+def portmeter_inbounds(config: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return [inbound for inbound in _inbounds(config) if is_portmeter_inbound(inbound)]
+
+
+def parse_keys(config: Mapping[str, Any]) -> dict[str, int | None]:
+    """uuid -> port of every portmeter inbound (None when the port is not a single number)."""
+    return {tag_uuid(i["tag"]) or "": inbound_port(i) for i in portmeter_inbounds(config)}
+
+
+def inbound_port(inbound: Mapping[str, Any]) -> int | None:
+    """An inbound's port when it is one number (Xray also accepts "N" and ranges "N-M")."""
+    port = inbound.get("port")
+    if isinstance(port, bool):
+        return None
+    if isinstance(port, int):
+        return port
+    if isinstance(port, str) and port.strip().isdigit():
+        return int(port)
+    return None
+
+
+# --- rendering (pure) ----------------------------------------------------------------------
+
+
+def minimal_base() -> Config:
+    """The config portmeter starts from when Xray has none yet: logging and plain outbounds."""
+    return {
+        "log": {"loglevel": "warning"},
+        "inbounds": [],
+        "outbounds": [
+            {"protocol": "freedom", "tag": "direct"},
+            {"protocol": "blackhole", "tag": "block"},
+        ],
+    }
+
+
+def render_inbound(key: XrayKey, opts: XrayOptions, reality: Reality | None = None) -> Config:
+    """The inbound of one key, in the shape of seed 000 ("Структура inbound для ключа")."""
+    inbound: Config = {}
+    if opts.listen:
+        inbound["listen"] = opts.listen
+    inbound["port"] = key.port
+    inbound["protocol"] = "vless"
+    inbound["settings"] = {
+        "clients": [
+            {"id": key.uuid, "flow": client_flow(key, opts), "email": key.name or key.uuid}
+        ],
+        "decryption": "none",
+    }
+    inbound["streamSettings"] = _stream_settings(key, opts, reality)
+    inbound["tag"] = key.tag
+    return inbound
+
+
+def client_flow(key: XrayKey, opts: XrayOptions) -> str:
+    """Vision needs TLS or REALITY underneath, so a plain (test) inbound gets no flow."""
+    if opts.security == "none":
+        return ""
+    return opts.flow if key.flow is None else key.flow
+
+
+def render_config(
+    base: Mapping[str, Any],
+    keys: Iterable[XrayKey],
+    opts: XrayOptions,
+    reality: Reality | None = None,
+) -> Config:
+    """`base` with its portmeter inbounds replaced by those of `keys` (after the others, by port).
+
+    Nothing else changes, except that in apply mode "api" the pieces Xray's API needs and that
+    are missing (api section with HandlerService, its inbound and routing rule) are added.
+    """
+    keys = sorted(keys, key=lambda k: k.port)
+    _check_keys_unique(keys)
+    config: Config = copy.deepcopy(dict(base))
+    kept = [i for i in _inbounds(config) if not is_portmeter_inbound(i)]
+    ours = [render_inbound(key, opts, reality) for key in keys]
+    if kept or ours or "inbounds" in config:
+        config["inbounds"] = kept + ours
+    if opts.apply == "api":
+        config = with_api(config, opts)
+    return config
+
+
+def with_api(config: Mapping[str, Any], opts: XrayOptions) -> Config:
+    """`config` plus whatever Xray's HandlerService API still lacks there; nothing is altered."""
+    result: Config = copy.deepcopy(dict(config))
+    api = result.setdefault("api", {})
+    if not isinstance(api, dict):
+        raise XrayConfigError("the config's 'api' section is not an object")
+    api.setdefault("tag", "api")
+    services = api.setdefault("services", [])
+    if not isinstance(services, list):
+        raise XrayConfigError("the config's 'api.services' is not a list")
+    if "HandlerService" not in services:
+        services.append("HandlerService")
+    if "listen" in api:  # Xray >= 1.8.12 serves the API on api.listen without an inbound
+        return result
+    tag = api["tag"]
+    inbounds = result.setdefault("inbounds", [])
+    if not any(isinstance(i, Mapping) and i.get("tag") == tag for i in inbounds):
+        host, port = _split_host_port(opts.api_address)
+        inbounds.insert(
+            0,
+            {
+                "listen": host,
+                "port": port,
+                "protocol": "dokodemo-door",
+                "settings": {"address": host},
+                "tag": tag,
+            },
+        )
+    routing = result.setdefault("routing", {})
+    rules = routing.setdefault("rules", []) if isinstance(routing, dict) else None
+    if not isinstance(rules, list):
+        raise XrayConfigError("the config's 'routing.rules' is not a list")
+    if not any(_routes_api(rule, tag) for rule in rules):
+        rules.insert(0, {"type": "field", "inboundTag": [tag], "outboundTag": tag})
+    return result
+
+
+def api_problems(config: Mapping[str, Any], opts: XrayOptions) -> list[str]:
+    """Why Xray's API would not answer `xray api adi/rmi` with this config (empty: it would)."""
+    api = config.get("api")
+    if not isinstance(api, Mapping):
+        return ["apply mode is api but the config has no 'api' section"]
+    found = []
+    if "HandlerService" not in (api.get("services") or []):
+        found.append("apply mode is api but api.services lacks HandlerService")
+    if "listen" in api:
+        return found
+    tag = api.get("tag")
+    if not any(isinstance(i, Mapping) and i.get("tag") == tag for i in _inbounds(config)):
+        found.append(f"apply mode is api but no inbound carries the api tag {tag!r}")
+    routing = config.get("routing")
+    rules = routing.get("rules") if isinstance(routing, Mapping) else None
+    if not isinstance(rules, list) or not any(_routes_api(rule, tag) for rule in rules):
+        found.append(f"apply mode is api but no routing rule sends inbound {tag!r} to the API")
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class InboundChanges:
+    """What a running Xray must be told to get from one config's portmeter inbounds to another's."""
+
+    added: tuple[Config, ...] = ()
+    removed: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed)
+
+
+def inbound_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> InboundChanges:
+    """Portmeter inbounds to remove (by tag) and add; a changed one is removed and re-added."""
+    before = {i["tag"]: i for i in portmeter_inbounds(old)}
+    after = {i["tag"]: i for i in portmeter_inbounds(new)}
+    removed = [tag for tag, inbound in before.items() if after.get(tag) != inbound]
+    added = [inbound for tag, inbound in after.items() if before.get(tag) != inbound]
+    return InboundChanges(tuple(added), tuple(removed))
+
+
+# --- REALITY keys --------------------------------------------------------------------------
+
+
+def generate_reality() -> Reality:
+    """A fresh X25519 pair; the private key clamped as `xray x25519` does (same public key)."""
+    return reality_from_private(_b64url(_clamp(secrets.token_bytes(32))))
+
+
+def reality_from_private(private_key: str) -> Reality:
+    return Reality(private_key=private_key, public_key=public_key(private_key))
+
+
+def public_key(private_key: str) -> str:
+    """The public half of a base64url X25519 private key, encoded the same way."""
+    raw = decode_key(private_key)
+    public = X25519PrivateKey.from_private_bytes(raw).public_key().public_bytes_raw()
+    return _b64url(public)
+
+
+def decode_key(text: str) -> bytes:
+    """32 key bytes from base64url (padding optional); ValueError otherwise."""
+    if not isinstance(text, str) or not re.fullmatch(r"[A-Za-z0-9_-]{43}=?", text):
+        raise ValueError("an X25519 key must be 32 bytes in base64url (43 characters)")
+    return base64.urlsafe_b64decode(text.rstrip("=") + "=")
+
+
+def new_short_id(length: int = 16) -> str:
+    """A random REALITY short id: `length` hex digits (even, 2-16)."""
+    if length % 2 or not 2 <= length <= 16:
+        raise ValueError("a short id has an even number of hex digits, 2 to 16")
+    return secrets.token_hex(length // 2)
+
+
+def _clamp(raw: bytes) -> bytes:
+    key = bytearray(raw)
+    key[0] &= 248
+    key[31] &= 127
+    key[31] |= 64
+    return bytes(key)
+
+
+def _b64url(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+# --- share links ---------------------------------------------------------------------------
+
+
+def vless_link(key: XrayKey, opts: XrayOptions, reality: Reality | None = None) -> str:
+    """The standard vless:// share link of a key (v2rayN, Hiddify, Streisand, NekoBox ...)."""
+    if not opts.public_host:
+        raise XrayConfigError("the public host is not set (PORTMETER_PUBLIC_HOST); links need it")
+    params: dict[str, str] = {"type": "tcp", "encryption": "none", "security": opts.security}
+    if opts.security == "reality":
+        pair = _reality_for(key, reality)
+        names = opts.server_names
+        params.update(pbk=pair.public_key, fp=opts.fingerprint, sni=names[0] if names else "")
+        params["sid"] = key.short_id
+        flow = client_flow(key, opts)
+        if flow:
+            params["flow"] = flow
+    query = urlencode(params, quote_via=quote)
+    name = quote(key.name, safe="")
+    return f"vless://{key.uuid}@{url_host(opts.public_host)}:{key.port}?{query}#{name}"
+
+
+def subscription(links: Iterable[str]) -> str:
+    """A subscription body: base64 of the newline-joined links (the v2rayN format)."""
+    return base64.b64encode("\n".join(links).encode()).decode()
+
+
+def url_host(host: str) -> str:
+    """A host as it goes into a URL: IPv6 literals in brackets."""
+    bare = host.strip().removeprefix("[").removesuffix("]")
+    try:
+        if isinstance(ipaddress.ip_address(bare), ipaddress.IPv6Address):
+            return f"[{bare}]"
+    except ValueError:
+        pass
+    return bare
+
+
+# --- checks and drift (pure) ---------------------------------------------------------------
+
+
+def check_config(
+    config: object, opts: XrayOptions, expected: Collection[XrayKey] | None = None
+) -> list[str]:
+    """Structural problems that would make Xray refuse the config or lose a key (empty: none)."""
+    if not isinstance(config, Mapping):
+        return ["the config is not a JSON object"]
+    inbounds = config.get("inbounds", [])
+    if not isinstance(inbounds, list):
+        return ["'inbounds' is not a list"]
+    found = [
+        f"inbound #{n} is not an object"
+        for n, i in enumerate(inbounds)
+        if not isinstance(i, Mapping)
+    ]
+    if found:
+        return found
+    found += _duplicate_problems(inbounds)
+    for inbound in portmeter_inbounds(config):
+        found += [f"inbound {inbound['tag']}: {p}" for p in _security_problems(inbound, opts)]
+    if expected is not None:
+        present = {i["tag"]: inbound_port(i) for i in portmeter_inbounds(config)}
+        for key in sorted(expected, key=lambda k: k.port):
+            if key.tag not in present:
+                found.append(f"key {key.id} ({key.name}) has no inbound {key.tag}")
+            elif present[key.tag] != key.port:
+                found.append(
+                    f"key {key.id} ({key.name}) has port {key.port}, its inbound {present[key.tag]}"
+                )
+    try:
+        json.dumps(config)
+    except (TypeError, ValueError) as exc:
+        found.append(f"the config cannot be written as JSON ({exc})")
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class DriftProblem:
+    """One disagreement between the keys and the config; `key_id` when it concerns a key."""
+
+    kind: Literal[
+        "missing",
+        "port_mismatch",
+        "uuid_mismatch",
+        "foreign",
+        "stale",
+        "security",
+        "duplicate",
+        "api",
+    ]
+    message: str
+    key_id: str | None = None
+    port: int | None = None
+
+
+def drift_report(
+    config: Mapping[str, Any],
+    keys: Iterable[XrayKey],
+    opts: XrayOptions,
+    port_range: PortRange | None = None,
+    reality: Reality | None = None,
+) -> list[DriftProblem]:
+    """Every way the config differs from what the keys need, key problems first, by port."""
+    keys = sorted(keys, key=lambda k: k.port)
+    inbounds = [i for i in _inbounds(config) if isinstance(i, Mapping)]
+    by_tag = {i.get("tag"): i for i in inbounds if i.get("tag")}
+    found: list[DriftProblem] = []
+    for key in keys:
+        found += _key_drift(key, by_tag.get(key.tag), inbounds, opts, reality)
+    wanted = {key.uuid for key in keys}
+    key_ports = {key.port for key in keys}
+    for inbound in inbounds:
+        port = inbound_port(inbound)
+        if is_portmeter_inbound(inbound):
+            if tag_uuid(inbound["tag"]) not in wanted:
+                found.append(
+                    DriftProblem(
+                        "stale",
+                        f"inbound {inbound['tag']} on port {port} has no key (stale)",
+                        port=port,
+                    )
+                )
+        elif port_range is not None and port in port_range and port not in key_ports:
+            found.append(
+                DriftProblem(
+                    "foreign",
+                    f"inbound {_describe(inbound)} on port {port} is not portmeter's "
+                    f"but uses a port of its range {port_range}",
+                    port=port,
+                )
+            )
+    found += [DriftProblem("duplicate", p) for p in _duplicate_problems(inbounds)]
+    if opts.apply == "api":
+        found += [DriftProblem("api", p) for p in api_problems(config, opts)]
+    return found
+
+
+def drift(
+    config: Mapping[str, Any],
+    keys: Iterable[XrayKey],
+    opts: XrayOptions,
+    port_range: PortRange | None = None,
+    reality: Reality | None = None,
+) -> list[str]:
+    """The messages of `drift_report`, one line each."""
+    return [problem.message for problem in drift_report(config, keys, opts, port_range, reality)]
+
+
+def _key_drift(
+    key: XrayKey,
+    inbound: Mapping[str, Any] | None,
+    inbounds: Sequence[Mapping[str, Any]],
+    opts: XrayOptions,
+    reality: Reality | None,
+) -> list[DriftProblem]:
+    who = f"key {key.id} ({key.name}, port {key.port})"
+    if inbound is None:
+        other = next((i for i in inbounds if inbound_port(i) == key.port), None)
+        if other is None:
+            return [DriftProblem("missing", f"{who}: no inbound in the config", key.id, key.port)]
+        if is_portmeter_inbound(other):
+            message = f"{who}: its port serves uuid {tag_uuid(other['tag'])}, not {key.uuid}"
+            return [DriftProblem("uuid_mismatch", message, key.id, key.port)]
+        message = f"{who}: no inbound of its own; port {key.port} is taken by {_describe(other)}"
+        return [DriftProblem("foreign", message, key.id, key.port)]
+    if not is_portmeter_inbound(inbound):
+        ids = [c.get("id") for c in _clients(inbound)]
+        message = f"{who}: inbound {key.tag} has clients {ids}, expected only {key.uuid}"
+        return [DriftProblem("uuid_mismatch", message, key.id, key.port)]
+    found = []
+    port = inbound_port(inbound)
+    if port != key.port:
+        message = f"{who}: its inbound listens on port {inbound.get('port')}"
+        found.append(DriftProblem("port_mismatch", message, key.id, key.port))
+    for problem in _security_problems(inbound, opts):
+        found.append(DriftProblem("security", f"{who}: {problem}", key.id, key.port))
+    settings = _reality_settings(inbound)
+    pair = key.reality or reality
+    if (
+        opts.security == "reality"
+        and pair
+        and settings.get("privateKey") not in (None, pair.private_key)
+    ):
+        message = f"{who}: REALITY private key differs from the one its links carry"
+        found.append(DriftProblem("security", message, key.id, key.port))
+    return found
+
+
+def _security_problems(inbound: Mapping[str, Any], opts: XrayOptions) -> list[str]:
+    stream = inbound.get("streamSettings")
+    security = stream.get("security", "none") if isinstance(stream, Mapping) else "none"
+    if opts.security == "reality" and security != "reality":
+        return [f"security is {security!r}, REALITY is configured"]
+    if security != "reality":
+        return []
+    settings = _reality_settings(inbound)
+    if not settings:
+        return ["REALITY fields missing (no realitySettings)"]
+    found = []
+    if not (settings.get("dest") or settings.get("target")):
+        found.append("REALITY field dest missing")
+    names = settings.get("serverNames")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        found.append("REALITY field serverNames missing or empty")
+    try:
+        decode_key(settings.get("privateKey"))  # type: ignore[arg-type]
+    except ValueError:
+        found.append("REALITY field privateKey missing or not a 32-byte base64url key")
+    short_ids = settings.get("shortIds")
+    if not isinstance(short_ids, list) or not short_ids:
+        found.append("REALITY field shortIds missing or empty")
+    elif not all(isinstance(s, str) and SHORT_ID.match(s) for s in short_ids):
+        found.append("REALITY shortIds must be even-length hex of at most 16 digits")
+    return found
+
+
+def _duplicate_problems(inbounds: Sequence[Mapping[str, Any]]) -> list[str]:
+    found = []
+    tags = Counter(i.get("tag") for i in inbounds if i.get("tag"))
+    found += [f"tag {tag!r} is used by {n} inbounds" for tag, n in sorted(tags.items()) if n > 1]
+    seen: dict[int, list[str]] = {}
+    for inbound in inbounds:
+        port = inbound_port(inbound)
+        if port is None:
+            continue
+        listen = str(inbound.get("listen") or "")
+        for other in seen.get(port, []):
+            if listen == other or _wildcard(listen) or _wildcard(other):
+                found.append(f"port {port} is used by more than one inbound")
+                break
+        seen.setdefault(port, []).append(listen)
+    return sorted(set(found), key=found.index)
+
+
+def _wildcard(listen: str) -> bool:
+    return listen in ("", "0.0.0.0", "::", "[::]")
+
+
+# --- migration from a shared inbound (pure) ------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationMove:
+    """One client leaving a shared inbound for an inbound and port of its own."""
+
+    uuid: str
+    name: str
+    email: str
+    flow: str
+    source_index: int
+    source_tag: str | None
+    source_port: int | None
+    port: int
+    short_ids: tuple[str, ...] = ()
+    reality: Reality | None = None
+
+    def key(self, key_id: str) -> XrayKey:
+        """The key to create for this client: same uuid, REALITY pair and short ids as before."""
+        first = next((s for s in self.short_ids if s), self.short_ids[0] if self.short_ids else "")
+        extra = tuple(s for s in self.short_ids if s != first)
+        return XrayKey(
+            id=key_id,
+            name=self.name,
+            uuid=self.uuid,
+            port=self.port,
+            short_id=first,
+            reality=self.reality,
+            flow=self.flow,
+            extra_short_ids=extra,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationPlan:
+    """What migrating a shared-inbound config does; empty when there is nothing left to do."""
+
+    moves: tuple[MigrationMove, ...] = ()
+    # (inbound index, client uuid) of clients dropped from a shared inbound because they already
+    # have a key of their own (a second run, or the same client listed twice).
+    dropped: tuple[tuple[int, str], ...] = ()
+    # Indexes of shared inbounds that end up without clients and are removed.
+    emptied: tuple[int, ...] = ()
+    unplaced: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.moves or self.dropped or self.emptied)
+
+    def lines(self) -> list[str]:
+        """The plan as an operator reads it (`portmeter migrate --dry-run`)."""
+        if self.is_empty and not self.unplaced:
+            return ["nothing to migrate: every VLESS client already has its own inbound"]
+        out = [
+            f"move {m.uuid} ({m.name}) from {m.source_tag or f'inbound #{m.source_index}'} "
+            f"port {m.source_port} to port {m.port}"
+            for m in self.moves
+        ]
+        out += [
+            f"drop {uuid} from inbound #{index}: it already has a key"
+            for index, uuid in self.dropped
+        ]
+        out += [f"remove inbound #{index}: all its clients moved" for index in self.emptied]
+        out += [f"cannot move {uuid}: no free port left in the range" for uuid in self.unplaced]
+        out += [f"warning: {w}" for w in self.warnings]
+        return out
+
+
+def plan_migration(
+    config: Mapping[str, Any],
+    port_range: PortRange,
+    taken_ports: Collection[int],
+    opts: XrayOptions | None = None,
+    *,
+    known_uuids: Collection[str] = (),
+    taken_names: Collection[str] = (),
+    tags: Collection[str] | None = None,
+) -> MigrationPlan:
+    """Give every client of every shared VLESS inbound its own port (uuid and email kept).
+
+    Shared inbounds are VLESS inbounds that are not portmeter's (or, with `tags`, only those).
+    A client whose uuid already has a portmeter inbound or is in `known_uuids` is not moved but
+    dropped from the shared inbound. Ports come from `port_range`, lowest first, skipping
+    `taken_ports` and every port an inbound of the config uses. Running the plan's result
+    through `plan_migration` again gives an empty plan.
+    """
+    inbounds = _inbounds(config)
+    have = {u.lower() for u in known_uuids} | set(parse_keys(config))
+    used = set(taken_ports) | {
+        p for i in inbounds if isinstance(i, Mapping) if (p := inbound_port(i))
+    }
+    names = set(taken_names)
+    moves: list[MigrationMove] = []
+    dropped: list[tuple[int, str]] = []
+    emptied: list[int] = []
+    unplaced: list[str] = []
+    warnings: list[str] = []
+    for index, inbound in enumerate(inbounds):
+        if not _is_shared(inbound, tags):
+            continue
+        pair, short_ids, notes = _source_security(inbound, index, opts)
+        leaving = 0
+        clients = _clients(inbound)
+        for client in clients:
+            uuid = _canonical_uuid(client.get("id"))
+            if uuid is None:
+                warnings.append(
+                    f"inbound #{index}: client id {client.get('id')!r} is not a uuid; left in place"
+                )
+                continue
+            if uuid in have:
+                dropped.append((index, uuid))
+                leaving += 1
+                continue
+            port = lowest_free(port_range, used, set())
+            if port is None:
+                unplaced.append(uuid)
+                continue
+            used.add(port)
+            have.add(uuid)
+            email = str(client.get("email") or "")
+            name = _unique_name(email or f"client-{uuid[:8]}", names)
+            flow = str(client.get("flow") or "")
+            moves.append(
+                MigrationMove(
+                    uuid,
+                    name,
+                    email,
+                    flow,
+                    index,
+                    inbound.get("tag"),
+                    inbound_port(inbound),
+                    port,
+                    short_ids,
+                    pair,
+                )
+            )
+            leaving += 1
+        if clients and leaving == len(clients):
+            emptied.append(index)
+        if leaving:
+            warnings += notes
+    return MigrationPlan(
+        tuple(moves), tuple(dropped), tuple(emptied), tuple(unplaced), tuple(warnings)
+    )
+
+
+def apply_migration(config: Mapping[str, Any], plan: MigrationPlan) -> Config:
+    """`config` without the clients the plan moves or drops (and without emptied inbounds).
+
+    Feed the result to `render_config` with the existing keys plus `move.key(...)` of each move.
+    """
+    result: Config = copy.deepcopy(dict(config))
+    inbounds = _inbounds(result)
+    leaving: dict[int, set[str]] = {}
+    for move in plan.moves:
+        leaving.setdefault(move.source_index, set()).add(move.uuid)
+    for index, uuid in plan.dropped:
+        leaving.setdefault(index, set()).add(uuid)
+    for index, uuids in leaving.items():
+        if index >= len(inbounds) or not isinstance(inbounds[index], dict):
+            raise XrayConfigError(
+                f"the config changed since the migration was planned (inbound #{index})"
+            )
+        settings = inbounds[index]["settings"]
+        settings["clients"] = [
+            c for c in settings["clients"] if _canonical_uuid(c.get("id")) not in uuids
+        ]
+    if "inbounds" in result:
+        result["inbounds"] = [i for n, i in enumerate(inbounds) if n not in set(plan.emptied)]
+    return result
+
+
+def _is_shared(inbound: object, tags: Collection[str] | None) -> bool:
+    if not isinstance(inbound, Mapping) or inbound.get("protocol") != "vless":
+        return False
+    if is_portmeter_inbound(inbound) or not _clients(inbound):
+        return False
+    return tags is None or inbound.get("tag") in tags
+
+
+def _source_security(
+    inbound: Mapping[str, Any], index: int, opts: XrayOptions | None
+) -> tuple[Reality | None, tuple[str, ...], list[str]]:
+    """The REALITY pair and short ids clients of a shared inbound use, and what will change."""
+    where = f"inbound {inbound.get('tag') or f'#{index}'}"
+    stream = (
+        inbound.get("streamSettings") if isinstance(inbound.get("streamSettings"), Mapping) else {}
+    )
+    notes = []
+    network = stream.get("network", "tcp")
+    if network not in ("tcp", "raw"):
+        notes.append(f"{where} uses transport {network!r}; moved clients need new links (tcp)")
+    settings = _reality_settings(inbound)
+    if stream.get("security") != "reality" or not settings:
+        notes.append(f"{where} does not use REALITY; moved clients need new links")
+        return None, (), notes
+    try:
+        pair = reality_from_private(settings.get("privateKey"))  # type: ignore[arg-type]
+    except ValueError:
+        notes.append(f"{where} has an invalid REALITY privateKey; moved clients need new links")
+        pair = None
+    short_ids = tuple(
+        s for s in settings.get("shortIds") or [] if isinstance(s, str) and SHORT_ID.match(s)
+    )
+    if opts is not None:
+        names = settings.get("serverNames") or []
+        if opts.server_names and not set(names) <= set(opts.server_names):
+            notes.append(
+                f"{where} serves names {names}; portmeter serves {list(opts.server_names)}"
+            )
+        dest = settings.get("dest") or settings.get("target")
+        if opts.reality_dest and dest != opts.reality_dest:
+            notes.append(f"{where} has REALITY dest {dest!r}; portmeter uses {opts.reality_dest!r}")
+    return pair, short_ids, notes
+
+
+def _unique_name(wanted: str, taken: set[str]) -> str:
+    name, n = wanted, 2
+    while name in taken:
+        name, n = f"{wanted}-{n}", n + 1
+    taken.add(name)
+    return name
+
+
+# --- files ---------------------------------------------------------------------------------
+
+
+class XrayFiles:
+    """Xray's config file: read, validate, write atomically with rotated timestamped backups."""
+
+    def __init__(self, opts: XrayOptions) -> None:
+        self.opts = opts
+
+    @property
+    def path(self) -> Path:
+        return self.opts.config_path
+
+    @property
+    def backup_dir(self) -> Path:
+        return self.path.parent / "backups"
+
+    def read(self) -> Config:
+        """The config as a dict; the minimal base when the file does not exist yet."""
+        data = self.read_bytes()
+        if data is None:
+            return minimal_base()
+        try:
+            config = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise XrayConfigError(f"Xray config {self.path} is not UTF-8 text") from None
+        except json.JSONDecodeError as exc:
+            raise XrayConfigError(
+                f"Xray config {self.path} is not valid JSON ({exc.msg} at line {exc.lineno}); "
+                "portmeter needs plain JSON without comments"
+            ) from None
+        if not isinstance(config, dict):
+            raise XrayConfigError(f"Xray config {self.path} is not a JSON object")
+        return config
+
+    def read_bytes(self) -> bytes | None:
+        """The live file's exact bytes (None when it does not exist); keep it to `restore` later."""
+        try:
+            return self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise XrayConfigError(f"cannot read Xray config {self.path}: {_reason(exc)}") from None
+
+    def validate(self, config: object, expected: Collection[XrayKey] | None = None) -> None:
+        """Raise XrayConfigError unless the structure is sound and Xray (if installed) accepts it."""
+        problems = check_config(config, self.opts, expected)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise XrayConfigError(f"refusing to write {self.path}: {problems[0]}{more}")
+        if _executable(self.opts.xray_bin):
+            self._run_binary_test(serialize(config))  # type: ignore[arg-type]
+
+    def write(
+        self, config: Mapping[str, Any], expected: Collection[XrayKey] | None = None
+    ) -> Path | None:
+        """Validate, back up the current file, then atomically replace it; return the backup path.
+
+        A config equal to the live file is not written (None). A config that fails validation
+        never replaces the live file.
+        """
+        data = serialize(config)
+        previous = self.read_bytes()
+        if previous == data:
+            return None
+        self.validate(config, expected)
+        backup = self._backup(previous) if previous is not None else None
+        self._replace(data)
+        return backup
+
+    def restore(self, previous: bytes | None) -> None:
+        """Put back what `read_bytes` returned earlier (None: the file did not exist)."""
+        if previous is None:
+            self.path.unlink(missing_ok=True)
+            return
+        self._replace(previous)
+
+    def keep_copy(self, label: str) -> Path:
+        """A labelled copy of the live file (e.g. before a migration) that rotation never deletes."""
+        data = self.read_bytes()
+        if data is None:
+            raise XrayConfigError(f"Xray config {self.path} does not exist; nothing to keep")
+        target = self.backup_dir / f"{self.path.stem}.{label}-{_stamp()}{self.path.suffix}"
+        self._write_backup(target, data)
+        return target
+
+    def latest_copy(self, label: str) -> Path | None:
+        copies = sorted(self.backup_dir.glob(f"{self.path.stem}.{label}-*{self.path.suffix}"))
+        return copies[-1] if copies else None
+
+    def restore_from(self, backup: Path) -> Path | None:
+        """Make a backup the live file again, byte for byte; the current file is backed up first."""
+        try:
+            data = backup.read_bytes()
+        except OSError as exc:
+            raise XrayConfigError(f"cannot read backup {backup}: {_reason(exc)}") from None
+        previous = self.read_bytes()
+        saved = self._backup(previous) if previous is not None and previous != data else None
+        self._replace(data)
+        return saved
+
+    def backups(self) -> list[Path]:
+        """The rotated backups, oldest first."""
+        return sorted(self.backup_dir.glob(f"{self.path.stem}-[0-9]*{self.path.suffix}"))
+
+    def _backup(self, data: bytes) -> Path | None:
+        if self.opts.backups <= 0:
+            return None
+        target = self.backup_dir / f"{self.path.stem}-{_stamp()}{self.path.suffix}"
+        self._write_backup(target, data)
+        for old in self.backups()[: -self.opts.backups]:
+            old.unlink(missing_ok=True)
+        return target
+
+    def _write_backup(self, target: Path, data: bytes) -> None:
+        try:
+            self.backup_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            write_atomic(target, data, mode=0o600)
+        except OSError as exc:
+            raise XrayStorageError(f"cannot write backup {target}: {_reason(exc)}") from None
+
+    def _replace(self, data: bytes) -> None:
+        mode, owner = self.opts.file_mode, None
+        try:
+            info = self.path.stat()
+            mode, owner = stat.S_IMODE(info.st_mode), (info.st_uid, info.st_gid)
+        except FileNotFoundError:
+            pass
+        try:
+            write_atomic(self.path, data, mode=mode, owner=owner)
+        except OSError as exc:
+            raise XrayStorageError(
+                f"cannot write Xray config {self.path}: {_reason(exc)}"
+            ) from None
+
+    def _run_binary_test(self, data: bytes) -> None:
+        binary = self.opts.xray_bin
+        name = self.path.name if self.path.suffix == ".json" else "config.json"
+        with tempfile.TemporaryDirectory(prefix="portmeter-xray-") as tmp:
+            candidate = Path(tmp) / name
+            candidate.write_bytes(data)
+            cwd = self.path.parent if self.path.parent.is_dir() else Path(tmp)
+            try:
+                done = subprocess.run(
+                    validate_command(binary, candidate),
+                    capture_output=True,
+                    cwd=cwd,
+                    timeout=self.opts.command_timeout,
+                    stdin=subprocess.DEVNULL,
+                    check=False,
+                )
+            except subprocess.TimeoutExpired:
+                raise XrayConfigError(
+                    f"{binary} did not finish testing the new config within {self.opts.command_timeout:g}s"
+                ) from None
+            except OSError as exc:
+                raise XrayConfigError(
+                    f"cannot run {binary} to test the config: {_reason(exc)}"
+                ) from None
+        if done.returncode != 0:
+            reason = failure_line(done.stdout, done.stderr, done.returncode)
+            raise XrayConfigError(f"{binary} rejected the new config for {self.path}: {reason}")
+
+
+def serialize(config: Mapping[str, Any]) -> bytes:
+    """The bytes written for a config: stable, indented, UTF-8, ending in a newline."""
+    try:
+        return (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode()
+    except (TypeError, ValueError) as exc:
+        raise XrayConfigError(f"the config cannot be written as JSON ({exc})") from None
+
+
+def write_atomic(
+    path: Path, data: bytes, mode: int = 0o640, owner: tuple[int, int] | None = None
+) -> None:
+    """Readers see the old or the new content, never a mix; mode and owner are set before rename.
+
+    The temporary name does not end in .json, so an Xray reading the directory with -confdir
+    never picks up a half-written file.
+    """
+    tmp = path.with_name(f".{path.name}.portmeter-tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            if owner is not None and os.geteuid() == 0:
+                os.fchown(handle.fileno(), *owner)
+            os.fchmod(handle.fileno(), mode)
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def config_status(files: XrayFiles, keys: Collection[XrayKey]) -> dict[str, Any]:
+    """What `GET /api/system/xray/config-status` shows, except reachability (see XrayApplier)."""
+    opts = files.opts
+    status: dict[str, Any] = {
+        "path": str(files.path),
+        "exists": files.path.exists(),
+        "last_write": None,
+        "backup_dir": str(files.backup_dir),
+        "backup_count": len(files.backups()),
+        "inbound_count": 0,
+        "portmeter_inbound_count": 0,
+        "key_count": len(keys),
+        "in_sync": False,
+        "apply_mode": opts.apply,
+        "security": opts.security,
+        "xray_bin": str(opts.xray_bin),
+        "xray_bin_found": _executable(opts.xray_bin),
+        "error": None,
+    }
+    if status["exists"]:
+        mtime = files.path.stat().st_mtime
+        status["last_write"] = datetime.fromtimestamp(mtime, UTC).isoformat()
+    try:
+        config = files.read()
+    except XrayConfigError as exc:
+        status["error"] = str(exc)
+        return status
+    status["inbound_count"] = len(_inbounds(config))
+    present = parse_keys(config)
+    status["portmeter_inbound_count"] = len(present)
+    status["in_sync"] = present == {key.uuid: key.port for key in keys}
+    return status
+
+
+def _stamp() -> str:
+    return datetime.now(UTC).strftime(BACKUP_STAMP)
+
+
+# --- applying ------------------------------------------------------------------------------
+
+
+def is_v2ray(binary: Path) -> bool:
+    """Debian's v2ray 4.x takes `-test -config FILE`; Xray takes `run -test -c FILE`."""
+    return binary.name.startswith(("v2ray", "v2ctl"))
+
+
+def validate_command(binary: Path, config_file: Path) -> list[str]:
+    if is_v2ray(binary):
+        return [str(binary), "-test", "-config", str(config_file)]
+    return [str(binary), "run", "-test", "-c", str(config_file)]
+
+
+def api_add_command(opts: XrayOptions, inbound_files: Sequence[Path]) -> list[str]:
+    """`xray api adi --server=ADDR FILE...`; each file is a config holding "inbounds": [...]."""
+    return [
+        str(opts.xray_bin),
+        "api",
+        "adi",
+        f"--server={opts.api_address}",
+        *map(str, inbound_files),
+    ]
+
+
+def api_remove_command(opts: XrayOptions, tags: Sequence[str]) -> list[str]:
+    """`xray api rmi --server=ADDR TAG...` (an argument naming an existing file is read as JSON)."""
+    return [str(opts.xray_bin), "api", "rmi", f"--server={opts.api_address}", *tags]
+
+
+def failure_line(stdout: bytes | None, stderr: bytes | None, returncode: int) -> str:
+    """The most telling line of a failed command: the first that names a failure, else the last."""
+    texts = [(stream or b"").decode(errors="replace") for stream in (stderr, stdout)]
+    for text in texts:
+        for line in text.splitlines():
+            if FAILURE_LINE.search(line):
+                return line.strip()
+    for text in texts:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        if lines:
+            return lines[-1]
+    return f"exit status {returncode}"
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    mode: ApplyMode
+    seconds: float = 0.0
+    commands: tuple[tuple[str, ...], ...] = field(default=())
+
+
+class XrayApplier:
+    """Makes the running Xray serve what was written: nothing, a restart, or API calls."""
+
+    def __init__(self, opts: XrayOptions) -> None:
+        self.opts = opts
+
+    async def apply(self, changes: InboundChanges, *, force_restart: bool = False) -> ApplyResult:
+        """Apply `changes` the configured way; in restart mode only if there are any (or forced)."""
+        started = time.perf_counter()
+        mode = self.opts.apply
+        if mode == "none" or (mode == "restart" and not changes and not force_restart):
+            return ApplyResult(mode)
+        if mode == "restart":
+            await self.restart()
+            return ApplyResult(mode, time.perf_counter() - started, (self.opts.restart_command,))
+        commands = [
+            *await self.remove_inbounds(changes.removed),
+            *await self.add_inbounds(changes.added),
+        ]
+        return ApplyResult(mode, time.perf_counter() - started, tuple(commands))
+
+    async def restart(self) -> float:
+        """Run the restart command; return how long it took."""
+        if not self.opts.restart_command:
+            raise XrayApplyError("no restart command is configured")
+        started = time.perf_counter()
+        await self._run(list(self.opts.restart_command), "restart command", cwd=Path("/"))
+        return time.perf_counter() - started
+
+    async def add_inbounds(self, inbounds: Sequence[Mapping[str, Any]]) -> list[tuple[str, ...]]:
+        """Add each inbound to the running Xray through its API (`xray api adi`)."""
+        self._require_xray_api()
+        commands = []
+        with tempfile.TemporaryDirectory(prefix="portmeter-adi-") as tmp:
+            for n, inbound in enumerate(inbounds):
+                path = Path(tmp) / f"inbound-{n}.json"
+                write_atomic(path, serialize({"inbounds": [inbound]}), mode=0o600)
+                command = api_add_command(self.opts, [path])
+                await self._run(command, f"adding inbound {inbound.get('tag')}", cwd=Path(tmp))
+                commands.append(tuple(command))
+        return commands
+
+    async def remove_inbounds(self, tags: Sequence[str]) -> list[tuple[str, ...]]:
+        """Remove inbounds from the running Xray by tag; one Xray does not have is no error."""
+        self._require_xray_api()
+        commands = []
+        with tempfile.TemporaryDirectory(prefix="portmeter-rmi-") as tmp:
+            for tag in tags:
+                command = api_remove_command(self.opts, [tag])
+                # An empty working directory: rmi reads an argument naming a file as JSON.
+                await self._run(command, f"removing inbound {tag}", cwd=Path(tmp), absent_ok=True)
+                commands.append(tuple(command))
+        return commands
+
+    async def reachable(self, timeout: float = 1.0) -> bool | None:
+        """Whether Xray's API port accepts connections (None when apply mode is not api)."""
+        if self.opts.apply != "api":
+            return None
+        host, port = _split_host_port(self.opts.api_address)
+        try:
+            with anyio.fail_after(timeout):
+                stream = await anyio.connect_tcp(host, port)
+        except (OSError, TimeoutError):
+            return False
+        await stream.aclose()
+        return True
+
+    def _require_xray_api(self) -> None:
+        if is_v2ray(self.opts.xray_bin):
+            raise XrayApplyError(
+                f"apply mode api needs Xray's `xray api adi/rmi`; {self.opts.xray_bin} is v2ray "
+                "(use apply mode restart)"
+            )
+
+    async def _run(self, command: list[str], what: str, cwd: Path, absent_ok: bool = False) -> None:
+        try:
+            with anyio.fail_after(self.opts.command_timeout):
+                done = await anyio.run_process(
+                    command, check=False, cwd=cwd, stdin=subprocess.DEVNULL
+                )
+        except TimeoutError:
+            raise XrayApplyError(
+                f"{what}: {command[0]} did not finish within {self.opts.command_timeout:g}s"
+            ) from None
+        except OSError as exc:
+            raise XrayApplyError(f"{what}: cannot run {command[0]}: {_reason(exc)}") from None
+        if done.returncode == 0:
+            return
+        output = (done.stdout or b"") + (done.stderr or b"")
+        if absent_ok and ABSENT_INBOUND.encode() in output:
+            return
+        reason = failure_line(done.stdout, done.stderr, done.returncode)
+        raise XrayApplyError(f"{what} failed (exit {done.returncode}): {reason}")
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def _inbounds(config: Mapping[str, Any]) -> list[Any]:
+    inbounds = config.get("inbounds", [])
+    if inbounds is None:
+        return []
+    if not isinstance(inbounds, list):
+        raise XrayConfigError("the config's 'inbounds' is not a list")
+    return inbounds
+
+
+def _clients(inbound: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    settings = inbound.get("settings")
+    clients = settings.get("clients") if isinstance(settings, Mapping) else None
+    if not isinstance(clients, list):
+        return []
+    return [c for c in clients if isinstance(c, Mapping)]
+
+
+def _reality_settings(inbound: Mapping[str, Any]) -> Mapping[str, Any]:
+    stream = inbound.get("streamSettings")
+    settings = stream.get("realitySettings") if isinstance(stream, Mapping) else None
+    return settings if isinstance(settings, Mapping) else {}
+
+
+def _canonical_uuid(value: object) -> str | None:
+    try:
+        return str(UUID(str(value)))
+    except ValueError:
+        return None
+
+
+def _describe(inbound: Mapping[str, Any]) -> str:
+    tag = inbound.get("tag")
+    name = repr(tag) if tag else "(untagged)"
+    return f"{name} ({inbound.get('protocol', '?')})"
+
+
+def _routes_api(rule: object, tag: object) -> bool:
+    if not isinstance(rule, Mapping) or rule.get("outboundTag") != tag:
+        return False
+    inbound_tags = rule.get("inboundTag")
+    return inbound_tags == tag or (isinstance(inbound_tags, list) and tag in inbound_tags)
+
+
+def _reality_for(key: XrayKey, reality: Reality | None) -> Reality:
+    pair = key.reality or reality
+    if pair is None:
+        raise XrayConfigError(f"key {key.id} has no REALITY key pair and the server has none")
+    return pair
+
+
+def _stream_settings(key: XrayKey, opts: XrayOptions, reality: Reality | None) -> Config:
+    if opts.security == "none":
+        return {"network": "tcp", "security": "none"}
+    if not opts.reality_dest:
+        raise XrayConfigError("REALITY dest is not set (PORTMETER_REALITY_DEST, e.g. host:443)")
+    pair = _reality_for(key, reality)
+    return {
+        "network": "tcp",
+        "security": "reality",
+        "realitySettings": {
+            "show": False,
+            "dest": opts.reality_dest,
+            "xver": 0,
+            "serverNames": list(opts.server_names),
+            "privateKey": pair.private_key,
+            "shortIds": key.short_ids,
+            "maxTimeDiff": opts.max_time_diff,
+        },
+    }
+
+
+def _check_keys_unique(keys: Sequence[XrayKey]) -> None:
+    for what, values in (("port", [k.port for k in keys]), ("uuid", [k.uuid for k in keys])):
+        twice = sorted(str(v) for v, n in Counter(values).items() if n > 1)
+        if twice:
+            raise XrayConfigError(f"two keys share the {what} {twice[0]}")
+
+
+def _split_host_port(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise XrayConfigError(f"address {address!r} must look like host:port")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def _executable(path: Path) -> bool:
+    return path.is_file() and os.access(path, os.X_OK)
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+__all__ = [
+    "ApplyResult",
+    "DriftProblem",
+    "InboundChanges",
+    "MigrationMove",
+    "MigrationPlan",
+    "Reality",
+    "XrayApplier",
+    "XrayApplyError",
+    "XrayConfigError",
+    "XrayError",
+    "XrayFiles",
+    "XrayKey",
+    "XrayOptions",
+    "XrayStorageError",
+    "api_add_command",
+    "api_problems",
+    "api_remove_command",
+    "apply_migration",
+    "check_config",
+    "client_flow",
+    "config_status",
+    "decode_key",
+    "drift",
+    "drift_report",
+    "failure_line",
+    "generate_reality",
+    "inbound_changes",
+    "inbound_port",
+    "inbound_tag",
+    "is_portmeter_inbound",
+    "is_v2ray",
+    "minimal_base",
+    "new_short_id",
+    "parse_keys",
+    "plan_migration",
+    "portmeter_inbounds",
+    "public_key",
+    "reality_from_private",
+    "render_config",
+    "render_inbound",
+    "serialize",
+    "subscription",
+    "tag_uuid",
+    "url_host",
+    "validate_command",
+    "vless_link",
+    "with_api",
+    "write_atomic",
+]

@@ -1,0 +1,367 @@
+"""Helpers for tests that run v2ray/Xray inside a network namespace and send traffic through it.
+
+Every helper takes the namespace's name, so other test modules (per-key counting with nftables,
+apply-mode tests) can reuse them with their own namespaces and fixtures:
+
+    with netns() as ns, http_server(ns, payload) as http_port:
+        with proxy_process(ns, server_config, tmp_path, "server") as server:
+            wait_port(ns, 21001, proc=server)
+            ...
+            body = http_get_via_socks(ns, socks_port, "127.0.0.1", http_port)
+
+Sockets for the test process are created inside the namespace by a short-lived thread that
+joins it with setns(2) (a namespace switch is per thread), so the test process itself never
+leaves its own namespace and needs no `ip netns exec` for its own connections. Traffic only
+ever goes over the namespace's loopback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from daemon.xray_sync import is_v2ray
+
+V2RAY = Path("/usr/bin/v2ray")
+CLONE_NEWNET = 0x40000000
+NETNS_DIR = Path("/var/run/netns")
+
+
+class SocksFetchError(Exception):
+    """The proxy refused or closed the connection before a complete HTTP answer arrived."""
+
+
+def have_netns_tools() -> bool:
+    """Root, `ip` and setns(2): what every namespace test needs."""
+    return os.geteuid() == 0 and shutil.which("ip") is not None
+
+
+def unique_netns_name(prefix: str = "pmx") -> str:
+    return f"{prefix}{os.getpid() % 10000}{secrets.token_hex(2)}"
+
+
+@contextlib.contextmanager
+def netns(name: str | None = None) -> Iterator[str]:
+    """A fresh network namespace with loopback up, deleted afterwards even if the test fails."""
+    name = name or unique_netns_name()
+    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True, capture_output=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False, capture_output=True)
+
+
+def ns_socket(
+    ns: str, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM
+) -> socket.socket:
+    """A socket that lives in namespace `ns`; usable from any thread afterwards."""
+    result: dict[str, Any] = {}
+
+    def create() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = os.open(NETNS_DIR / ns, os.O_RDONLY)
+            try:
+                if libc.setns(fd, CLONE_NEWNET) != 0:
+                    errno = ctypes.get_errno()
+                    raise OSError(errno, f"setns({ns}): {os.strerror(errno)}")
+            finally:
+                os.close(fd)
+            result["socket"] = socket.socket(family, kind)
+        except BaseException as exc:  # handed to the caller's thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=create, name=f"setns-{ns}")
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["socket"]
+
+
+def wait_port(
+    ns: str,
+    port: int,
+    host: str = "127.0.0.1",
+    timeout: float = 10.0,
+    proc: subprocess.Popen[bytes] | None = None,
+) -> None:
+    """Return once something accepts TCP connections on host:port inside `ns` (bounded wait)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process {proc.args} exited with {proc.returncode} before port {port} opened")
+        sock = ns_socket(ns)
+        try:
+            sock.settimeout(0.5)
+            sock.connect((host, port))
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on {host}:{port} in {ns} after {timeout}s") from None
+            time.sleep(0.05)
+        finally:
+            sock.close()
+
+
+# --- proxy processes -----------------------------------------------------------------------
+
+
+def proxy_command(binary: Path, config_file: Path) -> list[str]:
+    if is_v2ray(binary):
+        return [str(binary), "-config", str(config_file)]
+    return [str(binary), "run", "-c", str(config_file)]
+
+
+@contextlib.contextmanager
+def proxy_process(
+    ns: str,
+    config: dict[str, Any] | Path,
+    workdir: Path,
+    name: str,
+    binary: Path = V2RAY,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run v2ray (or Xray) in `ns` on a config dict or file; output goes to workdir/<name>.log."""
+    if isinstance(config, Path):
+        config_file = config
+    else:
+        config_file = workdir / f"{name}.json"
+        config_file.write_text(json.dumps(config, indent=2))
+    log_path = workdir / f"{name}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, *proxy_command(binary, config_file)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    try:
+        yield proc
+    finally:
+        stop_process(proc)
+
+
+def stop_process(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds; always reaps the process."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass(frozen=True, slots=True)
+class ClientRoute:
+    """One socks port of the client proxy, forwarded to one VLESS server port as one uuid."""
+
+    socks_port: int
+    server_port: int
+    uuid: str
+    server: str = "127.0.0.1"
+    flow: str = ""
+
+    @classmethod
+    def from_link(cls, link: str, socks_port: int) -> ClientRoute:
+        """A route from a vless:// share link (security none only: the test proxy has no REALITY)."""
+        parts = urlsplit(link)
+        query = {k: v[0] for k, v in parse_qs(parts.query).items()}
+        if parts.scheme != "vless" or query.get("security", "none") != "none":
+            raise ValueError(f"not a plain vless link: {link}")
+        return cls(socks_port, parts.port or 0, unquote(parts.username or ""), parts.hostname or "")
+
+
+def client_config(routes: Sequence[ClientRoute]) -> dict[str, Any]:
+    """A client proxy config: socks inbound N on 127.0.0.1 -> VLESS outbound N, one per route."""
+    inbounds, outbounds, rules = [], [], []
+    for route in routes:
+        inbounds.append(
+            {
+                "tag": f"socks-{route.socks_port}",
+                "listen": "127.0.0.1",
+                "port": route.socks_port,
+                "protocol": "socks",
+                "settings": {"auth": "noauth", "udp": False},
+            }
+        )
+        user: dict[str, Any] = {"id": route.uuid, "encryption": "none"}
+        if route.flow:
+            user["flow"] = route.flow
+        outbounds.append(
+            {
+                "tag": f"vless-{route.socks_port}",
+                "protocol": "vless",
+                "settings": {
+                    "vnext": [{"address": route.server, "port": route.server_port, "users": [user]}]
+                },
+                "streamSettings": {"network": "tcp", "security": "none"},
+            }
+        )
+        rules.append(
+            {
+                "type": "field",
+                "inboundTag": [f"socks-{route.socks_port}"],
+                "outboundTag": f"vless-{route.socks_port}",
+            }
+        )
+    return {
+        "log": {"loglevel": "warning"},
+        "inbounds": inbounds,
+        "outbounds": outbounds,
+        "routing": {"domainStrategy": "AsIs", "rules": rules},
+    }
+
+
+# --- a local HTTP server -------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def http_server(ns: str, payload: bytes, port: int = 0) -> Iterator[int]:
+    """Serve `payload` to any GET on 127.0.0.1 in `ns`; a POST answers the sha256 of its body.
+
+    Yields the port. Runs in a thread of the test process, on a socket created in `ns`.
+    """
+    sock = ns_socket(ns)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(64)
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.0"
+
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            self._answer(payload)
+
+        def do_POST(self) -> None:  # noqa: N802
+            remaining = int(self.headers.get("Content-Length", "0"))
+            digest = hashlib.sha256()
+            while remaining:
+                chunk = self.rfile.read(min(remaining, 65536))
+                if not chunk:
+                    break
+                digest.update(chunk)
+                remaining -= len(chunk)
+            self._answer(digest.hexdigest().encode())
+
+        def _answer(self, body: bytes) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler, bind_and_activate=False)
+    server.socket.close()
+    server.socket = sock
+    server.server_address = sock.getsockname()
+    thread = threading.Thread(target=server.serve_forever, name=f"http-{ns}", daemon=True)
+    thread.start()
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+# --- a SOCKS5 client -----------------------------------------------------------------------
+
+
+def socks_connect(ns: str, socks_port: int, host: str, port: int, timeout: float = 10.0) -> socket.socket:
+    """A TCP stream to host:port through the SOCKS5 proxy on 127.0.0.1:socks_port in `ns`."""
+    sock = ns_socket(ns)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(("127.0.0.1", socks_port))
+        sock.sendall(b"\x05\x01\x00")  # version 5, one method: no authentication
+        if _recv_exact(sock, 2) != b"\x05\x00":
+            raise SocksFetchError("the proxy refused SOCKS5 without authentication")
+        request = b"\x05\x01\x00\x01" + socket.inet_aton(host) + port.to_bytes(2, "big")
+        sock.sendall(request)
+        reply = _recv_exact(sock, 4)
+        if reply[1] != 0:
+            raise SocksFetchError(f"the proxy answered CONNECT with code {reply[1]}")
+        bound = {1: 4, 4: 16}.get(reply[3])
+        if bound is None:
+            bound = _recv_exact(sock, 1)[0]
+        _recv_exact(sock, bound + 2)
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
+def http_get_via_socks(
+    ns: str, socks_port: int, host: str, port: int, path: str = "/", timeout: float = 30.0
+) -> bytes:
+    """GET http://host:port/path through the proxy; the body, checked against Content-Length."""
+    request = f"GET {path} HTTP/1.0\r\nHost: {host}:{port}\r\n\r\n".encode()
+    return _http_via_socks(ns, socks_port, host, port, request, b"", timeout)
+
+
+def http_post_via_socks(
+    ns: str, socks_port: int, host: str, port: int, body: bytes, timeout: float = 30.0
+) -> bytes:
+    """POST `body` through the proxy (client -> server bytes); the answer's body."""
+    head = (
+        f"POST / HTTP/1.0\r\nHost: {host}:{port}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    return _http_via_socks(ns, socks_port, host, port, head, body, timeout)
+
+
+def _http_via_socks(
+    ns: str, socks_port: int, host: str, port: int, head: bytes, body: bytes, timeout: float
+) -> bytes:
+    try:
+        with socks_connect(ns, socks_port, host, port, timeout) as sock:
+            sock.sendall(head + body)
+            chunks = []
+            while chunk := sock.recv(262144):
+                chunks.append(chunk)
+    except (ConnectionError, TimeoutError) as exc:
+        raise SocksFetchError(f"connection through socks port {socks_port} failed: {exc}") from None
+    data = b"".join(chunks)
+    header, sep, content = data.partition(b"\r\n\r\n")
+    if not sep:
+        raise SocksFetchError(f"no HTTP answer through socks port {socks_port} ({len(data)} bytes)")
+    lines = header.decode("latin-1").split("\r\n")
+    if " 200 " not in f"{lines[0]} ":
+        raise SocksFetchError(f"HTTP status line {lines[0]!r}")
+    length = next(
+        (int(line.split(":", 1)[1]) for line in lines[1:] if line.lower().startswith("content-length:")),
+        None,
+    )
+    if length is not None and length != len(content):
+        raise SocksFetchError(f"got {len(content)} of {length} body bytes")
+    return content
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise SocksFetchError(f"the proxy closed the connection ({len(data)}/{size} bytes)")
+        data += chunk
+    return data
