@@ -13,6 +13,7 @@ import os
 import socket
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -26,10 +27,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from daemon import allocator, netinfo
+from daemon import allocator, limits, netinfo
 from daemon.errors import Invalid, OperationError
 from daemon.service import Service
-from daemon.state import KeyRecord
+from daemon.limits import ResetStrategy, Status
+from daemon.state import KeyRecord, now
 from daemon.units import human_bytes
 
 NAME_PATTERN = r"^\w(?:[\w .@+-]{0,62}[\w.@+-])?$"
@@ -37,26 +39,89 @@ NAME_RULE = "1-64 letters, digits, spaces or . @ + - _, starting and ending with
 KeyRef = Annotated[str, PathParam(min_length=1, max_length=64, description="key id, uuid or name")]
 
 
-class NewKey(BaseModel):
+Size = int | Annotated[str, Field(max_length=32)]
+Moment = Annotated[str, Field(max_length=64)]
+
+
+class KeySettings(BaseModel):
+    """Limits and lifecycle, as sent by clients: sizes as bytes or "50GB", dates as ISO or "+30d"."""
+
     model_config = ConfigDict(extra="forbid")
+    data_limit_bytes: Size | None = Field(default=None, description="bytes, or e.g. 50GB / 50GiB")
+    expire_at: Moment | None = Field(default=None, description="ISO 8601 date/time, or +30d")
+    reset_strategy: ResetStrategy | None = None
+    note: str | None = Field(default=None, max_length=256)
+    enabled: bool | None = None
+
+
+class NewKey(KeySettings):
     name: str = Field(pattern=NAME_PATTERN, description=NAME_RULE)
     port: int | None = Field(default=None, ge=1, le=65535)
 
 
+def key_settings(body: KeySettings, service: Service, creating: bool) -> dict[str, Any]:
+    """The fields the client sent, parsed and checked: raises Invalid with a readable reason."""
+    sent = body.model_fields_set - {"name", "port"}
+    changes: dict[str, Any] = {}
+    for name in sent:
+        value = getattr(body, name)
+        if value is None and name in ("reset_strategy", "note", "enabled"):
+            raise Invalid(f"{name}: may not be null")
+        changes[name] = value
+    if changes.get("data_limit_bytes") is not None:
+        changes["data_limit_bytes"] = _size(changes["data_limit_bytes"])
+    if changes.get("expire_at") is not None:
+        moment = _moment(changes["expire_at"], service)
+        if creating and moment <= now():
+            raise Invalid(f"expire_at: {moment.isoformat()} is in the past")
+        changes["expire_at"] = moment
+    return changes
+
+
+def _size(value: int | str) -> int:
+    try:
+        size = value if isinstance(value, int) else limits.parse_size(value)
+    except ValueError as exc:
+        raise Invalid(f"data_limit_bytes: {exc}") from None
+    if size < 0:
+        raise Invalid("data_limit_bytes: must not be negative")
+    return size
+
+
+def _moment(value: str, service: Service) -> datetime:
+    try:
+        return limits.parse_moment(value, now(), service.zone)
+    except ValueError as exc:
+        raise Invalid(f"expire_at: {exc}") from None
+
+
 def key_object(key: KeyRecord) -> dict[str, Any]:
-    total = key.rx.bytes + key.tx.bytes
     return {
         "id": key.id,
         "name": key.name,
         "uuid": str(key.uuid),
         "port": key.port,
         "created_at": key.created_at.isoformat(),
-        "is_active": key.is_active,
+        "is_active": key.status is Status.ACTIVE,
+        "status": key.status.value,
+        "enabled": key.enabled,
+        "note": key.note,
+        "data_limit_bytes": key.data_limit_bytes,
+        "used_bytes": key.used_bytes,
+        "dropped_bytes": key.dropped.bytes,
+        "expire_at": _iso(key.expire_at),
+        "reset_strategy": key.reset_strategy.value,
+        "next_reset_at": _iso(key.next_reset_at),
+        "last_reset_at": _iso(key.last_reset_at),
+        "used_before_reset": key.used_before_reset,
         "rx_bytes": key.rx.bytes,
         "tx_bytes": key.tx.bytes,
-        "total_bytes": total,
-        "reset_at": None if key.reset_at is None else key.reset_at.isoformat(),
+        "total_bytes": key.used_bytes,
     }
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat()
 
 
 def traffic_object(key: KeyRecord, connections: int, timestamp: int) -> dict[str, Any]:
@@ -75,7 +140,11 @@ def traffic_object(key: KeyRecord, connections: int, timestamp: int) -> dict[str
         "rx_formatted": human_bytes(key.rx.bytes),
         "tx_formatted": human_bytes(key.tx.bytes),
         "total_formatted": human_bytes(total),
-        "reset_at": None if key.reset_at is None else key.reset_at.isoformat(),
+        "dropped_bytes": key.dropped.bytes,
+        "used_bytes": key.used_bytes,
+        "data_limit_bytes": key.data_limit_bytes,
+        "status": key.status.value,
+        "last_reset_at": _iso(key.last_reset_at),
         "timestamp": timestamp,
     }
 
@@ -115,7 +184,24 @@ def create_app(service: Service) -> FastAPI:
         port_range = service.settings.port_range
         if body.port is not None and body.port not in port_range:
             raise Invalid(f"port {body.port} is outside the range {port_range}")
-        return key_object(await service.create_key(body.name, body.port))
+        settings = key_settings(body, service, creating=True)
+        return key_object(await service.create_key(body.name, body.port, settings))
+
+    @app.patch("/api/keys/{key_id}")
+    async def update_key(key_id: KeyRef, body: Annotated[KeySettings, Body()]) -> dict[str, Any]:
+        service.find(key_id)
+        changes = key_settings(body, service, creating=False)
+        if not changes:
+            raise Invalid("nothing to change: send data_limit_bytes, expire_at, reset_strategy, note or enabled")
+        return key_object(await service.update_key(key_id, changes))
+
+    @app.post("/api/keys/{key_id}/disable")
+    async def disable_key(key_id: KeyRef) -> dict[str, Any]:
+        return key_object(await service.update_key(key_id, {"enabled": False}))
+
+    @app.post("/api/keys/{key_id}/enable")
+    async def enable_key(key_id: KeyRef) -> dict[str, Any]:
+        return key_object(await service.update_key(key_id, {"enabled": True}))
 
     @app.get("/api/keys")
     async def list_keys() -> dict[str, Any]:

@@ -3,7 +3,10 @@
 Every operation that changes the kernel and the state file does the kernel part first and saves
 the state before it answers; if saving fails the kernel part is undone, so an acknowledged
 operation is on disk and a refused one left nothing behind. A crash between the two leaves at
-most counters that no key owns, which the start-up reconciliation removes.
+most objects that no key owns, which the start-up reconciliation removes.
+
+Each reading of the kernel also settles every key: its status (active, limited, expired,
+disabled), the quota the kernel must enforce for it, and a periodic reset that came due.
 """
 
 from __future__ import annotations
@@ -14,20 +17,25 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import anyio
 import structlog
 
-from daemon import allocator, netinfo
-from daemon.accounting import Account
-from daemon.counters import Counters, NftError, PortReading, TableView, port_of
+from daemon import allocator, limits, netinfo
+from daemon.counters import Counters, NftError, PortReading, TableView
 from daemon.errors import Conflict, KernelRefused, NotFound, StorageFull
+from daemon.limits import Quota, ResetStrategy, Status
+from daemon.reports import Outbox
 from daemon.sdnotify import Notifier
 from daemon.settings import Settings
 from daemon.state import DirectionModel, KeyRecord, State, StateStore, StorageError, now
 
 Log = structlog.typing.FilteringBoundLogger
+DIRECTIONS = ("rx", "tx", "dropped")
+SETTABLE = frozenset({"note", "enabled", "data_limit_bytes", "expire_at", "reset_strategy"})
 
 
 @dataclass(slots=True)
@@ -47,16 +55,19 @@ class Service:
         store: StateStore,
         state: State,
         counters: Counters,
+        outbox: Outbox,
         log: Log,
     ) -> None:
         self.settings = settings
         self.store = store
         self.state = state
         self.counters = counters
+        self.outbox = outbox
         self.log = log
+        self.zone = ZoneInfo(settings.timezone)
         self.lock = anyio.Lock()
         self.last_poll_at: float | None = None
-        self._last_saved_at = time.monotonic()
+        self._kernel_limits: dict[int, int | None] = {}  # quota limit installed per port
 
     # --- lookups -------------------------------------------------------------------------
 
@@ -79,7 +90,9 @@ class Service:
 
     # --- operations ----------------------------------------------------------------------
 
-    async def create_key(self, name: str, port: int | None = None) -> KeyRecord:
+    async def create_key(
+        self, name: str, port: int | None = None, settings: dict[str, Any] | None = None
+    ) -> KeyRecord:
         async with self.lock:
             if any(key.name == name for key in self.state.keys.values()):
                 raise Conflict(f"a key named {name!r} already exists")
@@ -89,10 +102,14 @@ class Service:
                 chosen = allocator.allocate(self.settings.port_range, assigned, busy, port)
             except allocator.PortUnavailable as exc:
                 raise Conflict(str(exc)) from None
-            await self._install_fresh(chosen)
+            moment = now()
             key = KeyRecord(
-                id=self._new_id(), name=name, uuid=uuid.uuid4(), port=chosen, created_at=now()
+                id=self._new_id(), name=name, uuid=uuid.uuid4(), port=chosen, created_at=moment,
+                **(settings or {}),
             )
+            key.next_reset_at = limits.next_boundary(moment, key.reset_strategy, self.zone)
+            key.status = self._status(key, moment, kernel_over=False)
+            await self._install_fresh(chosen, self._desired_quota(key))
             self.state.keys[key.id] = key
             try:
                 self._save()
@@ -100,7 +117,10 @@ class Service:
                 del self.state.keys[key.id]
                 await self._uninstall(chosen)
                 raise
-            self.log.info("key_created", key_id=key.id, name=key.name, port=key.port)
+            self.log.info(
+                "key_created", key_id=key.id, name=key.name, port=key.port,
+                limit=key.data_limit_bytes, expire_at=_iso(key.expire_at), status=key.status.value,
+            )
             return key
 
     async def delete_key(self, ref: str) -> KeyRecord:
@@ -115,12 +135,8 @@ class Service:
                 raise
             await self._uninstall(key.port)
             self.log.info(
-                "key_deleted",
-                key_id=key.id,
-                name=key.name,
-                port=key.port,
-                rx_bytes=key.rx.bytes,
-                tx_bytes=key.tx.bytes,
+                "key_deleted", key_id=key.id, name=key.name, port=key.port,
+                rx_bytes=key.rx.bytes, tx_bytes=key.tx.bytes,
             )
             return key
 
@@ -130,20 +146,31 @@ class Service:
             key = self.find(ref)
             await self._refresh_locked()
             before = key.model_copy(deep=True)
-            key.rx = DirectionModel.of(key.rx.account().reset())
-            key.tx = DirectionModel.of(key.tx.account().reset())
-            key.reset_at = now()
-            try:
-                self._save()
-            except StorageFull:
-                self.state.keys[key.id] = before
-                raise
+            self._zero(key, now())
+            await self._transact(key, before, force_quota=True)
             self.log.info(
-                "traffic_reset",
-                key_id=key.id,
-                port=key.port,
-                rx_bytes_before=before.rx.bytes,
-                tx_bytes_before=before.tx.bytes,
+                "traffic_reset", key_id=key.id, port=key.port,
+                used_before_reset=key.used_before_reset, status=key.status.value,
+            )
+            return key
+
+    async def update_key(self, ref: str, changes: dict[str, Any]) -> KeyRecord:
+        """Change a key's limit, expiry, reset strategy, note or enabled flag; applied at once."""
+        unknown = set(changes) - SETTABLE
+        if unknown:
+            raise ValueError(f"not settable: {sorted(unknown)}")
+        async with self.lock:
+            key = self.find(ref)
+            await self._refresh_locked()
+            before = key.model_copy(deep=True)
+            for name, value in changes.items():
+                setattr(key, name, value)
+            if "reset_strategy" in changes and changes["reset_strategy"] != before.reset_strategy:
+                key.next_reset_at = limits.next_boundary(now(), key.reset_strategy, self.zone)
+            await self._transact(key, before)
+            self.log.info(
+                "key_updated", key_id=key.id, port=key.port, status=key.status.value,
+                **{name: _loggable(value) for name, value in changes.items()},
             )
             return key
 
@@ -153,7 +180,7 @@ class Service:
             return await self._refresh_locked()
 
     async def poll_once(self, *, always_save: bool = False) -> Refresh:
-        """Read the kernel and persist the totals if they moved."""
+        """Read the kernel, settle every key and persist the totals if anything moved."""
         async with self.lock:
             result = await self._refresh_locked()
             if result.changed or always_save:
@@ -178,35 +205,115 @@ class Service:
             if view is None:
                 return [*found, f"nftables table inet {self.counters.table} is missing"]
             found += view.problems
-            found += [f"counter {name} does not belong to a port pair" for name in view.stray_counters]
-            elements = await self.counters.map_elements()
+            found += [f"port {port} has an incomplete set of counters" for port in sorted(view.stray)]
             wanted = {key.port for key in self.state.keys.values()}
             for port in sorted(wanted - set(view.ports)):
                 found.append(f"port {port} has a key but no counters in the kernel")
             for port in sorted(set(view.ports) - wanted):
                 found.append(f"port {port} has counters in the kernel but no key")
-            for direction, mapping in elements.items():
+            elements = await self.counters.map_elements()
+            for direction in ("rx", "tx"):
+                mapping = elements.get(direction, {})
                 for port in sorted(wanted - set(mapping)):
                     found.append(f"port {port} is missing from map {direction}")
                 for port in sorted(set(mapping) - wanted):
                     found.append(f"map {direction} holds port {port} that no key owns")
+            for key in self.state.keys.values():
+                desired = self._desired_quota(key)
+                installed = view.ports.get(key.port)
+                have = None if installed is None or installed.quota is None else installed.quota.limit
+                if (None if desired is None else desired.limit) != have:
+                    found.append(f"port {key.port} should have quota {desired} but has limit {have}")
             return found
 
-    # --- internals -----------------------------------------------------------------------
+    # --- keys: status, quota, reset ------------------------------------------------------
+
+    def _status(self, key: KeyRecord, moment: datetime, kernel_over: bool) -> Status:
+        return limits.status(
+            enabled=key.enabled, expire_at=key.expire_at, limit=key.data_limit_bytes,
+            used=key.used_bytes, kernel_over=kernel_over, now=moment,
+        )
+
+    def _desired_quota(self, key: KeyRecord) -> Quota | None:
+        return limits.kernel_quota(key.status, key.data_limit_bytes, key.used_bytes)
+
+    def _zero(self, key: KeyRecord, moment: datetime) -> None:
+        key.used_before_reset = key.used_bytes
+        key.last_reset_at = moment
+        for direction in DIRECTIONS:
+            model: DirectionModel = getattr(key, direction)
+            setattr(key, direction, DirectionModel.of(model.account().reset()))
+
+    async def _transact(self, key: KeyRecord, before: KeyRecord, force_quota: bool = False) -> None:
+        """Settle `key` after a change and save; on a failed save, put everything back."""
+        await self._settle(key, now(), kernel_over=False, force_quota=force_quota)
+        try:
+            self._save()
+        except StorageFull:
+            self.state.keys[key.id] = before
+            await self._settle(before, now(), kernel_over=False, force_quota=True, quiet=True)
+            raise
+
+    async def _settle(
+        self,
+        key: KeyRecord,
+        moment: datetime,
+        kernel_over: bool,
+        force_quota: bool = False,
+        quiet: bool = False,
+    ) -> bool:
+        """Bring status and kernel quota in line with the key; True if anything changed."""
+        changed = False
+        if key.next_reset_at is not None and moment >= key.next_reset_at:
+            self._zero(key, moment)
+            key.next_reset_at = limits.next_boundary(moment, key.reset_strategy, self.zone)
+            self._event("key_reset", key, used_before_reset=key.used_before_reset)
+            kernel_over, force_quota, changed = False, True, True
+        new_status = self._status(key, moment, kernel_over)
+        if new_status != key.status:
+            previous, key.status = key.status, new_status
+            if not quiet:
+                self._event(f"key_{new_status.value}", key, previous_status=previous.value)
+            changed = True
+        desired = self._desired_quota(key)
+        wanted_limit = None if desired is None else desired.limit
+        if force_quota or self._kernel_limits.get(key.port) != wanted_limit:
+            await self._kernel("set quota", self.counters.enforce(key.port, desired))
+            self._kernel_limits[key.port] = wanted_limit
+        return changed
+
+    def _event(self, name: str, key: KeyRecord, **fields: Any) -> None:
+        """A status change or reset: a log event, and a webhook message when configured."""
+        self.log.info(
+            name, key_id=key.id, name=key.name, port=key.port, status=key.status.value,
+            used_bytes=key.used_bytes, limit=key.data_limit_bytes, **fields,
+        )
+        self.outbox.put({
+            "event": name,
+            "key": {"id": key.id, "name": key.name, "uuid": str(key.uuid), "port": key.port},
+            "status": key.status.value,
+            "used_bytes": key.used_bytes,
+            "data_limit_bytes": key.data_limit_bytes,
+            "at": now().isoformat(),
+            **fields,
+        })
+
+    # --- reading the kernel --------------------------------------------------------------
 
     async def _refresh_locked(self, check_elements: bool = False) -> Refresh:
         result = Refresh()
         view = await self._kernel("read counters", self.counters.read())
         if view is None and self.state.table_handle is None:
-            await self._rebuild("table_created", result, level="info")
+            view = await self._rebuild("table_created", result, level="info")
         elif view is None:
-            await self._rebuild("table_missing", result)
+            view = await self._rebuild("table_missing", result)
         else:
             self._apply(view, result)
             if view.problems:
-                await self._rebuild("table_damaged", result, problems=view.problems)
+                view = await self._rebuild("table_damaged", result, problems=view.problems)
             else:
                 await self._repair(view, result, check_elements)
+        await self._settle_all(view, result)
         self.last_poll_at = time.time()
         return result
 
@@ -218,80 +325,95 @@ class Service:
             reading = view.ports.get(key.port)
             if reading is not None and self._advance(key, reading):
                 result.changed = True
+        self._kernel_limits = {
+            port: None if reading.quota is None else reading.quota.limit
+            for port, reading in view.ports.items()
+        }
 
     @staticmethod
     def _advance(key: KeyRecord, reading: PortReading) -> bool:
         moved = False
-        for direction in ("rx", "tx"):
-            model: DirectionModel = getattr(key, direction)
+        for direction in DIRECTIONS:
             current = getattr(reading, direction)
-            account: Account = model.account()
+            if current is None:
+                continue
+            model: DirectionModel = getattr(key, direction)
+            account = model.account()
             if account.reading == current:
                 continue
             setattr(key, direction, DirectionModel.of(account.advance(current)))
             moved = True
         return moved
 
-    async def _rebuild(self, event: str, result: Refresh, level: str = "error", **fields: Any) -> None:
+    async def _settle_all(self, view: TableView | None, result: Refresh) -> None:
+        moment = now()
+        for key in list(self.state.keys.values()):
+            reading = None if view is None else view.ports.get(key.port)
+            over = reading is not None and reading.quota is not None and reading.quota.over
+            if await self._settle(key, moment, kernel_over=over):
+                result.changed = True
+
+    async def _rebuild(self, event: str, result: Refresh, level: str = "error", **fields: Any) -> TableView | None:
         """Recreate the table from the state; bytes since the last reading are lost and logged."""
-        ports = sorted(self.assigned_ports().values())
+        ports = {key.port: self._desired_quota(key) for key in self.state.keys.values()}
         await self._kernel("rebuild table", self.counters.build(ports))
         if level == "info":
             self.log.info(event, table=self.counters.table, keys=len(ports))
         else:
             since = None if self.last_poll_at is None else round(time.time() - self.last_poll_at, 1)
             self.log.error(
-                event,
-                table=self.counters.table,
-                keys=len(ports),
-                action="table rebuilt from state",
-                lost="traffic since the last reading",
-                seconds_since_last_reading=since,
-                **fields,
+                event, table=self.counters.table, keys=len(ports), action="table rebuilt from state",
+                lost="traffic since the last reading", seconds_since_last_reading=since, **fields,
             )
-        result.table_rebuilt = True
+        result.table_rebuilt = result.changed = True
         view = await self._kernel("read counters", self.counters.read())
         if view is not None:
             self._apply(view, result)
-        result.changed = True
+        return view
 
     async def _repair(self, view: TableView, result: Refresh, check_elements: bool) -> None:
-        wanted = {key.port for key in self.state.keys.values()}
+        keys_by_port = {key.port: key for key in self.state.keys.values()}
+        wanted = set(keys_by_port)
         present = set(view.ports)
-        halves = {port for port in map(port_of, view.stray_counters) if port is not None}
         missing = wanted - present
-        orphans = (present | halves) - wanted
+        orphans = (present | view.stray) - wanted
         if check_elements:
             elements = await self._kernel("read maps", self.counters.map_elements())
-            for mapping in elements.values():
-                missing |= wanted - set(mapping)
-                orphans |= set(mapping) - wanted
+            for name in ("rx", "tx"):
+                missing |= wanted - set(elements[name])
+                orphans |= set(elements[name]) - wanted
         if orphans:
             await self._kernel("remove orphans", self.counters.remove_present(orphans))
             self.log.warning("orphan_counters_removed", ports=sorted(orphans))
             result.removed = sorted(orphans)
         for port in sorted(missing):
-            await self._install_fresh(port)
+            key = keys_by_port[port]
+            await self._install_fresh(port, self._desired_quota(key))
         if missing:
             self.log.warning("missing_counters_installed", ports=sorted(missing))
             result.installed = sorted(missing)
             result.changed = True
+            fresh = await self._kernel("read counters", self.counters.read())
+            if fresh is not None:
+                self._apply(fresh, result)
 
-    async def _install_fresh(self, port: int) -> None:
-        """Install counters for a port; a leftover pair (crash, tampering) is removed first."""
+    async def _install_fresh(self, port: int, quota: Quota | None) -> None:
+        """Install a port's objects; a leftover set (crash, tampering) is removed first."""
         try:
-            await self.counters.install([port])
+            await self.counters.install(port, quota)
         except NftError:
             await self._kernel("remove leftover counters", self.counters.remove_present([port]))
-            await self._kernel("install counters", self.counters.install([port]))
+            await self._kernel("install counters", self.counters.install(port, quota))
             self.log.warning("leftover_counters_replaced", port=port)
+        self._kernel_limits[port] = None if quota is None else quota.limit
 
     async def _uninstall(self, port: int) -> None:
         try:
-            await self.counters.remove([port])
+            await self.counters.remove(port)
         except NftError as exc:
             self.log.warning("counter_removal_retried", port=port, error=str(exc))
             await self._kernel("remove counters", self.counters.remove_present([port]))
+        self._kernel_limits.pop(port, None)
 
     async def _kernel(self, what: str, call: Awaitable[Any]) -> Any:
         try:
@@ -312,7 +434,6 @@ class Service:
         except StorageError as exc:
             self.log.error("state_write_failed", error=str(exc))
             raise StorageFull(f"{exc}; nothing was changed") from None
-        self._last_saved_at = time.monotonic()
 
     def _save_quietly(self) -> None:
         """Persist from a background loop: a failure is logged and retried at the next poll."""
@@ -329,9 +450,7 @@ class Service:
             try:
                 started = time.perf_counter()
                 result = await self.poll_once()
-                self.log.debug(
-                    "poll", seconds=round(time.perf_counter() - started, 4), changed=result.changed
-                )
+                self.log.debug("poll", seconds=round(time.perf_counter() - started, 4), changed=result.changed)
             except KernelRefused:
                 pass  # already logged; the next poll tries again
 
@@ -347,6 +466,18 @@ class Service:
                 self.log.error("state_backup_failed", error=str(exc))
 
 
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat()
+
+
+def _loggable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, ResetStrategy):
+        return value.value
+    return value
+
+
 async def run_daemon(
     settings: Settings,
     serve: Callable[[Service, anyio.Event], Awaitable[None]],
@@ -356,25 +487,23 @@ async def run_daemon(
     """Start, reconcile, serve until SIGTERM/SIGINT, then write a final snapshot."""
     store = StateStore(settings.state_file, backups=settings.state_backups)
     state = store.load()
-    counters = Counters(settings.nft_table)
-    service = Service(settings, store, state, counters, log)
+    outbox = Outbox(settings.state_dir / "outbox", settings.webhook_url, settings.webhook_secret, log)
+    service = Service(settings, store, state, Counters(settings.nft_table), outbox, log)
     started = time.perf_counter()
     await service.reconcile()
     stop = anyio.Event()
     async with anyio.create_task_group() as background:
         background.start_soon(service.poll_loop)
         background.start_soon(service.backup_loop)
+        background.start_soon(outbox.deliver_forever)
         if notifier.watchdog_interval:
             background.start_soon(_watchdog, notifier, notifier.watchdog_interval)
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with anyio.create_task_group() as serving:
                 serving.start_soon(serve, service, stop)
                 log.info(
-                    "daemon_ready",
-                    keys=len(state.keys),
-                    table=settings.nft_table,
-                    socket=str(settings.socket),
-                    port_range=str(settings.port_range),
+                    "daemon_ready", keys=len(state.keys), table=settings.nft_table,
+                    socket=str(settings.socket), port_range=str(settings.port_range),
                     startup_seconds=round(time.perf_counter() - started, 3),
                 )
                 notifier.notify("READY=1\nSTATUS=counting")

@@ -10,8 +10,9 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BeforeValidator, Field, ValidationError, field_validator
+from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -53,8 +54,34 @@ class Settings(BaseSettings):
     xray_config: Path = Path("/usr/local/etc/xray/config.json")
     xray_bin: Path = Path("/usr/local/bin/xray")
     xray_apply: Literal["none", "restart", "api"] = "none"
+    xray_remove_inactive: bool = False
     public_host: str = ""
+    timezone: str = "UTC"
+    webhook_url: str | None = None
+    webhook_secret: str = Field(default="", repr=False)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (use e.g. UTC or Europe/Berlin)") from None
+        return value
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value or None
+
+    @model_validator(mode="after")
+    def _webhook_signed(self) -> Settings:
+        if self.webhook_url and not self.webhook_secret:
+            raise ValueError("PORTMETER_WEBHOOK_SECRET is required when PORTMETER_WEBHOOK_URL is set")
+        return self
 
     @field_validator("nft_table")
     @classmethod
@@ -109,6 +136,7 @@ def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:
     parts = []
     for error in exc.errors():
         field = ".".join(str(p) for p in error["loc"])
-        name = f"{prefix}{field.upper()}" if prefix else field
-        parts.append(f"{name}: {error['msg']}")
+        message = error["msg"].removeprefix("Value error, ")
+        name = f"{prefix}{field.upper()}" if prefix and field else field
+        parts.append(f"{name}: {message}" if name else message)
     return "; ".join(parts)

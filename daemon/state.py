@@ -17,6 +17,7 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from daemon.accounting import Account, Reading, Usage
+from daemon.limits import ResetStrategy, Status
 
 SCHEMA_VERSION = 1
 BACKUP_STAMP = "%Y%m%dT%H%M%S%fZ"
@@ -65,10 +66,23 @@ class KeyRecord(BaseModel):
     uuid: UUID
     port: int = Field(ge=1, le=65535)
     created_at: datetime
-    is_active: bool = True
-    reset_at: datetime | None = None
+    note: str = ""
+    enabled: bool = True
+    status: Status = Status.ACTIVE
+    data_limit_bytes: int | None = Field(default=None, ge=0)
+    expire_at: datetime | None = None
+    reset_strategy: ResetStrategy = ResetStrategy.NO_RESET
+    next_reset_at: datetime | None = None
+    last_reset_at: datetime | None = None
+    used_before_reset: int | None = None
     rx: DirectionModel = Field(default_factory=DirectionModel)
     tx: DirectionModel = Field(default_factory=DirectionModel)
+    dropped: DirectionModel = Field(default_factory=DirectionModel)
+
+    @property
+    def used_bytes(self) -> int:
+        """What limits count: both directions since the last reset."""
+        return self.rx.bytes + self.tx.bytes
 
 
 class State(BaseModel):

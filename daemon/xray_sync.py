@@ -28,7 +28,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -273,10 +273,11 @@ def with_api(config: Mapping[str, Any], opts: XrayOptions) -> Config:
         raise XrayConfigError("the config's 'api.services' is not a list")
     if "HandlerService" not in services:
         services.append("HandlerService")
-    if "listen" in api:  # Xray >= 1.8.12 serves the API on api.listen without an inbound
+    if "listen" in api:  # newer Xray serves the API on api.listen, without an inbound
         return result
     tag = api["tag"]
-    inbounds = result.setdefault("inbounds", [])
+    inbounds = _inbounds(result)
+    result["inbounds"] = inbounds
     if not any(isinstance(i, Mapping) and i.get("tag") == tag for i in inbounds):
         host, port = _split_host_port(opts.api_address)
         inbounds.insert(
@@ -469,6 +470,7 @@ class DriftProblem:
         "foreign",
         "stale",
         "security",
+        "outdated",
         "duplicate",
         "api",
     ]
@@ -558,16 +560,46 @@ def _key_drift(
         found.append(DriftProblem("port_mismatch", message, key.id, key.port))
     for problem in _security_problems(inbound, opts):
         found.append(DriftProblem("security", f"{who}: {problem}", key.id, key.port))
-    settings = _reality_settings(inbound)
-    pair = key.reality or reality
-    if (
-        opts.security == "reality"
-        and pair
-        and settings.get("privateKey") not in (None, pair.private_key)
-    ):
-        message = f"{who}: REALITY private key differs from the one its links carry"
-        found.append(DriftProblem("security", message, key.id, key.port))
+    if not found:
+        found += _outdated(key, inbound, opts, reality, who)
     return found
+
+
+def _outdated(
+    key: XrayKey, inbound: Mapping[str, Any], opts: XrayOptions, reality: Reality | None, who: str
+) -> list[DriftProblem]:
+    """A difference from what rendering gives now (changed settings, keys, flow, short id)."""
+    if opts.security == "reality" and (key.reality or reality) is None:
+        return []  # cannot render without a key pair; nothing to compare with
+    try:
+        wanted = render_inbound(key, opts, reality)
+    except XrayConfigError:
+        return []
+    fields = _differences(wanted, inbound)
+    if not fields:
+        return []
+    message = f"{who}: inbound differs from the rendered one in {', '.join(fields)}"
+    return [DriftProblem("outdated", message, key.id, key.port)]
+
+
+def _differences(wanted: object, present: object, path: str = "") -> list[str]:
+    """Dotted paths where `present` differs from `wanted`."""
+    if isinstance(wanted, Mapping) and isinstance(present, Mapping):
+        found = []
+        for name in [*wanted, *(k for k in present if k not in wanted)]:
+            where = f"{path}.{name}" if path else str(name)
+            if name not in present or name not in wanted:
+                found.append(where)
+            else:
+                found += _differences(wanted[name], present[name], where)
+        return found
+    if isinstance(wanted, list) and isinstance(present, list) and len(wanted) == len(present):
+        return [
+            f
+            for n, (w, h) in enumerate(zip(wanted, present, strict=True))
+            for f in _differences(w, h, f"{path}[{n}]")
+        ]
+    return [] if wanted == present else [path]
 
 
 def _security_problems(inbound: Mapping[str, Any], opts: XrayOptions) -> list[str]:
@@ -1027,6 +1059,7 @@ def write_atomic(
     The temporary name does not end in .json, so an Xray reading the directory with -confdir
     never picks up a half-written file.
     """
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.portmeter-tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
@@ -1132,9 +1165,11 @@ def failure_line(stdout: bytes | None, stderr: bytes | None, returncode: int) ->
 
 @dataclass(frozen=True, slots=True)
 class ApplyResult:
+    """How a change reached Xray: the mode, how long it took, the commands that ran."""
+
     mode: ApplyMode
     seconds: float = 0.0
-    commands: tuple[tuple[str, ...], ...] = field(default=())
+    commands: tuple[tuple[str, ...], ...] = ()
 
 
 class XrayApplier:
@@ -1144,7 +1179,12 @@ class XrayApplier:
         self.opts = opts
 
     async def apply(self, changes: InboundChanges, *, force_restart: bool = False) -> ApplyResult:
-        """Apply `changes` the configured way; in restart mode only if there are any (or forced)."""
+        """Apply `changes` the configured way; in restart mode only if there are any (or forced).
+
+        Write the file first: a restart reads it, and in api mode it keeps a later restart
+        equal to what the API calls did. To undo after a failure, restore the file and apply
+        `inbound_changes(new, old)`.
+        """
         started = time.perf_counter()
         mode = self.opts.apply
         if mode == "none" or (mode == "restart" and not changes and not force_restart):
@@ -1229,6 +1269,8 @@ class XrayApplier:
         if absent_ok and ABSENT_INBOUND.encode() in output:
             return
         reason = failure_line(done.stdout, done.stderr, done.returncode)
+        if "failed to dial" in reason:
+            reason += " (is Xray running with its API enabled? restart it once after enabling)"
         raise XrayApplyError(f"{what} failed (exit {done.returncode}): {reason}")
 
 

@@ -14,7 +14,16 @@ import uuid
 from pathlib import Path
 
 import pytest
-from xray_harness import (
+
+from daemon.xray_sync import (
+    XrayConfigError,
+    XrayFiles,
+    XrayKey,
+    XrayOptions,
+    render_config,
+    vless_link,
+)
+from tests.xray_harness import (
     V2RAY,
     ClientRoute,
     SocksFetchError,
@@ -28,16 +37,9 @@ from xray_harness import (
     wait_port,
 )
 
-from daemon.xray_sync import (
-    XrayConfigError,
-    XrayFiles,
-    XrayKey,
-    XrayOptions,
-    render_config,
-    vless_link,
+needs_v2ray = pytest.mark.skipif(
+    not V2RAY.exists(), reason="needs Debian's v2ray (apt-get install v2ray)"
 )
-
-needs_v2ray = pytest.mark.skipif(not V2RAY.exists(), reason="needs Debian's v2ray (apt-get install v2ray)")
 needs_netns = pytest.mark.skipif(not have_netns_tools(), reason="needs root and iproute2")
 
 PAYLOAD_SIZE = 2 * 1024 * 1024
@@ -92,24 +94,30 @@ def test_v2ray_serves_each_key_on_its_own_port(tmp_path: Path) -> None:
         # bob's uuid on alice's port: each inbound accepts exactly its own key
         ClientRoute(socks_port=11003, server_port=PORT_A, uuid=bob.uuid),
     ]
-    assert [(r.server_port, r.uuid) for r in routes[:2]] == [(PORT_A, alice.uuid), (PORT_B, bob.uuid)]
+    assert [(r.server_port, r.uuid) for r in routes[:2]] == [
+        (PORT_A, alice.uuid),
+        (PORT_B, bob.uuid),
+    ]
 
-    with netns() as ns, http_server(ns, payload) as http_port:
-        with proxy_process(ns, opts.config_path, tmp_path, "server") as server:
-            for port in (PORT_A, PORT_B):
-                wait_port(ns, port, proc=server)
-            with proxy_process(ns, client_config(routes), tmp_path, "client") as client:
-                for route in routes:
-                    wait_port(ns, route.socks_port, proc=client)
+    with (
+        netns() as ns,
+        http_server(ns, payload) as http_port,
+        proxy_process(ns, opts.config_path, tmp_path, "server") as server,
+    ):
+        for port in (PORT_A, PORT_B):
+            wait_port(ns, port, proc=server)
+        with proxy_process(ns, client_config(routes), tmp_path, "client") as client:
+            for route in routes:
+                wait_port(ns, route.socks_port, proc=client)
 
-                got = http_get_via_socks(ns, 11001, "127.0.0.1", http_port)
-                assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
-                assert http_get_via_socks(ns, 11002, "127.0.0.1", http_port) == payload
-                answer = http_post_via_socks(ns, 11001, "127.0.0.1", http_port, upload)
-                assert answer == hashlib.sha256(upload).hexdigest().encode()
-                with pytest.raises(SocksFetchError):
-                    http_get_via_socks(ns, 11003, "127.0.0.1", http_port, timeout=10)
-            assert server.poll() is None, "the server proxy died during the test"
+            got = http_get_via_socks(ns, 11001, "127.0.0.1", http_port)
+            assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+            assert http_get_via_socks(ns, 11002, "127.0.0.1", http_port) == payload
+            answer = http_post_via_socks(ns, 11001, "127.0.0.1", http_port, upload)
+            assert answer == hashlib.sha256(upload).hexdigest().encode()
+            with pytest.raises(SocksFetchError):
+                http_get_via_socks(ns, 11003, "127.0.0.1", http_port, timeout=10)
+        assert server.poll() is None, "the server proxy died during the test"
     server_log = (tmp_path / "server.log").read_text(errors="replace")
     assert "panic" not in server_log
 

@@ -9,16 +9,14 @@ apply-mode tests) can reuse them with their own namespaces and fixtures:
             ...
             body = http_get_via_socks(ns, socks_port, "127.0.0.1", http_port)
 
-Sockets for the test process are created inside the namespace by a short-lived thread that
-joins it with setns(2) (a namespace switch is per thread), so the test process itself never
-leaves its own namespace and needs no `ip netns exec` for its own connections. Traffic only
-ever goes over the namespace's loopback.
+Sockets of the test process are made inside the namespace with `tests.netlab.make_socket` (a
+socket keeps the namespace it was created in), so the test's own connections need no
+`ip netns exec`. Traffic only ever goes over the namespace's loopback.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import json
 import os
@@ -36,9 +34,9 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from daemon.xray_sync import is_v2ray
+from tests.netlab import make_socket
 
 V2RAY = Path("/usr/bin/v2ray")
-CLONE_NEWNET = 0x40000000
 NETNS_DIR = Path("/var/run/netns")
 
 
@@ -61,7 +59,9 @@ def netns(name: str | None = None) -> Iterator[str]:
     name = name or unique_netns_name()
     subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
     try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True, capture_output=True)
+        subprocess.run(
+            ["ip", "-n", name, "link", "set", "lo", "up"], check=True, capture_output=True
+        )
         yield name
     finally:
         subprocess.run(["ip", "netns", "delete", name], check=False, capture_output=True)
@@ -70,29 +70,8 @@ def netns(name: str | None = None) -> Iterator[str]:
 def ns_socket(
     ns: str, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM
 ) -> socket.socket:
-    """A socket that lives in namespace `ns`; usable from any thread afterwards."""
-    result: dict[str, Any] = {}
-
-    def create() -> None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = os.open(NETNS_DIR / ns, os.O_RDONLY)
-            try:
-                if libc.setns(fd, CLONE_NEWNET) != 0:
-                    errno = ctypes.get_errno()
-                    raise OSError(errno, f"setns({ns}): {os.strerror(errno)}")
-            finally:
-                os.close(fd)
-            result["socket"] = socket.socket(family, kind)
-        except BaseException as exc:  # handed to the caller's thread
-            result["error"] = exc
-
-    thread = threading.Thread(target=create, name=f"setns-{ns}")
-    thread.start()
-    thread.join()
-    if "error" in result:
-        raise result["error"]
-    return result["socket"]
+    """A socket that lives in namespace `ns`; usable from ordinary test code afterwards."""
+    return make_socket(ns, family, kind)
 
 
 def wait_port(
@@ -106,7 +85,9 @@ def wait_port(
     deadline = time.monotonic() + timeout
     while True:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process {proc.args} exited with {proc.returncode} before port {port} opened")
+            raise RuntimeError(
+                f"process {proc.args} exited with {proc.returncode} before port {port} opened"
+            )
         sock = ns_socket(ns)
         try:
             sock.settimeout(0.5)
@@ -114,7 +95,9 @@ def wait_port(
             return
         except OSError:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"nothing listens on {host}:{port} in {ns} after {timeout}s") from None
+                raise TimeoutError(
+                    f"nothing listens on {host}:{port} in {ns} after {timeout}s"
+                ) from None
             time.sleep(0.05)
         finally:
             sock.close()
@@ -247,10 +230,10 @@ def http_server(ns: str, payload: bytes, port: int = 0) -> Iterator[int]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.0"
 
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        def do_GET(self) -> None:
             self._answer(payload)
 
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             remaining = int(self.headers.get("Content-Length", "0"))
             digest = hashlib.sha256()
             while remaining:
@@ -268,7 +251,7 @@ def http_server(ns: str, payload: bytes, port: int = 0) -> Iterator[int]:
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        def log_message(self, format: str, *args: Any) -> None:
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler, bind_and_activate=False)
@@ -288,7 +271,9 @@ def http_server(ns: str, payload: bytes, port: int = 0) -> Iterator[int]:
 # --- a SOCKS5 client -----------------------------------------------------------------------
 
 
-def socks_connect(ns: str, socks_port: int, host: str, port: int, timeout: float = 10.0) -> socket.socket:
+def socks_connect(
+    ns: str, socks_port: int, host: str, port: int, timeout: float = 10.0
+) -> socket.socket:
     """A TCP stream to host:port through the SOCKS5 proxy on 127.0.0.1:socks_port in `ns`."""
     sock = ns_socket(ns)
     try:
@@ -333,28 +318,43 @@ def http_post_via_socks(
 def _http_via_socks(
     ns: str, socks_port: int, host: str, port: int, head: bytes, body: bytes, timeout: float
 ) -> bytes:
+    """Send a request and read the answer up to its Content-Length (no wait for the close:
+    a proxy may hold a finished connection open for its idle timeouts)."""
     try:
         with socks_connect(ns, socks_port, host, port, timeout) as sock:
             sock.sendall(head + body)
-            chunks = []
-            while chunk := sock.recv(262144):
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise SocksFetchError(
+                        f"no HTTP answer through socks port {socks_port} ({len(data)} bytes)"
+                    )
+                data += chunk
+            header, _, content = data.partition(b"\r\n\r\n")
+            lines = header.decode("latin-1").split("\r\n")
+            if " 200 " not in f"{lines[0]} ":
+                raise SocksFetchError(f"HTTP status line {lines[0]!r}")
+            length = _content_length(lines[1:])
+            chunks = [content]
+            received = len(content)
+            while received < length:
+                chunk = sock.recv(min(262144, length - received))
+                if not chunk:
+                    raise SocksFetchError(f"got {received} of {length} body bytes")
                 chunks.append(chunk)
+                received += len(chunk)
     except (ConnectionError, TimeoutError) as exc:
         raise SocksFetchError(f"connection through socks port {socks_port} failed: {exc}") from None
-    data = b"".join(chunks)
-    header, sep, content = data.partition(b"\r\n\r\n")
-    if not sep:
-        raise SocksFetchError(f"no HTTP answer through socks port {socks_port} ({len(data)} bytes)")
-    lines = header.decode("latin-1").split("\r\n")
-    if " 200 " not in f"{lines[0]} ":
-        raise SocksFetchError(f"HTTP status line {lines[0]!r}")
-    length = next(
-        (int(line.split(":", 1)[1]) for line in lines[1:] if line.lower().startswith("content-length:")),
-        None,
-    )
-    if length is not None and length != len(content):
-        raise SocksFetchError(f"got {len(content)} of {length} body bytes")
-    return content
+    return b"".join(chunks)
+
+
+def _content_length(header_lines: Sequence[str]) -> int:
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "content-length":
+            return int(value)
+    raise SocksFetchError("the answer has no Content-Length")
 
 
 def _recv_exact(sock: socket.socket, size: int) -> bytes:

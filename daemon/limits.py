@@ -1,0 +1,134 @@
+"""Limits and lifecycle, pure: status of a key, what the kernel must enforce, reset boundaries,
+and parsing of sizes and dates as operators type them.
+
+The kernel is the enforcer (a quota per port); these functions only decide what it should be.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import date, datetime, time, timedelta, tzinfo
+from enum import StrEnum
+
+
+class Status(StrEnum):
+    ACTIVE = "active"
+    LIMITED = "limited"
+    EXPIRED = "expired"
+    DISABLED = "disabled"
+
+
+class ResetStrategy(StrEnum):
+    NO_RESET = "no_reset"
+    DAY = "day"
+    WEEK = "week"
+    MONTH = "month"
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """A kernel quota: packets are dropped once `used` would pass `limit` bytes."""
+
+    limit: int
+    used: int
+
+
+def status(
+    *,
+    enabled: bool,
+    expire_at: datetime | None,
+    limit: int | None,
+    used: int,
+    kernel_over: bool,
+    now: datetime,
+) -> Status:
+    """Disabled beats expired beats limited. `kernel_over`: the quota has started dropping."""
+    if not enabled:
+        return Status.DISABLED
+    if expire_at is not None and now >= expire_at:
+        return Status.EXPIRED
+    if limit is not None and (used >= limit or kernel_over):
+        return Status.LIMITED
+    return Status.ACTIVE
+
+
+def kernel_quota(state: Status, limit: int | None, used: int) -> Quota | None:
+    """What the kernel must enforce for a key: nothing, its allowance, or a full stop (limit 0)."""
+    if state in (Status.DISABLED, Status.EXPIRED):
+        return Quota(limit=0, used=0)
+    if limit is None:
+        return None
+    return Quota(limit=limit, used=min(used, limit))
+
+
+def next_boundary(after: datetime, strategy: ResetStrategy, zone: tzinfo) -> datetime | None:
+    """The first reset boundary strictly after `after`: local midnight of the next day, Monday or
+    first of the month in `zone`. Local midnight that a DST change skips becomes the first valid
+    instant after it (fold handled by zoneinfo)."""
+    if strategy is ResetStrategy.NO_RESET:
+        return None
+    local = after.astimezone(zone)
+    day = local.date()
+    while True:
+        day = _next_start(day, strategy)
+        boundary = _local_midnight(day, zone)
+        if boundary > after:
+            return boundary
+
+
+def _next_start(day: date, strategy: ResetStrategy) -> date:
+    if strategy is ResetStrategy.DAY:
+        return day + timedelta(days=1)
+    if strategy is ResetStrategy.WEEK:
+        return day + timedelta(days=7 - day.weekday())
+    if day.month == 12:
+        return date(day.year + 1, 1, 1)
+    return date(day.year, day.month + 1, 1)
+
+
+def _local_midnight(day: date, zone: tzinfo) -> datetime:
+    # A midnight skipped by DST does not exist: the round trip through UTC gives the real instant.
+    return datetime.combine(day, time(0, 0)).replace(tzinfo=zone).astimezone(zone)
+
+
+# --- operator input -------------------------------------------------------------------------
+
+SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)?\s*$", re.IGNORECASE)
+SIZE_FACTORS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "kib": 2**10, "ki": 2**10,
+    "m": 10**6, "mb": 10**6, "mib": 2**20, "mi": 2**20,
+    "g": 10**9, "gb": 10**9, "gib": 2**30, "gi": 2**30,
+    "t": 10**12, "tb": 10**12, "tib": 2**40, "ti": 2**40,
+    "p": 10**15, "pb": 10**15, "pib": 2**50, "pi": 2**50,
+}
+RELATIVE = re.compile(r"^\+(\d{1,5})([mhdw])$")
+RELATIVE_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_size(text: str) -> int:
+    """'50GB' (10^9), '50GiB' (2^30), '1.5 TB', '1000' (bytes) -> bytes."""
+    match = SIZE.match(text)
+    unit = (match.group(2) or "").lower() if match else ""
+    if not match or unit not in SIZE_FACTORS:
+        raise ValueError(f"{text!r} is not a size: use e.g. 50GB, 512MiB or a number of bytes")
+    return int(float(match.group(1)) * SIZE_FACTORS[unit])
+
+
+def parse_moment(text: str, now: datetime, zone: tzinfo) -> datetime:
+    """'+30d' / '+12h' / '+2w' from now, an ISO date (start of that day in `zone`) or an ISO
+    date-time (in `zone` unless it names its own offset)."""
+    relative = RELATIVE.match(text.strip())
+    if relative:
+        amount, unit = int(relative.group(1)), RELATIVE_UNITS[relative.group(2)]
+        return now + timedelta(**{unit: amount})
+    try:
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text.strip()):
+            return _local_midnight(date.fromisoformat(text.strip()), zone)
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not a date: use 2027-01-31, 2027-01-31T12:00:00+00:00 or +30d"
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=zone)

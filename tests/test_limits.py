@@ -1,0 +1,266 @@
+"""Limits enforced by the kernel: exact stop at the quota, expiry, disable, resets, webhooks."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Any
+
+import pytest
+
+from tests.conftest import Daemon
+from tests.netlab import SERVER_V4, Lab, make_socket
+
+pytestmark = pytest.mark.kernel
+DATAGRAM = 1000
+WIRE = DATAGRAM + 28
+SECRET = "test-webhook-secret"
+
+
+class Receiver:
+    """A UDP receiver on the key's port in the server namespace and a sender in the client's."""
+
+    def __init__(self, net: Lab, port: int) -> None:
+        self.port = port
+        self.server = net.udp(net.server)
+        self.server.bind((SERVER_V4, port))
+        self.server.settimeout(0.05)
+        self.client = net.udp(net.client)
+
+    def blast(self, count: int) -> int:
+        """Send `count` datagrams one by one; how many arrived."""
+        arrived = 0
+        for _ in range(count):
+            self.client.sendto(b"x" * DATAGRAM, (SERVER_V4, self.port))
+            with contextlib.suppress(TimeoutError):
+                self.server.recv(65536)
+                arrived += 1
+        return arrived
+
+    def close(self) -> None:
+        self.server.close()
+        self.client.close()
+
+
+@pytest.fixture
+def webhooks(net: Lab) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """An HTTP receiver inside the server namespace that checks each signature."""
+    received: list[dict[str, Any]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            expected = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+            assert self.headers["X-Portmeter-Signature"] == expected
+            received.append(json.loads(body))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    sock = make_socket(net.server, socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    server = HTTPServer(("127.0.0.1", 0), Handler, bind_and_activate=False)
+    server.socket.close()
+    server.socket = sock
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/hook", received
+    finally:
+        server.shutdown()
+        sock.close()
+
+
+def wait_for(predicate: Any, timeout: float = 10, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_udp_stops_exactly_at_the_limit_and_resumes_when_raised(
+    net: Lab, make_daemon: Any, webhooks: tuple[str, list[dict[str, Any]]]
+) -> None:
+    url, received = webhooks
+    daemon: Daemon = make_daemon(PORTMETER_WEBHOOK_URL=url, PORTMETER_WEBHOOK_SECRET=SECRET)
+    limit = 1_000_000
+    key = daemon.create("capped", data_limit_bytes="1MB")
+    assert key["data_limit_bytes"] == limit and key["status"] == "active"
+    rx = Receiver(net, key["port"])
+    try:
+        allowed = limit // WIRE
+        assert rx.blast(allowed + 50) == allowed  # exactly: the kernel drops the rest
+        t = daemon.traffic(key["id"])
+        assert (t["rx_bytes"], t["rx_packets"]) == (allowed * WIRE, allowed)
+        assert t["dropped_bytes"] == 50 * WIRE
+        assert t["status"] == "limited"
+        wait_for(lambda: [e["event"] for e in received] == ["key_limited"], what="webhook")
+        event = received[0]
+        assert event["key"]["uuid"] == key["uuid"] and event["used_bytes"] == allowed * WIRE
+        assert event["data_limit_bytes"] == limit and event["status"] == "limited"
+
+        raised = daemon.api("PATCH", f"/api/keys/{key['id']}", json={"data_limit_bytes": 2 * limit})
+        assert raised["status"] == "active"
+        assert rx.blast(1) == 1  # the next datagram arrives at once
+        time.sleep(1.5)
+        assert [e["event"] for e in received] == ["key_limited", "key_active"]
+        assert daemon.traffic(key["id"])["rx_bytes"] == (allowed + 1) * WIRE
+    finally:
+        rx.close()
+
+
+def test_tcp_stalls_at_the_limit_without_overshoot(net: Lab, daemon: Daemon) -> None:
+    limit = 300_000
+    key = daemon.create("tcp-capped", data_limit_bytes=limit)
+    listener = net.tcp(net.server)
+    listener.bind((SERVER_V4, key["port"]))
+    listener.listen()
+    client = net.tcp(net.client)
+    client.settimeout(3)
+    sink: list[socket.socket] = []
+    accepting = threading.Thread(target=lambda: sink.append(listener.accept()[0]))
+    accepting.start()
+    try:
+        client.connect((SERVER_V4, key["port"]))
+        accepting.join(5)
+
+        def drain() -> None:
+            with contextlib.suppress(OSError):
+                while sink[0].recv(65536):
+                    pass
+
+        threading.Thread(target=drain, daemon=True).start()
+        with pytest.raises(OSError):  # stalls: the kernel stops the flow, the send times out
+            client.sendall(b"z" * 5_000_000)
+        t = daemon.traffic(key["id"])
+        assert t["status"] == "limited"
+        assert limit - 70_000 < t["used_bytes"] <= limit
+        assert t["dropped_bytes"] > 0
+    finally:
+        client.close()
+        for s in sink:
+            s.close()
+        listener.close()
+
+
+def test_limited_key_stays_limited_after_kill9_and_table_flush(net: Lab, daemon: Daemon) -> None:
+    key = daemon.create("stubborn", data_limit_bytes=10 * WIRE)
+    rx = Receiver(net, key["port"])
+    try:
+        assert rx.blast(12) == 10
+        assert daemon.traffic(key["id"])["status"] == "limited"
+        time.sleep(1.5)
+        daemon.kill9()
+        net.nft("flush", "ruleset")
+        daemon.start()
+        assert rx.blast(3) == 0  # no fresh allowance after the table was rebuilt
+        t = daemon.traffic(key["id"])
+        assert (t["status"], t["used_bytes"]) == ("limited", 10 * WIRE)
+    finally:
+        rx.close()
+
+
+def test_expiry_stops_traffic_within_a_poll_interval(net: Lab, daemon: Daemon) -> None:
+    expire = datetime.now(UTC) + timedelta(seconds=3)
+    key = daemon.create("ephemeral", expire_at=expire.isoformat())
+    rx = Receiver(net, key["port"])
+    try:
+        assert rx.blast(2) == 2
+        while datetime.now(UTC) < expire:
+            time.sleep(0.1)
+        time.sleep(1.2)  # one poll interval
+        assert rx.blast(2) == 0
+        t = daemon.traffic(key["id"])
+        assert t["status"] == "expired" and t["rx_bytes"] == 2 * WIRE and t["dropped_bytes"] == 2 * WIRE
+        assert "event=key_expired" in daemon.log()
+    finally:
+        rx.close()
+
+
+def test_disable_drops_in_the_kernel_and_enable_restores_at_once(net: Lab, daemon: Daemon) -> None:
+    key = daemon.create("switch")
+    rx = Receiver(net, key["port"])
+    try:
+        assert daemon.api("POST", f"/api/keys/{key['id']}/disable")["status"] == "disabled"
+        assert rx.blast(3) == 0
+        assert daemon.api("POST", f"/api/keys/{key['id']}/enable")["status"] == "active"
+        assert rx.blast(3) == 3
+        t = daemon.traffic(key["id"])
+        assert (t["rx_bytes"], t["dropped_bytes"]) == (3 * WIRE, 3 * WIRE)
+    finally:
+        rx.close()
+
+
+def test_reset_gives_a_limited_key_its_allowance_back(net: Lab, daemon: Daemon) -> None:
+    key = daemon.create("monthly", data_limit_bytes=5 * WIRE, reset_strategy="month")
+    assert key["next_reset_at"] is not None
+    rx = Receiver(net, key["port"])
+    try:
+        assert rx.blast(7) == 5
+        reset = daemon.api("POST", f"/api/keys/{key['id']}/traffic/port/reset")
+        assert reset["status"] == "active"
+        shown = daemon.api("GET", f"/api/keys/{key['id']}")
+        assert shown["used_before_reset"] == 5 * WIRE and shown["last_reset_at"] is not None
+        assert rx.blast(7) == 5
+    finally:
+        rx.close()
+
+
+def test_reset_boundary_passed_while_down_is_applied_exactly_once(net: Lab, daemon: Daemon) -> None:
+    key = daemon.create("daily", data_limit_bytes=3 * WIRE, reset_strategy="day")
+    rx = Receiver(net, key["port"])
+    try:
+        assert rx.blast(4) == 3
+        assert daemon.stop() == 0
+        state = json.loads(daemon.state_file.read_text())
+        state["keys"][key["id"]]["next_reset_at"] = (datetime.now(UTC) - timedelta(hours=30)).isoformat()
+        daemon.state_file.write_text(json.dumps(state))
+        daemon.start()
+        shown = daemon.api("GET", f"/api/keys/{key['id']}")
+        assert (shown["used_bytes"], shown["used_before_reset"], shown["status"]) == (0, 3 * WIRE, "active")
+        assert datetime.fromisoformat(shown["next_reset_at"]) > datetime.now(UTC)
+        assert daemon.log().count("event=key_reset") == 1
+        assert rx.blast(1) == 1
+        assert daemon.stop() == 0
+        daemon.start()
+        assert daemon.log().count("event=key_reset") == 1  # not again
+        assert daemon.api("GET", f"/api/keys/{key['id']}")["used_bytes"] == WIRE
+    finally:
+        rx.close()
+
+
+BAD_LIMITS = [
+    ({"data_limit_bytes": -1}, "must not be negative"),
+    ({"data_limit_bytes": "lots"}, "is not a size"),
+    ({"expire_at": "2001-01-01"}, "in the past"),
+    ({"expire_at": "someday"}, "is not a date"),
+    ({"reset_strategy": "yearly"}, "reset_strategy"),
+    ({"note": "n" * 300}, "note"),
+]
+
+
+def test_bad_limits_are_422_and_change_nothing(net: Lab, daemon: Daemon) -> None:
+    key = daemon.create("steady")
+    before = (daemon.api("GET", "/api/keys")["keys"], daemon.state_file.read_bytes())
+    for extra, words in BAD_LIMITS:
+        created = daemon.http.post("/api/keys", json={"name": "new", **extra})
+        assert created.status_code == 422 and words in created.json()["detail"], (extra, created.text)
+        if "in the past" not in words:  # a past expiry is allowed when changing a key
+            patched = daemon.http.patch(f"/api/keys/{key['id']}", json=extra)
+            assert patched.status_code == 422 and words in patched.json()["detail"], (extra, patched.text)
+    nothing = daemon.http.patch(f"/api/keys/{key['id']}", json={})
+    assert nothing.status_code == 422 and "nothing to change" in nothing.json()["detail"]
+    assert (daemon.api("GET", "/api/keys")["keys"], daemon.state_file.read_bytes()) == before
