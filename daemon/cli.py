@@ -97,19 +97,60 @@ def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
 
 
 def print_key(key: dict[str, Any]) -> None:
-    fields = ("id", "name", "uuid", "port", "created_at", "is_active", "reset_at")
-    for field in fields:
-        print(f"{field + ':':12} {key.get(field)}")
-    print(f"{'traffic:':12} rx {human_bytes(key['rx_bytes'])}, tx {human_bytes(key['tx_bytes'])}, "
-          f"total {human_bytes(key['total_bytes'])}")
+    limit = key["data_limit_bytes"]
+    rows = [
+        ("id", key["id"]), ("name", key["name"]), ("uuid", key["uuid"]), ("port", key["port"]),
+        ("status", key["status"]), ("created", key["created_at"]),
+        ("traffic", f"rx {human_bytes(key['rx_bytes'])}, tx {human_bytes(key['tx_bytes'])}, "
+                    f"total {human_bytes(key['total_bytes'])}"),
+        ("limit", "unlimited" if limit is None else f"{human_bytes(key['used_bytes'])} of {human_bytes(limit)}"),
+        ("dropped", human_bytes(key["dropped_bytes"])),
+        ("expires", key["expire_at"] or "never"),
+        ("reset", key["reset_strategy"] + (f", next {key['next_reset_at']}" if key["next_reset_at"] else "")),
+    ]
+    if key.get("last_reset_at"):
+        rows.append(("last reset", f"{key['last_reset_at']} ({human_bytes(key['used_before_reset'] or 0)} before)"))
+    if key.get("note"):
+        rows.append(("note", key["note"]))
+    if key.get("link"):
+        rows.append(("link", key["link"]))
+    for label, value in rows:
+        print(f"{label + ':':12} {value}")
+
+
+def key_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """--limit/--expire/--reset/--note as API fields; 'none'/'never' clear a limit or expiry."""
+    body: dict[str, Any] = {}
+    if args.limit is not None:
+        body["data_limit_bytes"] = None if args.limit.lower() in ("none", "unlimited") else args.limit
+    if args.expire is not None:
+        body["expire_at"] = None if args.expire.lower() in ("never", "none") else args.expire
+    if args.reset is not None:
+        body["reset_strategy"] = args.reset
+    if args.note is not None:
+        body["note"] = args.note
+    return body
 
 
 def keys_add(client: Client, args: argparse.Namespace) -> Any:
-    body: dict[str, Any] = {"name": args.name}
+    body: dict[str, Any] = {"name": args.name, **key_settings(args)}
     if args.port is not None:
         body["port"] = args.port
     key = client.call("POST", "/api/keys", body)
     return key, lambda: print_key(key)
+
+
+def keys_set(client: Client, args: argparse.Namespace) -> Any:
+    body = key_settings(args)
+    if not body:
+        raise CliError("nothing to change: give --limit, --expire, --reset or --note")
+    key = client.call("PATCH", f"/api/keys/{_path_segment(args.key)}", body)
+    return key, lambda: print_key(key)
+
+
+def keys_switch(client: Client, args: argparse.Namespace) -> Any:
+    key = client.call("POST", f"/api/keys/{_path_segment(args.key)}/{args.keys_command}")
+    return key, lambda: print(f"key {key['name']} (port {key['port']}) is now {key['status']}")
 
 
 def keys_list(client: Client, _: argparse.Namespace) -> Any:
@@ -172,6 +213,16 @@ def ports(client: Client, _: argparse.Namespace) -> Any:
 Handler = Callable[[Client, argparse.Namespace], Any]
 
 
+def add_limit_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--limit", metavar="SIZE",
+                        help="data allowance, rx+tx: 50GB, 50GiB, 500MB, bytes; 'none' = unlimited")
+    parser.add_argument("--expire", metavar="WHEN",
+                        help="2027-01-31 (start of that day), ISO date-time, or +30d/+12h/+2w; 'never'")
+    parser.add_argument("--reset", choices=("no_reset", "day", "week", "month"),
+                        help="zero the usage every day/week/month (PORTMETER_TIMEZONE)")
+    parser.add_argument("--note", help="free text for the operator")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = Parser(add_help=False)
     common.add_argument("--socket", default=argparse.SUPPRESS,
@@ -191,7 +242,16 @@ def build_parser() -> argparse.ArgumentParser:
     add = keys_sub.add_parser("add", help="create a key with its own port", parents=[common])
     add.add_argument("name", help="a unique name, e.g. alice")
     add.add_argument("--port", type=int, help="a specific port of the range (default: lowest free)")
+    add_limit_options(add)
     add.set_defaults(handler=keys_add)
+    change = keys_sub.add_parser("set", help="change limit, expiry, reset or note", parents=[common])
+    change.add_argument("key", help="key id, uuid or name")
+    add_limit_options(change)
+    change.set_defaults(handler=keys_set)
+    for verb, text in (("disable", "stop a key's traffic in the kernel"), ("enable", "let it flow again")):
+        p = keys_sub.add_parser(verb, help=text, parents=[common])
+        p.add_argument("key", help="key id, uuid or name")
+        p.set_defaults(handler=keys_switch)
     keys_sub.add_parser("list", help="all keys with their traffic", parents=[common]).set_defaults(
         handler=keys_list)
     for verb, handler, text in (("show", keys_show, "one key"), ("rm", keys_rm, "delete a key")):

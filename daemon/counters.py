@@ -54,8 +54,8 @@ class KernelQuota:
 
     @property
     def over(self) -> bool:
-        """The quota has dropped packets (its `used` counts them too)."""
-        return self.used > self.limit
+        """The allowance is used up: the kernel reports `used` capped at the limit once over."""
+        return self.used >= self.limit
 
 
 @dataclass(frozen=True, slots=True)

@@ -67,6 +67,7 @@ class Service:
         self.zone = ZoneInfo(settings.timezone)
         self.lock = anyio.Lock()
         self.last_poll_at: float | None = None
+        self._unsaved = False  # in-memory totals or statuses newer than the state file
         self._kernel_limits: dict[int, int | None] = {}  # quota limit installed per port
 
     # --- lookups -------------------------------------------------------------------------
@@ -183,7 +184,7 @@ class Service:
         """Read the kernel, settle every key and persist the totals if anything moved."""
         async with self.lock:
             result = await self._refresh_locked()
-            if result.changed or always_save:
+            if self._unsaved or always_save:
                 self._save_quietly()
             return result
 
@@ -315,6 +316,7 @@ class Service:
                 await self._repair(view, result, check_elements)
         await self._settle_all(view, result)
         self.last_poll_at = time.time()
+        self._unsaved = self._unsaved or result.changed
         return result
 
     def _apply(self, view: TableView, result: Refresh) -> None:
@@ -434,6 +436,7 @@ class Service:
         except StorageError as exc:
             self.log.error("state_write_failed", error=str(exc))
             raise StorageFull(f"{exc}; nothing was changed") from None
+        self._unsaved = False
 
     def _save_quietly(self) -> None:
         """Persist from a background loop: a failure is logged and retried at the next poll."""

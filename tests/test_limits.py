@@ -264,3 +264,22 @@ def test_bad_limits_are_422_and_change_nothing(net: Lab, daemon: Daemon) -> None
     nothing = daemon.http.patch(f"/api/keys/{key['id']}", json={})
     assert nothing.status_code == 422 and "nothing to change" in nothing.json()["detail"]
     assert (daemon.api("GET", "/api/keys")["keys"], daemon.state_file.read_bytes()) == before
+
+
+def test_cli_gives_50gb_for_30_days_with_a_monthly_reset(daemon: Daemon) -> None:
+    added = daemon.cli("--json", "keys", "add", "alice", "--limit", "50GB", "--expire", "+30d", "--reset", "month")
+    assert added.returncode == 0, added.stderr
+    key = json.loads(added.stdout)
+    assert key["data_limit_bytes"] == 50 * 10**9 and key["reset_strategy"] == "month"
+    expires = datetime.fromisoformat(key["expire_at"])
+    assert timedelta(days=29, hours=23) < expires - datetime.now(UTC) <= timedelta(days=30)
+    shown = daemon.cli("keys", "show", "alice").stdout
+    assert "0 B of 46.6 GB" in shown and "month, next" in shown
+    changed = json.loads(daemon.cli("--json", "keys", "set", "alice", "--limit", "none", "--expire", "never").stdout)
+    assert changed["data_limit_bytes"] is None and changed["expire_at"] is None
+    assert "is now disabled" in daemon.cli("keys", "disable", "alice").stdout
+    assert "is now active" in daemon.cli("keys", "enable", "alice").stdout
+    failed = daemon.cli("keys", "set", "alice", "--limit=-5GB")
+    assert failed.returncode == 1 and failed.stderr.strip() == "portmeter: data_limit_bytes: '-5GB' is not a size: use e.g. 50GB, 512MiB or a number of bytes"
+    empty = daemon.cli("keys", "set", "alice")
+    assert empty.returncode == 1 and "nothing to change" in empty.stderr
