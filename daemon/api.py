@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import grp
+import hmac
 import os
 import socket
 import time
@@ -22,17 +23,18 @@ import structlog
 import uvicorn
 from fastapi import Body, FastAPI, Path as PathParam, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from daemon import allocator, limits, netinfo
-from daemon.errors import Invalid, OperationError
+from daemon import allocator, limits, netinfo, xray_sync
+from daemon.errors import Invalid, NotFound, OperationError, XrayRefused
 from daemon.service import Service
 from daemon.limits import ResetStrategy, Status
 from daemon.state import KeyRecord, now
 from daemon.units import human_bytes
+from daemon.xray_sync import XrayError
 
 NAME_PATTERN = r"^\w(?:[\w .@+-]{0,62}[\w.@+-])?$"
 NAME_RULE = "1-64 letters, digits, spaces or . @ + - _, starting and ending with a letter or digit"
@@ -95,7 +97,24 @@ def _moment(value: str, service: Service) -> datetime:
         raise Invalid(f"expire_at: {exc}") from None
 
 
-def key_object(key: KeyRecord) -> dict[str, Any]:
+def key_object(key: KeyRecord, service: Service) -> dict[str, Any]:
+    return {
+        **_key_fields(key),
+        "link": _link(key, service),
+        "subscription_url": f"/sub/{key.sub_token}" if key.sub_token else None,
+    }
+
+
+def _link(key: KeyRecord, service: Service) -> str | None:
+    if service.xray is None:
+        return None
+    try:
+        return service.xray.link(service.state, key)
+    except XrayError:
+        return None
+
+
+def _key_fields(key: KeyRecord) -> dict[str, Any]:
     return {
         "id": key.id,
         "name": key.name,
@@ -185,7 +204,7 @@ def create_app(service: Service) -> FastAPI:
         if body.port is not None and body.port not in port_range:
             raise Invalid(f"port {body.port} is outside the range {port_range}")
         settings = key_settings(body, service, creating=True)
-        return key_object(await service.create_key(body.name, body.port, settings))
+        return key_object(await service.create_key(body.name, body.port, settings), service)
 
     @app.patch("/api/keys/{key_id}")
     async def update_key(key_id: KeyRef, body: Annotated[KeySettings, Body()]) -> dict[str, Any]:
@@ -193,31 +212,31 @@ def create_app(service: Service) -> FastAPI:
         changes = key_settings(body, service, creating=False)
         if not changes:
             raise Invalid("nothing to change: send data_limit_bytes, expire_at, reset_strategy, note or enabled")
-        return key_object(await service.update_key(key_id, changes))
+        return key_object(await service.update_key(key_id, changes), service)
 
     @app.post("/api/keys/{key_id}/disable")
     async def disable_key(key_id: KeyRef) -> dict[str, Any]:
-        return key_object(await service.update_key(key_id, {"enabled": False}))
+        return key_object(await service.update_key(key_id, {"enabled": False}), service)
 
     @app.post("/api/keys/{key_id}/enable")
     async def enable_key(key_id: KeyRef) -> dict[str, Any]:
-        return key_object(await service.update_key(key_id, {"enabled": True}))
+        return key_object(await service.update_key(key_id, {"enabled": True}), service)
 
     @app.get("/api/keys")
     async def list_keys() -> dict[str, Any]:
         await service.refresh()
         keys = sorted(service.state.keys.values(), key=lambda k: k.port)
-        return {"keys": [key_object(k) for k in keys], "total": len(keys), "timestamp": int(time.time())}
+        return {"keys": [key_object(k, service) for k in keys], "total": len(keys), "timestamp": int(time.time())}
 
     @app.get("/api/keys/{key_id}")
     async def show_key(key_id: KeyRef) -> dict[str, Any]:
         service.find(key_id)
         await service.refresh()
-        return key_object(service.find(key_id))
+        return key_object(service.find(key_id), service)
 
     @app.delete("/api/keys/{key_id}")
     async def delete_key(key_id: KeyRef) -> dict[str, Any]:
-        return key_object(await service.delete_key(key_id))
+        return {**_key_fields(await service.delete_key(key_id)), "link": None}
 
     @app.get("/api/system/ports")
     async def ports() -> dict[str, Any]:
@@ -310,6 +329,65 @@ def create_app(service: Service) -> FastAPI:
     async def reset_key_traffic(key_id: KeyRef) -> dict[str, Any]:
         key = await service.reset_traffic(key_id)
         return traffic_object(key, 0, int(time.time()))
+
+    @app.get("/api/keys/{key_id}/link")
+    async def key_link(key_id: KeyRef) -> dict[str, Any]:
+        key = service.find(key_id)
+        if service.xray is None:
+            raise Invalid("the Xray integration is off (PORTMETER_XRAY_CONFIG is empty): no links")
+        return {
+            "key_id": key.id,
+            "name": key.name,
+            "link": service.xray.link(service.state, key),
+            "subscription_url": f"/sub/{key.sub_token}",
+        }
+
+    @app.get("/sub/{token}", response_class=PlainTextResponse)
+    async def subscription(token: Annotated[str, PathParam(max_length=64)]) -> PlainTextResponse:
+        for key in service.state.keys.values():
+            if key.sub_token and hmac.compare_digest(key.sub_token, token):
+                if service.xray is None or key.status is not Status.ACTIVE:
+                    return PlainTextResponse(xray_sync.subscription([]))
+                link = service.xray.link(service.state, key)
+                return PlainTextResponse(xray_sync.subscription([link]))
+        raise NotFound("no such subscription")
+
+    @app.get("/api/system/xray/config-status")
+    async def xray_status() -> dict[str, Any]:
+        if service.xray is None:
+            return {"enabled": False, "timestamp": int(time.time())}
+        return {"enabled": True, **await service.xray.status(service.state), "timestamp": int(time.time())}
+
+    @app.post("/api/system/xray/sync-config")
+    async def xray_sync_config() -> dict[str, Any]:
+        pushed = await service.sync_xray(force_restart=False)
+        return {
+            "synced": True,
+            "added_inbounds": list(pushed.added),
+            "removed_inbounds": list(pushed.removed),
+            "apply_mode": service.settings.xray_apply,
+            "apply_seconds": round(pushed.apply_seconds, 3),
+            "backup": pushed.backup,
+            "timestamp": int(time.time()),
+        }
+
+    @app.get("/api/system/xray/validate-sync")
+    async def xray_validate() -> dict[str, Any]:
+        if service.xray is None:
+            raise Invalid("the Xray integration is off (PORTMETER_XRAY_CONFIG is empty)")
+        try:
+            problems = await service.xray.drift(service.state)
+        except XrayError as exc:
+            raise XrayRefused(str(exc)) from None
+        return {
+            "in_sync": not problems,
+            "problems": [
+                {"kind": p.kind, "message": p.message, "key_id": p.key_id, "port": p.port} for p in problems
+            ],
+            "expected_inbounds": len(service.xray.served(service.state)),
+            "remove_inactive": service.settings.xray_remove_inactive,
+            "timestamp": int(time.time()),
+        }
 
     @app.get("/api/system/traffic/summary")
     async def traffic_summary() -> dict[str, Any]:

@@ -33,3 +33,9 @@ class StorageFull(OperationError):
     """The state could not be written (disk full, read-only); nothing was changed."""
 
     status = 507
+
+
+class XrayRefused(OperationError):
+    """Xray's config could not be written or applied; everything was rolled back."""
+
+    status = 503

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import date, datetime, time, timedelta, tzinfo
+from datetime import UTC, date, datetime, time, timedelta, tzinfo
+from decimal import Decimal
 from enum import StrEnum
 
 
@@ -88,8 +89,9 @@ def _next_start(day: date, strategy: ResetStrategy) -> date:
 
 
 def _local_midnight(day: date, zone: tzinfo) -> datetime:
-    # A midnight skipped by DST does not exist: the round trip through UTC gives the real instant.
-    return datetime.combine(day, time(0, 0)).replace(tzinfo=zone).astimezone(zone)
+    # A midnight skipped by DST does not exist: the round trip through UTC gives the real instant
+    # as a wall time that does (astimezone to the same zone would be a no-op).
+    return datetime.combine(day, time(0, 0)).replace(tzinfo=zone).astimezone(UTC).astimezone(zone)
 
 
 # --- operator input -------------------------------------------------------------------------
@@ -113,7 +115,7 @@ def parse_size(text: str) -> int:
     unit = (match.group(2) or "").lower() if match else ""
     if not match or unit not in SIZE_FACTORS:
         raise ValueError(f"{text!r} is not a size: use e.g. 50GB, 512MiB or a number of bytes")
-    return int(float(match.group(1)) * SIZE_FACTORS[unit])
+    return int(Decimal(match.group(1)) * SIZE_FACTORS[unit])  # exact: no float rounding
 
 
 def parse_moment(text: str, now: datetime, zone: tzinfo) -> datetime:

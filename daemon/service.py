@@ -26,12 +26,14 @@ import structlog
 
 from daemon import allocator, limits, netinfo
 from daemon.counters import Counters, NftError, PortReading, TableView
-from daemon.errors import Conflict, KernelRefused, NotFound, StorageFull
+from daemon.errors import Conflict, Invalid, KernelRefused, NotFound, OperationError, StorageFull
 from daemon.limits import Quota, ResetStrategy, Status
 from daemon.reports import Outbox
 from daemon.sdnotify import Notifier
 from daemon.settings import Settings
 from daemon.state import DirectionModel, KeyRecord, State, StateStore, StorageError, now
+from daemon.xray_bridge import Pushed, XrayBridge
+from daemon.xray_sync import XrayError
 
 Log = structlog.typing.FilteringBoundLogger
 DIRECTIONS = ("rx", "tx", "dropped")
@@ -57,8 +59,10 @@ class Service:
         counters: Counters,
         outbox: Outbox,
         log: Log,
+        xray: XrayBridge | None = None,
     ) -> None:
         self.settings = settings
+        self.xray = xray
         self.store = store
         self.state = state
         self.counters = counters
@@ -68,6 +72,7 @@ class Service:
         self.lock = anyio.Lock()
         self.last_poll_at: float | None = None
         self._unsaved = False  # in-memory totals or statuses newer than the state file
+        self._served: frozenset[str] | None = None  # uuids Xray serves, as last pushed
         self._kernel_limits: dict[int, int | None] = {}  # quota limit installed per port
 
     # --- lookups -------------------------------------------------------------------------
@@ -110,14 +115,14 @@ class Service:
             )
             key.next_reset_at = limits.next_boundary(moment, key.reset_strategy, self.zone)
             key.status = self._status(key, moment, kernel_over=False)
+            if self.xray is not None:
+                self.xray.prepare(self.state, key)
             await self._install_fresh(chosen, self._desired_quota(key))
             self.state.keys[key.id] = key
-            try:
-                self._save()
-            except StorageFull:
-                del self.state.keys[key.id]
-                await self._uninstall(chosen)
-                raise
+            await self._commit(
+                undo_memory=lambda: self.state.keys.pop(key.id, None),
+                undo_kernel=lambda: self._uninstall(chosen),
+            )
             self.log.info(
                 "key_created", key_id=key.id, name=key.name, port=key.port,
                 limit=key.data_limit_bytes, expire_at=_iso(key.expire_at), status=key.status.value,
@@ -129,11 +134,7 @@ class Service:
             key = self.find(ref)
             await self._refresh_locked()  # the final totals, reported and logged, are exact
             del self.state.keys[key.id]
-            try:
-                self._save()
-            except StorageFull:
-                self.state.keys[key.id] = key
-                raise
+            await self._commit(undo_memory=lambda: self.state.keys.__setitem__(key.id, key))
             await self._uninstall(key.port)
             self.log.info(
                 "key_deleted", key_id=key.id, name=key.name, port=key.port,
@@ -184,6 +185,7 @@ class Service:
         """Read the kernel, settle every key and persist the totals if anything moved."""
         async with self.lock:
             result = await self._refresh_locked()
+            await self._follow_statuses()
             if self._unsaved or always_save:
                 self._save_quietly()
             return result
@@ -194,6 +196,33 @@ class Service:
             result = await self._refresh_locked(check_elements=True)
             self._save_quietly()
             return result
+
+    async def start_xray(self) -> None:
+        """At start: give older keys their Xray fields, report drift, repair it if configured."""
+        if self.xray is None:
+            return
+        async with self.lock:
+            for key in self.state.keys.values():
+                self.xray.prepare(self.state, key)
+            self._save_quietly()
+        if not self.settings.public_host:
+            self.log.warning("public_host_unset", using=self.xray.options.public_host,
+                             hint="set PORTMETER_PUBLIC_HOST for share links")
+        try:
+            problems = await self.xray.drift(self.state)
+        except XrayError as exc:
+            self.log.error("xray_config_unreadable", error=str(exc))
+            return
+        for problem in problems:
+            self.log.warning("xray_drift", kind=problem.kind, problem=problem.message, port=problem.port)
+        if problems and self.settings.xray_autosync:
+            try:
+                await self.sync_xray()
+                self.log.info("xray_drift_repaired", problems=len(problems))
+            except OperationError as exc:
+                self.log.error("xray_sync_failed", error=exc.detail)
+        else:
+            self._served = self._served_now()
 
     async def connections(self) -> dict[int, int]:
         return await anyio.to_thread.run_sync(netinfo.established_by_port, self.settings.port_range)
@@ -246,14 +275,62 @@ class Service:
             setattr(key, direction, DirectionModel.of(model.account().reset()))
 
     async def _transact(self, key: KeyRecord, before: KeyRecord, force_quota: bool = False) -> None:
-        """Settle `key` after a change and save; on a failed save, put everything back."""
+        """Settle `key` after a change and commit; on failure, put everything back."""
         await self._settle(key, now(), kernel_over=False, force_quota=force_quota)
-        try:
-            self._save()
-        except StorageFull:
-            self.state.keys[key.id] = before
+
+        async def restore_kernel() -> None:
             await self._settle(before, now(), kernel_over=False, force_quota=True, quiet=True)
+
+        await self._commit(
+            undo_memory=lambda: self.state.keys.__setitem__(key.id, before), undo_kernel=restore_kernel
+        )
+
+    async def _commit(
+        self,
+        undo_memory: Callable[[], object],
+        undo_kernel: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Push the keys to Xray, then save the state; if either fails, undo all, newest first."""
+        pushed = None
+        try:
+            if self.xray is not None:
+                pushed = await self.xray.push(self.state)
+            self._save()
+        except OperationError:
+            if pushed is not None:
+                await pushed.undo()
+            undo_memory()
+            if undo_kernel is not None:
+                await undo_kernel()
             raise
+        self._served = self._served_now()
+
+    def _served_now(self) -> frozenset[str] | None:
+        if self.xray is None:
+            return None
+        return frozenset(k.uuid for k in self.xray.served(self.state))
+
+    async def sync_xray(self, force_restart: bool = False) -> Pushed:
+        """Re-render Xray's config from the state and apply it (repairs drift)."""
+        if self.xray is None:
+            raise Invalid("the Xray integration is off (PORTMETER_XRAY_CONFIG is empty)")
+        async with self.lock:
+            pushed = await self.xray.push(self.state, force_restart=force_restart)
+            self._served = self._served_now()
+            self._save_quietly()
+            return pushed
+
+    async def _follow_statuses(self) -> None:
+        """With PORTMETER_XRAY_REMOVE_INACTIVE, keep Xray's inbounds in step with statuses."""
+        if self.xray is None or not self.settings.xray_remove_inactive:
+            return
+        if self._served_now() == self._served:
+            return
+        try:
+            await self.xray.push(self.state)
+            self._served = self._served_now()
+        except OperationError as exc:
+            self.log.error("xray_sync_failed", error=exc.detail)
 
     async def _settle(
         self,
@@ -491,9 +568,11 @@ async def run_daemon(
     store = StateStore(settings.state_file, backups=settings.state_backups)
     state = store.load()
     outbox = Outbox(settings.state_dir / "outbox", settings.webhook_url, settings.webhook_secret, log)
-    service = Service(settings, store, state, Counters(settings.nft_table), outbox, log)
+    xray = None if settings.xray_config is None else XrayBridge(settings, log)
+    service = Service(settings, store, state, Counters(settings.nft_table), outbox, log, xray)
     started = time.perf_counter()
     await service.reconcile()
+    await service.start_xray()
     stop = anyio.Event()
     async with anyio.create_task_group() as background:
         background.start_soon(service.poll_loop)

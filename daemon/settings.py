@@ -36,6 +36,12 @@ def _parse_port_range(value: object) -> object:
     return value
 
 
+def _split_names(value: object) -> object:
+    if isinstance(value, str):
+        return tuple(name.strip() for name in value.split(",") if name.strip())
+    return value
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="PORTMETER_", extra="forbid", frozen=True, arbitrary_types_allowed=True
@@ -51,10 +57,20 @@ class Settings(BaseSettings):
     poll_interval: float = Field(default=10.0, gt=0, le=3600)
     snapshot_interval: float = Field(default=3600.0, gt=0, le=7 * 86400)
     state_backups: int = Field(default=10, ge=0, le=1000)
-    xray_config: Path = Path("/usr/local/etc/xray/config.json")
+    # An empty PORTMETER_XRAY_CONFIG switches the Xray integration off (counting only).
+    xray_config: Path | None = Path("/usr/local/etc/xray/config.json")
     xray_bin: Path = Path("/usr/local/bin/xray")
     xray_apply: Literal["none", "restart", "api"] = "none"
+    xray_restart_command: str = "systemctl restart xray"
+    xray_api_address: str = "127.0.0.1:62789"
+    xray_backups: int = Field(default=10, ge=0, le=1000)
+    xray_autosync: bool = False
     xray_remove_inactive: bool = False
+    xray_flow: str = "xtls-rprx-vision"
+    xray_security: Literal["reality", "none"] = "reality"
+    reality_dest: str = ""
+    reality_server_names: Annotated[tuple[str, ...], NoDecode, BeforeValidator(_split_names)] = ()
+    reality_keys: Literal["server", "key"] = "server"
     public_host: str = ""
     timezone: str = "UTC"
     webhook_url: str | None = None
@@ -90,10 +106,26 @@ class Settings(BaseSettings):
             raise ValueError("must start with a letter and hold only letters, digits and _ (max 32)")
         return value
 
-    @field_validator("state_dir", "socket", "xray_config")
+    @field_validator("state_dir", "socket")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.absolute()
+
+    @field_validator("xray_config", mode="before")
+    @classmethod
+    def _optional_path(cls, value: object) -> object:
+        if value in ("", None):
+            return None
+        return Path(str(value)).absolute()
+
+    @model_validator(mode="after")
+    def _reality_dest(self) -> Settings:
+        if self.xray_config and self.xray_security == "reality" and not self.reality_dest:
+            raise ValueError(
+                "PORTMETER_REALITY_DEST is required for REALITY inbounds (host:port of a TLS 1.3 "
+                "site to borrow); set PORTMETER_XRAY_CONFIG= (empty) to count without Xray"
+            )
+        return self
 
     @property
     def state_file(self) -> Path:

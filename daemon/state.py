@@ -78,6 +78,14 @@ class KeyRecord(BaseModel):
     rx: DirectionModel = Field(default_factory=DirectionModel)
     tx: DirectionModel = Field(default_factory=DirectionModel)
     dropped: DirectionModel = Field(default_factory=DirectionModel)
+    # Xray: REALITY short id(s), a per-key key pair when configured or migrated, the flow a
+    # migrated client used, the unguessable subscription token, and where the key came from.
+    short_id: str = ""
+    extra_short_ids: list[str] = Field(default_factory=list)
+    reality_private_key: str | None = Field(default=None, repr=False)
+    flow: str | None = None
+    sub_token: str = Field(default="", repr=False)
+    migrated: bool = False
 
     @property
     def used_bytes(self) -> int:
@@ -89,6 +97,7 @@ class State(BaseModel):
     model_config = ConfigDict(extra="forbid")
     schema_version: Literal[1] = SCHEMA_VERSION
     table_handle: int | None = None
+    reality_private_key: str | None = Field(default=None, repr=False)  # the server's REALITY key
     keys: dict[str, KeyRecord] = Field(default_factory=dict)
 
     @model_validator(mode="after")

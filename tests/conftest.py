@@ -57,6 +57,9 @@ class Daemon:
             "PORTMETER_PORT_RANGE": f"{port_range[0]}-{port_range[1]}",
             "PORTMETER_POLL_INTERVAL": "1",
             "PORTMETER_XRAY_CONFIG": str(workdir / "xray" / "config.json"),
+            # Configuration only: nothing ever connects to these names.
+            "PORTMETER_REALITY_DEST": "www.example.org:443",
+            "PORTMETER_PUBLIC_HOST": "vpn.example.net",
             **env,
         }
         workdir.mkdir(parents=True, exist_ok=True)
@@ -64,6 +67,10 @@ class Daemon:
         self.http = httpx.Client(
             transport=httpx.HTTPTransport(uds=str(self.socket)), base_url="http://portmeter", timeout=30
         )
+
+    @property
+    def xray_config(self) -> Path:
+        return Path(self.env["PORTMETER_XRAY_CONFIG"])
 
     @property
     def state_file(self) -> Path:

@@ -17,6 +17,12 @@ from tests.netlab import Lab
 pytestmark = pytest.mark.kernel
 
 
+@pytest.fixture
+def daemon(make_daemon: Any) -> Daemon:
+    """A daemon whose background poll never rewrites the state file during a test."""
+    return make_daemon(PORTMETER_POLL_INTERVAL="3600")
+
+
 def snapshot(daemon: Daemon, net: Lab) -> tuple[Any, bytes, str]:
     keys = daemon.api("GET", "/api/keys")["keys"]
     table = net.nft("list", "table", "inet", daemon.table).stdout

@@ -20,6 +20,21 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("PORTMETER_"):
             monkeypatch.delenv(name)
+    # REALITY inbounds need a dest; every test but the one about that gives one.
+    monkeypatch.setenv("PORTMETER_REALITY_DEST", "www.example.org:443")
+
+
+def test_reality_dest_is_required_unless_xray_is_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PORTMETER_REALITY_DEST")
+    with pytest.raises(SettingsError, match="PORTMETER_REALITY_DEST is required"):
+        load_settings()
+    assert load(monkeypatch, PORTMETER_XRAY_CONFIG="").xray_config is None
+    assert load(monkeypatch, PORTMETER_XRAY_SECURITY="none").xray_security == "none"
+
+
+def test_server_names_are_a_comma_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    names = load(monkeypatch, PORTMETER_REALITY_SERVER_NAMES="a.example, b.example").reality_server_names
+    assert names == ("a.example", "b.example")
 
 
 def load(monkeypatch: pytest.MonkeyPatch, **env: str) -> Settings:

@@ -35,7 +35,7 @@ def sample_state() -> State:
         uuid=UUID("6f1c2b8e-1111-4222-8333-444455556666"),
         port=10001,
         created_at=datetime(2024, 5, 1, 12, 30, tzinfo=UTC),
-        reset_at=datetime(2024, 6, 1, tzinfo=UTC),
+        last_reset_at=datetime(2024, 6, 1, tzinfo=UTC),
         rx=DirectionModel.of(rx),
         tx=DirectionModel.of(tx),
     )
@@ -45,7 +45,7 @@ def sample_state() -> State:
         uuid=UUID("00000000-0000-4000-8000-000000000002"),
         port=10002,
         created_at=datetime(2024, 5, 2, tzinfo=UTC),
-        is_active=False,
+        enabled=False,
     )
     return State(table_handle=7, keys={"k1": key, "k2": other})
 

@@ -1,0 +1,154 @@
+"""Between the service's keys and xray_sync: which keys Xray must serve and how a change reaches it.
+
+All Xray file and process work happens in xray_sync (in a worker thread where it blocks); this
+module turns state records into XrayKeys and packages "write, apply, and how to undo it".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import shlex
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import structlog
+
+from daemon import xray_sync as xs
+from daemon.errors import StorageFull, XrayRefused
+from daemon.limits import Status
+from daemon.settings import Settings
+from daemon.state import KeyRecord, State
+
+Undo = Callable[[], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Pushed:
+    """A change Xray took: how to take it back, and what happened."""
+
+    undo: Undo
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    apply_seconds: float = 0.0
+    backup: str | None = None
+
+
+class XrayBridge:
+    def __init__(self, settings: Settings, log: structlog.typing.FilteringBoundLogger) -> None:
+        assert settings.xray_config is not None
+        self.settings = settings
+        self.log = log
+        host = settings.public_host or socket.getfqdn()
+        self.options = xs.XrayOptions(
+            config_path=settings.xray_config,
+            xray_bin=settings.xray_bin,
+            apply=settings.xray_apply,
+            restart_command=tuple(shlex.split(settings.xray_restart_command)),
+            api_address=settings.xray_api_address,
+            backups=settings.xray_backups,
+            reality_dest=settings.reality_dest,
+            reality_server_names=settings.reality_server_names,
+            flow=settings.xray_flow,
+            security=settings.xray_security,
+            public_host=host,
+        )
+        self.files = xs.XrayFiles(self.options)
+        self.applier = xs.XrayApplier(self.options)
+
+    # --- keys ----------------------------------------------------------------------------
+
+    def prepare(self, state: State, key: KeyRecord) -> None:
+        """Give a new key its REALITY short id, subscription token (and key pair if per key)."""
+        if not key.short_id:
+            key.short_id = xs.new_short_id()
+        if not key.sub_token:
+            key.sub_token = secrets.token_urlsafe(24)
+        if self.settings.reality_keys == "key" and key.reality_private_key is None:
+            key.reality_private_key = xs.generate_reality().private_key
+        self.server_reality(state)
+
+    def server_reality(self, state: State) -> xs.Reality:
+        if state.reality_private_key is None:
+            state.reality_private_key = xs.generate_reality().private_key
+        return xs.reality_from_private(state.reality_private_key)
+
+    def xray_key(self, key: KeyRecord) -> xs.XrayKey:
+        pair = None if key.reality_private_key is None else xs.reality_from_private(key.reality_private_key)
+        return xs.XrayKey(
+            id=key.id, name=key.name, uuid=str(key.uuid), port=key.port, short_id=key.short_id,
+            reality=pair, flow=key.flow, extra_short_ids=tuple(key.extra_short_ids),
+        )
+
+    def served(self, state: State) -> list[xs.XrayKey]:
+        """The keys Xray must have an inbound for."""
+        return [
+            self.xray_key(key)
+            for key in state.keys.values()
+            if key.status is Status.ACTIVE or not self.settings.xray_remove_inactive
+        ]
+
+    def link(self, state: State, key: KeyRecord) -> str:
+        return xs.vless_link(self.xray_key(key), self.options, self.server_reality(state))
+
+    # --- pushing changes -----------------------------------------------------------------
+
+    async def push(self, state: State, *, force_restart: bool = False) -> Pushed:
+        """Write the config for the current keys and apply it; raises XrayRefused or StorageFull
+        having restored the previous file."""
+        keys = self.served(state)
+        reality = self.server_reality(state)
+        try:
+            previous = await anyio.to_thread.run_sync(self.files.read_bytes)
+            old = await anyio.to_thread.run_sync(self.files.read)
+            new = xs.render_config(old, keys, self.options, reality)
+            backup = await anyio.to_thread.run_sync(self.files.write, new, keys)
+        except xs.XrayStorageError as exc:
+            raise StorageFull(f"{exc}; nothing was changed") from None
+        except (xs.XrayError, ValueError) as exc:
+            raise XrayRefused(str(exc)) from None
+        changes = xs.inbound_changes(old, new)
+
+        async def undo() -> None:
+            await anyio.to_thread.run_sync(self.files.restore, previous)
+            with contextlib.suppress(xs.XrayError):
+                await self.applier.apply(xs.inbound_changes(new, old))
+
+        try:
+            result = await self.applier.apply(changes, force_restart=force_restart)
+        except xs.XrayError as exc:
+            await undo()
+            raise XrayRefused(f"{exc}; the previous Xray config was restored") from None
+        if changes or result.seconds:
+            self.log.info(
+                "xray_applied", mode=result.mode, seconds=round(result.seconds, 3),
+                added=len(changes.added), removed=len(changes.removed),
+            )
+        return Pushed(
+            undo=undo,
+            added=tuple(str(i.get("tag")) for i in changes.added),
+            removed=tuple(changes.removed),
+            apply_seconds=result.seconds,
+            backup=None if backup is None else str(backup),
+        )
+
+    # --- reports -------------------------------------------------------------------------
+
+    async def status(self, state: State) -> dict[str, Any]:
+        keys = self.served(state)
+        report = await anyio.to_thread.run_sync(xs.config_status, self.files, keys)
+        report["xray_reachable"] = await self.applier.reachable()
+        report["expected_inbounds"] = len(keys)
+        report["reality_public_key"] = (
+            self.server_reality(state).public_key if self.options.security == "reality" else None
+        )
+        return report
+
+    async def drift(self, state: State) -> list[xs.DriftProblem]:
+        config = await anyio.to_thread.run_sync(self.files.read)
+        return xs.drift_report(
+            config, self.served(state), self.options, self.settings.port_range, self.server_reality(state)
+        )
