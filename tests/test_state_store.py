@@ -68,7 +68,7 @@ def test_round_trip(tmp_path: Path) -> None:
         Usage(12, 3400), Reading(7, 3, 20, 5000))
     assert loaded.keys["k1"].tx.account() == Account(Usage(5, 600), None)
     assert loaded.keys["k2"].rx.account() == Account()
-    assert loaded.keys["k2"].is_active is False
+    assert loaded.keys["k2"].enabled is False
     raw = json.loads((tmp_path / "state.json").read_text())
     assert raw["schema_version"] == 1
     assert raw["keys"]["k1"]["rx"]["reading"] == {
