@@ -56,6 +56,12 @@ class KeySettings(BaseModel):
     enabled: bool | None = None
 
 
+class Migration(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    config_path: str = Field(min_length=1, max_length=4096)
+    dry_run: bool = False
+
+
 class NewKey(KeySettings):
     name: str = Field(pattern=NAME_PATTERN, description=NAME_RULE)
     port: int | None = Field(default=None, ge=1, le=65535)
@@ -386,6 +392,28 @@ def create_app(service: Service) -> FastAPI:
             ],
             "expected_inbounds": len(service.xray.served(service.state)),
             "remove_inactive": service.settings.xray_remove_inactive,
+            "timestamp": int(time.time()),
+        }
+
+    @app.post("/api/system/xray/migrate")
+    async def xray_migrate(body: Annotated[Migration, Body()]) -> dict[str, Any]:
+        path = Path(body.config_path)
+        if not path.is_absolute():
+            raise Invalid("config_path: must be an absolute path")
+        plan, created = await service.migrate(path, body.dry_run)
+        return {
+            "dry_run": body.dry_run,
+            "plan": plan,
+            "created": [key_object(k, service) for k in created],
+            "timestamp": int(time.time()),
+        }
+
+    @app.post("/api/system/xray/migrate/rollback")
+    async def xray_migrate_rollback() -> dict[str, Any]:
+        restored, removed = await service.rollback_migration()
+        return {
+            "restored_from": restored,
+            "removed_keys": [k.name for k in removed],
             "timestamp": int(time.time()),
         }
 

@@ -11,6 +11,7 @@ from typing import Any, NoReturn
 from urllib.parse import quote
 
 import httpx
+import segno
 
 from daemon.units import human_bytes
 
@@ -166,7 +167,53 @@ def keys_list(client: Client, _: argparse.Namespace) -> Any:
 
 def keys_show(client: Client, args: argparse.Namespace) -> Any:
     key = client.call("GET", f"/api/keys/{_path_segment(args.key)}")
-    return key, lambda: print_key(key)
+
+    def show() -> None:
+        print_key(key)
+        if args.qr:
+            if not key.get("link"):
+                raise CliError("this key has no link (is the Xray integration on?)")
+            segno.make(key["link"], error="l").terminal(compact=True)
+
+    return key, show
+
+
+def xray(client: Client, args: argparse.Namespace) -> Any:
+    if args.action == "status":
+        s = client.call("GET", "/api/system/xray/config-status")
+        if not s.get("enabled"):
+            return s, lambda: print("Xray integration is off (PORTMETER_XRAY_CONFIG is empty)")
+        return s, lambda: print("\n".join([
+            f"config:     {s['path']} ({'exists' if s['exists'] else 'missing'}, written {s['last_write']})",
+            f"inbounds:   {s['portmeter_inbound_count']} of portmeter for {s['expected_inbounds']} keys, "
+            f"{s['inbound_count']} in all; {'in sync' if s['in_sync'] else 'NOT in sync'}",
+            f"backups:    {s['backup_count']} in {s['backup_dir']}",
+            f"apply:      {s['apply_mode']}; xray binary {s['xray_bin']} "
+            f"{'found' if s['xray_bin_found'] else 'not found'}"
+            + ("" if s["xray_reachable"] is None else f"; API {'reachable' if s['xray_reachable'] else 'NOT reachable'}"),
+            *([f"error:      {s['error']}"] if s.get("error") else []),
+        ]))
+    if args.action == "sync":
+        r = client.call("POST", "/api/system/xray/sync-config")
+        return r, lambda: print(
+            f"synced: {len(r['added_inbounds'])} inbounds added, {len(r['removed_inbounds'])} removed "
+            f"(apply {r['apply_mode']}, {r['apply_seconds']} s)"
+        )
+    r = client.call("GET", "/api/system/xray/validate-sync")
+    lines = [f"{p['kind']}: {p['message']}" for p in r["problems"]]
+    return r, lambda: print("\n".join(lines) if lines else f"in sync: {r['expected_inbounds']} inbounds as expected")
+
+
+def migrate(client: Client, args: argparse.Namespace) -> Any:
+    if args.rollback:
+        r = client.call("POST", "/api/system/xray/migrate/rollback")
+        return r, lambda: print(f"restored {r['restored_from']}; removed keys: {', '.join(r['removed_keys']) or 'none'}")
+    if not args.config:
+        raise CliError("usage: portmeter migrate CONFIG [--dry-run] | portmeter migrate --rollback")
+    path = os.path.abspath(args.config)
+    r = client.call("POST", "/api/system/xray/migrate", {"config_path": path, "dry_run": args.dry_run})
+    prefix = "plan (dry run, nothing changed):" if args.dry_run else "migrated:"
+    return r, lambda: print("\n".join([prefix, *(f"  {line}" for line in r["plan"])]))
 
 
 def keys_rm(client: Client, args: argparse.Namespace) -> Any:
@@ -254,16 +301,28 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=keys_switch)
     keys_sub.add_parser("list", help="all keys with their traffic", parents=[common]).set_defaults(
         handler=keys_list)
-    for verb, handler, text in (("show", keys_show, "one key"), ("rm", keys_rm, "delete a key")):
-        p = keys_sub.add_parser(verb, help=text, parents=[common])
-        p.add_argument("key", help="key id, uuid or name")
-        p.set_defaults(handler=handler)
+    show = keys_sub.add_parser("show", help="one key, its share link (--qr: as a QR code)", parents=[common])
+    show.add_argument("key", help="key id, uuid or name")
+    show.add_argument("--qr", action="store_true", help="print the vless:// link as a terminal QR code")
+    show.set_defaults(handler=keys_show)
+    rm = keys_sub.add_parser("rm", help="delete a key", parents=[common])
+    rm.add_argument("key", help="key id, uuid or name")
+    rm.set_defaults(handler=keys_rm)
 
     tr = sub.add_parser("traffic", parents=[common],
                         help="exact traffic: all keys, one KEY, or `traffic reset KEY`")
     tr.add_argument("words", nargs="*", metavar="KEY | reset KEY")
     tr.set_defaults(handler=traffic)
     sub.add_parser("ports", help="port range usage", parents=[common]).set_defaults(handler=ports)
+    xr = sub.add_parser("xray", help="Xray config: status, sync (repair), validate (drift)", parents=[common])
+    xr.add_argument("action", choices=("status", "sync", "validate"))
+    xr.set_defaults(handler=xray)
+    mg = sub.add_parser("migrate", parents=[common],
+                        help="give every client of a shared VLESS inbound its own key and port")
+    mg.add_argument("config", nargs="?", help="the Xray config with the shared inbound")
+    mg.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    mg.add_argument("--rollback", action="store_true", help="restore the config from before migrating")
+    mg.set_defaults(handler=migrate)
     return parser
 
 

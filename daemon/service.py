@@ -18,13 +18,14 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import anyio
 import structlog
 
-from daemon import allocator, limits, netinfo
+from daemon import allocator, limits, netinfo, xray_sync
 from daemon.counters import Counters, NftError, PortReading, TableView
 from daemon.errors import Conflict, Invalid, KernelRefused, NotFound, OperationError, StorageFull
 from daemon.limits import Quota, ResetStrategy, Status
@@ -289,12 +290,13 @@ class Service:
         self,
         undo_memory: Callable[[], object],
         undo_kernel: Callable[[], Awaitable[None]] | None = None,
+        base: dict[str, Any] | None = None,
     ) -> None:
         """Push the keys to Xray, then save the state; if either fails, undo all, newest first."""
         pushed = None
         try:
             if self.xray is not None:
-                pushed = await self.xray.push(self.state)
+                pushed = await self.xray.push(self.state, base=base)
             self._save()
         except OperationError:
             if pushed is not None:
@@ -312,13 +314,82 @@ class Service:
 
     async def sync_xray(self, force_restart: bool = False) -> Pushed:
         """Re-render Xray's config from the state and apply it (repairs drift)."""
-        if self.xray is None:
-            raise Invalid("the Xray integration is off (PORTMETER_XRAY_CONFIG is empty)")
+        xray = self._require_xray()
         async with self.lock:
-            pushed = await self.xray.push(self.state, force_restart=force_restart)
+            pushed = await xray.push(self.state, force_restart=force_restart)
             self._served = self._served_now()
             self._save_quietly()
             return pushed
+
+    async def migrate(self, source_path: Path, dry_run: bool) -> tuple[list[str], list[KeyRecord]]:
+        """Give every client of a shared VLESS inbound its own key, port and inbound.
+
+        uuid and name (email) are kept, so clients only change port. Idempotent: a second run
+        finds nothing to move. The live config is kept as a pre-migration copy first.
+        """
+        xray = self._require_xray()
+        async with self.lock:
+            source = await xray.read_source(source_path)
+            busy = await anyio.to_thread.run_sync(netinfo.bound_ports, self.settings.port_range)
+            plan = xray.plan(source, self.state, busy)
+            if dry_run or plan.is_empty:
+                return plan.lines(), []
+            copy = await xray.keep_original()
+            created = [self._migrated_key(move) for move in plan.moves]
+            for key in created:
+                await self._install_fresh(key.port, self._desired_quota(key))
+                self.state.keys[key.id] = key
+            base = xray_sync.apply_migration(source, plan)
+
+            def forget() -> None:
+                for key in created:
+                    self.state.keys.pop(key.id, None)
+
+            async def uninstall() -> None:
+                for key in created:
+                    await self._uninstall(key.port)
+
+            await self._commit(undo_memory=forget, undo_kernel=uninstall, base=base)
+            self.log.info("xray_migrated", source=str(source_path), keys=len(created), original_copy=copy)
+            return plan.lines(), created
+
+    def _migrated_key(self, move: xray_sync.MigrationMove) -> KeyRecord:
+        wanted = move.key(self._new_id())
+        key = KeyRecord(
+            id=wanted.id, name=wanted.name, uuid=uuid.UUID(wanted.uuid), port=wanted.port,
+            created_at=now(), flow=wanted.flow or None, migrated=True, short_id=wanted.short_id,
+            extra_short_ids=list(wanted.extra_short_ids),
+            reality_private_key=None if wanted.reality is None else wanted.reality.private_key,
+        )
+        assert self.xray is not None
+        self.xray.prepare(self.state, key)
+        return key
+
+    async def rollback_migration(self) -> tuple[str, list[KeyRecord]]:
+        """Restore the pre-migration config byte for byte and delete the keys migration made."""
+        xray = self._require_xray()
+        async with self.lock:
+            await self._refresh_locked()
+            migrated = [key for key in self.state.keys.values() if key.migrated]
+            for key in migrated:
+                del self.state.keys[key.id]
+            try:
+                copy = await xray.restore_original()
+                self._save()
+            except OperationError:
+                for key in migrated:
+                    self.state.keys[key.id] = key
+                raise
+            for key in migrated:
+                await self._uninstall(key.port)
+            self._served = self._served_now()
+            self.log.info("xray_migration_rolled_back", restored=str(copy), keys_removed=len(migrated))
+            return str(copy), migrated
+
+    def _require_xray(self) -> XrayBridge:
+        if self.xray is None:
+            raise Invalid("the Xray integration is off (PORTMETER_XRAY_CONFIG is empty)")
+        return self.xray
 
     async def _follow_statuses(self) -> None:
         """With PORTMETER_XRAY_REMOVE_INACTIVE, keep Xray's inbounds in step with statuses."""

@@ -7,23 +7,26 @@ module turns state records into XrayKeys and packages "write, apply, and how to 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import secrets
 import shlex
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anyio
 import structlog
 
 from daemon import xray_sync as xs
-from daemon.errors import StorageFull, XrayRefused
+from daemon.errors import Invalid, NotFound, StorageFull, XrayRefused
 from daemon.limits import Status
 from daemon.settings import Settings
 from daemon.state import KeyRecord, State
 
 Undo = Callable[[], Awaitable[None]]
+MIGRATION_LABEL = "pre-migration"
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,15 +99,17 @@ class XrayBridge:
 
     # --- pushing changes -----------------------------------------------------------------
 
-    async def push(self, state: State, *, force_restart: bool = False) -> Pushed:
-        """Write the config for the current keys and apply it; raises XrayRefused or StorageFull
-        having restored the previous file."""
+    async def push(
+        self, state: State, *, force_restart: bool = False, base: dict[str, Any] | None = None
+    ) -> Pushed:
+        """Write the config for the current keys (on `base`, default: the live file) and apply it;
+        raises XrayRefused or StorageFull having restored the previous file."""
         keys = self.served(state)
         reality = self.server_reality(state)
         try:
             previous = await anyio.to_thread.run_sync(self.files.read_bytes)
             old = await anyio.to_thread.run_sync(self.files.read)
-            new = xs.render_config(old, keys, self.options, reality)
+            new = xs.render_config(old if base is None else base, keys, self.options, reality)
             backup = await anyio.to_thread.run_sync(self.files.write, new, keys)
         except xs.XrayStorageError as exc:
             raise StorageFull(f"{exc}; nothing was changed") from None
@@ -134,6 +139,47 @@ class XrayBridge:
             apply_seconds=result.seconds,
             backup=None if backup is None else str(backup),
         )
+
+    # --- migration from a shared inbound -------------------------------------------------
+
+    async def read_source(self, path: Path) -> dict[str, Any]:
+        files = xs.XrayFiles(dataclasses.replace(self.options, config_path=path))
+        try:
+            if not path.is_file():
+                raise xs.XrayConfigError(f"{path}: no such file")
+            return await anyio.to_thread.run_sync(files.read)
+        except xs.XrayError as exc:
+            raise Invalid(str(exc)) from None
+
+    def plan(self, source: dict[str, Any], state: State, busy: set[int]) -> xs.MigrationPlan:
+        return xs.plan_migration(
+            source, self.settings.port_range, busy | {k.port for k in state.keys.values()},
+            self.options, known_uuids=[str(k.uuid) for k in state.keys.values()],
+            taken_names=[k.name for k in state.keys.values()],
+        )
+
+    async def keep_original(self) -> str | None:
+        """A copy of the live config that rotation never deletes, for `migrate --rollback`."""
+        if not self.files.path.exists():
+            return None
+        try:
+            return str(await anyio.to_thread.run_sync(self.files.keep_copy, MIGRATION_LABEL))
+        except xs.XrayStorageError as exc:
+            raise StorageFull(str(exc)) from None
+
+    async def restore_original(self) -> Path:
+        """Put the pre-migration config back byte for byte and apply it."""
+        copy = self.files.latest_copy(MIGRATION_LABEL)
+        if copy is None:
+            raise NotFound(f"no pre-migration copy of {self.files.path} to roll back to")
+        old = await anyio.to_thread.run_sync(self.files.read)
+        try:
+            await anyio.to_thread.run_sync(self.files.restore_from, copy)
+            new = await anyio.to_thread.run_sync(self.files.read)
+            await self.applier.apply(xs.inbound_changes(old, new))
+        except xs.XrayError as exc:
+            raise XrayRefused(str(exc)) from None
+        return copy
 
     # --- reports -------------------------------------------------------------------------
 

@@ -1,0 +1,121 @@
+"""Migration from one shared VLESS inbound to a key, port and inbound per client."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from tests.conftest import Daemon
+
+pytestmark = pytest.mark.kernel
+
+CLIENTS = [
+    ("0f5f9bce-5e1d-4c1e-8f2a-6f0a9b1c2d01", "anna@panel"),
+    ("1f5f9bce-5e1d-4c1e-8f2a-6f0a9b1c2d02", "boris@panel"),
+    ("2f5f9bce-5e1d-4c1e-8f2a-6f0a9b1c2d03", "clara@panel"),
+    ("3f5f9bce-5e1d-4c1e-8f2a-6f0a9b1c2d04", "dmitri@panel"),
+    ("4f5f9bce-5e1d-4c1e-8f2a-6f0a9b1c2d05", "eva@panel"),
+]
+
+
+def shared_config() -> dict[str, Any]:
+    return {
+        "log": {"loglevel": "warning"},
+        "inbounds": [
+            {"tag": "socks-local", "port": 1080, "listen": "127.0.0.1", "protocol": "socks", "settings": {}},
+            {
+                "tag": "vless-shared",
+                "port": 443,
+                "protocol": "vless",
+                "settings": {
+                    "clients": [{"id": u, "flow": "xtls-rprx-vision", "email": e} for u, e in CLIENTS],
+                    "decryption": "none",
+                },
+                "streamSettings": {
+                    "network": "tcp",
+                    "security": "reality",
+                    "realitySettings": {
+                        "show": False, "dest": "www.example.org:443", "xver": 0,
+                        "serverNames": ["www.example.org"],
+                        "privateKey": "MGz3NCoBZ2NOdjpLW0h1Ik51kW9zYb4G0xxHJ0ABvn0",
+                        "shortIds": ["a1b2c3d4"],
+                    },
+                },
+            },
+        ],
+        "outbounds": [{"protocol": "freedom", "tag": "direct"}],
+        "routing": {"rules": [{"type": "field", "ip": ["geoip:private"], "outboundTag": "direct"}]},
+    }
+
+
+@pytest.fixture
+def migrating(make_daemon: Any) -> Daemon:
+    daemon: Daemon = make_daemon(start=False)
+    daemon.xray_config.parent.mkdir(parents=True)
+    daemon.xray_config.write_text(json.dumps(shared_config(), indent=2))
+    daemon.start()
+    return daemon
+
+
+def test_dry_run_then_migrate_then_noop_then_rollback(migrating: Daemon) -> None:
+    daemon = migrating
+    original = daemon.xray_config.read_bytes()
+    dry = daemon.cli("migrate", str(daemon.xray_config), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.count("\n  move ") == 5 and "dry run" in dry.stdout
+    assert daemon.xray_config.read_bytes() == original
+    assert daemon.api("GET", "/api/keys")["total"] == 0
+
+    done = daemon.cli("--json", "migrate", str(daemon.xray_config))
+    assert done.returncode == 0, done.stderr
+    created = json.loads(done.stdout)["created"]
+    assert sorted((k["uuid"], k["name"]) for k in created) == sorted(CLIENTS)
+    ports = [k["port"] for k in created]
+    assert len(set(ports)) == 5 and all(p in range(daemon.port_range[0], daemon.port_range[1] + 1) for p in ports)
+    config = json.loads(daemon.xray_config.read_text())
+    tags = [i.get("tag") for i in config["inbounds"]]
+    assert "vless-shared" not in tags and "socks-local" in tags
+    ours = {i["settings"]["clients"][0]["id"]: i for i in config["inbounds"] if i["protocol"] == "vless"}
+    assert set(ours) == {u for u, _ in CLIENTS}
+    for uuid, inbound in ours.items():
+        reality = inbound["streamSettings"]["realitySettings"]
+        assert reality["privateKey"] == "MGz3NCoBZ2NOdjpLW0h1Ik51kW9zYb4G0xxHJ0ABvn0"  # clients keep pbk
+        assert "a1b2c3d4" in reality["shortIds"]
+        assert inbound["settings"]["clients"][0]["flow"] == "xtls-rprx-vision"
+    assert config["routing"] == shared_config()["routing"] and config["outbounds"] == shared_config()["outbounds"]
+    assert daemon.api("GET", "/api/system/ports/status")["valid"]
+    assert daemon.api("GET", "/api/system/xray/validate-sync")["in_sync"]
+
+    after = daemon.xray_config.read_bytes()
+    again = daemon.cli("migrate", str(daemon.xray_config))
+    assert "nothing to migrate" in again.stdout
+    assert daemon.xray_config.read_bytes() == after and daemon.api("GET", "/api/keys")["total"] == 5
+
+    rolled = daemon.cli("migrate", "--rollback")
+    assert rolled.returncode == 0, rolled.stderr
+    assert daemon.xray_config.read_bytes() == original
+    assert daemon.api("GET", "/api/keys")["total"] == 0
+    table = daemon.http.get("/api/system/ports/status").json()
+    assert table["valid"], table
+
+
+def test_migrate_errors_are_clear(migrating: Daemon) -> None:
+    missing = migrating.cli("migrate", "/nonexistent/config.json")
+    assert missing.returncode == 1 and "no such file" in missing.stderr
+    nothing = migrating.cli("migrate", "--rollback")
+    assert nothing.returncode == 1 and "no pre-migration copy" in nothing.stderr
+    bare = migrating.cli("migrate")
+    assert bare.returncode == 1 and "usage: portmeter migrate" in bare.stderr
+
+
+def test_xray_commands_and_qr(daemon: Daemon) -> None:
+    daemon.create("alice")
+    status = daemon.cli("xray", "status")
+    assert status.returncode == 0 and "in sync" in status.stdout and "NOT" not in status.stdout
+    assert "in sync: 1 inbounds as expected" in daemon.cli("xray", "validate").stdout
+    assert "synced: 0 inbounds added" in daemon.cli("xray", "sync").stdout
+    shown = daemon.cli("keys", "show", "alice", "--qr")
+    assert shown.returncode == 0, shown.stderr
+    assert "vless://" in shown.stdout and "█" in shown.stdout
