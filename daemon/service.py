@@ -15,7 +15,7 @@ import secrets
 import signal
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -32,6 +32,7 @@ from daemon.limits import Quota, ResetStrategy, Status
 from daemon.reports import Outbox
 from daemon.sdnotify import Notifier
 from daemon.settings import Settings
+from daemon.usage import SinkError, UsageDelta, UsageSink
 from daemon.state import DirectionModel, KeyRecord, State, StateStore, StorageError, now
 from daemon.xray_bridge import Pushed, XrayBridge
 from daemon.xray_sync import XrayError
@@ -61,9 +62,12 @@ class Service:
         outbox: Outbox,
         log: Log,
         xray: XrayBridge | None = None,
+        sinks: Sequence[UsageSink] = (),
     ) -> None:
         self.settings = settings
         self.xray = xray
+        self.sinks = list(sinks)
+        self._pending: dict[tuple[str, int], UsageDelta] = {}  # traffic since the last save
         self.store = store
         self.state = state
         self.counters = counters
@@ -271,6 +275,7 @@ class Service:
     def _zero(self, key: KeyRecord, moment: datetime) -> None:
         key.used_before_reset = key.used_bytes
         key.last_reset_at = moment
+        key.epoch += 1
         for direction in DIRECTIONS:
             model: DirectionModel = getattr(key, direction)
             setattr(key, direction, DirectionModel.of(model.account().reset()))
@@ -473,12 +478,27 @@ class Service:
             result.changed = True
         for key in self.state.keys.values():
             reading = view.ports.get(key.port)
-            if reading is not None and self._advance(key, reading):
+            if reading is None:
+                continue
+            before = (key.rx.bytes, key.tx.bytes, key.rx.packets, key.tx.packets)
+            if self._advance(key, reading):
                 result.changed = True
+                self._note_usage(key, before)
         self._kernel_limits = {
             port: None if reading.quota is None else reading.quota.limit
             for port, reading in view.ports.items()
         }
+
+    def _note_usage(self, key: KeyRecord, before: tuple[int, int, int, int]) -> None:
+        """Remember what moved since the last save, for history and fleet reports."""
+        if not self.sinks:
+            return
+        slot = (key.id, key.epoch)
+        pending = self._pending.get(slot) or UsageDelta(key.id, key.name, str(key.uuid), key.port, key.epoch)
+        self._pending[slot] = pending.plus(
+            key.rx.bytes - before[0], key.tx.bytes - before[1],
+            key.rx.packets - before[2], key.tx.packets - before[3],
+        )
 
     @staticmethod
     def _advance(key: KeyRecord, reading: PortReading) -> bool:
@@ -579,11 +599,26 @@ class Service:
                 return candidate
 
     def _save(self) -> None:
+        """Save the state; the usage since the last save goes to the sinks in the same step."""
+        generation = self.state.generation + 1
+        deltas = [d for d in self._pending.values() if d.rx_bytes or d.tx_bytes]
+        staged: list[UsageSink] = []
         try:
+            if deltas:
+                for sink in self.sinks:
+                    sink.stage(generation, now(), deltas)
+                    staged.append(sink)
+            self.state.generation = generation
             self.store.save(self.state)
-        except StorageError as exc:
+        except (StorageError, SinkError) as exc:
+            self.state.generation = generation - 1
+            for sink in staged:
+                sink.rollback(generation)
             self.log.error("state_write_failed", error=str(exc))
             raise StorageFull(f"{exc}; nothing was changed") from None
+        for sink in staged:
+            sink.commit(generation)
+        self._pending.clear()
         self._unsaved = False
 
     def _save_quietly(self) -> None:

@@ -74,6 +74,7 @@ class KeyRecord(BaseModel):
     reset_strategy: ResetStrategy = ResetStrategy.NO_RESET
     next_reset_at: datetime | None = None
     last_reset_at: datetime | None = None
+    epoch: int = Field(default=0, ge=0)  # resets so far
     used_before_reset: int | None = None
     rx: DirectionModel = Field(default_factory=DirectionModel)
     tx: DirectionModel = Field(default_factory=DirectionModel)
@@ -96,6 +97,7 @@ class KeyRecord(BaseModel):
 class State(BaseModel):
     model_config = ConfigDict(extra="forbid")
     schema_version: Literal[1] = SCHEMA_VERSION
+    generation: int = Field(default=0, ge=0)  # counts saves; history and reports follow it
     table_handle: int | None = None
     reality_private_key: str | None = Field(default=None, repr=False)  # the server's REALITY key
     keys: dict[str, KeyRecord] = Field(default_factory=dict)
