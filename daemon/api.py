@@ -26,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from daemon import allocator, limits, netinfo, xray_sync
 from daemon.errors import Invalid, NotFound, OperationError, XrayRefused
@@ -180,17 +180,76 @@ def interface_summary() -> tuple[dict[str, dict[str, int]], int]:
     return interfaces, total
 
 
+MAX_BODY = 64 * 1024
+MAX_DEPTH = 16
+
+
 class JsonBodies:
-    """Treat every request body as JSON, so `curl -d '{"name": "alice"}'` works without -H."""
+    """Every request body is JSON (so `curl -d '{"name": "alice"}'` works without -H), at most
+    MAX_BODY bytes and MAX_DEPTH levels deep: larger or deeper bodies are refused before parsing."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
-            scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+        scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        body = b""
+        more = True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > MAX_BODY:
+                await _refuse(send, 413, f"request body larger than {MAX_BODY} bytes")
+                return
+        if json_depth(body) > MAX_DEPTH:
+            await _refuse(send, 400, f"request body nested deeper than {MAX_DEPTH} levels")
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+def json_depth(body: bytes) -> int:
+    """How deeply brackets nest in a JSON text, ignoring brackets inside strings."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in body.decode("utf-8", errors="replace"):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+            continue
+        if char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+async def _refuse(send: Send, status: int, detail: str) -> None:
+    await JSONResponse({"detail": detail}, status_code=status)({"type": "http"}, _no_receive, send)
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}
 
 
 def create_app(service: Service) -> FastAPI:

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 from urllib.parse import quote
@@ -270,6 +271,41 @@ def add_limit_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--note", help="free text for the operator")
 
 
+def state_command(args: argparse.Namespace) -> int:
+    """Offline: works on the files, with or without a running daemon (restore needs it stopped)."""
+    from daemon.state import StateError, StateStore
+
+    state_dir = args.state_dir or os.environ.get("PORTMETER_STATE_DIR") or "/var/lib/portmeter"
+    store = StateStore(Path(state_dir) / "state.json")
+    if args.action == "check":
+        if not store.path.exists():
+            print(f"{store.path} does not exist yet: the daemon starts with no keys")
+            return 0
+        backups = store.valid_backups()
+        newest = f"newest valid backup {backups[0]}" if backups else "no valid backup"
+        try:
+            state = store.load()
+        except StateError as exc:
+            raise CliError(f"{exc} ({newest})") from None
+        print(f"{store.path}: valid, schema {state.schema_version}, {len(state.keys)} keys, "
+              f"generation {state.generation}; {len(backups)} valid backups ({newest})")
+        return 0
+    socket_path = os.environ.get("PORTMETER_SOCKET") or DEFAULT_SOCKET
+    if os.path.exists(socket_path):
+        try:
+            Client(socket_path).call("GET", "/api/system/ports")
+        except CliError:
+            pass
+        else:
+            raise CliError("the daemon is running: stop it first (systemctl stop portmeter)")
+    try:
+        used, aside = store.restore_newest_backup()
+    except (StateError, OSError) as exc:
+        raise CliError(str(exc)) from None
+    print(f"restored {store.path} from {used}" + (f"; the previous file is kept as {aside}" if aside else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = Parser(add_help=False)
     common.add_argument("--socket", default=argparse.SUPPRESS,
@@ -323,6 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     mg.add_argument("--rollback", action="store_true", help="restore the config from before migrating")
     mg.set_defaults(handler=migrate)
+    st = sub.add_parser("state", help="check the state file, or restore the newest valid backup")
+    st.add_argument("action", choices=("check", "restore"))
+    st.add_argument("--state-dir", help="default: $PORTMETER_STATE_DIR or /var/lib/portmeter")
+    st.set_defaults(offline=state_command)
     return parser
 
 
@@ -331,6 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if getattr(args, "daemon", False):
             return run_daemon_command(args)
+        if getattr(args, "offline", None):
+            return int(args.offline(args))
         socket_path = getattr(args, "socket", None) or os.environ.get("PORTMETER_SOCKET") or DEFAULT_SOCKET
         handler: Handler = args.handler
         payload, show = handler(Client(socket_path), args)

@@ -673,6 +673,10 @@ async def run_daemon(
     """Start, reconcile, serve until SIGTERM/SIGINT, then write a final snapshot."""
     store = StateStore(settings.state_file, backups=settings.state_backups)
     state = store.load()
+    try:
+        store.backup()  # a known-good copy from every start, for `portmeter state restore`
+    except StorageError as exc:
+        log.warning("state_backup_failed", error=str(exc))
     outbox = Outbox(settings.state_dir / "outbox", settings.webhook_url, settings.webhook_secret, log)
     xray = None if settings.xray_config is None else XrayBridge(settings, log)
     service = Service(settings, store, state, Counters(settings.nft_table), outbox, log, xray)

@@ -182,10 +182,35 @@ class StateStore:
             old.unlink(missing_ok=True)
         return target
 
+    def valid_backups(self) -> list[Path]:
+        """Backups that load cleanly, newest first."""
+        good = []
+        for path in sorted(self.backup_dir.glob("state-*.json"), reverse=True):
+            try:
+                StateStore(path, backups=0).load()
+            except StateError:
+                continue
+            good.append(path)
+        return good
+
+    def restore_newest_backup(self) -> tuple[Path, Path | None]:
+        """Replace the state file with the newest valid backup; the current file is kept aside.
+
+        Returns (backup used, where the previous file was moved)."""
+        backups = self.valid_backups()
+        if not backups:
+            raise StateError(f"no valid backup in {self.backup_dir}/ to restore {self.path} from")
+        aside = None
+        if self.path.exists():
+            aside = self.path.with_name(f"{self.path.name}.replaced-{now().strftime(BACKUP_STAMP)}")
+            os.replace(self.path, aside)
+        write_atomic(self.path, backups[0].read_bytes())
+        return backups[0], aside
+
     def _damaged(self, what: str) -> str:
         return (
-            f"state file {self.path} {what}; it was left untouched. Restore a copy from "
-            f"{self.backup_dir}/ or move the file away to start empty"
+            f"state file {self.path} {what}; it was left untouched. Run `portmeter state restore` "
+            f"to use the newest backup from {self.backup_dir}/, or move the file away to start empty"
         )
 
 

@@ -112,19 +112,27 @@ def tag(key: dict[str, Any]) -> str:
 
 
 def portmeter_inbounds(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {i["tag"]: i for i in config.get("inbounds", []) if str(i.get("tag", "")).startswith("inbound-")}
+    return {
+        i["tag"]: i
+        for i in config.get("inbounds", [])
+        if str(i.get("tag", "")).startswith("inbound-")
+    }
 
 
 def operator_part(config: dict[str, Any]) -> dict[str, Any]:
     """Everything that is not a portmeter inbound."""
     part = {k: v for k, v in config.items() if k != "inbounds"}
-    part["inbounds"] = [i for i in config.get("inbounds", []) if not str(i.get("tag", "")).startswith("inbound-")]
+    part["inbounds"] = [
+        i for i in config.get("inbounds", []) if not str(i.get("tag", "")).startswith("inbound-")
+    ]
     return part
 
 
 def link_parts(link: str) -> tuple[Any, dict[str, str]]:
     parts = urlsplit(link)
-    query = {name: values[0] for name, values in parse_qs(parts.query, keep_blank_values=True).items()}
+    query = {
+        name: values[0] for name, values in parse_qs(parts.query, keep_blank_values=True).items()
+    }
     return parts, query
 
 
@@ -153,7 +161,9 @@ def listening(ns: str, port: int) -> bool:
     so nothing is counted on the port)."""
     done = subprocess.run(
         ["ip", "netns", "exec", ns, "ss", "-Hltn", f"sport = :{port}"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return bool(done.stdout.strip())
 
@@ -162,7 +172,9 @@ def wait_listening(ns: str, port: int, proc: subprocess.Popen[bytes], timeout: f
     deadline = time.monotonic() + timeout
     while not listening(ns, port):
         if proc.poll() is not None:
-            raise AssertionError(f"{proc.args} exited with {proc.returncode} before port {port} opened")
+            raise AssertionError(
+                f"{proc.args} exited with {proc.returncode} before port {port} opened"
+            )
         if time.monotonic() > deadline:
             raise AssertionError(f"nothing listens on port {port} in {ns} after {timeout}s")
         time.sleep(0.05)
@@ -213,7 +225,9 @@ def test_keys_get_inbounds_links_and_subscriptions(make_daemon: Any) -> None:
         inbound = ours[tag(key)]
         assert inbound["port"] == key["port"]
         assert inbound["protocol"] == "vless"
-        assert inbound["settings"]["clients"] == [{"id": key["uuid"], "flow": FLOW, "email": key["name"]}]
+        assert inbound["settings"]["clients"] == [
+            {"id": key["uuid"], "flow": FLOW, "email": key["name"]}
+        ]
         assert inbound["settings"]["decryption"] == "none"
         stream = inbound["streamSettings"]
         assert stream["network"] == "tcp" and stream["security"] == "reality"
@@ -221,7 +235,9 @@ def test_keys_get_inbounds_links_and_subscriptions(make_daemon: Any) -> None:
         assert reality["dest"] == REALITY_DEST
         assert reality["serverNames"] == ["www.example.org"]
         assert len(decode_key(reality["privateKey"])) == 32
-        assert reality["shortIds"] and all(re.fullmatch(r"(?:[0-9a-f]{2}){1,8}", s) for s in reality["shortIds"])
+        assert reality["shortIds"] and all(
+            re.fullmatch(r"(?:[0-9a-f]{2}){1,8}", s) for s in reality["shortIds"]
+        )
         assert {"show", "xver", "maxTimeDiff"} <= set(reality)
 
         parts, query = link_parts(key["link"])
@@ -248,8 +264,9 @@ def test_keys_get_inbounds_links_and_subscriptions(make_daemon: Any) -> None:
 
     # Different keys, different short ids and tokens; one server key pair (the default).
     assert alice["subscription_url"] != bob["subscription_url"]
-    assert ours[tag(alice)]["streamSettings"]["realitySettings"]["shortIds"] != (
-        ours[tag(bob)]["streamSettings"]["realitySettings"]["shortIds"]
+    assert (
+        ours[tag(alice)]["streamSettings"]["realitySettings"]["shortIds"]
+        != (ours[tag(bob)]["streamSettings"]["realitySettings"]["shortIds"])
     )
     report = status(d)
     assert report["in_sync"] is True and report["key_count"] == 2
@@ -453,6 +470,56 @@ def test_apply_failure_rolls_everything_back(make_daemon: Any, net: Lab, workdir
     assert operator_part(read_config(d)) == OPERATOR_CONFIG
 
 
+def test_disable_that_cannot_be_applied_is_rolled_back(
+    make_daemon: Any, net: Lab, workdir: Path
+) -> None:
+    calls, fail_flag, script = workdir / "calls.log", workdir / "fail", workdir / "restart-xray.sh"
+    script.write_text(RESTART_SCRIPT.format(calls=calls, delay=0, fail_flag=fail_flag))
+    script.chmod(0o755)
+    d = make_daemon(
+        PORTMETER_XRAY_BIN=NO_XRAY,
+        PORTMETER_XRAY_APPLY="restart",
+        PORTMETER_XRAY_RESTART_COMMAND=str(script),
+        PORTMETER_XRAY_REMOVE_INACTIVE="true",
+    )
+    a = d.create("alice")
+    fail_flag.touch()
+    config_before = d.xray_config.read_bytes()
+    refused = d.http.post(f"/api/keys/{a['id']}/disable")
+    assert refused.status_code == 503, refused.text
+    assert "restart command failed" in refused.json()["detail"]
+    shown = d.api("GET", f"/api/keys/{a['id']}")
+    assert shown["enabled"] is True and shown["status"] == "active"
+    assert d.xray_config.read_bytes() == config_before
+    assert table_ports(net, d.table) == {a["port"]}
+    assert d.api("GET", "/api/system/ports/status")["valid"] is True
+    time.sleep(1.5)  # the poll loop must not push the refused change on its own
+    assert d.xray_config.read_bytes() == config_before
+    assert d.api("GET", f"/api/keys/{a['id']}")["status"] == "active"
+
+
+def test_autosync_repairs_drift_at_start(make_daemon: Any) -> None:
+    d = make_daemon(PORTMETER_XRAY_BIN=NO_XRAY)
+    a = d.create("alice")
+    b = d.create("bob")
+    assert d.stop() == 0
+    config = read_config(d)
+    config["inbounds"] = [i for i in config["inbounds"] if i["tag"] != tag(a)]
+    write_json(d.xray_config, config)
+
+    d.start()  # without autosync: drift is reported in the log, the file is left alone
+    assert [p["kind"] for p in validate(d)["problems"]] == ["missing"]
+    assert [e["kind"] for e in log_events(d, "xray_drift")] == ["missing"]
+    assert set(portmeter_inbounds(read_config(d))) == {tag(b)}
+    assert d.stop() == 0
+
+    d.env["PORTMETER_XRAY_AUTOSYNC"] = "true"
+    d.start()
+    assert validate(d)["in_sync"] is True
+    assert set(portmeter_inbounds(read_config(d))) == {tag(a), tag(b)}
+    assert log_events(d, "xray_drift_repaired")
+
+
 def test_unreadable_operator_config_refuses_create(make_daemon: Any, net: Lab) -> None:
     d = make_daemon(start=False, PORTMETER_XRAY_BIN=NO_XRAY)
     d.xray_config.parent.mkdir(parents=True)
@@ -472,7 +539,10 @@ def test_unreadable_operator_config_refuses_create(make_daemon: Any, net: Lab) -
     report = status(d)
     assert report["error"] and str(d.xray_config) in report["error"]
     broken_validate = d.http.get("/api/system/xray/validate-sync")
-    assert broken_validate.status_code == 503 and str(d.xray_config) in broken_validate.json()["detail"]
+    assert (
+        broken_validate.status_code == 503
+        and str(d.xray_config) in broken_validate.json()["detail"]
+    )
 
     # Once the operator fixes the file, the same create works.
     write_json(d.xray_config, OPERATOR_CONFIG)
@@ -500,8 +570,13 @@ def test_traffic_through_the_proxy_is_counted_on_its_key_only(make_daemon: Any, 
     a = d.create("alice")
     b = d.create("bob")
     config = read_config(d)
-    assert {t: i["port"] for t, i in portmeter_inbounds(config).items()} == {tag(a): a["port"], tag(b): b["port"]}
-    assert all(i["streamSettings"]["security"] == "none" for i in portmeter_inbounds(config).values())
+    assert {t: i["port"] for t, i in portmeter_inbounds(config).items()} == {
+        tag(a): a["port"],
+        tag(b): b["port"],
+    }
+    assert all(
+        i["streamSettings"]["security"] == "none" for i in portmeter_inbounds(config).values()
+    )
 
     route = ClientRoute.from_link(a["link"], socks_port=SOCKS_A)
     assert (route.server, route.server_port, route.uuid) == (SERVER_V4, a["port"], a["uuid"])
@@ -585,4 +660,3 @@ def test_without_remove_inactive_disabled_keys_keep_their_inbound(make_daemon: A
     assert set(portmeter_inbounds(read_config(d))) == {tag(a)}
     report = validate(d)
     assert report["in_sync"] is True and report["expected_inbounds"] == 1
-
