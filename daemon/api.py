@@ -7,11 +7,13 @@ Paths and field names follow the seed document (`/api/system/ports`, `/api/traff
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import grp
 import hmac
 import os
 import socket
+import struct
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -21,6 +23,7 @@ from typing import Annotated, Any
 import anyio
 import structlog
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 from fastapi import Body, FastAPI, Path as PathParam, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -261,6 +264,7 @@ def create_app(service: Service) -> FastAPI:
     )
     log = service.log
     app.add_middleware(JsonBodies)
+    app.add_middleware(AuditLog, log=log)
     _install_error_handlers(app, log)
 
     @app.post("/api/keys", status_code=201)
@@ -572,6 +576,45 @@ def _answers(path: Path) -> bool:
         probe.close()
 
 
+class PeerCredentialsH11(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, with the Unix peer's pid and uid (SO_PEERCRED) as `client`,
+    so every mutating call can be logged with who made it."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family == socket.AF_UNIX:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            pid, uid, _ = struct.unpack("3i", creds)
+            self.client = (f"pid={pid} uid={uid}", 0)
+
+
+class AuditLog:
+    """Logs every call that changes something, with the caller's pid/uid and the answer's status."""
+
+    def __init__(self, app: ASGIApp, log: structlog.typing.FilteringBoundLogger) -> None:
+        self.app = app
+        self.log = log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def remember(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, remember)
+        finally:
+            peer = (scope.get("client") or ("unknown", 0))[0]
+            self.log.info("api_call", method=scope["method"], path=scope["path"], status=status, peer=peer)
+
+
 class _QuietServer(uvicorn.Server):
     """uvicorn without its own signal handlers: the daemon owns SIGTERM/SIGINT."""
 
@@ -586,6 +629,7 @@ async def serve(service: Service, stop: anyio.Event) -> None:
     sock = bind_unix_socket(settings.socket, settings.socket_group)
     config = uvicorn.Config(
         create_app(service),
+        http=PeerCredentialsH11,
         log_config=None,
         access_log=False,
         lifespan="off",

@@ -64,7 +64,7 @@ class Settings(BaseSettings):
     xray_restart_command: str = "systemctl restart xray"
     xray_api_address: str = "127.0.0.1:62789"
     xray_backups: int = Field(default=10, ge=0, le=1000)
-    xray_autosync: bool = False
+    xray_autosync: bool = True
     xray_remove_inactive: bool = False
     xray_flow: str = "xtls-rprx-vision"
     xray_security: Literal["reality", "none"] = "reality"

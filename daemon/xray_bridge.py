@@ -119,6 +119,7 @@ class XrayBridge:
 
         async def undo() -> None:
             await anyio.to_thread.run_sync(self.files.restore, previous)
+            await anyio.to_thread.run_sync(self.files.discard_backup, backup)
             with contextlib.suppress(xs.XrayError):
                 await self.applier.apply(xs.inbound_changes(new, old))
 

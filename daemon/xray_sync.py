@@ -956,6 +956,11 @@ class XrayFiles:
             return
         self._replace(previous)
 
+    def discard_backup(self, backup: Path | None) -> None:
+        """Forget the backup a write made, when that write is being undone."""
+        if backup is not None and backup.parent == self.backup_dir:
+            backup.unlink(missing_ok=True)
+
     def keep_copy(self, label: str) -> Path:
         """A labelled copy of the live file (e.g. before a migration) that rotation never deletes."""
         data = self.read_bytes()

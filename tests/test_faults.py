@@ -132,3 +132,12 @@ def test_other_tables_are_never_touched(net: Lab, daemon: Daemon) -> None:
     daemon.api("DELETE", f"/api/keys/{key['id']}")
     after = [net.nft("list", "table", f, t).stdout for f, t in (("ip", "neighbour"), ("inet", "alsomine"))]
     assert after == before
+
+
+def test_mutating_calls_are_logged_with_the_callers_pid_and_uid(daemon: Daemon) -> None:
+    daemon.create("audited")
+    daemon.api("GET", "/api/keys")
+    calls = [line for line in daemon.log().splitlines() if "event=api_call" in line]
+    assert len(calls) == 1
+    assert "method=POST path=/api/keys status=201" in calls[0]
+    assert f'peer="pid={os.getpid()} uid=0"' in calls[0]

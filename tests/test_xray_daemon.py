@@ -432,6 +432,7 @@ def test_apply_failure_rolls_everything_back(make_daemon: Any, net: Lab, workdir
     wait_state_settled(d)
     config_before = d.xray_config.read_bytes()
     state_before = d.state_file.read_bytes()
+    backups_before = sorted(backups(d))
     calls_before = invocations()
     refused = d.http.post("/api/keys", json={"name": "bob"})
     assert refused.status_code == 503, refused.text
@@ -447,6 +448,7 @@ def test_apply_failure_rolls_everything_back(make_daemon: Any, net: Lab, workdir
     assert table_ports(net, d.table) == {alice["port"]}
     assert d.xray_config.read_bytes() == config_before
     assert d.state_file.read_bytes() == state_before
+    assert sorted(backups(d)) == backups_before  # a refused change leaves no backup behind
     assert d.api("GET", "/api/system/ports/status")["valid"] is True
     assert validate(d)["in_sync"] is True
 

@@ -1,0 +1,183 @@
+"""Prometheus metrics: `GET /metrics` on the API, and a file for node_exporter's textfile collector.
+
+Nothing is kept in prometheus-client's global registry: each app gets its own CollectorRegistry
+holding one collector that reads the service when Prometheus scrapes, after `service.refresh()`
+read the kernel, so the numbers are exactly what the JSON API answers at that moment.
+
+Metrics (`key` is the key's name, unique on a server; `port` its port):
+
+    portmeter_key_rx_bytes_total{key,port}        counter  client -> server bytes since the last reset
+    portmeter_key_tx_bytes_total{key,port}        counter  server -> client bytes since the last reset
+    portmeter_key_dropped_bytes_total{key,port}   counter  bytes the kernel dropped (over limit, expired,
+                                                           disabled); not part of rx/tx
+    portmeter_key_limit_bytes{key,port}           gauge    data limit; only keys that have one
+    portmeter_key_status{key,port,status}         gauge    see below
+    portmeter_keys                                gauge    number of keys
+    portmeter_poll_duration_seconds               gauge    how long the last reading of the kernel took
+    portmeter_last_poll_timestamp_seconds         gauge    when it finished (Unix time)
+    portmeter_xray_in_sync                        gauge    1 when Xray's config matches the keys, 0 when
+                                                           it drifted or cannot be read; absent when the
+                                                           Xray integration is off
+
+Counting follows the API: layer-3 bytes at the nftables hook. rx and tx drop to zero when a key's
+traffic is reset (by hand or by its reset strategy); Prometheus' rate() and increase() treat that
+as a counter reset. used bytes, which limits count, are rx + tx, so
+`(portmeter_key_rx_bytes_total + portmeter_key_tx_bytes_total) / portmeter_key_limit_bytes`
+is the share of the allowance used.
+
+`portmeter_key_status` is a state set in the classic text format: every key has one series per
+possible status (active, limited, expired, disabled), 1 for its current status and 0 for the
+others, so `portmeter_key_status{status="limited"} == 1` selects the limited keys and a status
+change never leaves a stale series behind.
+
+On /metrics the kernel is read for every scrape, so the last poll is that reading; the textfile
+is written after each poll of the daemon's loop, so its timestamp shows that the loop is alive.
+Byte values are exact below 2**53 (8 PiB), the precision of the format's floats.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import anyio
+from fastapi import FastAPI
+from fastapi.responses import Response
+from prometheus_client import CollectorRegistry, write_to_textfile
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+
+from daemon.limits import Status
+from daemon.xray_sync import XrayError
+
+if TYPE_CHECKING:
+    from daemon.service import Service
+
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4  # what generate_latest writes: text format 0.0.4
+KEY_LABELS = ("key", "port")
+
+
+class ServiceCollector:
+    """Reads the service's keys when collected; Xray's sync status is measured by `update()`.
+
+    `collect()` does no I/O and does not await, so on the event loop it sees one consistent
+    state. Whether Xray is in sync needs its config file, read in a worker thread by
+    `await update()` just before collecting.
+    """
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.xray_in_sync: bool | None = None
+
+    async def update(self) -> None:
+        self.xray_in_sync = await xray_in_sync(self.service)
+
+    def collect(self) -> Iterator[Metric]:
+        service = self.service
+        keys = sorted(service.state.keys.values(), key=lambda k: k.port)
+        rx = CounterMetricFamily(
+            "portmeter_key_rx_bytes",
+            "Bytes from clients to the key's port (layer 3, as nftables counts them) since the key's last reset.",
+            labels=KEY_LABELS,
+        )
+        tx = CounterMetricFamily(
+            "portmeter_key_tx_bytes",
+            "Bytes from the key's port to clients (layer 3, as nftables counts them) since the key's last reset.",
+            labels=KEY_LABELS,
+        )
+        dropped = CounterMetricFamily(
+            "portmeter_key_dropped_bytes",
+            "Bytes the kernel dropped for the key (over its limit, expired or disabled) since its last reset.",
+            labels=KEY_LABELS,
+        )
+        limit = GaugeMetricFamily(
+            "portmeter_key_limit_bytes",
+            "The key's data limit in bytes (rx + tx since the last reset); only keys that have a limit.",
+            labels=KEY_LABELS,
+        )
+        status = GaugeMetricFamily(
+            "portmeter_key_status",
+            "The key's status as a state set: 1 for the current status "
+            "(active, limited, expired, disabled), 0 for the others.",
+            labels=(*KEY_LABELS, "status"),
+        )
+        for key in keys:
+            labels = [key.name, str(key.port)]
+            rx.add_metric(labels, key.rx.bytes)
+            tx.add_metric(labels, key.tx.bytes)
+            dropped.add_metric(labels, key.dropped.bytes)
+            if key.data_limit_bytes is not None:
+                limit.add_metric(labels, key.data_limit_bytes)
+            for state in Status:
+                status.add_metric([*labels, state.value], 1 if key.status is state else 0)
+        yield from (rx, tx, dropped, limit, status)
+        yield GaugeMetricFamily("portmeter_keys", "Number of keys.", value=len(keys))
+        seconds = getattr(service, "last_poll_seconds", None)
+        if seconds is not None:
+            yield GaugeMetricFamily(
+                "portmeter_poll_duration_seconds",
+                "How long the last reading of the kernel's counters took (poll or on-demand refresh).",
+                value=seconds,
+            )
+        if service.last_poll_at is not None:
+            yield GaugeMetricFamily(
+                "portmeter_last_poll_timestamp_seconds",
+                "When the last reading of the kernel's counters finished, in seconds since the epoch.",
+                value=service.last_poll_at,
+            )
+        if self.xray_in_sync is not None:
+            yield GaugeMetricFamily(
+                "portmeter_xray_in_sync",
+                "1 when Xray's config serves exactly the keys it should, 0 when it drifted or is unreadable.",
+                value=1 if self.xray_in_sync else 0,
+            )
+
+
+async def xray_in_sync(service: Service) -> bool | None:
+    """None when the Xray integration is off; False also when its config cannot be read."""
+    if service.xray is None:
+        return None
+    try:
+        return not await service.xray.drift(service.state)
+    except XrayError:
+        return False
+
+
+class _Collected:
+    """Metrics already collected, for writing them from a worker thread."""
+
+    def __init__(self, metrics: Iterable[Metric]) -> None:
+        self.metrics = list(metrics)
+
+    def collect(self) -> list[Metric]:
+        return self.metrics
+
+
+def register(app: FastAPI, service: Service) -> CollectorRegistry:
+    """Add `GET /metrics` to `app`, with a registry of its own."""
+    registry = CollectorRegistry()
+    collector = ServiceCollector(service)
+    registry.register(collector)
+
+    @app.get("/metrics", response_class=Response, summary="Prometheus metrics (text format 0.0.4)")
+    async def metrics() -> Response:
+        await service.refresh()  # exact to this moment, like the JSON endpoints
+        await collector.update()
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE)
+
+    return registry
+
+
+async def write_textfile(service: Service, path: Path) -> None:
+    """Write the metrics to `path` (a `*.prom` file in node_exporter's textfile directory).
+
+    The metrics are collected on the event loop (a consistent state), then written in a worker
+    thread by prometheus-client: a temporary file beside `path`, renamed over it, so the
+    collector never reads half a file. Raises OSError when the file cannot be written.
+    """
+    collector = ServiceCollector(service)
+    await collector.update()
+    registry = CollectorRegistry()
+    registry.register(_Collected(collector.collect()))
+    await anyio.to_thread.run_sync(write_to_textfile, str(path), registry)
