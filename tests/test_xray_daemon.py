@@ -501,7 +501,7 @@ def test_disable_that_cannot_be_applied_is_rolled_back(
 
 
 def test_autosync_repairs_drift_at_start(make_daemon: Any) -> None:
-    d = make_daemon(PORTMETER_XRAY_BIN=NO_XRAY)
+    d = make_daemon(PORTMETER_XRAY_BIN=NO_XRAY, PORTMETER_XRAY_AUTOSYNC="false")
     a = d.create("alice")
     b = d.create("bob")
     assert d.stop() == 0
