@@ -37,14 +37,15 @@ Byte values are exact below 2**53 (8 PiB), the precision of the format's floats.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
 from fastapi import FastAPI
 from fastapi.responses import Response
-from prometheus_client import CollectorRegistry, write_to_textfile
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
@@ -144,16 +145,6 @@ async def xray_in_sync(service: Service) -> bool | None:
         return False
 
 
-class _Collected:
-    """Metrics already collected, for writing them from a worker thread."""
-
-    def __init__(self, metrics: Iterable[Metric]) -> None:
-        self.metrics = list(metrics)
-
-    def collect(self) -> list[Metric]:
-        return self.metrics
-
-
 def register(app: FastAPI, service: Service) -> CollectorRegistry:
     """Add `GET /metrics` to `app`, with a registry of its own."""
     registry = CollectorRegistry()
@@ -170,14 +161,32 @@ def register(app: FastAPI, service: Service) -> CollectorRegistry:
 
 
 async def write_textfile(service: Service, path: Path) -> None:
-    """Write the metrics to `path` (a `*.prom` file in node_exporter's textfile directory).
+    """Write the metrics to `path`, a `*.prom` file in node_exporter's textfile directory.
 
-    The metrics are collected on the event loop (a consistent state), then written in a worker
-    thread by prometheus-client: a temporary file beside `path`, renamed over it, so the
-    collector never reads half a file. Raises OSError when the file cannot be written.
+    Collected on the event loop (one consistent state), written in a worker thread. Raises
+    OSError when the file cannot be written.
     """
     collector = ServiceCollector(service)
     await collector.update()
     registry = CollectorRegistry()
-    registry.register(_Collected(collector.collect()))
-    await anyio.to_thread.run_sync(write_to_textfile, str(path), registry)
+    registry.register(collector)
+    await anyio.to_thread.run_sync(_replace, path, generate_latest(registry))
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """Atomically: a temporary file beside `path` (a name node_exporter ignores), renamed over it.
+
+    Not prometheus_client.write_to_textfile: that creates the file with the process umask, and
+    the shipped unit's UMask=0077 would leave it unreadable for node_exporter (user prometheus).
+    """
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.unlink(missing_ok=True)  # left by a crash; O_EXCL never follows a planted link
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            os.fchmod(file.fileno(), 0o644)
+            file.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
