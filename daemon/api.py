@@ -623,24 +623,70 @@ class _QuietServer(uvicorn.Server):
         yield
 
 
+class ApiKeyGuard:
+    """The TCP listener's gate: every request needs the X-API-Key header (compared in constant
+    time), except the page's static files (no data in them) and subscriptions (their unguessable
+    token is the secret, and VPN apps cannot send headers)."""
+
+    OPEN_PREFIXES = ("/sub/", "/static/")
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.api_key = api_key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not self._open(scope["path"]):
+            supplied = dict(scope["headers"]).get(b"x-api-key", b"")
+            if not hmac.compare_digest(supplied, self.api_key):
+                await _refuse(send, 401, "missing or wrong X-API-Key header")
+                return
+        await self.app(scope, receive, send)
+
+    def _open(self, path: str) -> bool:
+        return path == "/" or path.startswith(self.OPEN_PREFIXES)
+
+
+def bind_tcp_socket(address: str) -> socket.socket:
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, int(port)))
+    except OSError as exc:
+        sock.close()
+        raise SocketBusy(f"PORTMETER_HTTP_LISTEN={address}: {exc.strerror}") from None
+    sock.listen(256)
+    return sock
+
+
 async def serve(service: Service, stop: anyio.Event) -> None:
-    """Answer on the Unix socket until `stop` is set, then finish requests in flight."""
+    """Answer on the Unix socket (and the TCP listener, if set) until `stop`, then finish
+    requests in flight."""
     settings = service.settings
-    sock = bind_unix_socket(settings.socket, settings.socket_group)
-    config = uvicorn.Config(
-        create_app(service),
-        http=PeerCredentialsH11,
-        log_config=None,
-        access_log=False,
-        lifespan="off",
-        timeout_graceful_shutdown=3,
-    )
-    server = _QuietServer(config)
+    app = create_app(service)
+    listeners = [(bind_unix_socket(settings.socket, settings.socket_group), app)]
+    if settings.http_listen:
+        listeners.append((bind_tcp_socket(settings.http_listen), ApiKeyGuard(app, settings.api_key)))
+        service.log.info("http_listener", address=settings.http_listen)
+    servers = [
+        _QuietServer(
+            uvicorn.Config(
+                handler, http=PeerCredentialsH11, log_config=None, access_log=False,
+                lifespan="off", timeout_graceful_shutdown=3,
+            )
+        )
+        for _, handler in listeners
+    ]
     try:
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(server.serve, [sock])
+            for server, (sock, _) in zip(servers, listeners, strict=True):
+                tasks.start_soon(server.serve, [sock])
             await stop.wait()
-            server.should_exit = True
+            for server in servers:
+                server.should_exit = True
     finally:
-        sock.close()
+        for sock, _ in listeners:
+            sock.close()
         settings.socket.unlink(missing_ok=True)

@@ -1,8 +1,14 @@
-"""Durable outbox for webhooks: at-least-once delivery that survives restarts.
+"""Durable outboxes: webhooks for key events, and usage reports to a fleet collector.
 
-One file per message in the outbox directory, written atomically before the event counts as
-sent; a message is deleted only after the receiver answered 2xx. Delivery retries with
-exponential backoff. Each POST carries an HMAC-SHA256 of its body so receivers can trust it.
+One file per message in an outbox directory, written atomically; a message is deleted only after
+the receiver answered 2xx (at-least-once, retried with exponential backoff, across restarts).
+Webhook bodies carry an HMAC-SHA256 signature; fleet reports carry the collector's API key.
+
+Fleet reports are a usage sink: the batch for state generation g is staged as `g.staged`
+before the state is saved and becomes deliverable (`g.json`) once it is; a batch staged for a
+generation the state never reached is deleted at start. So the collector receives exactly the
+usage the state file holds, and duplicates (a retry after a lost answer) carry the same report
+ids, which the collector ignores.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ import hmac
 import json
 import secrets
 import time
+from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +28,11 @@ import httpx
 import structlog
 
 from daemon.state import write_atomic
+from daemon.usage import SinkError, UsageDelta
 
 SIGNATURE_HEADER = "X-Portmeter-Signature"
 MAX_BACKOFF = 300.0
+Headers = Callable[[bytes], dict[str, str]]
 
 
 def signature(secret: str, body: bytes) -> str:
@@ -34,23 +44,40 @@ class Outbox:
         self,
         directory: Path,
         url: str | None,
-        secret: str,
+        headers: Headers,
         log: structlog.typing.FilteringBoundLogger,
+        kind: str = "webhook",
     ) -> None:
         self.directory = directory
         self.url = url
-        self.secret = secret
+        self.headers = headers
         self.log = log
+        self.kind = kind
         self._wake = anyio.Event()
 
-    def put(self, message: dict[str, Any]) -> None:
-        """Queue a message durably; a no-op when no webhook is configured."""
+    def put(self, message: dict[str, Any], name: str | None = None, staged: bool = False) -> Path | None:
+        """Queue a message durably (as `name.staged` when staged); a no-op without a URL."""
         if not self.url:
-            return
-        message = {"event_id": secrets.token_hex(8), **message}
-        name = f"{time.time_ns():020d}-{message['event_id']}.json"
-        write_atomic(self.directory / name, json.dumps(message, sort_keys=True).encode())
-        self._wake.set()
+            return None
+        name = name or f"{time.time_ns():020d}-{secrets.token_hex(4)}"
+        path = self.directory / f"{name}{'.staged' if staged else '.json'}"
+        write_atomic(path, json.dumps(message, sort_keys=True).encode())
+        if not staged:
+            self._wake.set()
+        return path
+
+    def release(self, name: str) -> None:
+        """Make a staged message deliverable."""
+        staged = self.directory / f"{name}.staged"
+        if staged.exists():
+            staged.rename(self.directory / f"{name}.json")
+            self._wake.set()
+
+    def discard(self, name: str) -> None:
+        (self.directory / f"{name}.staged").unlink(missing_ok=True)
+
+    def staged(self) -> list[str]:
+        return sorted(p.stem for p in self.directory.glob("*.staged")) if self.directory.exists() else []
 
     def pending(self) -> list[Path]:
         return sorted(self.directory.glob("*.json")) if self.directory.exists() else []
@@ -74,22 +101,77 @@ class Outbox:
 
     async def _deliver(self, client: httpx.AsyncClient, path: Path) -> bool:
         body = path.read_bytes()
-        event = json.loads(body)
-        headers = {
-            "Content-Type": "application/json",
-            SIGNATURE_HEADER: signature(self.secret, body),
-            "X-Portmeter-Event": str(event.get("event")),
-            "X-Portmeter-Delivery": str(event.get("event_id")),
-        }
+        headers = {"Content-Type": "application/json", **self.headers(body)}
         assert self.url is not None
         try:
             response = await client.post(self.url, content=body, headers=headers)
         except httpx.HTTPError as exc:
-            self.log.warning("webhook_failed", webhook_event=event.get("event"), error=type(exc).__name__)
+            self.log.warning(f"{self.kind}_failed", message=path.name, error=type(exc).__name__)
             return False
         if not response.is_success:
-            self.log.warning("webhook_refused", webhook_event=event.get("event"), status=response.status_code)
+            self.log.warning(f"{self.kind}_refused", message=path.name, status=response.status_code)
             return False
         path.unlink(missing_ok=True)
-        self.log.info("webhook_delivered", webhook_event=event.get("event"), event_id=event.get("event_id"))
+        self.log.info(f"{self.kind}_delivered", message=path.name)
         return True
+
+
+def webhook_outbox(directory: Path, url: str | None, secret: str,
+                   log: structlog.typing.FilteringBoundLogger) -> Outbox:
+    """Key events (limited, expired, reset ...), each POST signed with HMAC-SHA256."""
+
+    def headers(body: bytes) -> dict[str, str]:
+        event = json.loads(body)
+        return {
+            SIGNATURE_HEADER: signature(secret, body),
+            "X-Portmeter-Event": str(event.get("event")),
+            "X-Portmeter-Delivery": str(event.get("event_id")),
+        }
+
+    return Outbox(directory, url, headers, log)
+
+
+class FleetReports:
+    """A usage sink that sends each saved generation's per-key deltas to the collector, in the
+    format of seed 004: {user_token, server, port, protocol, bytes_uploaded, bytes_downloaded}."""
+
+    def __init__(self, outbox: Outbox, server: str) -> None:
+        self.outbox = outbox
+        self.server = server
+
+    def recover(self, committed: int) -> None:
+        for name in self.outbox.staged():
+            if int(name) > committed:
+                self.outbox.discard(name)
+            else:
+                self.outbox.release(name)
+
+    def stage(self, generation: int, at: datetime, deltas: Sequence[UsageDelta]) -> None:
+        reports = [
+            {
+                "report_id": f"{self.server}:{generation}:{d.key_id}:{d.epoch}",
+                "user_token": d.name,
+                "server": self.server,
+                "port": d.port,
+                "protocol": "vless",
+                "bytes_uploaded": d.rx_bytes,
+                "bytes_downloaded": d.tx_bytes,
+                "timestamp": int(at.timestamp()),
+            }
+            for d in deltas
+        ]
+        try:
+            self.outbox.put({"reports": reports}, name=f"{generation:012d}", staged=True)
+        except OSError as exc:
+            raise SinkError(f"cannot stage fleet report: {exc.strerror or exc}") from None
+
+    def commit(self, generation: int) -> None:
+        self.outbox.release(f"{generation:012d}")
+
+    def rollback(self, generation: int) -> None:
+        self.outbox.discard(f"{generation:012d}")
+
+
+def fleet_outbox(directory: Path, url: str | None, api_key: str,
+                 log: structlog.typing.FilteringBoundLogger) -> Outbox:
+    return Outbox(directory, url, lambda _: {"X-API-Key": api_key} if api_key else {}, log, kind="report")

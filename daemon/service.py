@@ -29,7 +29,7 @@ from daemon import allocator, limits, netinfo, xray_sync
 from daemon.counters import Counters, NftError, PortReading, TableView
 from daemon.errors import Conflict, Invalid, KernelRefused, NotFound, OperationError, StorageFull
 from daemon.limits import Quota, ResetStrategy, Status
-from daemon.reports import Outbox
+from daemon.reports import FleetReports, Outbox, fleet_outbox, webhook_outbox
 from daemon.sdnotify import Notifier
 from daemon.settings import Settings
 from daemon.usage import SinkError, UsageDelta, UsageSink
@@ -443,6 +443,7 @@ class Service:
             used_bytes=key.used_bytes, limit=key.data_limit_bytes, **fields,
         )
         self.outbox.put({
+            "event_id": secrets.token_hex(8),
             "event": name,
             "key": {"id": key.id, "name": key.name, "uuid": str(key.uuid), "port": key.port},
             "status": key.status.value,
@@ -677,9 +678,15 @@ async def run_daemon(
         store.backup()  # a known-good copy from every start, for `portmeter state restore`
     except StorageError as exc:
         log.warning("state_backup_failed", error=str(exc))
-    outbox = Outbox(settings.state_dir / "outbox", settings.webhook_url, settings.webhook_secret, log)
+    outbox = webhook_outbox(settings.state_dir / "outbox", settings.webhook_url, settings.webhook_secret, log)
+    fleet = fleet_outbox(settings.state_dir / "reports", settings.report_url, settings.report_api_key, log)
+    sinks: list[UsageSink] = []
+    if settings.report_url:
+        sinks.append(FleetReports(fleet, settings.server_name))
+    for sink in sinks:
+        sink.recover(state.generation)
     xray = None if settings.xray_config is None else XrayBridge(settings, log)
-    service = Service(settings, store, state, Counters(settings.nft_table), outbox, log, xray)
+    service = Service(settings, store, state, Counters(settings.nft_table), outbox, log, xray, sinks)
     started = time.perf_counter()
     await service.reconcile()
     await service.start_xray()
@@ -688,6 +695,7 @@ async def run_daemon(
         background.start_soon(service.poll_loop)
         background.start_soon(service.backup_loop)
         background.start_soon(outbox.deliver_forever)
+        background.start_soon(fleet.deliver_forever)
         if notifier.watchdog_interval:
             background.start_soon(_watchdog, notifier, notifier.watchdog_interval)
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

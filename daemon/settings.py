@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from socket import gethostname
 from pathlib import Path
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -75,6 +76,13 @@ class Settings(BaseSettings):
     timezone: str = "UTC"
     webhook_url: str | None = None
     webhook_secret: str = Field(default="", repr=False)
+    # Fleet: this server's name in reports, where to send them, and the collector's API key.
+    server_name: str = Field(default_factory=gethostname, max_length=128)
+    report_url: str | None = None
+    report_api_key: str = Field(default="", repr=False)
+    # Optional TCP listener (e.g. 127.0.0.1:8080) for the API and the page; needs an API key.
+    http_listen: str | None = None
+    api_key: str = Field(default="", repr=False)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("timezone")
@@ -86,7 +94,17 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown time zone {value!r} (use e.g. UTC or Europe/Berlin)") from None
         return value
 
-    @field_validator("webhook_url")
+    @field_validator("http_listen")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        host, _, port = value.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8080")
+        return value
+
+    @field_validator("webhook_url", "report_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value and not value.startswith(("http://", "https://")):
@@ -94,9 +112,11 @@ class Settings(BaseSettings):
         return value or None
 
     @model_validator(mode="after")
-    def _webhook_signed(self) -> Settings:
+    def _secrets_given(self) -> Settings:
         if self.webhook_url and not self.webhook_secret:
             raise ValueError("PORTMETER_WEBHOOK_SECRET is required when PORTMETER_WEBHOOK_URL is set")
+        if self.http_listen and len(self.api_key) < 16:
+            raise ValueError("PORTMETER_API_KEY (16 characters or more) is required with PORTMETER_HTTP_LISTEN")
         return self
 
     @field_validator("nft_table")
