@@ -353,7 +353,7 @@ class History:
                     f"DELETE FROM {table} WHERE rx_bytes = 0 AND tx_bytes = 0 "
                     "AND rx_packets = 0 AND tx_packets = 0"
                 )
-        db.execute("DELETE FROM staged WHERE generation > ? AND 0", (above,))
+        db.execute("DELETE FROM staged WHERE generation > ?", (above,))
 
     # --- retention -----------------------------------------------------------------------
 

@@ -2,6 +2,8 @@
 
 Real traffic through the lab's namespaces; the metrics must equal the API's exact numbers, and
 `promtool check metrics` (Debian package `prometheus`) must accept them without a lint remark.
+A real Prometheus server (same package, our own process and config, never the system service)
+scrapes a daemon over its TCP listener the way a fleet is watched.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Daemon
-from tests.netlab import Lab
+from tests.netlab import SERVER_V4, Lab, inside
 from tests.test_counting import udp_exchange
 from tests.test_limits import WIRE, Receiver
 
@@ -55,10 +58,15 @@ def value(found: Samples, name: str, **labels: str) -> float | None:
     return found.get((name, tuple(sorted(labels.items()))))
 
 
-def promtool(text: str) -> None:
-    tool = shutil.which("promtool")
+def prometheus_tool(name: str) -> str:
+    tool = shutil.which(name)
     if tool is None:
-        pytest.fail("promtool is missing: install the Debian package `prometheus` (scripts/setup.sh)")
+        pytest.fail(f"{name} is missing: install the Debian package `prometheus` (scripts/setup.sh)")
+    return tool
+
+
+def promtool(text: str) -> None:
+    tool = prometheus_tool("promtool")
     result = subprocess.run(
         [tool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60, check=False
     )
@@ -217,3 +225,60 @@ def test_textfile_for_node_exporter_follows_the_poll_loop(
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
     assert daemon.stop() == 0
     assert sorted(p.name for p in directory.iterdir()) == ["portmeter.prom"]
+
+
+def test_a_prometheus_server_scrapes_the_tcp_listener(net: Lab, make_daemon: Any, workdir: Path) -> None:
+    api_key, port, web = "m" * 24, 18081, "127.0.0.1:19090"
+    daemon: Daemon = make_daemon(
+        PORTMETER_HTTP_LISTEN=f"{SERVER_V4}:{port}", PORTMETER_API_KEY=api_key
+    )
+    key = daemon.create("watched")
+    udp_exchange(net, socket.AF_INET, key["port"], 9, 400, echo=True)
+    expected = 9 * 428
+
+    # Prometheus 2.x sends no custom headers: it authenticates with `Authorization: Bearer`.
+    config = workdir / "prometheus.yml"
+    config.write_text(json.dumps({  # JSON is YAML
+        "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
+        "scrape_configs": [{
+            "job_name": "portmeter",
+            "authorization": {"credentials": api_key},
+            "static_configs": [{"targets": [f"{SERVER_V4}:{port}"]}],
+        }],
+    }))
+    with open(workdir / "prometheus.log", "wb") as log:
+        server = subprocess.Popen(
+            ["ip", "netns", "exec", net.client, prometheus_tool("prometheus"),
+             f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
+             f"--web.listen-address={web}"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+
+    def query(expression: str) -> list[dict[str, Any]]:
+        with inside(net.client), httpx.Client(timeout=5) as client:
+            answer = client.get(f"http://{web}/api/v1/query", params={"query": expression})
+        answer.raise_for_status()
+        return answer.json()["data"]["result"]
+
+    try:
+        deadline = time.monotonic() + 30
+        result: list[dict[str, Any]] = []
+        while time.monotonic() < deadline:
+            assert server.poll() is None, (workdir / "prometheus.log").read_text(errors="replace")
+            try:
+                result = query('portmeter_key_rx_bytes_total{key="watched"}')
+            except httpx.HTTPError:
+                result = []  # not listening yet
+            if result:
+                break
+            time.sleep(0.3)
+        else:
+            pytest.fail(f"Prometheus never scraped the daemon:\n{(workdir / 'prometheus.log').read_text()}")
+        assert float(result[0]["value"][1]) == expected == daemon.traffic(key["id"])["rx_bytes"]
+        assert result[0]["metric"]["port"] == str(key["port"])
+        up = query('up{job="portmeter"}')
+        assert [float(r["value"][1]) for r in up] == [1.0]
+        assert float(query('portmeter_key_status{key="watched",status="active"}')[0]["value"][1]) == 1
+    finally:
+        server.terminate()
+        server.wait(15)

@@ -1,0 +1,263 @@
+"""schemathesis against the real daemon: its own /openapi.json, sent over its Unix socket.
+
+One fuzz run per module (a real daemon in its own namespace, poll loop on, Xray integration on)
+goes through every operation the document lists with positive and negative data; a third of the
+cases aim at keys that exist (by id, uuid and name) so the paths past "no key" are reached too.
+The run records every case instead of stopping at the first failure, and the tests below judge
+the record: no 5xx anywhere, and every answer matches the schema the document gives for it.
+"""
+
+from __future__ import annotations
+
+import collections
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import urllib3
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+from requests.adapters import HTTPAdapter
+
+schemathesis = pytest.importorskip("schemathesis")
+from schemathesis.checks import not_a_server_error  # noqa: E402
+from schemathesis.core.failures import FailureGroup  # noqa: E402
+from schemathesis.generation import GenerationMode  # noqa: E402
+from schemathesis.specs.openapi.checks import response_schema_conformance  # noqa: E402
+
+from tests.conftest import Daemon, fresh_port_range  # noqa: E402
+from tests.netlab import lab  # noqa: E402
+
+pytestmark = pytest.mark.kernel
+
+MAX_EXAMPLES = 40  # per operation and strategy kind; the whole module stays well under 3 minutes
+SEED_NAMES = ("alpha", "beta two", "gamma.3")
+BASE_URL = "http://portmeter"
+
+
+# --- requests over a Unix socket -------------------------------------------------------------
+
+
+class _UnixConnection(urllib3.connection.HTTPConnection):
+    def __init__(self, socket_path: str, *args: Any, **kwargs: Any) -> None:
+        super().__init__("portmeter", *args, **kwargs)
+        self.socket_path = socket_path
+
+    def _new_conn(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(30)
+        sock.connect(self.socket_path)
+        return sock
+
+
+class _UnixPool(urllib3.connectionpool.HTTPConnectionPool):
+    def __init__(self, socket_path: str) -> None:
+        super().__init__("portmeter", maxsize=4)
+        self.socket_path = socket_path
+
+    def _new_conn(self) -> _UnixConnection:
+        return _UnixConnection(self.socket_path, timeout=30)
+
+
+class UnixAdapter(HTTPAdapter):
+    """Every request of the session goes to the daemon's socket, whatever host the URL names."""
+
+    def __init__(self, socket_path: str) -> None:
+        super().__init__()
+        self.pool = _UnixPool(socket_path)
+
+    def get_connection_with_tls_context(self, request: Any, verify: Any, proxies: Any = None,
+                                        cert: Any = None) -> _UnixPool:
+        return self.pool
+
+    def close(self) -> None:
+        self.pool.close()
+        super().close()
+
+
+def unix_session(socket_path: Path) -> requests.Session:
+    session = requests.Session()
+    session.trust_env = False
+    session.mount("http://", UnixAdapter(str(socket_path)))
+    return session
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Finding:
+    check: str
+    operation: str
+    status: int
+    message: str
+    curl: str
+    body: str
+
+
+@dataclass
+class FuzzRecord:
+    operations: list[str] = field(default_factory=list)
+    cases: collections.Counter[str] = field(default_factory=collections.Counter)
+    statuses: collections.Counter[tuple[str, int]] = field(default_factory=collections.Counter)
+    undocumented: collections.Counter[tuple[str, int]] = field(default_factory=collections.Counter)
+    findings: list[Finding] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def add(self, finding: Finding) -> None:
+        # Keep the first three of each kind: enough to reproduce, short enough to read.
+        same = [f for f in self.findings
+                if (f.check, f.operation, f.status) == (finding.check, finding.operation, finding.status)]
+        if len(same) < 3:
+            self.findings.append(finding)
+
+    def of(self, check: str) -> list[Finding]:
+        return [f for f in self.findings if f.check == check]
+
+    def summary(self) -> str:
+        lines = [f"schemathesis: {sum(self.cases.values())} cases over {len(self.operations)} operations "
+                 f"in {self.seconds:.1f}s"]
+        for op in self.operations:
+            codes = ", ".join(f"{code}x{n}" for (o, code), n in sorted(self.statuses.items()) if o == op)
+            lines.append(f"  {op}: {self.cases[op]} cases ({codes})")
+        if self.undocumented:
+            gaps = sorted({(op, code) for op, code in self.undocumented})
+            lines.append("  statuses the document does not list: "
+                         + "; ".join(f"{op} {code}" for op, code in gaps))
+        return "\n".join(lines)
+
+
+def describe(findings: list[Finding]) -> str:
+    return "\n\n".join(
+        f"[{f.check}] {f.operation} -> {f.status}\n  {f.message}\n  request:  {f.curl}\n  response: {f.body}"
+        for f in findings
+    )
+
+
+def ensure_seed_keys(daemon: Daemon) -> list[str]:
+    """The seed keys exist (the fuzzer deletes and disables them); their ids, uuids and names."""
+    refs: list[str] = []
+    for name in SEED_NAMES:
+        response = daemon.http.get(f"/api/keys/{name}")
+        if response.status_code == 404:
+            response = daemon.http.post("/api/keys", json={"name": name})
+        if response.status_code not in (200, 201):
+            continue  # e.g. the range is full: the fuzzer created that many keys
+        key = response.json()
+        refs += [key["id"], key["uuid"], key["name"]]
+    return refs
+
+
+def sub_tokens(daemon: Daemon) -> list[str]:
+    keys = daemon.http.get("/api/keys").json()["keys"]
+    return [k["subscription_url"].rsplit("/", 1)[1] for k in keys if k.get("subscription_url")]
+
+
+def case_strategy(operation: Any, daemon: Daemon) -> st.SearchStrategy[Any]:
+    kinds = [operation.as_strategy(GenerationMode.POSITIVE), operation.as_strategy(GenerationMode.NEGATIVE)]
+    names = [p.name for p in operation.path_parameters]
+    known = ensure_seed_keys(daemon) if "key_id" in names else sub_tokens(daemon) if "token" in names else []
+    if known and names:
+        kinds.append(st.sampled_from(known).flatmap(
+            lambda ref: operation.as_strategy(GenerationMode.POSITIVE, path_parameters={names[0]: ref})))
+    return st.one_of(kinds)
+
+
+def fuzz(daemon: Daemon) -> FuzzRecord:
+    record = FuzzRecord()
+    document = daemon.api("GET", "/openapi.json")
+    schema = schemathesis.openapi.from_dict(document)
+    session = unix_session(daemon.socket)
+    started = time.monotonic()
+    try:
+        for result in schema.get_all_operations():
+            operation = result.ok()
+            label = operation.label
+            record.operations.append(label)
+            documented = {str(code) for code in operation.definition.raw.get("responses", {})}
+
+            @settings(max_examples=MAX_EXAMPLES * 3, deadline=None, database=None, derandomize=False,
+                      phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+            @given(case=case_strategy(operation, daemon))
+            def run(case: Any) -> None:
+                response = case.call(session=session, base_url=BASE_URL)
+                record.cases[label] += 1
+                record.statuses[(label, response.status_code)] += 1
+                if str(response.status_code) not in documented and "default" not in documented:
+                    record.undocumented[(label, response.status_code)] += 1
+                for check in (not_a_server_error, response_schema_conformance):
+                    try:
+                        case.validate_response(response, checks=[check])
+                    except (FailureGroup, AssertionError) as exc:
+                        failures = getattr(exc, "exceptions", [exc])
+                        message = " | ".join(
+                            (getattr(f, "title", "") + ": " + getattr(f, "message", str(f))).strip(": ")
+                            for f in failures
+                        )
+                        record.add(Finding(check.__name__, label, response.status_code, message,
+                                           case.as_curl_command(base_url=BASE_URL), response.text[:500]))
+                if response.status_code >= 500:  # belt and braces, whatever the check's config says
+                    record.add(Finding("status_below_500", label, response.status_code, "a 5xx answer",
+                                       case.as_curl_command(base_url=BASE_URL), response.text[:500]))
+
+            run()
+    finally:
+        session.close()
+    record.seconds = time.monotonic() - started
+    return record
+
+
+@dataclass
+class Fuzzed:
+    daemon: Daemon
+    record: FuzzRecord
+
+
+@pytest.fixture(scope="module")
+def fuzzed() -> Iterator[Fuzzed]:
+    workdir = Path(tempfile.mkdtemp(prefix="pm-"))
+    try:
+        with lab() as net:
+            daemon = Daemon(net.server, workdir / "d", fresh_port_range(300), PORTMETER_POLL_INTERVAL="1")
+            try:
+                daemon.start()
+                ensure_seed_keys(daemon)
+                record = fuzz(daemon)
+                print("\n" + record.summary())
+                yield Fuzzed(daemon, record)
+            finally:
+                daemon.close()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_every_operation_was_fuzzed(fuzzed: Fuzzed) -> None:
+    record = fuzzed.record
+    assert len(record.operations) >= 15, record.operations
+    assert "POST /api/keys" in record.operations and "GET /sub/{token}" in record.operations
+    for op in record.operations:
+        assert record.cases[op] >= MAX_EXAMPLES, (op, record.cases[op])
+
+
+def test_no_server_errors(fuzzed: Fuzzed) -> None:
+    errors = fuzzed.record.of("not_a_server_error") + fuzzed.record.of("status_below_500")
+    assert not errors, "5xx answers:\n" + describe(errors)
+
+
+def test_every_response_matches_its_schema(fuzzed: Fuzzed) -> None:
+    mismatches = fuzzed.record.of("response_schema_conformance")
+    assert not mismatches, "answers that do not match the document:\n" + describe(mismatches)
+
+
+def test_daemon_survived_the_fuzzing(fuzzed: Fuzzed) -> None:
+    daemon = fuzzed.daemon
+    assert daemon.process is not None and daemon.process.poll() is None, daemon.log()
+    assert daemon.api("GET", "/api/system/ports/status")["valid"]
+    assert "Traceback" not in daemon.log() or "request_failed" in daemon.log()
