@@ -7,8 +7,10 @@ Usage: .venv/bin/python -m bench.bench_ops [SIZES...]   (default: 100 1000)
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -31,7 +33,8 @@ def percentile(values: list[float], q: float) -> float:
 def fill(daemon: Daemon, count: int) -> None:
     def create(i: int) -> None:
         with httpx.Client(transport=httpx.HTTPTransport(uds=str(daemon.socket)), timeout=120) as c:
-            assert c.post("http://pm/api/keys", json={"name": f"fill{i}"}).status_code == 201
+            response = c.post("http://pm/api/keys", json={"name": f"fill{i}"})
+            assert response.status_code == 201, response.text
 
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(create, range(count)))
@@ -43,10 +46,10 @@ def timed(call) -> float:  # type: ignore[no-untyped-def]
     return (time.perf_counter() - started) * 1000
 
 
-def measure(size: int, workdir: Path) -> dict[str, float]:
+def measure(size: int, workdir: Path, **env: str) -> dict[str, float]:
     with lab() as net:
-        daemon = Daemon(net.server, workdir / f"s{size}", fresh_port_range(size + SAMPLES + 10),
-                        PORTMETER_POLL_INTERVAL="3600")
+        daemon = Daemon(net.server, workdir / f"s{size}-{len(env)}", fresh_port_range(size + SAMPLES + 10),
+                        PORTMETER_POLL_INTERVAL="3600", **env)
         try:
             daemon.start()
             fill(daemon, size)
@@ -65,24 +68,40 @@ def measure(size: int, workdir: Path) -> dict[str, float]:
             daemon.close()
 
 
-def main() -> None:
-    import tempfile
+def apply_modes(tmp: Path) -> dict[str, dict[str, str]]:
+    """Apply modes with stand-ins for the Xray service: a restart command that succeeds, and a
+    fake `xray` whose `api adi/rmi` succeed (no real Xray here)."""
+    fake = tmp / "xray"
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    return {
+        "none": {"PORTMETER_XRAY_APPLY": "none"},
+        "restart": {"PORTMETER_XRAY_APPLY": "restart", "PORTMETER_XRAY_RESTART_COMMAND": "/bin/true"},
+        "api": {"PORTMETER_XRAY_APPLY": "api", "PORTMETER_XRAY_BIN": str(fake)},
+    }
 
-    sizes = [int(a) for a in sys.argv[1:]] or [100, 1000]
+
+def main() -> None:
+    args = sys.argv[1:]
+    modes = ["none"]
+    if args and args[0] == "--modes":
+        modes, args = ["none", "restart", "api"], args[1:]
+    sizes = [int(a) for a in args] or [100, 1000]
     rows = []
     with tempfile.TemporaryDirectory(prefix="pmb-") as tmp:
-        for size in sizes:
-            r = measure(size, Path(tmp))
-            rows.append((size, r))
-            print(f"{size:>6} keys: create p50 {r['create_p50']:.1f} ms p99 {r['create_p99']:.1f} ms | "
-                  f"delete p50 {r['delete_p50']:.1f} ms p99 {r['delete_p99']:.1f} ms | "
-                  f"read-all (API, incl. HTTP) p50 {r['read_all_p50']:.1f} ms", flush=True)
-    import os
-
+        envs = apply_modes(Path(tmp))
+        for mode in modes:
+            for size in sizes:
+                r = measure(size, Path(tmp), **envs[mode])
+                rows.append((mode, size, r))
+                print(f"apply {mode:7} {size:>6} keys: create p50 {r['create_p50']:.1f} ms "
+                      f"p99 {r['create_p99']:.1f} ms | delete p50 {r['delete_p50']:.1f} ms "
+                      f"p99 {r['delete_p99']:.1f} ms | read-all (API, incl. HTTP) p50 "
+                      f"{r['read_all_p50']:.1f} ms", flush=True)
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M")
     with RESULTS.open("a") as out:
-        for size, r in rows:
-            out.write(f"| {stamp} | ops | {os.cpu_count()} cores | {size} keys | create p50 "
+        for mode, size, r in rows:
+            out.write(f"| {stamp} | ops, apply {mode} | {os.cpu_count()} cores | {size} keys | create p50 "
                       f"{r['create_p50']:.1f} / p99 {r['create_p99']:.1f} ms | delete p50 "
                       f"{r['delete_p50']:.1f} / p99 {r['delete_p99']:.1f} ms | read-all p50 "
                       f"{r['read_all_p50']:.1f} ms |\n")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
+from anyio.abc import TaskStatus
 import structlog
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -31,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from daemon import allocator, limits, netinfo, xray_sync
+from daemon import allocator, limits, netinfo, web, xray_sync
 from daemon.errors import Invalid, NotFound, OperationError, XrayRefused
 from daemon.service import Service
 from daemon.limits import ResetStrategy, Status
@@ -61,7 +62,7 @@ class KeySettings(BaseModel):
 
 class Migration(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    config_path: str = Field(min_length=1, max_length=4096)
+    config_path: str = Field(min_length=1, max_length=4096, pattern=r"^/[^\x00]*$")
     dry_run: bool = False
 
 
@@ -266,6 +267,7 @@ def create_app(service: Service) -> FastAPI:
     app.add_middleware(JsonBodies)
     app.add_middleware(AuditLog, log=log)
     _install_error_handlers(app, log)
+    web.register(app)
 
     @app.post("/api/keys", status_code=201)
     async def create_key(body: Annotated[NewKey, Body()]) -> dict[str, Any]:
@@ -414,7 +416,7 @@ def create_app(service: Service) -> FastAPI:
     @app.get("/sub/{token}", response_class=PlainTextResponse)
     async def subscription(token: Annotated[str, PathParam(max_length=64)]) -> PlainTextResponse:
         for key in service.state.keys.values():
-            if key.sub_token and hmac.compare_digest(key.sub_token, token):
+            if key.sub_token and hmac.compare_digest(key.sub_token.encode(), token.encode()):
                 if service.xray is None or key.status is not Status.ACTIVE:
                     return PlainTextResponse(xray_sync.subscription([]))
                 link = service.xray.link(service.state, key)
@@ -661,7 +663,9 @@ def bind_tcp_socket(address: str) -> socket.socket:
     return sock
 
 
-async def serve(service: Service, stop: anyio.Event) -> None:
+async def serve(
+    service: Service, stop: anyio.Event, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+) -> None:
     """Answer on the Unix socket (and the TCP listener, if set) until `stop`, then finish
     requests in flight."""
     settings = service.settings
@@ -683,6 +687,7 @@ async def serve(service: Service, stop: anyio.Event) -> None:
         async with anyio.create_task_group() as tasks:
             for server, (sock, _) in zip(servers, listeners, strict=True):
                 tasks.start_soon(server.serve, [sock])
+            task_status.started()  # the sockets are bound and listening: clients can connect
             await stop.wait()
             for server in servers:
                 server.should_exit = True

@@ -7,6 +7,8 @@ import sys
 
 import structlog
 
+from daemon import journal
+
 
 def configure(level: str = "info") -> None:
     if hasattr(sys.stdout, "reconfigure"):
@@ -16,7 +18,9 @@ def configure(level: str = "info") -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
-            structlog.processors.LogfmtRenderer(key_order=["timestamp", "level", "event"]),
+            # Under systemd, straight to the journal, each field a journal field of its own
+            # (journalctl -u portmeter EVENT=table_missing); otherwise key=value lines on stdout.
+            journal.renderer(structlog.processors.LogfmtRenderer(key_order=["timestamp", "level", "event"])),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         logger_factory=structlog.PrintLoggerFactory(sys.stdout),

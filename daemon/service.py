@@ -667,7 +667,7 @@ def _loggable(value: Any) -> Any:
 
 async def run_daemon(
     settings: Settings,
-    serve: Callable[[Service, anyio.Event], Awaitable[None]],
+    serve: Callable[..., Awaitable[None]],
     notifier: Notifier,
     log: Log,
 ) -> None:
@@ -700,7 +700,7 @@ async def run_daemon(
             background.start_soon(_watchdog, notifier, notifier.watchdog_interval)
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with anyio.create_task_group() as serving:
-                serving.start_soon(serve, service, stop)
+                await serving.start(serve, service, stop)  # READY only once the socket listens
                 log.info(
                     "daemon_ready", keys=len(state.keys), table=settings.nft_table,
                     socket=str(settings.socket), port_range=str(settings.port_range),

@@ -151,6 +151,8 @@ class XrayBridge:
             return await anyio.to_thread.run_sync(files.read)
         except xs.XrayError as exc:
             raise Invalid(str(exc)) from None
+        except (OSError, ValueError) as exc:  # e.g. a name too long for the file system
+            raise Invalid(f"{path}: {getattr(exc, 'strerror', None) or exc}") from None
 
     def plan(self, source: dict[str, Any], state: State, busy: set[int]) -> xs.MigrationPlan:
         return xs.plan_migration(

@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(nftables libnftables1 iproute2 python3 python3-venv v2ray iperf3 systemd)
+APT_PACKAGES=(nftables libnftables1 iproute2 python3 python3-venv v2ray iperf3 systemd curl
+              chromium chromium-driver debootstrap systemd-container)
 VENV=.venv
 STAMP="$VENV/.installed"
 

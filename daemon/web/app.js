@@ -1,0 +1,427 @@
+// The Traffic Manager page: renders what ./api.js returns. No framework, no network but the daemon.
+import * as api from "./api.js";
+
+const UNITS = ["B", "KB", "MB", "GB", "TB", "PB"];
+const MAX_LAST_USED = 100; // beyond this many users, "last used" is fetched only on expand
+const $ = (id) => document.getElementById(id);
+const SVG = "http://www.w3.org/2000/svg";
+
+// Python's round(value, 1): round half to even on the exact binary value.
+function round1(value) {
+  const tenths = value * 10;
+  const floor = Math.floor(tenths);
+  const rest = tenths - floor;
+  const n = rest > 0.5 ? floor + 1 : rest < 0.5 ? floor : floor % 2 === 0 ? floor : floor + 1;
+  return n / 10;
+}
+
+// The daemon's human_bytes (powers of 1024): 1048576 -> "1.0 MB", 1048575 -> "1.0 MB".
+export function humanBytes(count) {
+  let value = Number(count);
+  for (let i = 0; i < UNITS.length; i++) {
+    const rounded = round1(value);
+    if (Math.abs(rounded) < 1024 || i === UNITS.length - 1) {
+      return i === 0 ? `${Math.trunc(value)} B` : `${rounded.toFixed(1)} ${UNITS[i]}`;
+    }
+    value /= 1024;
+  }
+  return "";
+}
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs)) {
+    if (value === undefined || value === null || value === false) continue;
+    if (name === "class") node.className = value;
+    else if (name.startsWith("on")) node.addEventListener(name.slice(2), value);
+    else node.setAttribute(name, value === true ? "" : value);
+  }
+  for (const child of children.flat()) {
+    if (child !== null && child !== undefined) node.append(child instanceof Node ? child : String(child));
+  }
+  return node;
+}
+
+function svg(tag, attrs = {}, ...children) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [name, value] of Object.entries(attrs)) node.setAttribute(name, value);
+  node.append(...children);
+  return node;
+}
+
+function ago(iso) {
+  if (!iso) return el("span", { class: "muted" }, "never");
+  const when = new Date(iso);
+  const seconds = Math.max(0, (Date.now() - when.getTime()) / 1000);
+  const text = seconds < 60 ? "just now"
+    : seconds < 3600 ? `${Math.floor(seconds / 60)} min ago`
+    : seconds < 86400 ? `${Math.floor(seconds / 3600)} h ago`
+    : `${Math.floor(seconds / 86400)} d ago`;
+  return el("time", { datetime: iso, title: when.toLocaleString() }, text);
+}
+
+// --- messages ----------------------------------------------------------------------------
+
+function say(kind, text) {
+  const box = $("message");
+  box.className = kind;
+  box.textContent = text;
+  box.hidden = !text;
+}
+
+function describe(error) {
+  if (error instanceof api.ApiError && error.status === 401) {
+    $("api-key").focus();
+    return "The daemon wants an API key (X-API-Key): enter it above. " + `(${error.message})`;
+  }
+  return error.message || String(error);
+}
+
+// --- state -------------------------------------------------------------------------------
+
+const page = {
+  users: [],            // rows of the users table
+  overviewOk: false,    // GET api/admin/usage answered
+  expanded: new Set(),  // names whose details are open
+  chart: new Map(),     // name -> "hourly" | "daily"
+  busy: false,
+};
+
+async function busy(work) {
+  if (page.busy) return;
+  page.busy = true;
+  for (const id of ["refresh", "reset-all", "cleanup"]) $(id).disabled = true;
+  document.body.classList.add("busy");
+  try {
+    await work();
+  } catch (error) {
+    say("error", describe(error));
+  } finally {
+    page.busy = false;
+    for (const id of ["refresh", "reset-all", "cleanup"]) $(id).disabled = false;
+    document.body.classList.remove("busy");
+  }
+}
+
+// --- loading -----------------------------------------------------------------------------
+
+async function load() {
+  const [keys, traffic, overview] = await Promise.allSettled([api.keys(), api.traffic(), api.overview()]);
+  const errors = [];
+  const failed = (result) => {
+    if (result.status === "rejected" && !result.reason.missing) errors.push(describe(result.reason));
+    return result.status === "rejected";
+  };
+  const k = failed(keys) ? null : keys.value;
+  const t = failed(traffic) ? null : traffic.value;
+  const o = failed(overview) ? null : overview.value;
+  page.overviewOk = !!o;
+  renderGlobal(o, k, t, overview.status === "rejected" && overview.reason.missing);
+  renderDatabase(o);
+  page.users = mergeUsers(k, t, o);
+  renderUsers();
+  $("updated").textContent = `Updated ${new Date().toLocaleTimeString()}`;
+  say(errors.length ? "error" : "", [...new Set(errors)].join("\n"));
+  fillLastUsed(o);
+  for (const name of page.expanded) loadDetails(name);
+  return errors.length === 0;
+}
+
+function setText(id, text) { $(id).textContent = text; }
+
+function renderGlobal(o, keys, traffic, missing) {
+  const note = $("global-note");
+  note.hidden = true;
+  if (o) {
+    setText("stat-users", o.users);
+    setText("stat-servers", o.servers);
+    setText("stat-traffic", o.trafficFormatted || humanBytes(o.traffic));
+    setText("stat-traffic-split", o.up === null ? "" : `↑ ${humanBytes(o.up)}  ↓ ${humanBytes(o.down)}`);
+    setText("stat-connections", o.connections);
+  } else if (keys && traffic && missing) {
+    setText("stat-users", keys.length);
+    setText("stat-servers", 1);
+    setText("stat-traffic", humanBytes(traffic.total));
+    setText("stat-traffic-split", "");
+    setText("stat-connections", traffic.connections);
+    note.textContent = "Usage across servers is not available from this daemon: this server's keys only.";
+    note.hidden = false;
+  } else {
+    for (const id of ["stat-users", "stat-servers", "stat-traffic", "stat-connections"]) setText(id, "–");
+    setText("stat-traffic-split", "");
+    note.textContent = "not available";
+    note.hidden = false;
+  }
+}
+
+function renderDatabase(o) {
+  const db = o && o.db;
+  $("db-facts").hidden = !db;
+  $("db-note").hidden = !!db;
+  if (!db) return;
+  setText("db-records", db.records);
+  setText("db-users", db.uniqueUsers);
+  setText("db-servers", db.uniqueServers);
+  setText("db-size", db.sizeFormatted || humanBytes(db.size));
+  setText("db-retention", db.retentionDays === null ? "–" : `${db.retentionDays} days`);
+}
+
+function mergeUsers(keys, traffic, o) {
+  const rows = new Map();
+  for (const key of keys || []) {
+    const counted = traffic && traffic.perKey.get(key.name);
+    rows.set(key.name, {
+      id: key.id, name: key.name, port: key.port, status: key.status, limit: key.limit, used: key.used,
+      up: key.up, down: key.down, total: key.up + key.down, totalFormatted: null,
+      servers: 1, connections: counted ? counted.connections : null, lastUsed: undefined,
+    });
+  }
+  for (const user of (o && o.perUser) || []) {
+    const row = rows.get(user.name) || {
+      name: user.name, port: null, status: "remote", limit: null, used: 0, connections: null,
+    };
+    Object.assign(row, {
+      up: user.up, down: user.down, total: user.total, totalFormatted: user.totalFormatted,
+      servers: user.servers, lastUsed: user.lastUsed,
+    });
+    if (typeof user.connections === "number") row.connections = user.connections;
+    rows.set(user.name, row);
+  }
+  return [...rows.values()].sort((a, b) =>
+    (a.port === null) - (b.port === null) || (a.port || 0) - (b.port || 0) || a.name.localeCompare(b.name));
+}
+
+// The overview may not carry "last used": ask per user, a few at a time.
+async function fillLastUsed(o) {
+  if (!o) return;
+  const wanted = page.users.filter((u) => u.lastUsed === undefined).slice(0, MAX_LAST_USED);
+  const queue = [...wanted];
+  const worker = async () => {
+    for (let user = queue.shift(); user; user = queue.shift()) {
+      try {
+        user.lastUsed = await api.lastUsed(user.name);
+      } catch {
+        user.lastUsed = undefined;
+        continue;
+      }
+      const cell = document.querySelector(`tr.user[data-user="${CSS.escape(user.name)}"] .c-last`);
+      if (cell) cell.replaceChildren(ago(user.lastUsed));
+    }
+  };
+  await Promise.all([worker(), worker(), worker(), worker()]);
+}
+
+// --- users table -------------------------------------------------------------------------
+
+function limitBar(user) {
+  if (user.limit === null || user.limit === undefined) return el("span", { class: "muted" }, "no limit");
+  const percent = user.limit > 0 ? (100 * user.used) / user.limit : 100;
+  const level = percent >= 100 ? "over" : percent > 80 ? "warn" : "ok";
+  const fill = el("span", { class: `fill ${level}` });
+  fill.style.width = `${Math.min(100, percent).toFixed(1)}%`;
+  return el("div", { class: "limit", title: `${percent.toFixed(1)}% of the limit used` },
+    el("div", { class: "bar" }, fill),
+    el("span", { class: "limit-text" }, `${humanBytes(user.used)} / ${humanBytes(user.limit)}`));
+}
+
+function renderUsers() {
+  const body = $("users-body");
+  if (!page.users.length) {
+    body.replaceChildren(el("tr", {}, el("td", { colspan: 11, class: "muted" }, "no users yet")));
+    return;
+  }
+  const rows = [];
+  for (const user of page.users) {
+    const open = page.expanded.has(user.name);
+    rows.push(el("tr", { class: "user", "data-user": user.name },
+      el("td", {}, el("button", {
+        type: "button", class: "expand", "aria-expanded": String(open),
+        "aria-label": `details of ${user.name}`, onclick: () => toggle(user.name),
+      }, open ? "▾" : "▸")),
+      el("td", { class: "c-name" }, user.name),
+      el("td", { class: "c-port" }, user.port ?? "–"),
+      el("td", { class: "c-status" }, el("span", { class: `badge ${user.status}` }, user.status)),
+      el("td", { class: "num c-servers" }, user.servers),
+      el("td", { class: "num c-up" }, humanBytes(user.up)),
+      el("td", { class: "num c-down" }, humanBytes(user.down)),
+      el("td", { class: "num c-total" }, user.totalFormatted || humanBytes(user.total)),
+      el("td", { class: "num c-conn" }, user.connections ?? "–"),
+      el("td", { class: "c-last" }, user.lastUsed === undefined
+        ? el("span", { class: "muted" }, page.overviewOk ? "…" : "–") : ago(user.lastUsed)),
+      el("td", { class: "c-limit" }, limitBar(user)),
+    ));
+    if (open) {
+      rows.push(el("tr", { class: "details", "data-details": user.name },
+        el("td", { colspan: 11 }, el("div", { class: "details-box muted" }, "loading…"))));
+    }
+  }
+  body.replaceChildren(...rows);
+}
+
+function toggle(name) {
+  if (page.expanded.has(name)) page.expanded.delete(name); else page.expanded.add(name);
+  renderUsers();
+  if (page.expanded.has(name)) loadDetails(name);
+}
+
+function detailsBox(name) {
+  return document.querySelector(`tr.details[data-details="${CSS.escape(name)}"] .details-box`);
+}
+
+async function loadDetails(name) {
+  let data;
+  try {
+    data = await api.detailed(name);
+  } catch (error) {
+    const box = detailsBox(name);
+    if (box) box.replaceChildren(error.missing ? "Per-server details: not available from this daemon" : describe(error));
+    return;
+  }
+  const box = detailsBox(name);
+  if (!box) return;
+  box.className = "details-box";
+  box.replaceChildren(serverTable(data.servers), chartBlock(name, data),
+    el("div", { class: "details-actions" },
+      el("button", { type: "button", class: "danger reset-user", onclick: () => resetUser(name) },
+        `Reset ${name}`)));
+}
+
+function serverTable(servers) {
+  if (!servers.length) return el("p", { class: "muted" }, "no servers");
+  return el("table", { class: "servers" },
+    el("thead", {}, el("tr", {},
+      ["Server", "Source", "Port", "Uploaded", "Downloaded", "Total", "Connections", "Last used"]
+        .map((h, i) => el("th", { class: i >= 3 && i <= 6 ? "num" : null }, h)))),
+    el("tbody", {}, servers.map((s) => el("tr", { class: "server", "data-server": s.server },
+      el("td", {}, s.server), el("td", {}, s.source), el("td", {}, s.port ?? "–"),
+      el("td", { class: "num s-up" }, humanBytes(s.up)),
+      el("td", { class: "num s-down" }, humanBytes(s.down)),
+      el("td", { class: "num s-total" }, humanBytes(s.total)),
+      el("td", { class: "num s-conn" }, s.connections ?? "–"),
+      el("td", {}, ago(s.lastUsed))))));
+}
+
+// --- chart -------------------------------------------------------------------------------
+
+function chartBlock(name, data) {
+  const mode = page.chart.get(name) || "hourly";
+  const holder = el("div", { class: "chart" });
+  const draw = (which) => {
+    page.chart.set(name, which);
+    for (const b of switcher.querySelectorAll("button")) b.setAttribute("aria-pressed", String(b.value === which));
+    holder.replaceChildren(drawChart(data[which], which));
+  };
+  const switcher = el("div", { class: "switch", role: "group", "aria-label": "chart period" },
+    el("button", { type: "button", value: "hourly", onclick: () => draw("hourly") }, "24 h"),
+    el("button", { type: "button", value: "daily", onclick: () => draw("daily") }, "30 d"));
+  const block = el("div", { class: "chart-block" },
+    el("div", { class: "chart-head" }, el("strong", {}, "Usage"), switcher,
+      el("span", { class: "legend" }, el("i", { class: "up" }), "uploaded ", el("i", { class: "down" }), "downloaded")),
+    holder);
+  draw(mode);
+  return block;
+}
+
+function label(start, which) {
+  const d = new Date(start);
+  const pad = (n) => String(n).padStart(2, "0");
+  return which === "hourly" ? `${pad(d.getHours())}:00` : `${pad(d.getMonth() + 1)}-${pad(d.getDate())}`;
+}
+
+function drawChart(points, which) {
+  const W = 720, H = 170, left = 64, bottom = 22, top = 8;
+  const plotW = W - left - 4, plotH = H - top - bottom;
+  const max = Math.max(0, ...points.map((p) => p.up + p.down));
+  const chart = svg("svg", { viewBox: `0 0 ${W} ${H}`, class: `usage ${which}`, role: "img",
+    "aria-label": `${which === "hourly" ? "last 24 hours" : "last 30 days"}: ${humanBytes(max)} at most` });
+  for (const f of [0, 0.5, 1]) {
+    const y = top + plotH * (1 - f);
+    chart.append(svg("line", { x1: left, x2: W - 4, y1: y, y2: y, class: "grid" }),
+      svg("text", { x: left - 6, y: y + 4, class: "axis", "text-anchor": "end" },
+        f === 0 ? "0" : humanBytes(max * f)));
+  }
+  const step = plotW / Math.max(1, points.length);
+  const every = which === "hourly" ? 6 : 5;
+  points.forEach((p, i) => {
+    const x = left + i * step;
+    const scale = max ? plotH / max : 0;
+    const hUp = p.up * scale, hDown = p.down * scale;
+    const bar = svg("g", { class: "bar" },
+      svg("title", {}, `${label(p.start, which)}  ↑ ${humanBytes(p.up)}  ↓ ${humanBytes(p.down)}`),
+      svg("rect", { x: x + 1, width: Math.max(1, step - 2), y: top + plotH - hUp, height: hUp, class: "up" }),
+      svg("rect", { x: x + 1, width: Math.max(1, step - 2), y: top + plotH - hUp - hDown, height: hDown, class: "down" }));
+    chart.append(bar);
+    if (i % every === 0) {
+      chart.append(svg("text", { x: x + step / 2, y: H - 6, class: "axis", "text-anchor": "middle" },
+        label(p.start, which)));
+    }
+  });
+  if (!max) {
+    chart.append(svg("text", { x: left + plotW / 2, y: top + plotH / 2, class: "empty", "text-anchor": "middle" },
+      "no traffic in this period"));
+  }
+  return chart;
+}
+
+// --- actions -----------------------------------------------------------------------------
+
+function confirmDialog(text, action) {
+  const dialog = $("confirm");
+  $("confirm-text").textContent = text;
+  $("confirm-ok").textContent = action;
+  dialog.returnValue = "";
+  return new Promise((resolve) => {
+    dialog.addEventListener("close", () => resolve(dialog.returnValue === "ok"), { once: true });
+    dialog.showModal();
+    $("confirm-cancel").focus();
+  });
+}
+
+async function resetAll() {
+  const names = page.users.map((u) => u.name);
+  if (!names.length) return say("info", "There are no users to reset.");
+  const ok = await confirmDialog(
+    `Reset the traffic of all ${names.length} users? Their usage starts again from zero; ` +
+    "the history is kept.", "Reset all");
+  if (!ok) return;
+  await busy(async () => {
+    const done = await api.resetAll(names, page.users.filter((u) => u.id).map((u) => u.id));
+    const users = `${done.users} user${done.users === 1 ? "" : "s"}`;
+    if (await load()) say("info", `Reset the traffic of ${users}.`);
+  });
+}
+
+async function resetUser(name) {
+  if (!(await confirmDialog(`Reset the traffic of ${name}? The history is kept.`, "Reset"))) return;
+  await busy(async () => {
+    await api.resetUser(name);
+    if (await load()) say("info", `Reset the traffic of ${name}.`);
+  });
+}
+
+async function cleanup() {
+  await busy(async () => {
+    const done = await api.cleanup();
+    const ok = await load();
+    const left = done.records === null ? "" :
+      `; ${done.records} records left${done.size === null ? "" : ` (${humanBytes(done.size)})`}`;
+    const keep = done.retentionDays === null ? "" : ` older than ${done.retentionDays} days`;
+    if (ok) say("info", `Cleanup done: removed ${done.removed} records${keep}${left}.`);
+  });
+}
+
+function start() {
+  $("api-key").value = api.apiKey();
+  $("key-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    api.setApiKey($("api-key").value.trim());
+    busy(load);
+  });
+  $("refresh").addEventListener("click", () => busy(load));
+  $("reset-all").addEventListener("click", resetAll);
+  $("cleanup").addEventListener("click", cleanup);
+  window.portmeter = { humanBytes, load };
+  busy(load);
+}
+
+start();

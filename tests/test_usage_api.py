@@ -1,0 +1,295 @@
+"""Usage per user (seed 004) against the real daemon: real traffic, exact numbers, history that
+agrees with the state file across resets and kill -9, and fleet reports by webhook."""
+
+from __future__ import annotations
+
+import json
+import socket
+import stat
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from daemon.history import History, Totals
+from daemon.usage import UsageDelta
+from tests.conftest import Daemon
+from tests.netlab import Lab
+from tests.test_counting import udp_exchange
+
+pytestmark = pytest.mark.kernel
+
+V4 = 28  # IPv4 + UDP header bytes per datagram
+
+
+@contextmanager
+def history_of(daemon: Daemon) -> Iterator[History]:
+    """The daemon's history database, opened beside it (WAL: readers do not block it)."""
+    history = History(daemon.state_dir / "history.sqlite3")
+    try:
+        yield history
+    finally:
+        history.close()
+
+
+def saved_key(daemon: Daemon, key_id: str) -> dict[str, Any]:
+    return json.loads(daemon.state_file.read_text())["keys"][key_id]
+
+
+def usage(daemon: Daemon, name: str) -> dict[str, Any]:
+    return daemon.api("GET", f"/api/admin/usage/{name}")
+
+
+def detailed(daemon: Daemon, name: str) -> dict[str, Any]:
+    """The detailed view; answering it also saves, so the history holds every counted byte."""
+    return daemon.api("GET", f"/api/admin/usage/{name}/detailed")
+
+
+def assert_history_matches_state(daemon: Daemon, key_id: str, rx: int, tx: int, rxp: int, txp: int) -> None:
+    saved = saved_key(daemon, key_id)
+    assert (saved["rx"]["bytes"], saved["tx"]["bytes"], saved["rx"]["packets"], saved["tx"]["packets"]) == (
+        rx, tx, rxp, txp,
+    )
+    with history_of(daemon) as history:
+        assert history.total(key_id, saved["epoch"]) == Totals(rx, tx, rxp, txp)
+
+
+def series_sum(points: list[dict[str, Any]], field: str) -> int:
+    return sum(p[field] for p in points)
+
+
+def test_usage_of_a_user_equals_the_kernel_counts_and_history_agrees(net: Lab, daemon: Daemon) -> None:
+    alice = daemon.create("alice")
+    bob = daemon.create("bob")
+    udp_exchange(net, socket.AF_INET, alice["port"], 20, 500, echo=True)
+    udp_exchange(net, socket.AF_INET, bob["port"], 7, 300, echo=False)
+
+    a = usage(daemon, "alice")
+    assert (a["bytes_uploaded"], a["bytes_downloaded"]) == (20 * (500 + V4), 20 * (500 + V4))
+    assert a["total_bytes"] == 40 * (500 + V4)
+    assert a["username"] == "alice" and a["servers"] == 1 and a["reported"] == []
+    assert a["local"]["keys"][0]["key_id"] == alice["id"]
+    assert a["local"]["keys"][0]["bytes_uploaded"] == daemon.traffic(alice["id"])["rx_bytes"]
+    b = usage(daemon, "bob")
+    assert (b["bytes_uploaded"], b["bytes_downloaded"]) == (7 * (300 + V4), 0)
+
+    d = detailed(daemon, "alice")
+    assert d["total_bytes"] == a["total_bytes"]
+    [local] = d["servers"]
+    assert local["source"] == "local" and local["port"] == alice["port"] and local["status"] == "active"
+    assert local["connections"] == 0 and local["last_used"] is not None
+    assert len(local["hourly"]) == 24 and len(local["daily"]) == 30
+    for series in (local["hourly"], local["daily"], d["hourly"], d["daily"]):
+        assert series_sum(series, "bytes_uploaded") == 20 * (500 + V4)
+        assert series_sum(series, "bytes_downloaded") == 20 * (500 + V4)
+    assert_history_matches_state(daemon, alice["id"], 20 * 528, 20 * 528, 20, 20)
+    detailed(daemon, "bob")
+    assert_history_matches_state(daemon, bob["id"], 7 * 328, 0, 7, 0)
+
+    history_file = daemon.state_dir / "history.sqlite3"
+    assert stat.S_IMODE(history_file.stat().st_mode) == 0o600
+    missing = daemon.api("GET", "/api/admin/usage/nobody", expect=404)
+    assert "nobody" in missing["detail"]
+    daemon.api("GET", "/api/admin/usage/nobody/detailed", expect=404)
+    daemon.api("GET", f"/api/admin/usage/{'x' * 129}", expect=422)
+
+
+def test_reset_zeroes_the_counters_and_keeps_history_under_the_old_epoch(net: Lab, daemon: Daemon) -> None:
+    alice = daemon.create("alice")
+    udp_exchange(net, socket.AF_INET, alice["port"], 10, 400, echo=True)
+    before = 10 * (400 + V4)
+
+    done = daemon.api("POST", "/api/admin/usage/reset/alice")
+    assert done["local"] == [
+        {"key_id": alice["id"], "port": alice["port"], "used_before_reset": 2 * before, "epoch": 1}
+    ]
+    assert done["history_kept"] is True
+    zero = usage(daemon, "alice")
+    assert (zero["bytes_uploaded"], zero["bytes_downloaded"]) == (0, 0)
+    assert daemon.traffic(alice["id"])["rx_bytes"] == 0
+
+    udp_exchange(net, socket.AF_INET, alice["port"], 3, 100, echo=False)
+    after = usage(daemon, "alice")
+    assert (after["bytes_uploaded"], after["bytes_downloaded"]) == (3 * 128, 0)
+    d = detailed(daemon, "alice")
+    assert d["servers"][0]["epoch"] == 1
+    # The chart shows all traffic over time: before and after the reset.
+    assert series_sum(d["hourly"], "bytes_uploaded") == before + 3 * 128
+    assert series_sum(d["hourly"], "bytes_downloaded") == before
+    assert_history_matches_state(daemon, alice["id"], 3 * 128, 0, 3, 0)
+    with history_of(daemon) as history:
+        assert history.total(alice["id"], 0) == Totals(before, before, 10, 10)
+    daemon.api("POST", "/api/admin/usage/reset/nobody", expect=404)
+
+
+def test_kill9_and_restart_neither_lose_nor_double_count(net: Lab, daemon: Daemon) -> None:
+    alice = daemon.create("alice")
+    udp_exchange(net, socket.AF_INET, alice["port"], 5, 1000, echo=True)
+    detailed(daemon, "alice")  # saved: generation g holds these bytes
+    udp_exchange(net, socket.AF_INET, alice["port"], 4, 200, echo=True)
+    daemon.kill9()  # this traffic may or may not have been saved
+    udp_exchange(net, socket.AF_INET, alice["port"], 2, 50, echo=False)  # the kernel counts on
+
+    # And as if the daemon had died between staging a save and writing the state file.
+    saved = json.loads(daemon.state_file.read_text())
+    key = saved["keys"][alice["id"]]
+    with history_of(daemon) as history:
+        history.stage(
+            saved["generation"] + 1, datetime.now(UTC),
+            [UsageDelta(alice["id"], "alice", key["uuid"], key["port"], key["epoch"], 999_999, 999_999, 9, 9)],
+        )
+
+    daemon.start()
+    rx = 5 * 1028 + 4 * 228 + 2 * 78
+    tx = 5 * 1028 + 4 * 228
+    u = usage(daemon, "alice")
+    assert (u["bytes_uploaded"], u["bytes_downloaded"]) == (rx, tx)
+    d = detailed(daemon, "alice")
+    assert series_sum(d["hourly"], "bytes_uploaded") == rx
+    assert series_sum(d["hourly"], "bytes_downloaded") == tx
+    assert_history_matches_state(daemon, alice["id"], rx, tx, 11, 9)
+
+    assert daemon.stop() == 0  # a clean stop saves once more: still no double count
+    daemon.start()
+    detailed(daemon, "alice")
+    assert_history_matches_state(daemon, alice["id"], rx, tx, 11, 9)
+
+
+def report(rid: str, user: str, server: str, up: int, down: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "report_id": rid, "user_token": user, "server": server, "port": 443, "protocol": "vless",
+        "bytes_uploaded": up, "bytes_downloaded": down, "timestamp": int(time.time()), **extra,
+    }
+
+
+def test_fleet_reports_count_once_and_add_up_across_servers(net: Lab, daemon: Daemon) -> None:
+    first = daemon.api("POST", "/api/traffic/webhook", json=report("r1", "anna", "s1", 1000, 5000))
+    assert (first["received"], first["accepted"], first["duplicates"]) == (1, 1, 0)
+    batch = daemon.api("POST", "/api/traffic/webhook", json={"reports": [
+        report("r2", "anna", "s2", 300, 700), report("r1", "anna", "s1", 1000, 5000),
+    ]})
+    assert (batch["accepted"], batch["duplicates"], batch["duplicate_ids"]) == (1, 1, ["r1"])
+    again = daemon.api("POST", "/api/traffic/webhook", json=report("r1", "anna", "s1", 1000, 5000))
+    assert again["accepted"] == 0
+    daemon.api("POST", "/api/traffic/webhook", json=report("r3", "anna", "s1", 10, 20))
+
+    u = usage(daemon, "anna")
+    assert (u["bytes_uploaded"], u["bytes_downloaded"], u["servers"]) == (1310, 5720, 2)
+    assert u["local"] is None
+    assert {r["server"]: (r["bytes_uploaded"], r["bytes_downloaded"], r["reports"]) for r in u["reported"]} == {
+        "s1": (1010, 5020, 2), "s2": (300, 700, 1),
+    }
+
+    # The same user with a key on this server: local and reported add up.
+    anna = daemon.create("anna")
+    udp_exchange(net, socket.AF_INET, anna["port"], 6, 100, echo=True)
+    local = 6 * 128
+    u = usage(daemon, "anna")
+    assert (u["bytes_uploaded"], u["bytes_downloaded"]) == (1310 + local, 5720 + local)
+    assert u["servers"] == 3 and u["local"]["bytes_uploaded"] == local
+    d = detailed(daemon, "anna")
+    assert [s["source"] for s in d["servers"]] == ["local", "report", "report"]
+    assert series_sum(d["hourly"], "bytes_uploaded") == 1310 + local
+    assert series_sum(d["daily"], "bytes_downloaded") == 5720 + local
+    s2 = d["servers"][2]
+    assert (s2["server"], series_sum(s2["hourly"], "bytes_uploaded"), s2["connections"]) == ("s2", 300, None)
+
+    overview = daemon.api("GET", "/api/admin/usage")
+    assert overview["total_users"] == 1 and overview["total_servers"] == 3
+    assert overview["traffic_used"] == 1310 + 5720 + 2 * local
+    assert overview["reported"]["servers"] == ["s1", "s2"] and overview["reported"]["reports"] == 3
+    assert overview["database"]["report_records"] == 3
+    assert overview["database"]["unique_users"] == 1
+    assert overview["database"]["unique_servers"] == 3
+    assert overview["database"]["retention_days"] == 90
+    assert overview["database"]["size_bytes"] > 0
+    assert overview["users"] == [{
+        "username": "anna", "bytes_uploaded": 1310 + local, "bytes_downloaded": 5720 + local,
+        "total_bytes": 1310 + 5720 + 2 * local,
+        "total_formatted": overview["users"][0]["total_formatted"], "servers": 3,
+    }]
+
+    reset = daemon.api("POST", "/api/admin/usage/reset/anna")
+    assert reset["reported"] == {"servers": 2, "bytes_uploaded": 1310, "bytes_downloaded": 5720}
+    assert reset["local"][0]["used_before_reset"] == 2 * local
+    u = usage(daemon, "anna")
+    assert (u["bytes_uploaded"], u["bytes_downloaded"], u["servers"]) == (0, 0, 3)
+    d = detailed(daemon, "anna")
+    assert series_sum(d["hourly"], "bytes_uploaded") == 1310 + local  # history kept
+    assert d["reports_reset_at"] is not None
+    daemon.api("POST", "/api/traffic/webhook", json=report("r1", "anna", "s1", 1000, 5000))
+    assert usage(daemon, "anna")["bytes_uploaded"] == 0  # a repeat after the reset: still once
+
+
+@pytest.mark.parametrize(
+    ("body", "complaint"),
+    [
+        (report("b1", "anna", "s1", -1, 5), "bytes_uploaded"),
+        ({k: v for k, v in report("b2", "anna", "s1", 1, 5).items() if k != "bytes_downloaded"}, "bytes_downloaded"),
+        ({k: v for k, v in report("b3", "anna", "s1", 1, 5).items() if k != "report_id"}, "report_id"),
+        (report("b4", "anna", "s1", "100", 5), "bytes_uploaded"),
+        (report("b5", "anna", "s1", True, 5), "bytes_uploaded"),
+        (report("b6", "anna", "s1", 1.5, 5), "bytes_uploaded"),
+        (report("b7", "a" * 129, "s1", 1, 5), "user_token"),
+        (report("b8", "an\nna", "s1", 1, 5), "user_token"),
+        (report("b9", "anna", "", 1, 5), "server"),
+        (report("b10", "anna", "s1", 1, 5, port=70000), "port"),
+        (report("b11", "anna", "s1", 1, 5, timestamp=int(time.time()) + 3 * 86400), "timestamp"),
+        (report("b12 x", "anna", "s1", 1, 5), "report_id"),
+        ({"reports": []}, "reports"),
+        ({"reports": [report("b13", "anna", "s1", 1, 5), report("b14", "anna", "s1", -5, 5)]}, "reports.1.bytes_uploaded"),
+        ([report("b15", "anna", "s1", 1, 5)], "report object"),
+        ("hello", "report object"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_bad_reports_are_refused_and_nothing_is_stored(daemon: Daemon, body: Any, complaint: str) -> None:
+    answer = daemon.api("POST", "/api/traffic/webhook", expect=422, json=body)
+    assert complaint in answer["detail"]
+    daemon.api("GET", "/api/admin/usage/anna", expect=404)
+    overview = daemon.api("GET", "/api/admin/usage")
+    assert overview["database"]["report_records"] == 0 and overview["reported"]["reports"] == 0
+
+
+def test_webhook_rejects_bodies_that_are_not_json(daemon: Daemon) -> None:
+    assert daemon.api("POST", "/api/traffic/webhook", expect=400, content=b"{nope")["detail"]
+    assert daemon.api("POST", "/api/traffic/webhook", expect=422)["detail"]
+
+
+def test_cleanup_applies_the_configured_retention_exactly(make_daemon: Any) -> None:
+    daemon = make_daemon(PORTMETER_HISTORY_RETENTION_DAYS="30")
+    now = int(time.time())
+    old = report("old", "anna", "s1", 7, 7, timestamp=now - 40 * 86400)
+    kept = report("kept", "anna", "s1", 5, 5, timestamp=now - 20 * 86400)
+    fresh = report("fresh", "anna", "s1", 3, 3)
+    daemon.api("POST", "/api/traffic/webhook", json={"reports": [old, kept, fresh]})
+
+    counts = daemon.api("POST", "/api/admin/usage/cleanup")
+    assert counts["retention_days"] == 30
+    assert counts["report_hourly_rolled_up"] == 2  # the two old hours became days
+    assert counts["report_daily_deleted"] == 1  # only the 40-day-old one expired
+    assert counts["removed"] == 1
+    assert daemon.api("POST", "/api/admin/usage/cleanup")["removed"] == 0
+    d = detailed(daemon, "anna")
+    assert series_sum(d["daily"], "bytes_uploaded") == 5 + 3
+    assert series_sum(d["hourly"], "bytes_uploaded") == 3
+    # Totals are not history: what was reported since the last reset still counts.
+    assert usage(daemon, "anna")["bytes_uploaded"] == 7 + 5 + 3
+    assert daemon.api("GET", "/api/admin/usage")["database"]["retention_days"] == 30
+
+
+def test_deleted_keys_keep_their_history(net: Lab, daemon: Daemon) -> None:
+    gone = daemon.create("gone")
+    udp_exchange(net, socket.AF_INET, gone["port"], 4, 60, echo=False)
+    daemon.api("DELETE", f"/api/keys/{gone['id']}")
+    daemon.api("GET", "/api/admin/usage/gone", expect=404)  # no key and no reports any more
+    with history_of(daemon) as history:
+        assert history.total(gone["id"], 0) == Totals(4 * 88, 0, 4, 0)
+        assert history.known_keys()[gone["id"]]["name"] == "gone"
+    overview = daemon.api("GET", "/api/admin/usage")
+    assert overview["database"]["hourly_records"] == 1 and overview["database"]["unique_users"] == 1
+    assert overview["total_users"] == 0
+    assert timedelta(0) <= datetime.now(UTC) - datetime.fromisoformat(overview["database"]["newest"]) < timedelta(hours=1)
