@@ -60,6 +60,27 @@ class KeySettings(BaseModel):
     enabled: bool | None = None
 
 
+class ErrorAnswer(BaseModel):
+    """Every error: one readable sentence."""
+
+    detail: str
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorAnswer, "description": text}
+    for status, text in (
+        (400, "malformed request body"),
+        (401, "missing or wrong X-API-Key (TCP listener)"),
+        (404, "no such key or route"),
+        (409, "name or port taken, range full"),
+        (413, "request body too large"),
+        (422, "invalid field"),
+        (503, "nftables or Xray refused; nothing was changed"),
+        (507, "the state could not be written; nothing was changed"),
+    )
+}
+
+
 class Migration(BaseModel):
     model_config = ConfigDict(extra="forbid")
     config_path: str = Field(min_length=1, max_length=4096, pattern=r"^/[^\x00]*$")
@@ -262,6 +283,7 @@ def create_app(service: Service) -> FastAPI:
         summary="Exact per-key traffic accounting for Xray servers",
         docs_url=None,
         redoc_url=None,
+        responses=ERROR_RESPONSES,
     )
     log = service.log
     app.add_middleware(JsonBodies)

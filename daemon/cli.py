@@ -8,13 +8,16 @@ import os
 import sys
 from pathlib import Path
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import quote
 
 import httpx
 import segno
 
 from daemon.units import human_bytes
+
+if TYPE_CHECKING:
+    from daemon.state import StateStore
 
 DEFAULT_SOCKET = "/run/portmeter/portmeter.sock"
 
@@ -27,6 +30,7 @@ class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (and exit code 2), like every other error."""
 
     def error(self, message: str) -> NoReturn:
+        message = message.replace("\n", "\\n")  # one line, whatever the arguments held
         self.exit(2, f"portmeter: {message} (see: {self.prog} --help)\n")
 
 
@@ -73,6 +77,8 @@ class Client:
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         try:
             response = self._http.request(method, path, json=body)
+        except httpx.InvalidURL:
+            raise CliError("the key reference is too long") from None
         except httpx.TransportError:
             raise CliError(
                 f"cannot reach the portmeter daemon at {self.socket_path} "
@@ -273,11 +279,20 @@ def add_limit_options(parser: argparse.ArgumentParser) -> None:
 
 def state_command(args: argparse.Namespace) -> int:
     """Offline: works on the files, with or without a running daemon (restore needs it stopped)."""
-    from daemon.state import StateError, StateStore
+    from daemon.state import StateStore
 
     state_dir = args.state_dir or os.environ.get("PORTMETER_STATE_DIR") or "/var/lib/portmeter"
     store = StateStore(Path(state_dir) / "state.json")
-    if args.action == "check":
+    try:
+        return _state_action(store, args.action)
+    except OSError as exc:
+        raise CliError(f"{state_dir}: {exc.strerror or exc}") from None
+
+
+def _state_action(store: StateStore, action: str) -> int:
+    from daemon.state import StateError
+
+    if action == "check":
         if not store.path.exists():
             print(f"{store.path} does not exist yet: the daemon starts with no keys")
             return 0
@@ -367,6 +382,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    for arg in argv:
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that are not UTF-8, smuggled in by surrogateescape
+            print("portmeter: arguments must be UTF-8 text", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     try:
         if getattr(args, "daemon", False):
@@ -382,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             show()
         return 0
     except CliError as exc:
-        print(f"portmeter: {exc}", file=sys.stderr)
+        print("portmeter: " + str(exc).replace("\n", "\\n"), file=sys.stderr)  # always one line
         return 1
     except KeyboardInterrupt:
         return 130

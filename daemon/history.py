@@ -669,7 +669,7 @@ def _seconds(at: datetime) -> float:
 
 
 def _floor(seconds: float, unit: int) -> int:
-    return int(math.floor(seconds / unit)) * unit
+    return math.floor(seconds / unit) * unit
 
 
 def _moment(seconds: float) -> datetime:

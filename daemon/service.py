@@ -77,6 +77,7 @@ class Service:
         self.lock = anyio.Lock()
         self.last_poll_at: float | None = None
         self._unsaved = False  # in-memory totals or statuses newer than the state file
+        self._read_started = 0.0  # monotonic time the last kernel reading began
         self._served: frozenset[str] | None = None  # uuids Xray serves, as last pushed
         self._kernel_limits: dict[int, int | None] = {}  # quota limit installed per port
 
@@ -182,8 +183,14 @@ class Service:
             return key
 
     async def refresh(self) -> Refresh:
-        """Read the kernel now, so answers are exact to this moment."""
+        """Read the kernel now, so answers are exact to this moment.
+
+        Requests that queue up behind one reading share the next: a reading that started after a
+        request arrived is as exact for it as one of its own."""
+        arrived = time.monotonic()
         async with self.lock:
+            if self._read_started > arrived:
+                return Refresh()
             return await self._refresh_locked()
 
     async def poll_once(self, *, always_save: bool = False) -> Refresh:
@@ -456,6 +463,7 @@ class Service:
     # --- reading the kernel --------------------------------------------------------------
 
     async def _refresh_locked(self, check_elements: bool = False) -> Refresh:
+        self._read_started = time.monotonic()
         result = Refresh()
         view = await self._kernel("read counters", self.counters.read())
         if view is None and self.state.table_handle is None:

@@ -20,9 +20,18 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Annotated, Any
 
 import anyio
-from fastapi import Body, FastAPI, Path as PathParam
+from fastapi import Body, FastAPI
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+)
 
 from daemon.errors import NotFound, StorageFull
 from daemon.history import FleetReport, History, ServerUsage, days_back, hours_back
@@ -35,7 +44,7 @@ if TYPE_CHECKING:
 
 HOURS = 24  # hourly series of the detailed view
 DAYS = 30  # daily series of the detailed view
-MAX_BATCH = 1000
+MAX_BATCH = 65536  # a sender's batch holds one report per key that moved: up to a whole port range
 MAX_BYTES = 2**62
 FUTURE_SLACK = timedelta(days=1)  # reports from servers whose clock runs ahead are still taken
 EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
@@ -51,7 +60,7 @@ class Report(BaseModel):
     """One usage report from a server: seed 004's webhook fields, a report id and a time."""
 
     model_config = ConfigDict(extra="ignore")
-    report_id: Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[!-~]+$")]
+    report_id: Annotated[str, StringConstraints(min_length=1, max_length=512, pattern=Text)]
     user_token: Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=Text)]
     server: Annotated[str, StringConstraints(min_length=1, max_length=253, pattern=Text)]
     port: Annotated[StrictInt, Field(ge=1, le=65535)]
@@ -132,7 +141,10 @@ def _series(starts: list[datetime], found: dict[datetime, tuple[int, int]]) -> l
 
 def register(app: FastAPI, service: Service, history: History) -> None:
     """Add the usage routes and the fleet-report webhook to `app`."""
-    local_server = service.settings.public_host or socket.gethostname()
+    # The name this server has in fleet reports, so a node that reports to itself is one server.
+    local_server = (
+        getattr(service.settings, "server_name", "") or service.settings.public_host or socket.gethostname()
+    )
 
     def local_keys(username: str) -> list[KeyRecord]:
         return sorted(
@@ -287,6 +299,24 @@ def register(app: FastAPI, service: Service, history: History) -> None:
             "username": username,
             "local": local,
             "reported": reported,
+            "history_kept": True,
+            "timestamp": int(time.time()),
+        }
+
+    @app.post("/api/admin/usage/reset")
+    async def usage_reset_all() -> dict[str, Any]:
+        """Every user: local counters and reported totals to zero; the history is kept."""
+        keys = sorted(service.state.keys.values(), key=lambda k: k.port)
+        for key in keys:
+            await service.reset_traffic(key.id)
+        with _storage():
+            reported_users = history.reported_users()
+            for name in reported_users:
+                history.reset_reports(name)
+        users = sorted({k.name for k in keys} | set(reported_users))
+        return {
+            "users_reset": users,
+            "keys_reset": len(keys),
             "history_kept": True,
             "timestamp": int(time.time()),
         }

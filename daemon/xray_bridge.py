@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import secrets
 import shlex
 import socket
@@ -38,6 +39,12 @@ class Pushed:
     removed: tuple[str, ...] = ()
     apply_seconds: float = 0.0
     backup: str | None = None
+
+
+@functools.lru_cache(maxsize=1024)
+def _reality(private_key: str) -> xs.Reality:
+    """Deriving the public half is an X25519 operation: once per key pair, not once per link."""
+    return xs.reality_from_private(private_key)
 
 
 class XrayBridge:
@@ -77,10 +84,10 @@ class XrayBridge:
     def server_reality(self, state: State) -> xs.Reality:
         if state.reality_private_key is None:
             state.reality_private_key = xs.generate_reality().private_key
-        return xs.reality_from_private(state.reality_private_key)
+        return _reality(state.reality_private_key)
 
     def xray_key(self, key: KeyRecord) -> xs.XrayKey:
-        pair = None if key.reality_private_key is None else xs.reality_from_private(key.reality_private_key)
+        pair = None if key.reality_private_key is None else _reality(key.reality_private_key)
         return xs.XrayKey(
             id=key.id, name=key.name, uuid=str(key.uuid), port=key.port, short_id=key.short_id,
             reality=pair, flow=key.flow, extra_short_ids=tuple(key.extra_short_ids),

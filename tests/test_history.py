@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 
 from daemon.history import (
     DAY,
-    HOUR,
     Bucket,
     FleetReport,
     History,
@@ -47,7 +46,7 @@ def history(tmp_path: Path) -> History:
 
 
 def rows(h: History, table: str) -> list[tuple]:
-    return sorted(h._read(f"SELECT * FROM {table}"))  # noqa: SLF001 - looking inside on purpose
+    return sorted(h._read(f"SELECT * FROM {table}"))
 
 
 # --- the file -------------------------------------------------------------------------------
@@ -61,7 +60,7 @@ def test_database_file_is_private_and_in_wal_mode(tmp_path: Path) -> None:
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     for side in path.parent.glob("history.sqlite3-*"):
         assert stat.S_IMODE(side.stat().st_mode) == 0o600, side
-    assert h._read("PRAGMA journal_mode")[0][0] == "wal"  # noqa: SLF001
+    assert h._read("PRAGMA journal_mode")[0][0] == "wal"
     h.close()
 
 
@@ -159,7 +158,7 @@ def test_recover_after_crash_between_stage_and_state_save(tmp_path: Path) -> Non
     h.stage(1, T0, [delta(rx=100, tx=50)])
     h.commit(1)
     h.stage(2, T0 + H, [delta(rx=7, tx=3)])  # the state file never reached generation 2
-    h._db.close()  # noqa: SLF001 - killed: no commit, no clean close
+    h._db.close()
     after = History(path)
     after.recover(1)
     assert after.total("k1", 0) == Totals(100, 50)
@@ -172,7 +171,7 @@ def test_recover_after_crash_between_state_save_and_commit(tmp_path: Path) -> No
     path = tmp_path / "history.sqlite3"
     h = History(path)
     h.stage(1, T0, [delta(rx=100, tx=50)])
-    h._db.close()  # noqa: SLF001 - the state file has generation 1, commit never ran
+    h._db.close()
     after = History(path)
     after.recover(1)
     assert after.total("k1", 0) == Totals(100, 50)
@@ -204,8 +203,8 @@ def test_stage_on_a_full_disk_raises_sink_error_and_changes_nothing(history: His
     history.stage(1, T0, [delta(rx=10)])
     history.commit(1)
     before = (rows(history, "hourly"), rows(history, "keys"), rows(history, "staged"))
-    pages = history._read("PRAGMA page_count")[0][0]  # noqa: SLF001
-    history._read(f"PRAGMA max_page_count = {pages}")  # noqa: SLF001 - the disk is now full
+    pages = history._read("PRAGMA page_count")[0][0]
+    history._read(f"PRAGMA max_page_count = {pages}")
     many = [delta(f"k{i}", rx=i + 1) for i in range(2000)]
     with pytest.raises(SinkError, match="full"):
         history.stage(2, T0, many)
@@ -217,7 +216,7 @@ def test_stage_on_a_full_disk_raises_sink_error_and_changes_nothing(history: His
 def test_commit_and_rollback_never_raise(tmp_path: Path) -> None:
     h = History(tmp_path / "history.sqlite3")
     h.stage(1, T0, [delta(rx=1)])
-    h._db.close()  # noqa: SLF001 - every statement now fails
+    h._db.close()
     h.commit(1)
     h.rollback(2)
     with pytest.raises(SinkError):
@@ -274,7 +273,7 @@ def test_buckets_equal_the_sum_of_committed_deltas(script: list[tuple[str, list[
                     per_day[(d.key_id, day, field)] += getattr(d, field)
 
         def crash() -> History:
-            h._db.close()  # noqa: SLF001
+            h._db.close()
             again = History(path, retention_days=3650)
             again.recover(generation)
             return again
@@ -315,7 +314,7 @@ def test_buckets_equal_the_sum_of_committed_deltas(script: list[tuple[str, list[
                 if k == key and (per_day[(key, day, "rx_bytes")] or per_day[(key, day, "tx_bytes")])
             }
             assert {day: v for day, v in days.items() if v != (0, 0)} == wanted, key
-        assert h._read("SELECT count(*) FROM hourly WHERE rx_bytes < 0 OR tx_bytes < 0")[0][0] == 0  # noqa: SLF001
+        assert h._read("SELECT count(*) FROM hourly WHERE rx_bytes < 0 OR tx_bytes < 0")[0][0] == 0
         h.close()
 
 
@@ -325,9 +324,7 @@ def test_buckets_equal_the_sum_of_committed_deltas(script: list[tuple[str, list[
 def test_cleanup_moves_hours_older_than_48h_into_days_exactly(history: History) -> None:
     now = datetime(2024, 5, 10, 12, 20, tzinfo=UTC)
     this_hour = datetime(2024, 5, 10, 12, tzinfo=UTC)
-    g = 0
-    for hours_ago, rx in ((0, 1), (47, 2), (48, 4), (49, 8), (60, 16), (72, 32)):
-        g += 1
+    for g, (hours_ago, rx) in enumerate(((0, 1), (47, 2), (48, 4), (49, 8), (60, 16), (72, 32)), start=1):
         history.stage(g, this_hour - hours_ago * H + timedelta(minutes=5), [delta(rx=rx, rxp=1)])
         history.commit(g)
     counts = history.cleanup(now)
@@ -354,7 +351,7 @@ def test_retention_cleanup_removes_exactly_the_expired_buckets(tmp_path: Path) -
     h = History(tmp_path / "history.sqlite3", retention_days=10)
     now = datetime(2024, 6, 30, 15, 0, 0, tzinfo=UTC)
     # The cutoff is now - 10 days: 2024-06-20 15:00.
-    day = lambda y, m, d: int(datetime(y, m, d, tzinfo=UTC).timestamp())  # noqa: E731
+    day = lambda y, m, d: int(datetime(y, m, d, tzinfo=UTC).timestamp())
     # Daily buckets (as if rolled up long ago), key k1; k9 is a deleted key.
     daily = {
         ("k1", day(2024, 6, 18)): True,   # ended 06-19 00:00 < cutoff: expired
@@ -364,8 +361,8 @@ def test_retention_cleanup_removes_exactly_the_expired_buckets(tmp_path: Path) -
         ("k9", day(2024, 5, 1)): True,
         ("k9", day(2024, 6, 26)): False,  # a deleted key's history stays until retention
     }
-    with h._write() as db:  # noqa: SLF001 - build the buckets directly
-        for (key, start), _ in daily.items():
+    with h._write() as db:
+        for key, start in daily:
             db.execute("INSERT INTO daily VALUES (?, 0, ?, 100, 1, 1, 1, ?)", (key, start, start + 60))
         for hours_ago in (0, 1, 47):  # recent hours: never expired
             start = int((now - hours_ago * H).timestamp())

@@ -17,7 +17,7 @@ import pytest
 from daemon.history import History, Totals
 from daemon.usage import UsageDelta
 from tests.conftest import Daemon
-from tests.netlab import Lab
+from tests.netlab import SERVER_V4, Lab
 from tests.test_counting import udp_exchange
 
 pytestmark = pytest.mark.kernel
@@ -238,7 +238,7 @@ def test_fleet_reports_count_once_and_add_up_across_servers(net: Lab, daemon: Da
         (report("b9", "anna", "", 1, 5), "server"),
         (report("b10", "anna", "s1", 1, 5, port=70000), "port"),
         (report("b11", "anna", "s1", 1, 5, timestamp=int(time.time()) + 3 * 86400), "timestamp"),
-        (report("b12 x", "anna", "s1", 1, 5), "report_id"),
+        (report("b12\x00", "anna", "s1", 1, 5), "report_id"),
         ({"reports": []}, "reports"),
         ({"reports": [report("b13", "anna", "s1", 1, 5), report("b14", "anna", "s1", -5, 5)]}, "reports.1.bytes_uploaded"),
         ([report("b15", "anna", "s1", 1, 5)], "report object"),
@@ -293,3 +293,65 @@ def test_deleted_keys_keep_their_history(net: Lab, daemon: Daemon) -> None:
     assert overview["database"]["hourly_records"] == 1 and overview["database"]["unique_users"] == 1
     assert overview["total_users"] == 0
     assert timedelta(0) <= datetime.now(UTC) - datetime.fromisoformat(overview["database"]["newest"]) < timedelta(hours=1)
+
+
+def test_reset_all_users(net: Lab, daemon: Daemon) -> None:
+    alice, bob = daemon.create("alice"), daemon.create("bob")
+    udp_exchange(net, socket.AF_INET, alice["port"], 2, 100, echo=False)
+    udp_exchange(net, socket.AF_INET, bob["port"], 3, 100, echo=False)
+    daemon.api("POST", "/api/traffic/webhook", json=report("r1", "carol", "s1", 10, 20))
+    done = daemon.api("POST", "/api/admin/usage/reset")
+    assert done["users_reset"] == ["alice", "bob", "carol"] and done["keys_reset"] == 2
+    overview = daemon.api("GET", "/api/admin/usage")
+    assert overview["traffic_used"] == 0 and overview["total_users"] == 3
+    detailed(daemon, "bob")
+    with history_of(daemon) as history:
+        assert history.total(alice["id"], 0) == Totals(2 * 128, 0, 2, 0)  # history kept
+        assert history.total(bob["id"], 0) == Totals(3 * 128, 0, 3, 0)
+
+
+FLEET_KEY = "fleet-key-" + "f" * 16
+FLEET_PORT = 18081
+
+
+def wait_for_reported(collector: Daemon, user: str, server: str, up: int, down: int) -> dict[str, Any]:
+    deadline = time.monotonic() + 20
+    seen: Any = None
+    while time.monotonic() < deadline:
+        answer = collector.http.get(f"/api/admin/usage/{user}")
+        if answer.status_code == 200:
+            seen = {r["server"]: (r["bytes_uploaded"], r["bytes_downloaded"]) for r in answer.json()["reported"]}
+            if seen == {server: (up, down)}:
+                return answer.json()
+        time.sleep(0.2)
+    raise AssertionError(f"collector has {seen}, wanted {server}: {(up, down)}")
+
+
+def test_a_node_reports_its_exact_counts_to_a_collector_across_kill9(net: Lab, make_daemon: Any) -> None:
+    collector = make_daemon(
+        PORTMETER_HTTP_LISTEN=f"{SERVER_V4}:{FLEET_PORT}", PORTMETER_API_KEY=FLEET_KEY,
+        PORTMETER_SERVER_NAME="collector",
+    )
+    node = make_daemon(
+        PORTMETER_REPORT_URL=f"http://{SERVER_V4}:{FLEET_PORT}/api/traffic/webhook",
+        PORTMETER_REPORT_API_KEY=FLEET_KEY, PORTMETER_SERVER_NAME="node1",
+    )
+    anna = node.create("anna")
+    udp_exchange(net, socket.AF_INET, anna["port"], 10, 500, echo=True)
+    exact = node.traffic(anna["id"])
+    assert (exact["rx_bytes"], exact["tx_bytes"]) == (10 * 528, 10 * 528)
+    wait_for_reported(collector, "anna", "node1", 10 * 528, 10 * 528)
+
+    udp_exchange(net, socket.AF_INET, anna["port"], 4, 200, echo=True)
+    node.kill9()  # perhaps between staging a batch and sending it
+    udp_exchange(net, socket.AF_INET, anna["port"], 3, 100, echo=False)  # counted while it is down
+    node.start()
+    up, down = 10 * 528 + 4 * 228 + 3 * 128, 10 * 528 + 4 * 228
+    exact = node.traffic(anna["id"])
+    assert (exact["rx_bytes"], exact["tx_bytes"]) == (up, down)
+    answer = wait_for_reported(collector, "anna", "node1", up, down)
+    assert answer["servers"] == 1 and answer["local"] is None
+    time.sleep(3)  # retries and repeats have settled: still exactly once
+    wait_for_reported(collector, "anna", "node1", up, down)
+    overview = collector.api("GET", "/api/admin/usage")
+    assert overview["total_servers"] == 2 and overview["reported"]["servers"] == ["node1"]
