@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from daemon import allocator, limits, netinfo, web, xray_sync
+from daemon import allocator, limits, metrics, netinfo, usage_api, web, xray_sync
 from daemon.errors import Invalid, NotFound, OperationError, XrayRefused
 from daemon.service import Service
 from daemon.limits import ResetStrategy, Status
@@ -290,6 +290,9 @@ def create_app(service: Service) -> FastAPI:
     app.add_middleware(AuditLog, log=log)
     _install_error_handlers(app, log)
     web.register(app)
+    metrics.register(app, service)
+    if service.history is not None:
+        usage_api.register(app, service, service.history)
 
     @app.post("/api/keys", status_code=201)
     async def create_key(body: Annotated[NewKey, Body()]) -> dict[str, Any]:
@@ -648,8 +651,8 @@ class _QuietServer(uvicorn.Server):
 
 
 class ApiKeyGuard:
-    """The TCP listener's gate: every request needs the X-API-Key header (compared in constant
-    time), except the page's static files (no data in them) and subscriptions (their unguessable
+    """The TCP listener's gate: every request needs the X-API-Key header (or `Authorization:
+    Bearer`, for Prometheus; compared in constant time), except the page's static files (no data in them) and subscriptions (their unguessable
     token is the secret, and VPN apps cannot send headers)."""
 
     OPEN_PREFIXES = ("/sub/", "/static/")
@@ -660,7 +663,10 @@ class ApiKeyGuard:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not self._open(scope["path"]):
-            supplied = dict(scope["headers"]).get(b"x-api-key", b"")
+            headers = dict(scope["headers"])
+            # Prometheus can only send `Authorization: Bearer KEY`: accepted as the same key.
+            bearer = headers.get(b"authorization", b"").removeprefix(b"Bearer ")
+            supplied = headers.get(b"x-api-key", bearer)
             if not hmac.compare_digest(supplied, self.api_key):
                 await _refuse(send, 401, "missing or wrong X-API-Key header")
                 return

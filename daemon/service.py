@@ -25,7 +25,8 @@ from zoneinfo import ZoneInfo
 import anyio
 import structlog
 
-from daemon import allocator, limits, netinfo, xray_sync
+from daemon import allocator, limits, metrics, netinfo, xray_sync
+from daemon.history import History, HistoryError
 from daemon.counters import Counters, NftError, PortReading, TableView
 from daemon.errors import Conflict, Invalid, KernelRefused, NotFound, OperationError, StorageFull
 from daemon.limits import Quota, ResetStrategy, Status
@@ -63,8 +64,10 @@ class Service:
         log: Log,
         xray: XrayBridge | None = None,
         sinks: Sequence[UsageSink] = (),
+        history: History | None = None,
     ) -> None:
         self.settings = settings
+        self.history = history
         self.xray = xray
         self.sinks = list(sinks)
         self._pending: dict[tuple[str, int], UsageDelta] = {}  # traffic since the last save
@@ -76,6 +79,7 @@ class Service:
         self.zone = ZoneInfo(settings.timezone)
         self.lock = anyio.Lock()
         self.last_poll_at: float | None = None
+        self.last_poll_seconds: float | None = None
         self._unsaved = False  # in-memory totals or statuses newer than the state file
         self._read_started = 0.0  # monotonic time the last kernel reading began
         self._served: frozenset[str] | None = None  # uuids Xray serves, as last pushed
@@ -478,6 +482,7 @@ class Service:
                 await self._repair(view, result, check_elements)
         await self._settle_all(view, result)
         self.last_poll_at = time.time()
+        self.last_poll_seconds = time.monotonic() - self._read_started
         self._unsaved = self._unsaved or result.changed
         return result
 
@@ -643,11 +648,27 @@ class Service:
         while True:
             await anyio.sleep(self.settings.poll_interval)
             try:
-                started = time.perf_counter()
                 result = await self.poll_once()
-                self.log.debug("poll", seconds=round(time.perf_counter() - started, 4), changed=result.changed)
+                self.log.debug("poll", seconds=round(self.last_poll_seconds or 0, 4), changed=result.changed)
             except KernelRefused:
-                pass  # already logged; the next poll tries again
+                continue  # already logged; the next poll tries again
+            if self.settings.metrics_textfile is not None:
+                try:
+                    await metrics.write_textfile(self, self.settings.metrics_textfile)
+                except OSError as exc:
+                    self.log.error("metrics_textfile_failed", error=exc.strerror or str(exc))
+
+    async def history_loop(self) -> None:
+        """Roll hourly buckets up into days and apply the retention, hourly."""
+        if self.history is None:
+            return
+        while True:
+            try:
+                removed = await anyio.to_thread.run_sync(self.history.cleanup)
+                self.log.info("history_cleanup", **removed)
+            except HistoryError as exc:
+                self.log.error("history_cleanup_failed", error=str(exc))
+            await anyio.sleep(3600)
 
     async def backup_loop(self) -> None:
         while True:
@@ -688,13 +709,14 @@ async def run_daemon(
         log.warning("state_backup_failed", error=str(exc))
     outbox = webhook_outbox(settings.state_dir / "outbox", settings.webhook_url, settings.webhook_secret, log)
     fleet = fleet_outbox(settings.state_dir / "reports", settings.report_url, settings.report_api_key, log)
-    sinks: list[UsageSink] = []
+    history = History(settings.state_dir / "history.sqlite3", settings.history_retention_days)
+    sinks: list[UsageSink] = [history]
     if settings.report_url:
         sinks.append(FleetReports(fleet, settings.server_name))
     for sink in sinks:
         sink.recover(state.generation)
     xray = None if settings.xray_config is None else XrayBridge(settings, log)
-    service = Service(settings, store, state, Counters(settings.nft_table), outbox, log, xray, sinks)
+    service = Service(settings, store, state, Counters(settings.nft_table), outbox, log, xray, sinks, history)
     started = time.perf_counter()
     await service.reconcile()
     await service.start_xray()
@@ -704,6 +726,7 @@ async def run_daemon(
         background.start_soon(service.backup_loop)
         background.start_soon(outbox.deliver_forever)
         background.start_soon(fleet.deliver_forever)
+        background.start_soon(service.history_loop)
         if notifier.watchdog_interval:
             background.start_soon(_watchdog, notifier, notifier.watchdog_interval)
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

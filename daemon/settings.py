@@ -76,6 +76,8 @@ class Settings(BaseSettings):
     timezone: str = "UTC"
     webhook_url: str | None = None
     webhook_secret: str = Field(default="", repr=False)
+    history_retention_days: int = Field(default=90, ge=1, le=3650)
+    metrics_textfile: Path | None = None  # a *.prom file for node_exporter's textfile collector
     # Fleet: this server's name in reports, where to send them, and the collector's API key.
     server_name: str = Field(default_factory=gethostname, max_length=128)
     report_url: str | None = None

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(nftables libnftables1 iproute2 python3 python3-venv v2ray iperf3 systemd curl
-              chromium chromium-driver debootstrap systemd-container)
+              chromium chromium-driver debootstrap systemd-container prometheus)
 VENV=.venv
 STAMP="$VENV/.installed"
 
@@ -24,6 +24,10 @@ if ((${#missing[@]})); then
     apt-get update -qq
     # policy-rc.d keeps Debian from starting the v2ray service: the tests run their own.
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # Packages that bring a service (prometheus): the tests run their own; never a system one.
+    if command -v systemctl >/dev/null && [[ -d /run/systemd/system ]]; then
+        systemctl disable --now prometheus 2>/dev/null || true
+    fi
 fi
 
 if ! getent group portmeter >/dev/null; then
