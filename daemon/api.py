@@ -21,21 +21,22 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
-from anyio.abc import TaskStatus
 import structlog
 import uvicorn
-from uvicorn.protocols.http.h11_impl import H11Protocol
-from fastapi import Body, FastAPI, Path as PathParam, Request
+from anyio.abc import TaskStatus
+from fastapi import Body, FastAPI, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from daemon import allocator, limits, metrics, netinfo, usage_api, web, xray_sync
 from daemon.errors import Invalid, NotFound, OperationError, XrayRefused
-from daemon.service import Service
 from daemon.limits import ResetStrategy, Status
+from daemon.service import Service
 from daemon.state import KeyRecord, now
 from daemon.units import human_bytes
 from daemon.xray_sync import XrayError

@@ -27,7 +27,7 @@ import anyio
 import httpx
 import structlog
 
-from daemon.state import write_atomic
+from daemon.atomic import write_atomic
 from daemon.usage import SinkError, UsageDelta
 
 SIGNATURE_HEADER = "X-Portmeter-Signature"

@@ -26,15 +26,15 @@ import anyio
 import structlog
 
 from daemon import allocator, limits, metrics, netinfo, xray_sync
-from daemon.history import History, HistoryError
 from daemon.counters import Counters, NftError, PortReading, TableView
 from daemon.errors import Conflict, Invalid, KernelRefused, NotFound, OperationError, StorageFull
+from daemon.history import History, HistoryError
 from daemon.limits import Quota, ResetStrategy, Status
 from daemon.reports import FleetReports, Outbox, fleet_outbox, webhook_outbox
 from daemon.sdnotify import Notifier
 from daemon.settings import Settings
-from daemon.usage import SinkError, UsageDelta, UsageSink
 from daemon.state import DirectionModel, KeyRecord, State, StateStore, StorageError, now
+from daemon.usage import SinkError, UsageDelta, UsageSink
 from daemon.xray_bridge import Pushed, XrayBridge
 from daemon.xray_sync import XrayError
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 import re
-from socket import gethostname
 from pathlib import Path
+from socket import gethostname
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 

@@ -17,6 +17,7 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from daemon.accounting import Account, Reading, Usage
+from daemon.atomic import write_atomic
 from daemon.limits import ResetStrategy, Status
 
 SCHEMA_VERSION = 1
@@ -212,28 +213,6 @@ class StateStore:
             f"state file {self.path} {what}; it was left untouched. Run `portmeter state restore` "
             f"to use the newest backup from {self.backup_dir}/, or move the file away to start empty"
         )
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write `data` to `path` so that readers see the old or the new content, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.fchmod(fd, mode)  # a stale temp file keeps its old mode otherwise
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _reason(exc: OSError | UnicodeDecodeError) -> str:

@@ -39,6 +39,7 @@ import anyio
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from daemon.allocator import PortRange, lowest_free
+from daemon.atomic import write_atomic
 
 ApplyMode = Literal["none", "restart", "api"]
 Security = Literal["reality", "none"]
@@ -1054,36 +1055,6 @@ def serialize(config: Mapping[str, Any]) -> bytes:
         return (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode()
     except (TypeError, ValueError) as exc:
         raise XrayConfigError(f"the config cannot be written as JSON ({exc})") from None
-
-
-def write_atomic(
-    path: Path, data: bytes, mode: int = 0o640, owner: tuple[int, int] | None = None
-) -> None:
-    """Readers see the old or the new content, never a mix; mode and owner are set before rename.
-
-    The temporary name does not end in .json, so an Xray reading the directory with -confdir
-    never picks up a half-written file.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.portmeter-tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            if owner is not None and os.geteuid() == 0:
-                os.fchown(handle.fileno(), *owner)
-            os.fchmod(handle.fileno(), mode)
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def config_status(files: XrayFiles, keys: Collection[XrayKey]) -> dict[str, Any]:

@@ -12,7 +12,8 @@ import itertools
 import os
 import socket
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from pyroute2.netns import popns, pushns
@@ -21,6 +22,15 @@ from pyroute2.netns import popns, pushns
 SERVER_V4, CLIENT_V4 = "198.18.0.1", "198.18.0.2"
 SERVER_V6, CLIENT_V6 = "fd00:504d::1", "fd00:504d::2"
 _names = itertools.count()
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 10, what: str = "condition") -> None:
+    """Poll `predicate` until it holds; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.1)
 
 
 def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tests.conftest import Daemon
-from tests.netlab import Lab
+from tests.netlab import Lab, wait_for
 from tests.test_counting import udp_exchange
 
 pytestmark = pytest.mark.kernel
@@ -18,15 +18,6 @@ WIRE = 500 + 28  # one IPv4 datagram of 500 payload bytes
 
 def send(net: Lab, port: int, count: int) -> None:
     udp_exchange(net, socket.AF_INET, port, count, 500, echo=True)
-
-
-def wait_for(predicate, timeout: float = 10, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_kill9_loses_nothing_and_doubles_nothing(net: Lab, daemon: Daemon) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Daemon, fresh_port_range
-from tests.netlab import CLIENT_V4, SERVER_V4, Lab
+from tests.netlab import CLIENT_V4, SERVER_V4, Lab, wait_for
 
 pytestmark = pytest.mark.kernel
 API_KEY = "fleet-key-0123456789"
@@ -42,13 +42,6 @@ def reported(collector: Daemon, user: str) -> dict[str, Any]:
     return {r["server"]: r for r in response.json()["reported"]}
 
 
-def wait_until(predicate: Any, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.2)
-
-
 def test_collector_totals_equal_the_nodes_kernel_counts(net: Lab, make_daemon: Any, workdir: Path) -> None:
     collector: Daemon = make_daemon(PORTMETER_HTTP_LISTEN=f"{SERVER_V4}:{PORT}", PORTMETER_API_KEY=API_KEY)
     node = Daemon(
@@ -67,7 +60,7 @@ def test_collector_totals_equal_the_nodes_kernel_counts(net: Lab, make_daemon: A
             got = {user: reported(collector, user).get("node-1", {}).get("bytes_uploaded", 0) for user in expected}
             return got == expected
 
-        wait_until(lambda: caught_up({"alice": 20 * WIRE, "bob": 3 * WIRE}))
+        wait_for(lambda: caught_up({"alice": 20 * WIRE, "bob": 3 * WIRE}), timeout=20, what="first reports")
 
         for round_no in range(5):  # killed mid-batch: while generations are staged and in flight
             blast(net, alice["port"], 7)
@@ -75,7 +68,7 @@ def test_collector_totals_equal_the_nodes_kernel_counts(net: Lab, make_daemon: A
             node.kill9()
             blast(net, alice["port"], 2)  # counted by the node's kernel while it is down
             node.start()
-        wait_until(lambda: caught_up({"alice": 65 * WIRE, "bob": 3 * WIRE}))
+        wait_for(lambda: caught_up({"alice": 65 * WIRE, "bob": 3 * WIRE}), timeout=20, what="reports after the kills")
         assert node.traffic(alice["id"])["rx_bytes"] == 65 * WIRE
         time.sleep(1.5)  # nothing more arrives: no double count from retries
         assert caught_up({"alice": 65 * WIRE, "bob": 3 * WIRE})

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Daemon
-from tests.netlab import SERVER_V4, Lab, make_socket
+from tests.netlab import SERVER_V4, Lab, make_socket, wait_for
 
 pytestmark = pytest.mark.kernel
 DATAGRAM = 1000
@@ -80,15 +80,6 @@ def webhooks(net: Lab) -> Iterator[tuple[str, list[dict[str, Any]]]]:
     finally:
         server.shutdown()
         sock.close()
-
-
-def wait_for(predicate: Any, timeout: float = 10, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_udp_stops_exactly_at_the_limit_and_resumes_when_raised(

@@ -379,7 +379,7 @@ def test_backups_are_rotated(make_daemon: Any) -> None:
     assert set(portmeter_inbounds(read_config(d))) == {tag(k) for k in keys}
     # Only rotated backups live there (no stray temporary files).
     assert sorted((d.xray_config.parent / "backups").iterdir()) == kept
-    assert not [p for p in d.xray_config.parent.iterdir() if "portmeter-tmp" in p.name]
+    assert not [p for p in d.xray_config.parent.iterdir() if p.name.endswith(".tmp")]
 
 
 # --- 3. rollback when applying or reading fails --------------------------------------------
