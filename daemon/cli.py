@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -228,7 +229,65 @@ def keys_rm(client: Client, args: argparse.Namespace) -> Any:
     return key, lambda: print(f"deleted key {key['id']} ({key['name']}), port {key['port']} is free")
 
 
+def watch(client: Client, args: argparse.Namespace) -> Any:
+    """A live view of every key's traffic with rates, redrawn every --interval seconds."""
+    from rich.console import Console
+    from rich.live import Live
+    from rich.table import Table
+
+    def snapshot() -> dict[str, dict[str, Any]]:
+        result = client.call("GET", "/api/traffic/ports/exact")
+        return {e["key_id"]: e["traffic"] for e in result["ports_traffic"]["ports_traffic"].values()}
+
+    def render(now: dict[str, dict[str, Any]], before: dict[str, dict[str, Any]], seconds: float) -> Table:
+        view = Table(title="portmeter: exact traffic per key (Ctrl-C to stop)")
+        for column in ("name", "port", "status", "rx", "tx", "rx/s", "tx/s", "conns"):
+            view.add_column(column, justify="left" if column in ("name", "status") else "right")
+        for key_id, t in sorted(now.items(), key=lambda item: item[1]["port"]):
+            old = before.get(key_id, t)
+            rates = [max(0, t[f] - old[f]) / seconds for f in ("rx_bytes", "tx_bytes")]
+            view.add_row(t["name"], str(t["port"]), t["status"], t["rx_formatted"], t["tx_formatted"],
+                         *(f"{human_bytes(int(r))}/s" for r in rates), str(t["connections"]))
+        return view
+
+    before = snapshot()
+    with Live(render(before, before, 1.0), console=Console(), auto_refresh=False) as live:
+        for _ in range(args.count) if args.count else iter(int, 1):
+            time.sleep(args.interval)
+            now = snapshot()
+            live.update(render(now, before, args.interval), refresh=True)
+            before = now
+    return before, lambda: None
+
+
+def usage(client: Client, args: argparse.Namespace) -> Any:
+    if not args.name:
+        g = client.call("GET", "/api/admin/usage")
+        return g, lambda: print(json.dumps(g, indent=2, ensure_ascii=False))
+    path = f"/api/admin/usage/{_path_segment(args.name)}" + ("/detailed" if args.detailed else "")
+    u = client.call("GET", path)
+    rows = [
+        (entry["server"], entry.get("source", ""), human_bytes(entry["bytes_uploaded"]),
+         human_bytes(entry["bytes_downloaded"]), human_bytes(entry["total_bytes"]), str(entry.get("last_used")))
+        for entry in _usage_rows(u)
+    ]
+    header = ("SERVER", "SOURCE", "UPLOADED", "DOWNLOADED", "TOTAL", "LAST USED")
+    count = u["server_count"] if isinstance(u["servers"], list) else u["servers"]
+    return u, lambda: print(f"{args.name}: {human_bytes(u['total_bytes'])} on {count} servers\n"
+                            + table(rows, header))
+
+
+def _usage_rows(u: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per-server rows of either answer: /detailed lists them, the plain one splits local/reported."""
+    if isinstance(u["servers"], list):
+        return list(u["servers"])
+    local = [] if not u.get("local") else [{**u["local"], "source": "local", "last_used": None}]
+    return local + list(u.get("reported", []))
+
+
 def traffic(client: Client, args: argparse.Namespace) -> Any:
+    if args.watch:
+        return watch(client, args)
     words = args.words
     if len(words) == 2 and words[0] == "reset":
         result = client.call("POST", f"/api/keys/{_path_segment(words[1])}/traffic/port/reset")
@@ -363,7 +422,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("traffic", parents=[common],
                         help="exact traffic: all keys, one KEY, or `traffic reset KEY`")
     tr.add_argument("words", nargs="*", metavar="KEY | reset KEY")
+    tr.add_argument("--watch", action="store_true", help="a live view with rates (Ctrl-C to stop)")
+    tr.add_argument("--interval", type=float, default=2.0, help="seconds between redraws (--watch)")
+    tr.add_argument("--count", type=int, default=0, help="stop after this many redraws (--watch)")
     tr.set_defaults(handler=traffic)
+    us = sub.add_parser("usage", parents=[common], help="usage per user across servers (history, reports)")
+    us.add_argument("name", nargs="?", help="a user (key name); without: global statistics")
+    us.add_argument("--detailed", action="store_true", help="per server, with hourly and daily series")
+    us.set_defaults(handler=usage)
     sub.add_parser("ports", help="port range usage", parents=[common]).set_defaults(handler=ports)
     xr = sub.add_parser("xray", help="Xray config: status, sync (repair), validate (drift)", parents=[common])
     xr.add_argument("action", choices=("status", "sync", "validate"))

@@ -139,12 +139,17 @@ def _series(starts: list[datetime], found: dict[datetime, tuple[int, int]]) -> l
     ]
 
 
+def server_label(settings: Any) -> str:
+    """This server's name in usage answers: PORTMETER_SERVER_NAME when set (the name its fleet
+    reports carry), else PORTMETER_PUBLIC_HOST, else the host name."""
+    explicit = "server_name" in settings.model_fields_set
+    name = getattr(settings, "server_name", "")
+    return (name if explicit else "") or settings.public_host or name or socket.gethostname()
+
+
 def register(app: FastAPI, service: Service, history: History) -> None:
     """Add the usage routes and the fleet-report webhook to `app`."""
-    # The name this server has in fleet reports, so a node that reports to itself is one server.
-    local_server = (
-        getattr(service.settings, "server_name", "") or service.settings.public_host or socket.gethostname()
-    )
+    local_server = server_label(service.settings)
 
     def local_keys(username: str) -> list[KeyRecord]:
         return sorted(

@@ -119,3 +119,16 @@ def test_xray_commands_and_qr(daemon: Daemon) -> None:
     shown = daemon.cli("keys", "show", "alice", "--qr")
     assert shown.returncode == 0, shown.stderr
     assert "vless://" in shown.stdout and "█" in shown.stdout
+
+
+def test_usage_and_watch_commands(daemon: Daemon) -> None:
+    daemon.create("watcher")
+    plain = daemon.cli("usage", "watcher")
+    assert plain.returncode == 0 and "watcher: 0 B on 1 servers" in plain.stdout, plain.stderr
+    detailed = daemon.cli("usage", "watcher", "--detailed")
+    assert detailed.returncode == 0 and "local" in detailed.stdout, detailed.stderr
+    overall = daemon.cli("usage")
+    assert overall.returncode == 0 and "\"users\"" in overall.stdout, overall.stdout
+    watched = daemon.cli("traffic", "--watch", "--interval", "0.2", "--count", "2")
+    assert watched.returncode == 0, watched.stderr
+    assert "watcher" in watched.stdout and "rx/s" in watched.stdout
