@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grp
 import json
 import subprocess
 import sys
@@ -140,6 +141,8 @@ def test_curl_over_the_unix_socket(daemon: Daemon) -> None:
     )
     assert json.loads(posted.stdout)["name"] == "plain"
     assert oct(daemon.socket.stat().st_mode & 0o777) == "0o660"
+    stat = daemon.socket.stat()
+    assert (stat.st_uid, grp.getgrgid(stat.st_gid).gr_name) == (0, "portmeter")  # made by `make setup`
 
 
 def test_200_concurrent_creates_then_deletes_never_share_a_port(net: Lab, make_daemon) -> None:  # type: ignore[no-untyped-def]
