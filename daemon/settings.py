@@ -133,6 +133,16 @@ class Settings(BaseSettings):
     def _absolute(cls, value: Path) -> Path:
         return value.absolute()
 
+    @field_validator("metrics_textfile", mode="before")
+    @classmethod
+    def _prom_file(cls, value: object) -> object:
+        if value in ("", None):
+            return None
+        path = Path(str(value)).absolute()
+        if path.suffix != ".prom":
+            raise ValueError("must end in .prom (node_exporter's textfile collector reads only *.prom)")
+        return path
+
     @field_validator("xray_config", mode="before")
     @classmethod
     def _optional_path(cls, value: object) -> object:
