@@ -135,9 +135,10 @@ class FleetReports:
     """A usage sink that sends each saved generation's per-key deltas to the collector, in the
     format of seed 004: {user_token, server, port, protocol, bytes_uploaded, bytes_downloaded}."""
 
-    def __init__(self, outbox: Outbox, server: str) -> None:
+    def __init__(self, outbox: Outbox, server: str, instance: str) -> None:
         self.outbox = outbox
         self.server = server
+        self.instance = instance  # the state file's: ids stay unique across restored backups
 
     def recover(self, committed: int) -> None:
         for name in self.outbox.staged():
@@ -149,7 +150,7 @@ class FleetReports:
     def stage(self, generation: int, at: datetime, deltas: Sequence[UsageDelta]) -> None:
         reports = [
             {
-                "report_id": f"{self.server}:{generation}:{d.key_id}:{d.epoch}",
+                "report_id": f"{self.server}:{self.instance}:{generation}:{d.key_id}:{d.epoch}",
                 "user_token": d.name,
                 "server": self.server,
                 "port": d.port,

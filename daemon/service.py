@@ -712,7 +712,7 @@ async def run_daemon(
     history = History(settings.state_dir / "history.sqlite3", settings.history_retention_days)
     sinks: list[UsageSink] = [history]
     if settings.report_url:
-        sinks.append(FleetReports(fleet, settings.server_name))
+        sinks.append(FleetReports(fleet, settings.server_name, state.ensure_instance()))
     for sink in sinks:
         sink.recover(state.generation)
     xray = None if settings.xray_config is None else XrayBridge(settings, log)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -99,9 +100,17 @@ class State(BaseModel):
     model_config = ConfigDict(extra="forbid")
     schema_version: Literal[1] = SCHEMA_VERSION
     generation: int = Field(default=0, ge=0)  # counts saves; history and reports follow it
+    # Names this line of generations: a restored backup repeats generation numbers, and fleet
+    # report ids must never repeat (the collector drops an id it has seen).
+    instance: str = Field(default="", pattern=r"^([0-9a-f]{8})?$")
     table_handle: int | None = None
     reality_private_key: str | None = Field(default=None, repr=False)  # the server's REALITY key
     keys: dict[str, KeyRecord] = Field(default_factory=dict)
+
+    def ensure_instance(self) -> str:
+        if not self.instance:
+            self.instance = secrets.token_hex(4)
+        return self.instance
 
     @model_validator(mode="after")
     def _ids_match(self) -> State:
@@ -205,7 +214,9 @@ class StateStore:
         if self.path.exists():
             aside = self.path.with_name(f"{self.path.name}.replaced-{now().strftime(BACKUP_STAMP)}")
             os.replace(self.path, aside)
-        write_atomic(self.path, backups[0].read_bytes())
+        restored = State.model_validate_json(backups[0].read_bytes())
+        restored.instance = ""  # its generations will repeat: the daemon starts a new line of them
+        write_atomic(self.path, restored.model_dump_json(indent=1).encode())
         return backups[0], aside
 
     def _damaged(self, what: str) -> str:

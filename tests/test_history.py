@@ -213,6 +213,18 @@ def test_stage_on_a_full_disk_raises_sink_error_and_changes_nothing(history: His
     assert history.total("k1", 0) == Totals(10)
 
 
+def test_a_refused_cleanup_raises_history_error_and_changes_nothing(history: History) -> None:
+    history.stage(1, T0, [delta(rx=10)])
+    history.commit(1)
+    before = rows(history, "hourly")
+    history._read("PRAGMA query_only = 1")
+    with pytest.raises(HistoryError, match="retention not applied") as caught:
+        history.cleanup(T0 + 5 * D)
+    assert isinstance(caught.value, SinkError)  # caught by either name
+    history._read("PRAGMA query_only = 0")
+    assert rows(history, "hourly") == before and rows(history, "daily") == []
+
+
 def test_commit_and_rollback_never_raise(tmp_path: Path) -> None:
     h = History(tmp_path / "history.sqlite3")
     h.stage(1, T0, [delta(rx=1)])

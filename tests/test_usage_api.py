@@ -11,8 +11,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import quote
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from daemon.history import History, Totals
 from daemon.usage import UsageDelta
@@ -355,3 +358,29 @@ def test_a_node_reports_its_exact_counts_to_a_collector_across_kill9(net: Lab, m
     wait_for_reported(collector, "anna", "node1", up, down)
     overview = collector.api("GET", "/api/admin/usage")
     assert overview["total_servers"] == 2 and overview["reported"]["servers"] == ["node1"]
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=5),
+    max_leaves=15,
+)
+near_reports = st.dictionaries(
+    st.sampled_from(["report_id", "user_token", "server", "port", "protocol", "bytes_uploaded",
+                     "bytes_downloaded", "timestamp", "reports", "extra"]),
+    json_values,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(body=st.one_of(json_values, near_reports, st.builds(lambda r: {"reports": [r]}, near_reports)),
+       name=st.text(min_size=1, max_size=140).filter(lambda s: "/" not in s and s not in (".", "..")))
+def test_odd_input_never_gets_a_500(daemon: Daemon, body: Any, name: str) -> None:
+    answer = daemon.http.post("/api/traffic/webhook", json=body)
+    assert answer.status_code in (200, 400, 422), (body, answer.status_code, answer.text)
+    assert "detail" in answer.json() or answer.status_code == 200
+    for path in (f"/api/admin/usage/{quote(name)}", f"/api/admin/usage/{quote(name)}/detailed"):
+        got = daemon.http.get(path)
+        assert got.status_code in (200, 404, 422), (path, got.status_code, got.text)
+    assert "request_failed" not in daemon.log()
