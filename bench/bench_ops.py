@@ -48,7 +48,7 @@ def timed(call) -> float:  # type: ignore[no-untyped-def]
 
 def measure(size: int, workdir: Path, **env: str) -> dict[str, float]:
     with lab() as net:
-        daemon = Daemon(net.server, workdir / f"s{size}-{len(env)}", fresh_port_range(size + SAMPLES + 10),
+        daemon = Daemon(net.server, Path(tempfile.mkdtemp(dir=workdir)), fresh_port_range(size + SAMPLES + 10),
                         PORTMETER_POLL_INTERVAL="3600", **env)
         try:
             daemon.start()
