@@ -221,11 +221,6 @@ class Counters:
         await self._run(commands)
         self._enforced -= wanted
 
-    async def delete_table(self) -> None:
-        table = {"family": FAMILY, "name": self.table}
-        await self._run([{"add": {"table": table}}, {"delete": {"table": table}}])
-        self._enforced = set()
-
     # --- commands ------------------------------------------------------------------------
 
     def _ref(self) -> dict[str, str]:

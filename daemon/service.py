@@ -28,7 +28,7 @@ import structlog
 from daemon import allocator, limits, metrics, netinfo, xray_sync
 from daemon.counters import Counters, NftError, PortReading, TableView
 from daemon.errors import Conflict, Invalid, KernelRefused, NotFound, OperationError, StorageFull
-from daemon.history import History, HistoryError
+from daemon.history import History, cleanup_loop
 from daemon.limits import Quota, ResetStrategy, Status
 from daemon.reports import FleetReports, Outbox, fleet_outbox, webhook_outbox
 from daemon.sdnotify import Notifier
@@ -658,18 +658,6 @@ class Service:
                 except OSError as exc:
                     self.log.error("metrics_textfile_failed", error=exc.strerror or str(exc))
 
-    async def history_loop(self) -> None:
-        """Roll hourly buckets up into days and apply the retention, hourly."""
-        if self.history is None:
-            return
-        while True:
-            try:
-                removed = await anyio.to_thread.run_sync(self.history.cleanup)
-                self.log.info("history_cleanup", **removed)
-            except HistoryError as exc:
-                self.log.error("history_cleanup_failed", error=str(exc))
-            await anyio.sleep(3600)
-
     async def backup_loop(self) -> None:
         while True:
             await anyio.sleep(self.settings.snapshot_interval)
@@ -726,7 +714,7 @@ async def run_daemon(
         background.start_soon(service.backup_loop)
         background.start_soon(outbox.deliver_forever)
         background.start_soon(fleet.deliver_forever)
-        background.start_soon(service.history_loop)
+        background.start_soon(cleanup_loop, history, log)
         if notifier.watchdog_interval:
             background.start_soon(_watchdog, notifier, notifier.watchdog_interval)
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
