@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 RUN_DIR := $(CURDIR)/.run
 
-.PHONY: setup run test install clean
+.PHONY: setup run test bench install clean
 
 setup:
 	@scripts/setup.sh
@@ -19,6 +19,10 @@ run: setup
 
 test: setup
 	$(VENV)/bin/pytest
+
+# The benchmark suite (as root: namespaces, nftables, iperf3); prints tables, appends to bench/RESULTS.md.
+bench: setup
+	$(VENV)/bin/python -m bench.run_all
 
 install:
 	scripts/install.sh

@@ -24,7 +24,7 @@ import anyio
 import structlog
 import uvicorn
 from anyio.abc import TaskStatus
-from fastapi import Body, FastAPI, Request
+from fastapi import Body, FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -43,6 +43,7 @@ from daemon.xray_sync import XrayError
 
 NAME_PATTERN = r"^\w(?:[\w .@+-]{0,62}[\w.@+-])?$"
 NAME_RULE = "1-64 letters, digits, spaces or . @ + - _, starting and ending with a letter or digit"
+PAGE_READ_LIMIT = 256  # up to this many keys, reading each key's counters beats one full reading
 KeyRef = Annotated[str, PathParam(min_length=1, max_length=64, description="key id, uuid or name")]
 
 
@@ -327,9 +328,8 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/api/keys/{key_id}")
     async def show_key(key_id: KeyRef) -> dict[str, Any]:
-        service.find(key_id)
-        await service.refresh()
-        return key_object(service.find(key_id), service)
+        (key,) = await service.refresh_keys([key_id])
+        return key_object(key, service)
 
     @app.delete("/api/keys/{key_id}")
     async def delete_key(key_id: KeyRef) -> dict[str, Any]:
@@ -379,12 +379,22 @@ def create_app(service: Service) -> FastAPI:
         }
 
     @app.get("/api/traffic/ports/exact")
-    async def all_traffic() -> dict[str, Any]:
-        await service.refresh()
+    async def all_traffic(
+        limit: Annotated[int | None, Query(ge=1, le=10000, description="keys per page, by port")] = None,
+        offset: Annotated[int, Query(ge=0, description="keys to skip, by port")] = 0,
+    ) -> dict[str, Any]:
+        """Every key's traffic, or one page of it (`limit`, `offset`; ordered by port). A page
+        reads only its own keys' counters; the whole list reads the whole table."""
+        ordered = sorted(service.state.keys.values(), key=lambda k: k.port)
+        page = ordered[offset : None if limit is None else offset + limit]
+        if len(page) <= PAGE_READ_LIMIT:
+            keys = await service.refresh_keys([k.id for k in page], skip_missing=True)
+        else:
+            await service.refresh()
+            keys = [k for k in page if k.id in service.state.keys]
         connections = await service.connections()
         interfaces, interface_total = await anyio.to_thread.run_sync(interface_summary)
         now = int(time.time())
-        keys = sorted(service.state.keys.values(), key=lambda k: k.port)
         per_key = {
             str(k.uuid): {
                 "port": k.port,
@@ -397,6 +407,9 @@ def create_app(service: Service) -> FastAPI:
         return {
             "ports_traffic": {
                 "total_ports": len(keys),
+                "total_keys": len(ordered),
+                "offset": offset,
+                "limit": limit,
                 "ports_traffic": per_key,
                 "total_traffic": sum(k.rx.bytes + k.tx.bytes for k in keys),
                 "total_connections": sum(connections.get(k.port, 0) for k in keys),
@@ -412,9 +425,7 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/api/keys/{key_id}/traffic/port/exact")
     async def key_traffic(key_id: KeyRef) -> dict[str, Any]:
-        service.find(key_id)
-        await service.refresh()
-        key = service.find(key_id)
+        (key,) = await service.refresh_keys([key_id])
         connections = await service.connections()
         interfaces, interface_total = await anyio.to_thread.run_sync(interface_summary)
         result = traffic_object(key, connections.get(key.port, 0), int(time.time()))

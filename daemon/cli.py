@@ -352,7 +352,7 @@ def _state_action(store: StateStore, action: str) -> int:
     from daemon.state import StateError
 
     if action == "check":
-        if not store.path.exists():
+        if not store.path.exists() and not store.journal.exists():
             print(f"{store.path} does not exist yet: the daemon starts with no keys")
             return 0
         backups = store.valid_backups()
@@ -376,7 +376,9 @@ def _state_action(store: StateStore, action: str) -> int:
         used, aside = store.restore_newest_backup()
     except (StateError, OSError) as exc:
         raise CliError(str(exc)) from None
-    print(f"restored {store.path} from {used}" + (f"; the previous file is kept as {aside}" if aside else ""))
+    kept = ", ".join(str(path) for path in aside)
+    files = "file is" if len(aside) == 1 else "files are"
+    print(f"restored {store.path} from {used}" + (f"; the previous {files} kept as {kept}" if aside else ""))
     return 0
 
 

@@ -13,23 +13,34 @@ so a packet over the quota is counted as dropped and never reaches the usage cou
 what got through, dropped bytes are reported separately. (The quota's own `used` also grows with
 dropped packets; that is why a changed limit replaces the quota object with the usage from state.)
 
-Installing or removing a port is one transaction; reading every counter and quota is one
-`list table` call. Nothing outside our own `inet <table>` is read or changed. libnftables is
-blocking and not thread-safe: every call runs in a worker thread, one at a time.
+Installing, changing or removing a port is one nf_tables transaction sent over netlink, and
+reading every counter and quota is one netlink dump (nlcodec.py says why not libnftables there).
+libnftables builds the table and repairs it, and checks its layout in full once; after that a
+fingerprint of the table's sets, chains and rules, read over netlink at every poll, shows any
+change to the layout, which sends the next reading back through the full check. Nothing outside
+our own `inet <table>` is read or changed. Both libraries block: every call runs in a worker
+thread, one at a time.
 """
 
 from __future__ import annotations
 
+import errno
+import itertools
+import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+import socket
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import nftables
 
+from daemon import nlcodec as nl
 from daemon.accounting import Reading
 from daemon.limits import Quota
+
+T = TypeVar("T")
 
 FAMILY = "inet"
 DIRECTIONS = ("rx", "tx")
@@ -41,6 +52,10 @@ MATCH_TCP_UDP = {
 }
 CHAINS = {"rx": ("input", "dport"), "tx": ("output", "sport")}
 MAPS = {"rx": "counter", "tx": "counter", "quota": "quota", "dropped": "counter"}
+MAP_PREFIX = {"rx": "rx", "tx": "tx", "quota": "q", "dropped": "drop"}
+NETLINK_NETFILTER = 12
+RECEIVE_BUFFER = 1 << 20
+GET_SLICE = 256  # get requests per write
 
 
 class NftError(Exception):
@@ -110,20 +125,70 @@ class Counters:
         self._nft = nftables.Nftables()
         self._nft.set_json_output(True)
         self._nft.set_handle_output(True)
+        self._netlink = Netlink()
+        self._scanner = nl.ObjectScanner(table)
+        self._ports = PortAssembler()
+        self._layout: Layout | None = None  # as last checked in full by libnftables
+        self._last_view: TableView | None = None
         self._lock = anyio.Lock()
         self._enforced: set[int] = set()  # ports with a quota installed, as last seen or set
 
     # --- reading -------------------------------------------------------------------------
 
     async def read(self) -> TableView | None:
-        """Every counter and quota of the table in one call, or None when the table is missing."""
+        """Every counter and quota of the table, or None when the table is missing.
+
+        One netlink dump while the layout is as last checked; the full libnftables listing (and
+        its layout check) when it is not, or has not been checked yet."""
+        if self._layout is not None:
+            view = await self._blocking(self._quick_read, self._layout)
+            if view is not None or self._layout is not None:
+                return self._seen(view)
         objects = await self._list({"table": {"family": FAMILY, "name": self.table}}, terse=True)
         if objects is None:
-            self._enforced = set()
-            return None
+            return self._seen(None)
         view = _view(objects)
-        self._enforced = {port for port, reading in view.ports.items() if reading.quota is not None}
+        if not view.problems:
+            self._layout = await self._blocking(self._netlink_layout)
+            if self._layout is not None and self._layout.handle != view.handle:
+                self._layout = None  # recreated in between: check again next time
+        return self._seen(view)
+
+    async def read_ports(self, ports: Iterable[int]) -> TableView | None:
+        """The counters and quotas of a few ports (no layout check): the cost does not grow with
+        the table. None when the table is missing."""
+        return await self._blocking(self._read_ports_blocking, sorted(set(ports)))
+
+    def _seen(self, view: TableView | None) -> TableView | None:
+        if view is not None and view is self._last_view:
+            return view
+        self._last_view = view
+        self._enforced = set() if view is None else {p for p, r in view.ports.items() if r.quota is not None}
         return view
+
+    def _quick_read(self, layout: Layout) -> TableView | None:
+        handle = self._netlink.table_handle(self.table)
+        if handle is None:
+            return None
+        if self._netlink_layout() != layout:
+            self._layout = None
+            return None
+        dump = self._netlink.dump(nl.GETOBJ, nl.attr(nl.OBJ_TABLE, nl.text(self.table)))
+        if self._netlink.table_handle(self.table) != handle:
+            self._layout = None  # replaced while we read: take the full path
+            return None
+        return self._ports.view(handle, self._scanner.scan(dump))
+
+    def _read_ports_blocking(self, ports: list[int]) -> TableView | None:
+        names = [object_name(kind, port) for port in ports for kind in ("rx", "tx", "drop", "q")]
+        handle, objects = self._netlink.objects(self.table, names)
+        if handle is None:
+            return None
+        return PortAssembler().view(handle, objects)
+
+    def _netlink_layout(self) -> Layout | None:
+        handle = self._netlink.table_handle(self.table)
+        return None if handle is None else self._netlink.layout(self.table, handle)
 
     async def map_elements(self) -> dict[str, dict[int, str]]:
         """Port -> object name for every map (not part of `read`: costly and rarely needed)."""
@@ -156,8 +221,9 @@ class Counters:
             for expr in rule_exprs(direction):
                 commands.append({"add": {"rule": {**self._ref(), "chain": hook, "expr": expr}}})
         for port, quota in sorted(ports.items()):
-            commands += self._port_commands("add", port, quota)
+            commands += self._port_commands(port, quota)
         await self._run(commands)
+        self._layout = None
         self._enforced = {port for port, quota in ports.items() if quota is not None}
 
     async def install(self, port: int, quota: Quota | None = None) -> None:
@@ -166,15 +232,29 @@ class Counters:
         Fails (NftError) if a counter of that name already exists: a leftover must be removed
         first, or its old bytes would be counted as the new key's.
         """
-        await self._run(self._port_commands("create", port, quota))
+        edit = Transaction(self.table)
+        for kind in ("rx", "tx"):
+            edit.new_counter(object_name(kind, port))
+        if quota is not None:
+            edit.new_counter(object_name("drop", port))
+            edit.new_quota(object_name("q", port), quota)
+        for name in MAPS if quota is not None else DIRECTIONS:
+            edit.map_element(True, name, port)
+        await self._commit(edit)
         if quota is not None:
             self._enforced.add(port)
 
     async def remove(self, port: int) -> None:
         """Remove the map entries, counters and quota of `port` in one transaction."""
-        commands = self._element_commands("delete", port, port in self._enforced)
-        commands += self._object_commands("delete", port, None, port in self._enforced)
-        await self._run(commands)
+        enforced = port in self._enforced
+        edit = Transaction(self.table)
+        for name in MAPS if enforced else DIRECTIONS:
+            edit.map_element(False, name, port)
+        for kind in ("rx", "tx", "drop") if enforced else ("rx", "tx"):
+            edit.delete_object(nl.OBJECT_COUNTER, object_name(kind, port))
+        if enforced:
+            edit.delete_object(nl.OBJECT_QUOTA, object_name("q", port))
+        await self._commit(edit)
         self._enforced.discard(port)
 
     async def enforce(self, port: int, quota: Quota | None) -> None:
@@ -183,18 +263,20 @@ class Counters:
         Replacing (not updating) the quota object sets its `used` to the given usage: the kernel's
         own `used` also counted the packets it dropped, which are not usage.
         """
-        commands: list[dict[str, Any]] = []
+        edit = Transaction(self.table)
         if port in self._enforced:
-            commands += [self._elements_command("delete", m, [port], k) for m, k in _QUOTA_MAPS]
-            commands.append({"delete": {"quota": {**self._ref(), "name": object_name("q", port)}}})
+            for name in QUOTA_MAPS:
+                edit.map_element(False, name, port)
+            edit.delete_object(nl.OBJECT_QUOTA, object_name("q", port))
             if quota is None:
-                commands.append({"delete": {"counter": {**self._ref(), "name": object_name("drop", port)}}})
+                edit.delete_object(nl.OBJECT_COUNTER, object_name("drop", port))
         if quota is not None:
             if port not in self._enforced:
-                commands.append({"add": {"counter": {**self._ref(), "name": object_name("drop", port)}}})
-            commands.append(self._quota_command(port, quota))
-            commands += [self._elements_command("add", m, [port], k) for m, k in _QUOTA_MAPS]
-        await self._run(commands)
+                edit.new_counter(object_name("drop", port))
+            edit.new_quota(object_name("q", port), quota)
+            for name in QUOTA_MAPS:
+                edit.map_element(True, name, port)
+        await self._commit(edit)
         if quota is None:
             self._enforced.discard(port)
         else:
@@ -226,37 +308,28 @@ class Counters:
     def _ref(self) -> dict[str, str]:
         return {"family": FAMILY, "table": self.table}
 
-    def _port_commands(self, verb: str, port: int, quota: Quota | None) -> list[dict[str, Any]]:
-        enforced = quota is not None
-        return self._object_commands(verb, port, quota, enforced) + self._element_commands(
-            "add", port, enforced
-        )
-
-    def _object_commands(
-        self, verb: str, port: int, quota: Quota | None, enforced: bool
-    ) -> list[dict[str, Any]]:
-        kinds = [*DIRECTIONS, "drop"] if enforced else list(DIRECTIONS)
-        commands = [{verb: {"counter": {**self._ref(), "name": object_name(k, port)}}} for k in kinds]
+    def _port_commands(self, port: int, quota: Quota | None) -> list[dict[str, Any]]:
+        """What `build` adds for one port."""
+        kinds = [*DIRECTIONS, "drop"] if quota is not None else list(DIRECTIONS)
+        commands = [{"add": {"counter": {**self._ref(), "name": object_name(k, port)}}} for k in kinds]
         if quota is not None:
-            commands.append(self._quota_command(port, quota, verb))
-        elif enforced:
-            commands.append({verb: {"quota": {**self._ref(), "name": object_name("q", port)}}})
-        return commands
-
-    def _quota_command(self, port: int, quota: Quota, verb: str = "add") -> dict[str, Any]:
-        spec = {"name": object_name("q", port), "bytes": quota.limit, "used": quota.used, "inv": True}
-        return {verb: {"quota": {**self._ref(), **spec}}}
-
-    def _element_commands(self, verb: str, port: int, enforced: bool) -> list[dict[str, Any]]:
-        maps = [(d, "counter") for d in DIRECTIONS] + (list(_QUOTA_MAPS) if enforced else [])
-        return [self._elements_command(verb, name, [port], kind) for name, kind in maps]
+            spec = {"name": object_name("q", port), "bytes": quota.limit, "used": quota.used, "inv": True}
+            commands.append({"add": {"quota": {**self._ref(), **spec}}})
+        maps = MAPS if quota is not None else DIRECTIONS
+        return commands + [self._elements_command("add", name, [port], MAPS[name]) for name in maps]
 
     def _elements_command(self, verb: str, map_name: str, ports: Sequence[int], kind: str) -> dict[str, Any]:
-        prefix = {"rx": "rx", "tx": "tx", "quota": "q", "dropped": "drop"}[map_name]
-        elem = [[p, object_name(prefix, p)] for p in ports]
+        elem = [[p, object_name(MAP_PREFIX[map_name], p)] for p in ports]
         return {verb: {"element": {**self._ref(), "name": map_name, "elem": elem}}}
 
-    # --- libnftables ---------------------------------------------------------------------
+    # --- libnftables and netlink ---------------------------------------------------------
+
+    async def _commit(self, edit: Transaction) -> None:
+        await self._blocking(self._netlink.transact, edit)
+
+    async def _blocking(self, call: Callable[..., T], *args: Any) -> T:
+        async with self._lock:
+            return await anyio.to_thread.run_sync(call, *args)
 
     async def _run(self, commands: list[dict[str, Any]]) -> None:
         if commands:
@@ -273,8 +346,7 @@ class Counters:
         return [obj for obj in output.get("nftables", []) if "metainfo" not in obj]
 
     async def _call(self, payload: dict[str, Any], *, terse: bool) -> dict[str, Any]:
-        async with self._lock:
-            return await anyio.to_thread.run_sync(self._call_blocking, payload, terse)
+        return await self._blocking(self._call_blocking, payload, terse)
 
     def _call_blocking(self, payload: dict[str, Any], terse: bool) -> dict[str, Any]:
         self._nft.set_terse_output(terse)
@@ -284,7 +356,7 @@ class Counters:
         return output if isinstance(output, dict) else {}
 
 
-_QUOTA_MAPS = (("quota", "quota"), ("dropped", "counter"))
+QUOTA_MAPS = ("quota", "dropped")
 
 
 def _view(objects: Sequence[dict[str, Any]]) -> TableView:
@@ -341,3 +413,242 @@ def _layout_problems(
         if rules.get(hook, []) != rule_exprs(direction):
             found.append(f"chain {hook} does not hold exactly the enforcing and counting rules")
     return found
+
+
+# --- netlink -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Fingerprint of the table's structure: any change to its maps, chains or rules alters it."""
+
+    handle: int
+    sets: tuple[tuple[bytes | None, ...], ...]
+    chains: tuple[tuple[bytes | None, ...] | None, ...]
+    rules: tuple[tuple[bytes | None, ...], ...]
+
+
+class Transaction:
+    """nf_tables messages applied together or not at all, each described for error messages."""
+
+    def __init__(self, table: str) -> None:
+        self.table = table
+        self.steps: list[tuple[str, int, int, bytes]] = []  # what, message type, flags, attributes
+
+    def new_counter(self, name: str) -> None:
+        self._object(f"create counter {name}", nl.NEWOBJ, nl.OBJECT_COUNTER, name, nl.counter_data())
+
+    def new_quota(self, name: str, quota: Quota) -> None:
+        self._object(f"create quota {name}", nl.NEWOBJ, nl.OBJECT_QUOTA, name, nl.quota_data(quota.limit, quota.used))
+
+    def delete_object(self, kind: int, name: str) -> None:
+        self._object(f"delete {'quota' if kind == nl.OBJECT_QUOTA else 'counter'} {name}", nl.DELOBJ, kind, name)
+
+    def map_element(self, add: bool, map_name: str, port: int) -> None:
+        target = object_name(MAP_PREFIX[map_name], port) if add else None
+        attrs = (
+            nl.attr(nl.ELEM_LIST_TABLE, nl.text(self.table)) + nl.attr(nl.ELEM_LIST_SET, nl.text(map_name))
+            + nl.nest(nl.ELEM_LIST_ELEMENTS, nl.port_element(port, target))
+        )
+        what = f"{'add' if add else 'delete'} element {port} of map {map_name}"
+        self.steps.append((what, nl.NEWSETELEM if add else nl.DELSETELEM, nl.CREATE if add else 0, attrs))
+
+    def _object(self, what: str, kind: int, obj_type: int, name: str, data: bytes = b"") -> None:
+        attrs = nl.attr(nl.OBJ_TABLE, nl.text(self.table)) + nl.attr(nl.OBJ_NAME, nl.text(name))
+        attrs += nl.attr(nl.OBJ_TYPE, nl.be32(obj_type)) + data
+        self.steps.append((what, kind, nl.CREATE | nl.EXCL if kind == nl.NEWOBJ else 0, attrs))
+
+
+class Netlink:
+    """One NETLINK_NETFILTER socket of the daemon's network namespace. Blocking; one caller at a
+    time (Counters' lock)."""
+
+    def __init__(self) -> None:
+        self._sock: socket.socket | None = None
+        self._seq = itertools.count(1)
+
+    def table_handle(self, table: str) -> int | None:
+        found = self._get([(nl.GETTABLE, nl.attr(nl.TABLE_NAME, nl.text(table)))])[0]
+        return None if found is None else nl.uint(nl.attrs(found)[nl.TABLE_HANDLE])
+
+    def objects(self, table: str, names: Sequence[str]) -> tuple[int | None, list[nl.KernelObject]]:
+        """The table's handle and those of the named objects that exist, read in one exchange."""
+        requests = [(nl.GETTABLE, nl.attr(nl.TABLE_NAME, nl.text(table)))]
+        for name in names:
+            obj_type = nl.OBJECT_QUOTA if name.startswith("q_") else nl.OBJECT_COUNTER
+            requests.append((nl.GETOBJ, nl.attr(nl.OBJ_TABLE, nl.text(table)) + nl.attr(nl.OBJ_NAME, nl.text(name))
+                             + nl.attr(nl.OBJ_TYPE, nl.be32(obj_type))))
+        table_reply, *replies = self._get(requests)
+        if table_reply is None:
+            return None, []
+        handle = nl.uint(nl.attrs(table_reply)[nl.TABLE_HANDLE])
+        return handle, [nl.kernel_object(body) for body in replies if body is not None]
+
+    def layout(self, table: str, handle: int) -> Layout:
+        name = nl.text(table)
+        sets = [
+            nl.selected(nl.attrs(m.body), (nl.SET_NAME, nl.SET_FLAGS, nl.SET_KEY_TYPE, nl.SET_KEY_LEN,
+                                           nl.SET_DATA_TYPE, nl.SET_OBJ_TYPE))
+            for m in nl.messages(self.dump(nl.GETSET, nl.attr(nl.SET_TABLE, name)))
+        ]
+        chains = self._get([
+            (nl.GETCHAIN, nl.attr(nl.CHAIN_TABLE, name) + nl.attr(nl.CHAIN_NAME, nl.text(hook)))
+            for hook, _ in CHAINS.values()
+        ])
+        rules = [
+            nl.selected(nl.attrs(m.body), (nl.RULE_CHAIN, nl.RULE_EXPRESSIONS))
+            for m in nl.messages(self.dump(nl.GETRULE, nl.attr(nl.RULE_TABLE, name)))
+        ]
+        return Layout(
+            handle,
+            tuple(sorted(sets, key=repr)),
+            tuple(None if c is None else nl.selected(nl.attrs(c), (nl.CHAIN_NAME, nl.CHAIN_HOOK, nl.CHAIN_POLICY,
+                                                                  nl.CHAIN_TYPE)) for c in chains),
+            tuple(rules),
+        )
+
+    def dump(self, kind: int, *attrs: bytes) -> bytes:
+        """The messages a dump request returns, concatenated, without the closing NLMSG_DONE."""
+        seq = next(self._seq)
+        sock = self._socket()
+        sock.send(nl.message(kind, nl.REQUEST | nl.DUMP, seq, *attrs))
+        parts = []
+        while True:
+            chunk = sock.recv(RECEIVE_BUFFER)
+            end, last = nl.dump_part(chunk)
+            parts.append(chunk[:end])
+            if last is not None:
+                if last.kind == nl.NLMSG_ERROR:
+                    code, _ = nl.error_code(last.body)
+                    if code:
+                        raise NftError(f"netlink dump: {os.strerror(code)}")
+                return b"".join(parts)
+
+    def transact(self, edit: Transaction) -> None:
+        """Send `edit` as one batch; raise NftError naming the step the kernel refused."""
+        if not edit.steps:
+            return
+        first = next(self._seq)
+        described = {}
+        messages = []
+        for what, kind, flags, attrs in edit.steps:
+            seq = next(self._seq)
+            described[seq] = what
+            messages.append(nl.message(kind, nl.REQUEST | nl.ACK | flags, seq, attrs))
+        sock = self._socket()
+        sock.send(nl.batch(messages, first, next(self._seq)))
+        refused = [
+            f"{described.get(seq, 'transaction')}: {os.strerror(code)}"
+            for code, seq in self._answers(len(messages)) if code
+        ]
+        if refused:
+            raise NftError("; ".join(refused))
+
+    def _answers(self, expected: int) -> list[tuple[int, int]]:
+        """(errno, sequence) of each ACK or error. The kernel handles a batch inside send(), so
+        all answers are queued once it returns: wait for the first, then take what is there."""
+        sock = self._socket()
+        answers: list[tuple[int, int]] = []
+        flags = 0
+        while len(answers) < expected:
+            try:
+                chunk = sock.recv(RECEIVE_BUFFER, flags)
+            except BlockingIOError:
+                break
+            answers += [nl.error_code(m.body) for m in nl.messages(chunk) if m.kind == nl.NLMSG_ERROR]
+            flags = socket.MSG_DONTWAIT
+        return answers
+
+    def _get(self, requests: Sequence[tuple[int, bytes]]) -> list[bytes | None]:
+        """One reply per request, in order: the object's attributes, or None if it does not exist.
+        Sent in slices: one write must fit the socket's send buffer."""
+        replies: list[bytes | None] = []
+        for start in range(0, len(requests), GET_SLICE):
+            replies += self._get_slice(requests[start : start + GET_SLICE])
+        return replies
+
+    def _get_slice(self, requests: Sequence[tuple[int, bytes]]) -> list[bytes | None]:
+        sock = self._socket()
+        wanted: dict[int, int] = {}
+        payload = []
+        for index, (kind, attrs) in enumerate(requests):
+            seq = next(self._seq)
+            wanted[seq] = index
+            payload.append(nl.message(kind, nl.REQUEST, seq, attrs))
+        sock.send(b"".join(payload))
+        replies: list[bytes | None] = [None] * len(requests)
+        pending = set(wanted)
+        while pending:
+            for reply in nl.messages(sock.recv(RECEIVE_BUFFER)):
+                if reply.seq not in pending:
+                    continue
+                pending.discard(reply.seq)
+                if reply.kind == nl.NLMSG_ERROR:
+                    code, _ = nl.error_code(reply.body)
+                    if code not in (0, errno.ENOENT):
+                        raise NftError(f"netlink get: {os.strerror(code)}")
+                    continue
+                replies[wanted[reply.seq]] = reply.body
+        return replies
+
+    def _socket(self) -> socket.socket:
+        if self._sock is None:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+            sock.settimeout(10)
+            sock.bind((0, 0))
+            self._sock = sock
+        return self._sock
+
+
+class PortAssembler:
+    """Kernel objects -> readings per port. Keeps what it built last, so an unchanged port costs
+    a dictionary lookup, and an unchanged reading is the same object as before."""
+
+    def __init__(self) -> None:
+        self._names: dict[str, tuple[str, int] | None] = {}
+        self._built: dict[int, tuple[tuple[nl.KernelObject, ...], PortReading]] = {}
+        self._handle: int | None = None
+        self._last: tuple[Sequence[nl.KernelObject], TableView] | None = None
+
+    def view(self, handle: int, objects: Sequence[nl.KernelObject]) -> TableView:
+        if self._last is not None and self._last[0] is objects and handle == self._handle:
+            return self._last[1]  # the scanner saw exactly the last dump again
+        if handle != self._handle:
+            self._built, self._handle = {}, handle  # readings name their table: none carries over
+        parts: dict[int, dict[str, nl.KernelObject]] = {}
+        for obj in objects:
+            parsed = self._names.get(obj.name, False)
+            if parsed is False:
+                match = OBJECT_NAME.match(obj.name)
+                parsed = self._names[obj.name] = None if match is None else (match.group(1), int(match.group(2)))
+            if parsed is not None:
+                parts.setdefault(parsed[1], {})[parsed[0]] = obj
+        view = TableView(handle=handle)
+        built: dict[int, tuple[tuple[nl.KernelObject, ...], PortReading]] = {}
+        for port, found in parts.items():
+            if "rx" not in found or "tx" not in found:
+                view.stray.add(port)
+                continue
+            signature = tuple(found.values())
+            previous = self._built.get(port)
+            if previous is not None and previous[0] == signature:
+                reading = previous[1]
+            else:
+                reading = _port_reading(handle, found)
+            built[port] = (signature, reading)
+            view.ports[port] = reading
+        self._built = built
+        self._last = (objects, view)
+        return view
+
+
+def _port_reading(handle: int, found: Mapping[str, nl.KernelObject]) -> PortReading:
+    def counter(kind: str) -> Reading | None:
+        obj = found.get(kind)
+        return None if obj is None else Reading(handle, obj.handle, obj.first, obj.second)
+
+    quota = found.get("q")
+    rx, tx = counter("rx"), counter("tx")
+    assert rx is not None and tx is not None
+    return PortReading(rx, tx, counter("drop"), None if quota is None else KernelQuota(quota.first, quota.second))

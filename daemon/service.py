@@ -40,6 +40,7 @@ from daemon.xray_sync import XrayError
 
 Log = structlog.typing.FilteringBoundLogger
 DIRECTIONS = ("rx", "tx", "dropped")
+DRIFT_LINES = 20  # drift problems logged one by one at start; the rest as a count
 SETTABLE = frozenset({"note", "enabled", "data_limit_bytes", "expire_at", "reset_strategy"})
 
 
@@ -51,6 +52,7 @@ class Refresh:
     table_rebuilt: bool = False
     installed: list[int] = field(default_factory=list)
     removed: list[int] = field(default_factory=list)
+    touched: set[str] = field(default_factory=set)  # keys whose kernel reading changed
 
 
 class Service:
@@ -81,9 +83,18 @@ class Service:
         self.last_poll_at: float | None = None
         self.last_poll_seconds: float | None = None
         self._unsaved = False  # in-memory totals or statuses newer than the state file
+        # Ids of keys changed (or deleted) since the last save: a save writes only these.
+        self._dirty: set[str] = set()
+        # Ids of keys changed since the last Xray push (None: not known, look at every key).
+        self._xray_stale: set[str] | None = None
         self._read_started = 0.0  # monotonic time the last kernel reading began
-        self._served: frozenset[str] | None = None  # uuids Xray serves, as last pushed
+        self._statuses_moved = False  # a key's status changed since the last Xray push
         self._kernel_limits: dict[int, int | None] = {}  # quota limit installed per port
+        self._applied: TableView | None = None  # the last full reading taken into the totals
+        # A poll settles only the keys whose reading changed, unless a key's expiry or reset
+        # time has come (the earliest is kept here) or something asks for all of them.
+        self._next_deadline: datetime | None = None
+        self._settle_everything = True
 
     # --- lookups -------------------------------------------------------------------------
 
@@ -125,10 +136,12 @@ class Service:
             )
             key.next_reset_at = limits.next_boundary(moment, key.reset_strategy, self.zone)
             key.status = self._status(key, moment, kernel_over=False)
+            self._watch_deadlines(key, moment)
             if self.xray is not None:
                 self.xray.prepare(self.state, key)
             await self._install_fresh(chosen, self._desired_quota(key))
             self.state.keys[key.id] = key
+            self._mark(key.id)
             await self._commit(
                 undo_memory=lambda: self.state.keys.pop(key.id, None),
                 undo_kernel=lambda: self._uninstall(chosen),
@@ -142,8 +155,9 @@ class Service:
     async def delete_key(self, ref: str) -> KeyRecord:
         async with self.lock:
             key = self.find(ref)
-            await self._refresh_locked()  # the final totals, reported and logged, are exact
+            await self._refresh_keys([key])  # the final totals, reported and logged, are exact
             del self.state.keys[key.id]
+            self._mark(key.id)
             await self._commit(undo_memory=lambda: self.state.keys.__setitem__(key.id, key))
             await self._uninstall(key.port)
             self.log.info(
@@ -156,7 +170,7 @@ class Service:
         """Zero a key's totals; what the kernel counts from now on is its new usage."""
         async with self.lock:
             key = self.find(ref)
-            await self._refresh_locked()
+            await self._refresh_keys([key])
             before = key.model_copy(deep=True)
             self._zero(key, now())
             await self._transact(key, before, force_quota=True)
@@ -173,7 +187,7 @@ class Service:
             raise ValueError(f"not settable: {sorted(unknown)}")
         async with self.lock:
             key = self.find(ref)
-            await self._refresh_locked()
+            await self._refresh_keys([key])
             before = key.model_copy(deep=True)
             for name, value in changes.items():
                 setattr(key, name, value)
@@ -197,13 +211,27 @@ class Service:
                 return Refresh()
             return await self._refresh_locked()
 
-    async def poll_once(self, *, always_save: bool = False) -> Refresh:
-        """Read the kernel, settle every key and persist the totals if anything moved."""
+    async def refresh_keys(self, refs: Sequence[str], *, skip_missing: bool = False) -> list[KeyRecord]:
+        """Read just these keys' counters now: the cost does not grow with the number of keys.
+        With `skip_missing`, keys deleted meanwhile are left out instead of refused."""
+        async with self.lock:
+            keys = [self.state.keys[r] for r in refs if r in self.state.keys] if skip_missing else [
+                self.find(ref) for ref in refs
+            ]
+            if keys:
+                await self._refresh_keys(keys)
+            return keys
+
+    async def poll_once(self, *, final: bool = False) -> Refresh:
+        """Read the kernel, settle every key and persist the totals if anything moved.
+
+        `final`: the last save before exit, always written as a full snapshot, so the next
+        start reads one file and no journal."""
         async with self.lock:
             result = await self._refresh_locked()
             await self._follow_statuses()
-            if self._unsaved or always_save:
-                self._save_quietly()
+            if self._unsaved or final:
+                self._save_quietly(compact=final)
             return result
 
     async def reconcile(self) -> Refresh:
@@ -220,7 +248,10 @@ class Service:
         async with self.lock:
             for key in self.state.keys.values():
                 self.xray.prepare(self.state, key)
-            self._save_quietly()
+                self._mark(key.id)
+            # Once per start, any key may have changed: a snapshot, which also folds in the
+            # journal of the previous run.
+            self._save_quietly(compact=True)
         if not self.settings.public_host:
             self.log.warning("public_host_unset", using=self.xray.options.public_host,
                              hint="set PORTMETER_PUBLIC_HOST for share links")
@@ -229,16 +260,16 @@ class Service:
         except XrayError as exc:
             self.log.error("xray_config_unreadable", error=str(exc))
             return
-        for problem in problems:
+        for problem in problems[:DRIFT_LINES]:
             self.log.warning("xray_drift", kind=problem.kind, problem=problem.message, port=problem.port)
+        if len(problems) > DRIFT_LINES:
+            self.log.warning("xray_drift_more", more=len(problems) - DRIFT_LINES, hint="portmeter xray status")
         if problems and self.settings.xray_autosync:
             try:
                 await self.sync_xray()
                 self.log.info("xray_drift_repaired", problems=len(problems))
             except OperationError as exc:
                 self.log.error("xray_sync_failed", error=exc.detail)
-        else:
-            self._served = self._served_now()
 
     async def connections(self) -> dict[int, int]:
         return await anyio.to_thread.run_sync(netinfo.established_by_port, self.settings.port_range)
@@ -293,6 +324,7 @@ class Service:
 
     async def _transact(self, key: KeyRecord, before: KeyRecord, force_quota: bool = False) -> None:
         """Settle `key` after a change and commit; on failure, put everything back."""
+        self._mark(key.id)
         await self._settle(key, now(), kernel_over=False, force_quota=force_quota)
 
         async def restore_kernel() -> None:
@@ -312,28 +344,35 @@ class Service:
         pushed = None
         try:
             if self.xray is not None:
-                pushed = await self.xray.push(self.state, base=base)
+                pushed = await self._push_xray(self.xray, base=base)
             self._save()
         except OperationError:
             if pushed is not None:
                 await pushed.undo()
+                self._xray_stale = None  # what Xray has now is the file before: look at every key
             undo_memory()
             if undo_kernel is not None:
                 await undo_kernel()
             raise
-        self._served = self._served_now()
 
-    def _served_now(self) -> frozenset[str] | None:
-        if self.xray is None:
-            return None
-        return frozenset(k.uuid for k in self.xray.served(self.state))
+    def _mark(self, key_id: str) -> None:
+        """The key changed (or went): the next save writes it, the next Xray push looks at it."""
+        self._dirty.add(key_id)
+        if self._xray_stale is not None:
+            self._xray_stale.add(key_id)
+
+    async def _push_xray(self, xray: XrayBridge, **options: Any) -> Pushed:
+        pushed = await xray.push(self.state, changed=self._xray_stale, **options)
+        self._xray_stale = set()
+        self._statuses_moved = False
+        return pushed
 
     async def sync_xray(self, force_restart: bool = False) -> Pushed:
         """Re-render Xray's config from the state and apply it (repairs drift)."""
         xray = self._require_xray()
         async with self.lock:
-            pushed = await xray.push(self.state, force_restart=force_restart)
-            self._served = self._served_now()
+            self._xray_stale = None  # a repair looks at every key
+            pushed = await self._push_xray(xray, force_restart=force_restart)
             self._save_quietly()
             return pushed
 
@@ -355,6 +394,7 @@ class Service:
             for key in created:
                 await self._install_fresh(key.port, self._desired_quota(key))
                 self.state.keys[key.id] = key
+                self._mark(key.id)
             base = xray_sync.apply_migration(source, plan)
 
             def forget() -> None:
@@ -366,6 +406,7 @@ class Service:
                     await self._uninstall(key.port)
 
             await self._commit(undo_memory=forget, undo_kernel=uninstall, base=base)
+            self._settle_everything = True
             self.log.info("xray_migrated", source=str(source_path), keys=len(created), original_copy=copy)
             return plan.lines(), created
 
@@ -389,6 +430,7 @@ class Service:
             migrated = [key for key in self.state.keys.values() if key.migrated]
             for key in migrated:
                 del self.state.keys[key.id]
+                self._mark(key.id)
             try:
                 copy = await xray.restore_original()
                 self._save()
@@ -398,7 +440,6 @@ class Service:
                 raise
             for key in migrated:
                 await self._uninstall(key.port)
-            self._served = self._served_now()
             self.log.info("xray_migration_rolled_back", restored=str(copy), keys_removed=len(migrated))
             return str(copy), migrated
 
@@ -411,11 +452,10 @@ class Service:
         """With PORTMETER_XRAY_REMOVE_INACTIVE, keep Xray's inbounds in step with statuses."""
         if self.xray is None or not self.settings.xray_remove_inactive:
             return
-        if self._served_now() == self._served:
+        if not self._statuses_moved:
             return
         try:
-            await self.xray.push(self.state)
-            self._served = self._served_now()
+            await self._push_xray(self.xray)
         except OperationError as exc:
             self.log.error("xray_sync_failed", error=exc.detail)
 
@@ -437,15 +477,27 @@ class Service:
         new_status = self._status(key, moment, kernel_over)
         if new_status != key.status:
             previous, key.status = key.status, new_status
+            self._statuses_moved = True
             if not quiet:
                 self._event(f"key_{new_status.value}", key, previous_status=previous.value)
             changed = True
+        if changed:
+            self._mark(key.id)
         desired = self._desired_quota(key)
         wanted_limit = None if desired is None else desired.limit
         if force_quota or self._kernel_limits.get(key.port) != wanted_limit:
             await self._kernel("set quota", self.counters.enforce(key.port, desired))
             self._kernel_limits[key.port] = wanted_limit
+        self._watch_deadlines(key, moment)
         return changed
+
+    def _watch_deadlines(self, key: KeyRecord, moment: datetime) -> None:
+        """Remember the key's expiry and reset time, so the poll settles every key once due."""
+        for deadline in (key.expire_at, key.next_reset_at):
+            if deadline is not None and deadline > moment and (
+                self._next_deadline is None or deadline < self._next_deadline
+            ):
+                self._next_deadline = deadline
 
     def _event(self, name: str, key: KeyRecord, **fields: Any) -> None:
         """A status change or reset: a log event, and a webhook message when configured."""
@@ -487,21 +539,46 @@ class Service:
         return result
 
     def _apply(self, view: TableView, result: Refresh) -> None:
+        if view is self._applied:
+            return  # the kernel showed exactly the last reading again: nothing moved
         if self.state.table_handle != view.handle:
             self.state.table_handle = view.handle
             result.changed = True
+        before = {} if self._applied is None else self._applied.ports
         for key in self.state.keys.values():
             reading = view.ports.get(key.port)
-            if reading is None:
-                continue
-            before = (key.rx.bytes, key.tx.bytes, key.rx.packets, key.tx.packets)
-            if self._advance(key, reading):
-                result.changed = True
-                self._note_usage(key, before)
+            if reading is not None and reading is not before.get(key.port):
+                self._apply_reading(key, reading, result)
         self._kernel_limits = {
             port: None if reading.quota is None else reading.quota.limit
             for port, reading in view.ports.items()
         }
+        self._applied = view
+
+    def _apply_reading(self, key: KeyRecord, reading: PortReading, result: Refresh) -> None:
+        result.touched.add(key.id)
+        before = (key.rx.bytes, key.tx.bytes, key.rx.packets, key.tx.packets)
+        if self._advance(key, reading):
+            result.changed = True
+            self._mark(key.id)
+            self._note_usage(key, before)
+
+    async def _refresh_keys(self, keys: Sequence[KeyRecord]) -> None:
+        """Take these keys' readings into their totals and settle them; falls back to a full
+        reading when the table is missing, was replaced, or lacks one of them."""
+        view = await self._kernel("read counters", self.counters.read_ports([k.port for k in keys]))
+        if view is None or view.handle != self.state.table_handle or any(k.port not in view.ports for k in keys):
+            await self._refresh_locked()
+            return
+        result = Refresh()
+        moment = now()
+        for key in keys:
+            reading = view.ports[key.port]
+            self._apply_reading(key, reading, result)
+            over = reading.quota is not None and reading.quota.over
+            if await self._settle(key, moment, kernel_over=over):
+                result.changed = True
+        self._unsaved = self._unsaved or result.changed
 
     def _note_usage(self, key: KeyRecord, before: tuple[int, int, int, int]) -> None:
         """Remember what moved since the last save, for history and fleet reports."""
@@ -531,11 +608,21 @@ class Service:
 
     async def _settle_all(self, view: TableView | None, result: Refresh) -> None:
         moment = now()
-        for key in list(self.state.keys.values()):
-            reading = None if view is None else view.ports.get(key.port)
-            over = reading is not None and reading.quota is not None and reading.quota.over
-            if await self._settle(key, moment, kernel_over=over):
-                result.changed = True
+        due = self._next_deadline is not None and moment >= self._next_deadline
+        if self._settle_everything or due or view is None:
+            keys = list(self.state.keys.values())
+            self._settle_everything, self._next_deadline = False, None
+        else:
+            keys = [self.state.keys[i] for i in result.touched if i in self.state.keys]
+        try:
+            for key in keys:
+                reading = None if view is None else view.ports.get(key.port)
+                over = reading is not None and reading.quota is not None and reading.quota.over
+                if await self._settle(key, moment, kernel_over=over):
+                    result.changed = True
+        except KernelRefused:
+            self._settle_everything = True  # retried at the next poll, for every key
+            raise
 
     async def _rebuild(self, event: str, result: Refresh, level: str = "error", **fields: Any) -> TableView | None:
         """Recreate the table from the state; bytes since the last reading are lost and logged."""
@@ -550,6 +637,7 @@ class Service:
                 lost="traffic since the last reading", seconds_since_last_reading=since, **fields,
             )
         result.table_rebuilt = result.changed = True
+        self._settle_everything = True
         view = await self._kernel("read counters", self.counters.read())
         if view is not None:
             self._apply(view, result)
@@ -576,6 +664,7 @@ class Service:
         if missing:
             self.log.warning("missing_counters_installed", ports=sorted(missing))
             result.installed = sorted(missing)
+            self._settle_everything = True
             result.changed = True
             fresh = await self._kernel("read counters", self.counters.read())
             if fresh is not None:
@@ -612,8 +701,11 @@ class Service:
             if candidate not in self.state.keys:
                 return candidate
 
-    def _save(self) -> None:
-        """Save the state; the usage since the last save goes to the sinks in the same step."""
+    def _save(self, compact: bool = False) -> None:
+        """Save the state; the usage since the last save goes to the sinks in the same step.
+
+        Only the keys marked dirty are written (the store may still choose a full snapshot);
+        `compact` asks for a full snapshot. The marks are dropped only once the save succeeded."""
         generation = self.state.generation + 1
         deltas = [d for d in self._pending.values() if d.rx_bytes or d.tx_bytes]
         staged: list[UsageSink] = []
@@ -623,7 +715,7 @@ class Service:
                     sink.stage(generation, now(), deltas)
                     staged.append(sink)
             self.state.generation = generation
-            self.store.save(self.state)
+            self.store.save(self.state, None if compact else self._dirty)
         except (StorageError, SinkError) as exc:
             self.state.generation = generation - 1
             for sink in staged:
@@ -633,12 +725,13 @@ class Service:
         for sink in staged:
             sink.commit(generation)
         self._pending.clear()
+        self._dirty.clear()
         self._unsaved = False
 
-    def _save_quietly(self) -> None:
+    def _save_quietly(self, compact: bool = False) -> None:
         """Persist from a background loop: a failure is logged and retried at the next poll."""
         try:
-            self._save()
+            self._save(compact)
         except StorageFull:
             pass
 
@@ -663,7 +756,7 @@ class Service:
             await anyio.sleep(self.settings.snapshot_interval)
             try:
                 async with self.lock:
-                    target = self.store.backup()
+                    target = self.store.backup(self.state)
                 if target is not None:
                     self.log.info("state_backup_written", path=str(target))
             except StorageError as exc:
@@ -692,7 +785,7 @@ async def run_daemon(
     store = StateStore(settings.state_file, backups=settings.state_backups)
     state = store.load()
     try:
-        store.backup()  # a known-good copy from every start, for `portmeter state restore`
+        store.backup(state)  # a known-good copy from every start, for `portmeter state restore`
     except StorageError as exc:
         log.warning("state_backup_failed", error=str(exc))
     outbox = webhook_outbox(settings.state_dir / "outbox", settings.webhook_url, settings.webhook_secret, log)
@@ -732,7 +825,7 @@ async def run_daemon(
                     break
                 stop.set()
         background.cancel_scope.cancel()
-    await service.poll_once(always_save=True)
+    await service.poll_once(final=True)
     log.info("daemon_stopped", keys=len(service.state.keys))
 
 

@@ -1,15 +1,20 @@
-"""The state file: keys, their cumulative totals and the kernel readings those totals are based on.
+"""The state: keys, their cumulative totals and the kernel readings those totals are based on.
 
-Written atomically (temp file, fsync, rename, fsync of the directory), so a crash leaves either the
-old or the new file, never a mix. A file that cannot be read or parsed is never overwritten: the
-daemon refuses to start and says which file and what to do.
+Kept as a snapshot (state.json), written atomically (temp file, fsync, rename, fsync of the
+directory), plus a journal (state.journal) with one fdatasynced line per save since, holding the
+keys that save changed: saving one key costs O(1), not O(keys). A crash leaves the old or the new
+snapshot and at most a torn last journal line, which was never acknowledged and is ignored. Files
+that cannot be read or parsed are never overwritten: the daemon refuses to start and says which
+file and what to do.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
+from collections.abc import Collection, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -49,15 +54,18 @@ class DirectionModel(BaseModel):
 
     @classmethod
     def of(cls, account: Account) -> DirectionModel:
+        """Built without validation: every poll makes thousands, from values that are already
+        non-negative integers (kernel readings and sums of them)."""
         reading = account.reading
-        return cls(
+        return cls.model_construct(
             packets=account.total.packets,
             bytes=account.total.bytes,
-            reading=None if reading is None else ReadingModel(**_reading_fields(reading)),
+            reading=None if reading is None else ReadingModel.model_construct(**_reading_fields(reading)),
         )
 
     def account(self) -> Account:
-        reading = None if self.reading is None else Reading(**self.reading.model_dump())
+        saved = self.reading
+        reading = None if saved is None else Reading(saved.table_handle, saved.handle, saved.packets, saved.bytes)
         return Account(Usage(self.packets, self.bytes), reading)
 
 
@@ -114,10 +122,41 @@ class State(BaseModel):
 
     @model_validator(mode="after")
     def _ids_match(self) -> State:
-        for key_id, key in self.keys.items():
-            if key.id != key_id:
-                raise ValueError(f"key stored under {key_id!r} has id {key.id!r}")
+        _check_ids(self.keys)
         return self
+
+
+class JournalRecord(BaseModel):
+    """One save in the journal: the top-level fields and the keys it changed (None: deleted)."""
+
+    model_config = ConfigDict(extra="forbid")
+    generation: int = Field(ge=0)
+    instance: str = Field(pattern=r"^([0-9a-f]{8})?$")
+    table_handle: int | None
+    reality_private_key: str | None = Field(repr=False)
+    keys: dict[str, KeyRecord | None]
+
+    @model_validator(mode="after")
+    def _ids_match(self) -> JournalRecord:
+        _check_ids({key_id: key for key_id, key in self.keys.items() if key is not None})
+        return self
+
+    def apply(self, state: State) -> None:
+        state.generation = self.generation
+        state.instance = self.instance
+        state.table_handle = self.table_handle
+        state.reality_private_key = self.reality_private_key
+        for key_id, key in self.keys.items():
+            if key is None:
+                state.keys.pop(key_id, None)
+            else:
+                state.keys[key_id] = key
+
+
+def _check_ids(keys: Mapping[str, KeyRecord]) -> None:
+    for key_id, key in keys.items():
+        if key.id != key_id:
+            raise ValueError(f"key stored under {key_id!r} has id {key.id!r}")
 
 
 def _reading_fields(reading: Reading) -> dict[str, int]:
@@ -134,58 +173,67 @@ def now() -> datetime:
 
 
 class StateStore:
-    """Loads and saves the state file of one state directory."""
+    """The state of one state directory: a snapshot (state.json) and a journal of saves since.
 
-    def __init__(self, path: Path, backups: int = 10) -> None:
+    A save of a few changed keys appends one line to the journal (O(changed), one fdatasync)
+    instead of rewriting every key; a full save (compaction) rewrites the snapshot and drops the
+    journal. Loading replays the journal records newer than the snapshot's generation, so a crash
+    between writing the snapshot and dropping the journal is harmless.
+    """
+
+    def __init__(self, path: Path, backups: int = 10, journal_min: int = 1 << 20) -> None:
         self.path = path
+        self.journal = path.with_suffix(".journal")
         self.backups = backups
+        self.journal_min = journal_min
+        # None: no snapshot this store trusts (never loaded, or the last one failed): write one.
+        self._snapshot_size: int | None = None
+        # Where the journal's whole records end; a torn tail after it is cut off. None: not read.
+        self._journal_end: int | None = None
 
     @property
     def backup_dir(self) -> Path:
         return self.path.parent / "backups"
 
     def load(self) -> State:
-        """The saved state; an empty one when no file exists yet."""
-        try:
-            text = self.path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return State()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise StateError(self._damaged(f"cannot be read ({_reason(exc)})")) from None
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise StateError(self._damaged(f"is not valid JSON ({exc.msg} at line {exc.lineno})")) from None
-        except (ValueError, RecursionError) as exc:  # absurd numbers or nesting
-            raise StateError(self._damaged(f"is not valid JSON ({type(exc).__name__})")) from None
-        version = raw.get("schema_version") if isinstance(raw, dict) else None
-        if type(version) is not int or version != SCHEMA_VERSION:
-            raise StateError(
-                self._damaged(f"has schema version {version!r}, this portmeter reads {SCHEMA_VERSION}")
+        """The saved state: the snapshot plus the journal's newer records; empty before any save."""
+        state = self._load_snapshot()
+        self._replay(state)
+        return state
+
+    def save(self, state: State, changed: Collection[str] | None = None) -> None:
+        """Persist `state`; raise StorageError and leave the files as they were if it fails.
+
+        `changed` names the keys changed since the last save (an id missing from state.keys was
+        deleted); they are appended to the journal. None writes a full snapshot, and so does a
+        change to most keys or a journal grown past its limit: then it costs no more than the
+        journal would, or its cost is spread over the many appends before it."""
+        if changed is not None and 2 * len(changed) <= len(state.keys):
+            record = JournalRecord(
+                generation=state.generation, instance=state.instance,
+                table_handle=state.table_handle, reality_private_key=state.reality_private_key,
+                keys={key_id: state.keys.get(key_id) for key_id in changed},
             )
-        try:
-            return State.model_validate(raw)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise StateError(self._damaged(f"does not match the schema ({where}: {first['msg']})")) from None
+            data = record.model_dump_json().encode() + b"\n"
+            end = self._whole_records_end()
+            # Past the limit the appends since the snapshot outweigh rewriting it: compact.
+            size = self._snapshot_size
+            if size is not None and end + len(data) <= max(self.journal_min, size):
+                self._append(data, end)
+                return
+        self._compact(state)
 
-    def save(self, state: State) -> None:
-        """Atomically replace the state file; raise StorageError and leave the old file if it fails."""
-        data = state.model_dump_json(indent=1).encode()
-        try:
-            write_atomic(self.path, data)
-        except OSError as exc:
-            raise StorageError(f"cannot write {self.path}: {_reason(exc)}") from None
+    def backup(self, state: State) -> Path | None:
+        """Write `state` into backups/ as a snapshot, keeping the newest `backups` copies.
 
-    def backup(self) -> Path | None:
-        """Copy the current file into backups/, keeping the newest `backups` copies."""
+        From memory, not a copy of state.json: that lacks what the journal holds. Nothing is
+        written before the first save."""
         if self.backups == 0 or not self.path.exists():
             return None
         self.backup_dir.mkdir(mode=0o700, exist_ok=True)
         target = self.backup_dir / f"state-{now().strftime(BACKUP_STAMP)}.json"
         try:
-            write_atomic(target, self.path.read_bytes())
+            write_atomic(target, state.model_dump_json(indent=1).encode())
         except OSError as exc:
             raise StorageError(f"cannot write {target}: {_reason(exc)}") from None
         for old in sorted(self.backup_dir.glob("state-*.json"))[: -self.backups]:
@@ -203,31 +251,166 @@ class StateStore:
             good.append(path)
         return good
 
-    def restore_newest_backup(self) -> tuple[Path, Path | None]:
-        """Replace the state file with the newest valid backup; the current file is kept aside.
+    def restore_newest_backup(self) -> tuple[Path, list[Path]]:
+        """Replace the state with the newest valid backup, moving the current files aside.
 
-        Returns (backup used, where the previous file was moved)."""
+        The journal goes too: its records would otherwise be replayed on top of the backup.
+        Returns (backup used, where the previous files were moved)."""
         backups = self.valid_backups()
         if not backups:
             raise StateError(f"no valid backup in {self.backup_dir}/ to restore {self.path} from")
-        aside = None
-        if self.path.exists():
-            aside = self.path.with_name(f"{self.path.name}.replaced-{now().strftime(BACKUP_STAMP)}")
-            os.replace(self.path, aside)
+        stamp = now().strftime(BACKUP_STAMP)
+        aside = []
+        # Snapshot first: a crash in between leaves a journal without a snapshot, which load
+        # refuses, rather than a snapshot that silently lost its journal.
+        for current in (self.path, self.journal):
+            if current.exists():
+                moved = current.with_name(f"{current.name}.replaced-{stamp}")
+                os.replace(current, moved)
+                aside.append(moved)
         restored = State.model_validate_json(backups[0].read_bytes())
         restored.instance = ""  # its generations will repeat: the daemon starts a new line of them
-        write_atomic(self.path, restored.model_dump_json(indent=1).encode())
+        data = restored.model_dump_json(indent=1).encode()
+        write_atomic(self.path, data)
+        self._snapshot_size, self._journal_end = len(data), 0
         return backups[0], aside
+
+    def _load_snapshot(self) -> State:
+        try:
+            data = self.path.read_bytes()
+            text = data.decode("utf-8")
+        except FileNotFoundError:
+            self._snapshot_size = None
+            return State()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise StateError(self._damaged(f"cannot be read ({_reason(exc)})")) from None
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise StateError(self._damaged(f"is not valid JSON ({exc.msg} at line {exc.lineno})")) from None
+        except (ValueError, RecursionError) as exc:  # absurd numbers or nesting
+            raise StateError(self._damaged(f"is not valid JSON ({type(exc).__name__})")) from None
+        version = raw.get("schema_version") if isinstance(raw, dict) else None
+        if type(version) is not int or version != SCHEMA_VERSION:
+            raise StateError(
+                self._damaged(f"has schema version {version!r}, this portmeter reads {SCHEMA_VERSION}")
+            )
+        try:
+            state = State.model_validate(raw)
+        except ValidationError as exc:
+            raise StateError(self._damaged(f"does not match the schema ({_first_error(exc)})")) from None
+        self._snapshot_size = len(data)
+        return state
+
+    def _replay(self, state: State) -> None:
+        """Apply the journal's records newer than the snapshot; a torn last line was never
+        acknowledged, so it is skipped."""
+        try:
+            data = self.journal.read_bytes()
+        except FileNotFoundError:
+            self._journal_end = 0
+            return
+        except OSError as exc:
+            raise StateError(self._damaged_journal(f"cannot be read ({_reason(exc)})")) from None
+        end = data.rfind(b"\n") + 1
+        if end and not self.path.exists():
+            raise StateError(self._damaged_journal(f"holds changes to {self.path}, which is gone"))
+        snapshot_generation = state.generation
+        for number, line in enumerate(data[:end].split(b"\n")[:-1], start=1):
+            try:
+                record = JournalRecord.model_validate_json(line)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                if first["type"] == "json_invalid":
+                    what = f"line {number} is not valid JSON ({first['msg']})"
+                else:
+                    what = f"line {number} does not match the schema ({_first_error(exc)})"
+                raise StateError(self._damaged_journal(what)) from None
+            if record.generation > snapshot_generation:
+                record.apply(state)
+        self._journal_end = end
+
+    def _whole_records_end(self) -> int:
+        if self._journal_end is None:
+            try:
+                data = self.journal.read_bytes()
+            except FileNotFoundError:
+                data = b""
+            except OSError as exc:
+                raise StorageError(f"cannot read {self.journal}: {_reason(exc)}") from None
+            self._journal_end = data.rfind(b"\n") + 1
+        return self._journal_end
+
+    def _append(self, data: bytes, end: int) -> None:
+        """Write one record after the whole ones and fdatasync it; on failure cut it back off."""
+        try:
+            fd = os.open(self.journal, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StorageError(f"cannot write {self.journal}: {_reason(exc)}") from None
+        try:
+            if os.fstat(fd).st_size != end:
+                os.ftruncate(fd, end)  # the torn tail of a crash mid-append
+            view = memoryview(data)
+            while view:
+                view = view[os.pwrite(fd, view, end + len(data) - len(view)):]
+            os.fdatasync(fd)
+            if end == 0:  # the file may be new: its directory entry must be on disk too
+                _fsync_dir(self.journal.parent)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, end)
+            raise StorageError(f"cannot write {self.journal}: {_reason(exc)}") from None
+        finally:
+            os.close(fd)
+        self._journal_end = end + len(data)
+
+    def _compact(self, state: State) -> None:
+        """Write a full snapshot, then drop the journal, whose records it now holds."""
+        data = state.model_dump_json(indent=1).encode()
+        try:
+            write_atomic(self.path, data)
+        except OSError as exc:
+            self._snapshot_size = None  # it may be in place anyway: only a snapshot may follow it
+            raise StorageError(f"cannot write {self.path}: {_reason(exc)}") from None
+        self._snapshot_size = len(data)
+        try:
+            self.journal.unlink(missing_ok=True)
+            self._journal_end = 0
+        except OSError:
+            # Harmless: its records are not newer than the snapshot, so load skips them, and
+            # the next append goes after them.
+            self._journal_end = None
 
     def _damaged(self, what: str) -> str:
         return (
             f"state file {self.path} {what}; it was left untouched. Run `portmeter state restore` "
-            f"to use the newest backup from {self.backup_dir}/, or move the file away to start empty"
+            f"to use the newest backup from {self.backup_dir}/, or move it and {self.journal.name} "
+            f"away to start empty"
         )
+
+    def _damaged_journal(self, what: str) -> str:
+        return (
+            f"state journal {self.journal} {what}; it and {self.path} were left untouched. Run "
+            f"`portmeter state restore` to use the newest backup from {self.backup_dir}/, or move "
+            f"the journal away to go back to {self.path} without the changes saved since it"
+        )
+
+
+def _first_error(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    return f"{where}: {first['msg']}" if where else first["msg"]
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _reason(exc: OSError | UnicodeDecodeError) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc)
-

@@ -26,8 +26,9 @@ import stat
 import subprocess
 import tempfile
 import time
+from bisect import bisect_left
 from collections import Counter
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,6 +45,8 @@ from daemon.atomic import write_atomic
 ApplyMode = Literal["none", "restart", "api"]
 Security = Literal["reality", "none"]
 Config = dict[str, Any]
+# What identifies one version of the live file: inode, size, modification time (ns).
+Signature = tuple[int, int, int]
 
 TAG_PREFIX = "inbound-"
 BACKUP_STAMP = "%Y%m%dT%H%M%S%fZ"
@@ -51,6 +54,8 @@ SHORT_ID = re.compile(r"^(?:[0-9a-f]{2}){0,8}$")
 # Xray answers RemoveInbound for an unknown tag with common.ErrNoClue.
 ABSENT_INBOUND = "not enough information for making a decision"
 FAILURE_LINE = re.compile(r"panic:|fail|error|invalid|denied|not found", re.IGNORECASE)
+# How `serialize` separates the inbounds: each sits at depth two of the indented dump.
+INBOUND_SEPARATOR = b",\n    "
 
 
 class XrayError(Exception):
@@ -252,9 +257,13 @@ def render_config(
     """
     keys = sorted(keys, key=lambda k: k.port)
     _check_keys_unique(keys)
+    return _with_inbounds(base, [render_inbound(key, opts, reality) for key in keys], opts)
+
+
+def _with_inbounds(base: Mapping[str, Any], ours: list[Config], opts: XrayOptions) -> Config:
+    """`base` with its portmeter inbounds replaced by `ours` (rendered, by port); see render_config."""
     config: Config = copy.deepcopy(dict(base))
     kept = [i for i in _inbounds(config) if not is_portmeter_inbound(i)]
-    ours = [render_inbound(key, opts, reality) for key in keys]
     if kept or ours or "inbounds" in config:
         config["inbounds"] = kept + ours
     if opts.apply == "api":
@@ -884,7 +893,11 @@ def _unique_name(wanted: str, taken: set[str]) -> str:
 
 
 class XrayFiles:
-    """Xray's config file: read, validate, write atomically with rotated timestamped backups."""
+    """Xray's config file: read, validate, write atomically with rotated timestamped backups.
+
+    The live file is only ever replaced by renaming a new file over it, never rewritten in
+    place; that is what lets a backup be a hard link to the previous file instead of a copy.
+    """
 
     def __init__(self, opts: XrayOptions) -> None:
         self.opts = opts
@@ -899,7 +912,10 @@ class XrayFiles:
 
     def read(self) -> Config:
         """The config as a dict; the minimal base when the file does not exist yet."""
-        data = self.read_bytes()
+        return self.parse(self.read_bytes())
+
+    def parse(self, data: bytes | None) -> Config:
+        """The live file's bytes (None: no file) as a config; the minimal base without a file."""
         if data is None:
             return minimal_base()
         try:
@@ -924,14 +940,49 @@ class XrayFiles:
         except OSError as exc:
             raise XrayConfigError(f"cannot read Xray config {self.path}: {_reason(exc)}") from None
 
-    def validate(self, config: object, expected: Collection[XrayKey] | None = None) -> None:
-        """Raise XrayConfigError unless the structure is sound and Xray (if installed) accepts it."""
+    def read_signed(self) -> tuple[bytes | None, Signature | None]:
+        """The live file's bytes and the signature of that very file (None, None: no file)."""
+        try:
+            with self.path.open("rb") as handle:
+                info = os.fstat(handle.fileno())
+                return handle.read(), (info.st_ino, info.st_size, info.st_mtime_ns)
+        except FileNotFoundError:
+            return None, None
+        except OSError as exc:
+            raise XrayConfigError(f"cannot read Xray config {self.path}: {_reason(exc)}") from None
+
+    def signature(self) -> Signature | None:
+        """Inode, size and mtime of the live file: any write by anyone else changes one of them."""
+        try:
+            info = self.path.stat()
+        except OSError:
+            return None
+        return info.st_ino, info.st_size, info.st_mtime_ns
+
+    def validate(
+        self,
+        config: object,
+        expected: Collection[XrayKey] | None = None,
+        data: bytes | None = None,
+    ) -> None:
+        """Raise XrayConfigError unless the structure is sound and Xray (if installed) accepts it.
+
+        `data` is the config's serialization when the caller has it already.
+        """
         problems = check_config(config, self.opts, expected)
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             raise XrayConfigError(f"refusing to write {self.path}: {problems[0]}{more}")
+        self.binary_test(serialize(config) if data is None else data)  # type: ignore[arg-type]
+
+    def binary_test(self, data: bytes) -> None:
+        """Have the installed Xray (`xray run -test`) accept `data`; nothing when none is installed.
+
+        This costs time in proportion to the whole config, even after a one-key change: Xray
+        has no way to test part of a config.
+        """
         if _executable(self.opts.xray_bin):
-            self._run_binary_test(serialize(config))  # type: ignore[arg-type]
+            self._run_binary_test(data)
 
     def write(
         self, config: Mapping[str, Any], expected: Collection[XrayKey] | None = None
@@ -945,7 +996,11 @@ class XrayFiles:
         previous = self.read_bytes()
         if previous == data:
             return None
-        self.validate(config, expected)
+        self.validate(config, expected, data)
+        return self.replace(data, previous)
+
+    def replace(self, data: bytes, previous: bytes | None) -> Path | None:
+        """Back up the live file (its bytes: `previous`), then atomically replace it by `data`."""
         backup = self._backup(previous) if previous is not None else None
         self._replace(data)
         return backup
@@ -991,10 +1046,21 @@ class XrayFiles:
         return sorted(self.backup_dir.glob(f"{self.path.stem}-[0-9]*{self.path.suffix}"))
 
     def _backup(self, data: bytes) -> Path | None:
+        """Keep the live file, whose bytes are `data`, as the newest rotated backup.
+
+        A hard link, so backing up costs no copy of a config of many megabytes: the file is
+        about to be replaced by a rename, which leaves the linked inode with the old bytes. It
+        shares the live file's mode and owner (the backup directory is private). Where linking
+        fails (another file system, hard links not allowed) `data` is copied instead.
+        """
         if self.opts.backups <= 0:
             return None
         target = self.backup_dir / f"{self.path.stem}-{_stamp()}{self.path.suffix}"
-        self._write_backup(target, data)
+        try:
+            self.backup_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.link(self.path, target)
+        except OSError:
+            self._write_backup(target, data)
         for old in self.backups()[: -self.opts.backups]:
             old.unlink(missing_ok=True)
         return target
@@ -1093,6 +1159,311 @@ def config_status(files: XrayFiles, keys: Collection[XrayKey]) -> dict[str, Any]
 
 def _stamp() -> str:
     return datetime.now(UTC).strftime(BACKUP_STAMP)
+
+
+# --- the live file, kept in memory ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Rendered:
+    """One key's inbound as written: the key, the inbound, and its exact bytes in the file."""
+
+    key: XrayKey
+    inbound: Config
+    text: bytes
+
+
+def _rendered(key: XrayKey, opts: XrayOptions, reality: Reality | None) -> _Rendered:
+    inbound = render_inbound(key, opts, reality)
+    return _Rendered(key, inbound, _fragment(inbound))
+
+
+def _by_port(rendered: Iterable[_Rendered]) -> list[_Rendered]:
+    """In the order the files list key inbounds."""
+    return sorted(rendered, key=lambda r: r.key.port)
+
+
+def _fragment(inbound: Mapping[str, Any]) -> bytes:
+    """An inbound's bytes inside the written file.
+
+    `serialize` nests every inbound at depth two and JSON strings hold no raw newline, so the
+    inbound's own indented dump with four more spaces after each newline is exactly its text
+    there, whatever else the file holds.
+    """
+    try:
+        return json.dumps(inbound, indent=2, ensure_ascii=False).replace("\n", "\n    ").encode()
+    except (TypeError, ValueError) as exc:
+        raise XrayConfigError(f"the config cannot be written as JSON ({exc})") from None
+
+
+@dataclass(frozen=True, slots=True)
+class _Delta:
+    """The key inbounds one push takes out of the live file and puts into it."""
+
+    leaving: tuple[_Rendered, ...] = ()
+    arriving: tuple[_Rendered, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.leaving or self.arriving)
+
+    def changes(self) -> InboundChanges:
+        """What `inbound_changes(old, new)` gives for the whole files, from the changed keys only."""
+        before = {r.key.uuid: r.inbound for r in self.leaving}
+        after = {r.key.uuid: r.inbound for r in self.arriving}
+        removed = [r.key.tag for r in _by_port(self.leaving) if after.get(r.key.uuid) != r.inbound]
+        added = [r.inbound for r in _by_port(self.arriving) if before.get(r.key.uuid) != r.inbound]
+        return InboundChanges(tuple(added), tuple(removed))
+
+    def reversed(self) -> _Delta:
+        return _Delta(self.arriving, self.leaving)
+
+
+class _Model:
+    """The live file as portmeter last wrote it, in pieces a one-key change can splice.
+
+    The operator's part is fixed text around the list of key inbounds (`head`, `tail`); the key
+    inbounds are one fragment each, kept in port order. Invariants while a model is in use: the
+    file whose signature is `signature` holds exactly `data`, and `check_config` finds nothing
+    wrong with it, so a change needs checking only where it can break something.
+    """
+
+    def __init__(
+        self,
+        head: bytes,
+        tail: bytes,
+        kept: Sequence[Any],
+        rendered: Sequence[_Rendered],
+        reality: Reality | None,
+    ) -> None:
+        self.head, self.tail, self.reality = head, tail, reality
+        self.kept_tags = {
+            tag for i in kept if isinstance(i, Mapping) and isinstance(tag := i.get("tag"), str)
+        }
+        self.kept_ports: dict[int, list[str]] = {}
+        for inbound in kept:
+            if isinstance(inbound, Mapping) and (port := inbound_port(inbound)) is not None:
+                self.kept_ports.setdefault(port, []).append(str(inbound.get("listen") or ""))
+        self.by_uuid = {r.key.uuid: r for r in rendered}
+        # By id() of the XrayKey: the model holds each key, so no other object has its id.
+        self.by_object = {id(r.key): r for r in rendered}
+        self.ports = [r.key.port for r in rendered]
+        self.texts = [r.text for r in rendered]
+        self.data = self.assemble()
+        self.signature: Signature | None = None
+
+    @classmethod
+    def build(
+        cls,
+        config: Config,
+        rendered: Sequence[_Rendered],
+        opts: XrayOptions,
+        reality: Reality | None,
+    ) -> _Model | None:
+        """The model of `config`, rendered from `rendered` (by port), or None where splicing
+        would not give what `render_config` gives.
+
+        That is without key inbounds (whether "inbounds" is written at all then depends on the
+        file's history), and in api mode with an api tag shaped like a key's (a key inbound
+        could then stand in for the API inbound).
+        """
+        if not rendered:
+            return None
+        if opts.apply == "api" and tag_uuid(config["api"].get("tag")) is not None:
+            return None
+        inbounds = config["inbounds"]
+        kept = inbounds[: len(inbounds) - len(rendered)]
+        marker = f"portmeter-key-inbounds-{secrets.token_hex(16)}"
+        around = serialize({**config, "inbounds": [*kept, marker]}).split(json.dumps(marker).encode())
+        if len(around) != 2:
+            return None
+        return cls(around[0], around[1], kept, rendered, reality)
+
+    def assemble(self) -> bytes:
+        return b"".join((self.head, INBOUND_SEPARATOR.join(self.texts), self.tail))
+
+    def delta(
+        self, keys: Sequence[XrayKey], opts: XrayOptions, reality: Reality | None
+    ) -> _Delta | None:
+        """The change from the file's keys to `keys`, its new inbounds rendered and checked.
+
+        None when only a full render can tell: another server key pair, no keys, keys sharing a
+        uuid or port, an inbound that cannot be rendered or would be refused. The full path then
+        raises the very error it always raised.
+
+        Unchanged keys are the very XrayKey objects of the last push (the bridge caches them),
+        so the changed ones are found by comparing sets of object ids, which never touches the
+        keys themselves: set operations over a list, not a walk through 10,000 objects.
+        """
+        if reality != self.reality or not keys:
+            return None
+        objects = set(map(id, keys))
+        if len(objects) != len(keys):
+            return None
+        arriving = [key for key in keys if id(key) not in self.by_object]
+        leaving = []
+        if len(self.by_object) != len(keys) - len(arriving):  # some keys of the file are gone
+            leaving = [r for i, r in self.by_object.items() if i not in objects]
+        freed = {r.key.uuid: r.key.port for r in leaving}
+        uuids: set[str] = set()
+        ports: set[int] = set()
+        for key in arriving:
+            if key.uuid in uuids or (key.uuid in self.by_uuid and key.uuid not in freed):
+                return None
+            if key.port in ports or (self._has_port(key.port) and key.port not in freed.values()):
+                return None
+            uuids.add(key.uuid)
+            ports.add(key.port)
+        try:
+            rendered = [_rendered(key, opts, reality) for key in arriving]
+        except XrayConfigError:
+            return None
+        if any(self._refused(r, opts) for r in rendered):
+            return None
+        return _Delta(tuple(leaving), tuple(rendered))
+
+    def swap(self, delta: _Delta) -> None:
+        """Take the delta's leaving inbounds out and put its arriving ones in, by port."""
+        for r in delta.leaving:
+            at = bisect_left(self.ports, r.key.port)
+            del self.ports[at], self.texts[at], self.by_uuid[r.key.uuid], self.by_object[id(r.key)]
+        for r in delta.arriving:
+            at = bisect_left(self.ports, r.key.port)
+            self.ports.insert(at, r.key.port)
+            self.texts.insert(at, r.text)
+            self.by_uuid[r.key.uuid] = r
+            self.by_object[id(r.key)] = r
+
+    def _has_port(self, port: int) -> bool:
+        at = bisect_left(self.ports, port)
+        return at < len(self.ports) and self.ports[at] == port
+
+    def _refused(self, rendered: _Rendered, opts: XrayOptions) -> bool:
+        """Whether `check_config` would object to this new inbound: its REALITY fields, or a tag
+        or port (on an overlapping listen address) that one of the operator's inbounds has."""
+        inbound = rendered.inbound
+        if inbound["tag"] in self.kept_tags or _security_problems(inbound, opts):
+            return True
+        listen = str(inbound.get("listen") or "")
+        return any(
+            listen == other or _wildcard(listen) or _wildcard(other)
+            for other in self.kept_ports.get(rendered.key.port, ())
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """What one `LiveConfig.push` did: the changes for Xray, and what `LiveConfig.undo` needs."""
+
+    previous: bytes | None  # the file's bytes before (None: there was no file)
+    backup: Path | None
+    changes: InboundChanges
+    # The changes that take a running Xray back; computed only when undoing.
+    reverse: Callable[[], InboundChanges]
+    wrote: bool
+    delta: _Delta | None = None  # set when the push spliced the model
+
+
+class LiveConfig:
+    """Xray's config for a set of keys, written at the cost of what changed, not of all keys.
+
+    Keeps a model of the live file (see `_Model`). A push re-renders only keys whose XrayKey
+    changed, checks only what they can break, splices their fragments into the file's bytes and
+    replaces the file (with a hard-linked backup). The bytes are always exactly
+    `serialize(render_config(live config, keys, ...))`. Whenever the model cannot vouch for
+    that (no model yet, the file changed behind our back, a new `base`, anything unusual) the
+    push takes the full path: read, render, validate and write everything, as before.
+    """
+
+    def __init__(self, files: XrayFiles) -> None:
+        self.files = files
+        self._model: _Model | None = None
+        self._last: Written | None = None
+
+    @property
+    def opts(self) -> XrayOptions:
+        return self.files.opts
+
+    def push(
+        self,
+        keys: Sequence[XrayKey],
+        reality: Reality | None,
+        base: Mapping[str, Any] | None = None,
+    ) -> Written:
+        """Write the config for `keys` (on `base`, default: the live file); raise XrayError
+        having left the live file as it was."""
+        model, self._model = self._model, None  # until the file is known to match it again
+        if model is not None and base is None and model.signature == self.files.signature():
+            delta = model.delta(keys, self.opts, reality)
+            if delta is not None:
+                self._last = self._splice(model, delta)
+                return self._last
+        self._last = self._full(keys, reality, base)
+        return self._last
+
+    def undo(self, written: Written) -> None:
+        """Put back the bytes `written` replaced and drop its backup; Xray is the caller's part.
+
+        After the latest push the model is rolled back too; otherwise it is dropped and the
+        next push takes the full path.
+        """
+        if not written.wrote:
+            return
+        model, self._model = self._model, None
+        self.files.restore(written.previous)
+        self.files.discard_backup(written.backup)
+        if model is not None and written is self._last and written.delta is not None:
+            model.swap(written.delta.reversed())
+            model.data = model.assemble()
+            model.signature = self.files.signature()
+            self._model = model
+        self._last = None
+
+    def _splice(self, model: _Model, delta: _Delta) -> Written:
+        previous = model.data
+        model.swap(delta)
+        data = model.assemble() if delta else previous
+        if data == previous:  # no key changed, or none in a way its inbound shows (e.g. its id)
+            self._model = model
+            return Written(previous, None, InboundChanges(), InboundChanges, False)
+        try:
+            self.files.binary_test(data)
+            backup = self.files.replace(data, previous)
+        except XrayError:
+            model.swap(delta.reversed())  # the live file was not replaced
+            self._model = model
+            raise
+        model.data, model.signature = data, self.files.signature()
+        self._model = model
+        return Written(previous, backup, delta.changes(), delta.reversed().changes, True, delta)
+
+    def _full(
+        self, keys: Sequence[XrayKey], reality: Reality | None, base: Mapping[str, Any] | None
+    ) -> Written:
+        previous, signature = self.files.read_signed()
+        old = self.files.parse(previous)
+        by_port = sorted(keys, key=lambda k: k.port)
+        _check_keys_unique(by_port)
+        ours = [render_inbound(key, self.opts, reality) for key in by_port]
+        new = _with_inbounds(old if base is None else base, ours, self.opts)
+        try:
+            rendered = [_Rendered(k, i, _fragment(i)) for k, i in zip(by_port, ours, strict=True)]
+            model = _Model.build(new, rendered, self.opts, reality)
+        except XrayConfigError:
+            model = None  # serialize raises the error for the whole config below
+        data = serialize(new) if model is None else model.data
+        if data == previous:
+            if model is not None and not check_config(new, self.opts, keys):
+                model.signature = signature
+                self._model = model
+            return Written(previous, None, InboundChanges(), InboundChanges, False)
+        self.files.validate(new, keys, data)
+        backup = self.files.replace(data, previous)
+        if model is not None:
+            model.signature = self.files.signature()
+            self._model = model
+        return Written(
+            previous, backup, inbound_changes(old, new), lambda: inbound_changes(new, old), True
+        )
 
 
 # --- applying ------------------------------------------------------------------------------
@@ -1350,9 +1721,11 @@ __all__ = [
     "ApplyResult",
     "DriftProblem",
     "InboundChanges",
+    "LiveConfig",
     "MigrationMove",
     "MigrationPlan",
     "Reality",
+    "Written",
     "XrayApplier",
     "XrayApplyError",
     "XrayConfigError",

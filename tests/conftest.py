@@ -7,6 +7,7 @@ removed afterwards, also when the test fails.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shutil
 import signal
@@ -21,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
+from daemon.state import StateStore
 from tests.netlab import Lab, lab, unique_name
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,6 +77,15 @@ class Daemon:
     @property
     def state_file(self) -> Path:
         return self.state_dir / "state.json"
+
+    def saved_state(self) -> dict[str, Any]:
+        """What the daemon has saved (snapshot plus journal), as the state file's JSON."""
+        return json.loads(StateStore(self.state_file).load().model_dump_json())
+
+    def state_bytes(self) -> bytes:
+        """Everything saved, byte for byte: a refused operation must not change it."""
+        journal = self.state_dir / "state.journal"
+        return self.state_file.read_bytes() + (journal.read_bytes() if journal.exists() else b"")
 
     def start(self, wait: bool = True) -> None:
         log = open(self.log_path, "ab")

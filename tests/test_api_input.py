@@ -27,7 +27,7 @@ def daemon(make_daemon: Any) -> Daemon:
 def snapshot(daemon: Daemon, net: Lab) -> tuple[Any, bytes, str]:
     keys = daemon.api("GET", "/api/keys")["keys"]
     table = net.nft("list", "table", "inet", daemon.table).stdout
-    return keys, daemon.state_file.read_bytes(), table
+    return keys, daemon.state_bytes(), table
 
 
 BAD_REQUESTS: list[tuple[str, str, dict[str, Any], int, str]] = [

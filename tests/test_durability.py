@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import socket
 import time
 
@@ -40,7 +39,7 @@ def test_clean_stop_exits_zero_and_writes_final_totals(net: Lab, daemon: Daemon)
     key = daemon.create("graceful")
     send(net, key["port"], 4)
     assert daemon.stop() == 0
-    saved = json.loads(daemon.state_file.read_text())
+    saved = daemon.saved_state()
     record = saved["keys"][key["id"]]
     assert (record["rx"]["bytes"], record["tx"]["bytes"]) == (4 * WIRE, 4 * WIRE)
     assert "daemon_stopped" in daemon.log()

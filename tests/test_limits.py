@@ -245,7 +245,7 @@ BAD_LIMITS = [
 
 def test_bad_limits_are_422_and_change_nothing(net: Lab, daemon: Daemon) -> None:
     key = daemon.create("steady")
-    before = (daemon.api("GET", "/api/keys")["keys"], daemon.state_file.read_bytes())
+    before = (daemon.api("GET", "/api/keys")["keys"], daemon.state_bytes())
     for extra, words in BAD_LIMITS:
         created = daemon.http.post("/api/keys", json={"name": "new", **extra})
         assert created.status_code == 422 and words in created.json()["detail"], (extra, created.text)
@@ -254,7 +254,7 @@ def test_bad_limits_are_422_and_change_nothing(net: Lab, daemon: Daemon) -> None
             assert patched.status_code == 422 and words in patched.json()["detail"], (extra, patched.text)
     nothing = daemon.http.patch(f"/api/keys/{key['id']}", json={})
     assert nothing.status_code == 422 and "nothing to change" in nothing.json()["detail"]
-    assert (daemon.api("GET", "/api/keys")["keys"], daemon.state_file.read_bytes()) == before
+    assert (daemon.api("GET", "/api/keys")["keys"], daemon.state_bytes()) == before
 
 
 def test_cli_gives_50gb_for_30_days_with_a_monthly_reset(daemon: Daemon) -> None:

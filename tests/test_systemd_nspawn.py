@@ -591,8 +591,13 @@ class Run:
     figures: dict[str, Any] = field(default_factory=dict)
 
     def state_rx(self) -> int:
-        state = json.loads(self.box.out("cat /var/lib/portmeter/state.json"))
-        return int(state["keys"][self.key_id]["rx"]["bytes"])
+        """The key's saved rx total, read as the daemon reads its state (snapshot and journal)."""
+        load = (
+            "from pathlib import Path; from daemon.state import StateStore; "
+            "state = StateStore(Path('/var/lib/portmeter/state.json')).load(); "
+            f"print(state.keys[{self.key_id!r}].rx.bytes)"
+        )
+        return int(self.box.out(f'/opt/portmeter/venv/bin/python -c "{load}"'))
 
     def api_traffic(self) -> dict[str, Any]:
         return json.loads(self.box.out(f"portmeter traffic {self.key_id} --json"))

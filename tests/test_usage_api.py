@@ -3,7 +3,6 @@ agrees with the state file across resets and kill -9, and fleet reports by webho
 
 from __future__ import annotations
 
-import json
 import socket
 import stat
 import time
@@ -39,7 +38,7 @@ def history_of(daemon: Daemon) -> Iterator[History]:
 
 
 def saved_key(daemon: Daemon, key_id: str) -> dict[str, Any]:
-    return json.loads(daemon.state_file.read_text())["keys"][key_id]
+    return daemon.saved_state()["keys"][key_id]
 
 
 def usage(daemon: Daemon, name: str) -> dict[str, Any]:
@@ -137,7 +136,7 @@ def test_kill9_and_restart_neither_lose_nor_double_count(net: Lab, daemon: Daemo
     udp_exchange(net, socket.AF_INET, alice["port"], 2, 50, echo=False)  # the kernel counts on
 
     # And as if the daemon had died between staging a save and writing the state file.
-    saved = json.loads(daemon.state_file.read_text())
+    saved = daemon.saved_state()
     key = saved["keys"][alice["id"]]
     with history_of(daemon) as history:
         history.stage(

@@ -569,11 +569,14 @@ def test_replacing_keeps_mode_and_owner(tmp_path: Path) -> None:
     files.path.write_text("{}")
     files.path.chmod(0o644)
     os.chown(files.path, 65534, 65534)
+    before = files.path.stat()
     files.write(render_config(files.read(), [key()], files.opts, REALITY))
     info = files.path.stat()
     assert (stat.S_IMODE(info.st_mode), info.st_uid, info.st_gid) == (0o644, 65534, 65534)
     (backup,) = files.backups()
-    assert backup.read_text() == "{}" and stat.S_IMODE(backup.stat().st_mode) == 0o600
+    # The backup is the previous file itself (a hard link), in a directory only root enters.
+    assert backup.read_text() == "{}" and backup.stat().st_ino == before.st_ino
+    assert stat.S_IMODE(files.backup_dir.stat().st_mode) == 0o700
 
 
 @pytest.mark.parametrize(
