@@ -24,12 +24,13 @@ thread, one at a time.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
 import re
 import socket
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -56,6 +57,7 @@ MAP_PREFIX = {"rx": "rx", "tx": "tx", "quota": "q", "dropped": "drop"}
 NETLINK_NETFILTER = 12
 RECEIVE_BUFFER = 1 << 20
 GET_SLICE = 256  # get requests per write
+DUMP_SEQ = 1  # requests other than dumps count up from 2
 
 
 class NftError(Exception):
@@ -465,7 +467,7 @@ class Netlink:
 
     def __init__(self) -> None:
         self._sock: socket.socket | None = None
-        self._seq = itertools.count(1)
+        self._seq = itertools.count(DUMP_SEQ + 1)
 
     def table_handle(self, table: str) -> int | None:
         found = self._get([(nl.GETTABLE, nl.attr(nl.TABLE_NAME, nl.text(table)))])[0]
@@ -508,21 +510,42 @@ class Netlink:
         )
 
     def dump(self, kind: int, *attrs: bytes) -> bytes:
-        """The messages a dump request returns, concatenated, without the closing NLMSG_DONE."""
-        seq = next(self._seq)
-        sock = self._socket()
-        sock.send(nl.message(kind, nl.REQUEST | nl.DUMP, seq, *attrs))
-        parts = []
-        while True:
-            chunk = sock.recv(RECEIVE_BUFFER)
-            end, last = nl.dump_part(chunk)
-            parts.append(chunk[:end])
-            if last is not None:
-                if last.kind == nl.NLMSG_ERROR:
-                    code, _ = nl.error_code(last.body)
-                    if code:
-                        raise NftError(f"netlink dump: {os.strerror(code)}")
-                return b"".join(parts)
+        """The messages a dump request returns, concatenated, without the closing NLMSG_DONE.
+
+        Every dump uses the same sequence number, so an unchanged table dumps to the same bytes
+        (see nlcodec.ObjectScanner); a dump is read to its end or the socket is replaced."""
+        with self._exchange() as sock:
+            sock.send(nl.message(kind, nl.REQUEST | nl.DUMP, DUMP_SEQ, *attrs))
+            parts = []
+            while True:
+                chunk = sock.recv(RECEIVE_BUFFER)
+                end, last = nl.dump_part(chunk)
+                parts.append(chunk[:end])
+                if last is not None:
+                    break
+        if last.kind == nl.NLMSG_ERROR:
+            code, _ = nl.error_code(last.body)
+            if code:
+                raise NftError(f"netlink dump: {os.strerror(code)}")
+        return b"".join(parts)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    @contextlib.contextmanager
+    def _exchange(self) -> Iterator[socket.socket]:
+        """The socket for one request and its answers. A failure half-way leaves answers queued
+        that the next request would misread: the socket is replaced instead."""
+        try:
+            yield self._socket()
+        except OSError as exc:
+            self.close()
+            raise NftError(f"netlink: {exc.strerror or exc}") from None
+        except BaseException:
+            self.close()
+            raise
 
     def transact(self, edit: Transaction) -> None:
         """Send `edit` as one batch; raise NftError naming the step the kernel refused."""
@@ -535,19 +558,17 @@ class Netlink:
             seq = next(self._seq)
             described[seq] = what
             messages.append(nl.message(kind, nl.REQUEST | nl.ACK | flags, seq, attrs))
-        sock = self._socket()
-        sock.send(nl.batch(messages, first, next(self._seq)))
-        refused = [
-            f"{described.get(seq, 'transaction')}: {os.strerror(code)}"
-            for code, seq in self._answers(len(messages)) if code
-        ]
+        with self._exchange() as sock:
+            sock.send(nl.batch(messages, first, next(self._seq)))
+            answers = self._answers(sock, len(messages))
+        refused = [f"{described.get(seq, 'transaction')}: {os.strerror(code)}" for code, seq in answers if code]
         if refused:
             raise NftError("; ".join(refused))
 
-    def _answers(self, expected: int) -> list[tuple[int, int]]:
+    @staticmethod
+    def _answers(sock: socket.socket, expected: int) -> list[tuple[int, int]]:
         """(errno, sequence) of each ACK or error. The kernel handles a batch inside send(), so
         all answers are queued once it returns: wait for the first, then take what is there."""
-        sock = self._socket()
         answers: list[tuple[int, int]] = []
         flags = 0
         while len(answers) < expected:
@@ -568,7 +589,10 @@ class Netlink:
         return replies
 
     def _get_slice(self, requests: Sequence[tuple[int, bytes]]) -> list[bytes | None]:
-        sock = self._socket()
+        with self._exchange() as sock:
+            return self._get_answers(sock, requests)
+
+    def _get_answers(self, sock: socket.socket, requests: Sequence[tuple[int, bytes]]) -> list[bytes | None]:
         wanted: dict[int, int] = {}
         payload = []
         for index, (kind, attrs) in enumerate(requests):
