@@ -359,6 +359,15 @@ def many_keys(count: int = 8) -> State:
     return State(generation=1, instance="0a1b2c3d", table_handle=7, keys=keys)
 
 
+def snapshotted(tmp_path: Path, count: int = 8) -> tuple[Path, StateStore, State]:
+    """A state directory holding a snapshot of `many_keys(count)` and no journal yet."""
+    path = tmp_path / "state.json"
+    store = StateStore(path)
+    state = many_keys(count)
+    store.save(state)
+    return path, store, state
+
+
 def count_traffic(state: State, key_id: str, nbytes: int) -> None:
     key = state.keys[key_id]
     total = key.rx.account().total
@@ -379,10 +388,7 @@ def test_journal_path_is_beside_the_state_file(tmp_path: Path) -> None:
 
 
 def test_journal_records_replay_in_order(tmp_path: Path) -> None:
-    path = tmp_path / "state.json"
-    store = StateStore(path)
-    state = many_keys()
-    store.save(state)
+    path, store, state = snapshotted(tmp_path)
     snapshot = path.read_bytes()
     for step in range(1, 6):
         state.generation += 1
@@ -402,10 +408,7 @@ def test_journal_records_replay_in_order(tmp_path: Path) -> None:
 
 
 def test_journal_top_level_fields_replay(tmp_path: Path) -> None:
-    path = tmp_path / "state.json"
-    store = StateStore(path)
-    state = many_keys()
-    store.save(state)
+    path, store, state = snapshotted(tmp_path)
     state.generation, state.reality_private_key, state.instance = 2, "server-private", "ffffffff"
     store.save(state, set())
     assert journal_lines(store)[0]["keys"] == {}
@@ -413,10 +416,7 @@ def test_journal_top_level_fields_replay(tmp_path: Path) -> None:
 
 
 def test_journal_deleted_and_recreated_keys(tmp_path: Path) -> None:
-    path = tmp_path / "state.json"
-    store = StateStore(path)
-    state = many_keys()
-    store.save(state)
+    path, store, state = snapshotted(tmp_path)
     removed = state.keys.pop("k3")
     state.generation += 1
     store.save(state, {"k3"})
@@ -433,10 +433,7 @@ def test_journal_deleted_and_recreated_keys(tmp_path: Path) -> None:
 
 
 def test_torn_last_line_is_ignored_then_cut_off_by_the_next_append(tmp_path: Path) -> None:
-    path = tmp_path / "state.json"
-    store = StateStore(path)
-    state = many_keys()
-    store.save(state)
+    path, store, state = snapshotted(tmp_path)
     state.generation += 1
     count_traffic(state, "k1", 10)
     store.save(state, {"k1"})
@@ -464,10 +461,7 @@ def test_torn_last_line_is_ignored_then_cut_off_by_the_next_append(tmp_path: Pat
 
 def test_torn_tail_of_nul_bytes_is_ignored(tmp_path: Path) -> None:
     # A crash can leave the file longer than what was written, the rest zeros.
-    path = tmp_path / "state.json"
-    store = StateStore(path)
-    state = many_keys()
-    store.save(state)
+    path, store, state = snapshotted(tmp_path)
     state.generation += 1
     store.save(state, {"k0"})
     with store.journal.open("ab") as journal:
@@ -505,10 +499,7 @@ JOURNAL_DAMAGE = {
 
 @pytest.mark.parametrize("name", sorted(JOURNAL_DAMAGE))
 def test_damaged_journal_line_raises_and_files_are_left_untouched(tmp_path: Path, name: str) -> None:
-    path = tmp_path / "state.json"
-    store = StateStore(path)
-    state = many_keys()
-    store.save(state)
+    path, store, state = snapshotted(tmp_path)
     state.generation += 1
     store.save(state, {"k1"})
     state.generation += 1
@@ -542,10 +533,7 @@ def test_damaged_last_line_with_newline_is_damage_not_a_torn_append(tmp_path: Pa
 
 
 def test_journal_without_snapshot_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "state.json"
-    store = StateStore(path)
-    state = many_keys()
-    store.save(state)
+    path, store, state = snapshotted(tmp_path)
     state.generation += 1
     store.save(state, {"k1"})
     path.unlink()  # as if an operator moved only the snapshot away
@@ -555,10 +543,7 @@ def test_journal_without_snapshot_is_refused(tmp_path: Path) -> None:
 
 def test_records_not_newer_than_the_snapshot_are_skipped(tmp_path: Path) -> None:
     # A crash after compaction wrote the snapshot but before it dropped the journal.
-    path = tmp_path / "state.json"
-    store = StateStore(path)
-    state = many_keys()
-    store.save(state)
+    path, store, state = snapshotted(tmp_path)
     for _ in range(3):
         state.generation += 1
         count_traffic(state, "k1", 7)
@@ -585,10 +570,7 @@ def test_a_store_that_never_loaded_writes_a_snapshot_first(tmp_path: Path) -> No
 
 
 def test_changes_to_most_keys_write_a_snapshot(tmp_path: Path) -> None:
-    path = tmp_path / "state.json"
-    store = StateStore(path)
-    state = many_keys()
-    store.save(state)
+    path, store, state = snapshotted(tmp_path)
     state.generation += 1
     store.save(state, {"k1"})
     assert store.journal.exists()
@@ -640,10 +622,7 @@ def test_journal_min_defers_compaction_of_a_small_snapshot(tmp_path: Path) -> No
 
 
 def test_journal_mode_is_private(tmp_path: Path) -> None:
-    path = tmp_path / "state.json"
-    store = StateStore(path)
-    state = many_keys()
-    store.save(state)
+    _, store, state = snapshotted(tmp_path)
     state.generation += 1
     store.save(state, {"k1"})
     assert stat.S_IMODE(store.journal.stat().st_mode) == 0o600
@@ -678,10 +657,7 @@ print(json.dumps({"error": error, "identical": after == journal}))
 
 
 def test_failed_append_leaves_the_journal_byte_identical(tmp_path: Path) -> None:
-    path = tmp_path / "state.json"
-    store = StateStore(path)
-    state = many_keys()
-    store.save(state)
+    path, store, state = snapshotted(tmp_path)
     state.generation += 1
     count_traffic(state, "k1", 5)
     store.save(state, {"k1"})
