@@ -11,6 +11,8 @@ disabled), the quota the kernel must enforce for it, and a periodic reset that c
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
 import secrets
 import signal
@@ -122,9 +124,10 @@ class Service:
         self, name: str, port: int | None = None, settings: dict[str, Any] | None = None
     ) -> KeyRecord:
         async with self.lock:
-            if any(key.name == name for key in self.state.keys.values()):
+            keys = self.state.keys.values()
+            if name in {key.name for key in keys}:
                 raise Conflict(f"a key named {name!r} already exists")
-            assigned = set(self.assigned_ports().values())
+            assigned = {key.port for key in keys}
             busy = await anyio.to_thread.run_sync(netinfo.bound_ports, self.settings.port_range)
             try:
                 chosen = allocator.allocate(self.settings.port_range, assigned, busy, port)
@@ -810,6 +813,7 @@ async def run_daemon(
     # each full collection walks all of them (~0.3 s at 10,000 keys, at random moments).
     gc.collect()
     gc.freeze()
+    _return_free_memory()
     stop = anyio.Event()
     async with anyio.create_task_group() as background:
         background.start_soon(service.poll_loop)
@@ -836,6 +840,13 @@ async def run_daemon(
         background.cancel_scope.cancel()
     await service.poll_once(final=True)
     log.info("daemon_stopped", keys=len(service.state.keys))
+
+
+def _return_free_memory() -> None:
+    """Give the heap that start-up used and freed (reading the state, rendering Xray's config,
+    listing the table) back to the system: about 50 MB at 10,000 keys. glibc only."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 async def _watchdog(notifier: Notifier, interval: float) -> None:

@@ -71,6 +71,7 @@ class XrayBridge:
         self.applier = xs.XrayApplier(self.options)
         # key id -> (the record's fields an XrayKey is made of, that XrayKey); see `served`.
         self._xray_keys: dict[str, tuple[tuple[Any, ...], xs.XrayKey]] = {}
+        self._served: list[xs.XrayKey] | None = None  # as the last call found them
 
     # --- keys ----------------------------------------------------------------------------
 
@@ -103,29 +104,35 @@ class XrayBridge:
         and short ids (170 ms for 10,000 keys). So each XrayKey is kept by key id and built
         again only when a field it is made of changed; an unchanged key then is the very same
         object, which is how LiveConfig finds the changed keys quickly. When the caller knows
-        which keys `changed` since the last push, the others are not even looked at.
+        which keys `changed` since the last push, the last list is patched: only those keys
+        are looked at (a status change marks a key changed too).
         """
-        remove_inactive = self.settings.xray_remove_inactive
+        if changed is not None and self._served is not None:
+            served = [k for k in self._served if k.id not in changed]
+            for key_id in changed:
+                key = state.keys.get(key_id)
+                if key is not None and self._serves(key):
+                    served.append(self._cached_key(key))
+        else:
+            served = [self._cached_key(key) for key in state.keys.values() if self._serves(key)]
         known = self._xray_keys
-        served: list[xs.XrayKey] = []
-        for key_id, key in state.keys.items():
-            if remove_inactive and key.status is not Status.ACTIVE:
-                continue
-            hit = known.get(key_id)
-            if hit is not None and changed is not None and key_id not in changed:
-                served.append(hit[1])
-                continue
-            fields = (
-                key.name, key.uuid, key.port, key.short_id, key.reality_private_key, key.flow,
-                key.extra_short_ids,
-            )
-            if hit is None or hit[0] != fields:
-                # A copy of the list: the record's own list may be changed in place.
-                hit = known[key_id] = ((*fields[:-1], list(key.extra_short_ids)), self.xray_key(key))
-            served.append(hit[1])
         if len(known) > 2 * len(state.keys):  # forget deleted keys now and then, not every time
             self._xray_keys = {key_id: known[key_id] for key_id in state.keys if key_id in known}
+        self._served = served
         return served
+
+    def _serves(self, key: KeyRecord) -> bool:
+        return key.status is Status.ACTIVE or not self.settings.xray_remove_inactive
+
+    def _cached_key(self, key: KeyRecord) -> xs.XrayKey:
+        fields = (
+            key.name, key.uuid, key.port, key.short_id, key.reality_private_key, key.flow, key.extra_short_ids,
+        )
+        hit = self._xray_keys.get(key.id)
+        if hit is None or hit[0] != fields:
+            # A copy of the list: the record's own list may be changed in place.
+            hit = self._xray_keys[key.id] = ((*fields[:-1], list(key.extra_short_ids)), self.xray_key(key))
+        return hit[1]
 
     def link(self, state: State, key: KeyRecord) -> str:
         return xs.vless_link(self.xray_key(key), self.options, self.server_reality(state))
