@@ -32,3 +32,10 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600, owner: tuple[int, i
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """What went wrong, in the system's words ("No space left on device"), for one-line errors."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)

@@ -39,6 +39,7 @@ import nftables
 
 from daemon import nlcodec as nl
 from daemon.accounting import Reading
+from daemon.atomic import failure_reason
 from daemon.limits import Quota
 
 T = TypeVar("T")
@@ -542,7 +543,7 @@ class Netlink:
             yield self._socket()
         except OSError as exc:
             self.close()
-            raise NftError(f"netlink: {exc.strerror or exc}") from None
+            raise NftError(f"netlink: {failure_reason(exc)}") from None
         except BaseException:
             self.close()
             raise

@@ -23,7 +23,7 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from daemon.accounting import Account, Reading, Usage
-from daemon.atomic import write_atomic
+from daemon.atomic import failure_reason, write_atomic
 from daemon.limits import ResetStrategy, Status
 
 SCHEMA_VERSION = 1
@@ -235,7 +235,7 @@ class StateStore:
         try:
             write_atomic(target, state.model_dump_json(indent=1).encode())
         except OSError as exc:
-            raise StorageError(f"cannot write {target}: {_reason(exc)}") from None
+            raise StorageError(f"cannot write {target}: {failure_reason(exc)}") from None
         for old in sorted(self.backup_dir.glob("state-*.json"))[: -self.backups]:
             old.unlink(missing_ok=True)
         return target
@@ -283,7 +283,7 @@ class StateStore:
             self._snapshot_size = None
             return State()
         except (OSError, UnicodeDecodeError) as exc:
-            raise StateError(self._damaged(f"cannot be read ({_reason(exc)})")) from None
+            raise StateError(self._damaged(f"cannot be read ({failure_reason(exc)})")) from None
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -311,7 +311,7 @@ class StateStore:
             self._journal_end = 0
             return
         except OSError as exc:
-            raise StateError(self._damaged_journal(f"cannot be read ({_reason(exc)})")) from None
+            raise StateError(self._damaged_journal(f"cannot be read ({failure_reason(exc)})")) from None
         end = data.rfind(b"\n") + 1
         if end and not self.path.exists():
             raise StateError(self._damaged_journal(f"holds changes to {self.path}, which is gone"))
@@ -337,7 +337,7 @@ class StateStore:
             except FileNotFoundError:
                 data = b""
             except OSError as exc:
-                raise StorageError(f"cannot read {self.journal}: {_reason(exc)}") from None
+                raise StorageError(f"cannot read {self.journal}: {failure_reason(exc)}") from None
             self._journal_end = data.rfind(b"\n") + 1
         return self._journal_end
 
@@ -346,7 +346,7 @@ class StateStore:
         try:
             fd = os.open(self.journal, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
-            raise StorageError(f"cannot write {self.journal}: {_reason(exc)}") from None
+            raise StorageError(f"cannot write {self.journal}: {failure_reason(exc)}") from None
         try:
             if os.fstat(fd).st_size != end:
                 os.ftruncate(fd, end)  # the torn tail of a crash mid-append
@@ -359,7 +359,7 @@ class StateStore:
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, end)
-            raise StorageError(f"cannot write {self.journal}: {_reason(exc)}") from None
+            raise StorageError(f"cannot write {self.journal}: {failure_reason(exc)}") from None
         finally:
             os.close(fd)
         self._journal_end = end + len(data)
@@ -371,7 +371,7 @@ class StateStore:
             write_atomic(self.path, data)
         except OSError as exc:
             self._snapshot_size = None  # it may be in place anyway: only a snapshot may follow it
-            raise StorageError(f"cannot write {self.path}: {_reason(exc)}") from None
+            raise StorageError(f"cannot write {self.path}: {failure_reason(exc)}") from None
         self._snapshot_size = len(data)
         try:
             self.journal.unlink(missing_ok=True)
@@ -408,9 +408,3 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _reason(exc: OSError | UnicodeDecodeError) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc)

@@ -40,7 +40,7 @@ import anyio
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from daemon.allocator import PortRange, lowest_free
-from daemon.atomic import write_atomic
+from daemon.atomic import failure_reason, write_atomic
 
 ApplyMode = Literal["none", "restart", "api"]
 Security = Literal["reality", "none"]
@@ -938,7 +938,7 @@ class XrayFiles:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise XrayConfigError(f"cannot read Xray config {self.path}: {_reason(exc)}") from None
+            raise XrayConfigError(f"cannot read Xray config {self.path}: {failure_reason(exc)}") from None
 
     def read_signed(self) -> tuple[bytes | None, Signature | None]:
         """The live file's bytes and the signature of that very file (None, None: no file)."""
@@ -949,7 +949,7 @@ class XrayFiles:
         except FileNotFoundError:
             return None, None
         except OSError as exc:
-            raise XrayConfigError(f"cannot read Xray config {self.path}: {_reason(exc)}") from None
+            raise XrayConfigError(f"cannot read Xray config {self.path}: {failure_reason(exc)}") from None
 
     def signature(self) -> Signature | None:
         """Inode, size and mtime of the live file: any write by anyone else changes one of them."""
@@ -1035,7 +1035,7 @@ class XrayFiles:
         try:
             data = backup.read_bytes()
         except OSError as exc:
-            raise XrayConfigError(f"cannot read backup {backup}: {_reason(exc)}") from None
+            raise XrayConfigError(f"cannot read backup {backup}: {failure_reason(exc)}") from None
         previous = self.read_bytes()
         saved = self._backup(previous) if previous is not None and previous != data else None
         self._replace(data)
@@ -1070,7 +1070,7 @@ class XrayFiles:
             self.backup_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             write_atomic(target, data, mode=0o600)
         except OSError as exc:
-            raise XrayStorageError(f"cannot write backup {target}: {_reason(exc)}") from None
+            raise XrayStorageError(f"cannot write backup {target}: {failure_reason(exc)}") from None
 
     def _replace(self, data: bytes) -> None:
         mode, owner = self.opts.file_mode, None
@@ -1083,7 +1083,7 @@ class XrayFiles:
             write_atomic(self.path, data, mode=mode, owner=owner)
         except OSError as exc:
             raise XrayStorageError(
-                f"cannot write Xray config {self.path}: {_reason(exc)}"
+                f"cannot write Xray config {self.path}: {failure_reason(exc)}"
             ) from None
 
     def _run_binary_test(self, data: bytes) -> None:
@@ -1108,7 +1108,7 @@ class XrayFiles:
                 ) from None
             except OSError as exc:
                 raise XrayConfigError(
-                    f"cannot run {binary} to test the config: {_reason(exc)}"
+                    f"cannot run {binary} to test the config: {failure_reason(exc)}"
                 ) from None
         if done.returncode != 0:
             reason = failure_line(done.stdout, done.stderr, done.returncode)
@@ -1609,7 +1609,7 @@ class XrayApplier:
                 f"{what}: {command[0]} did not finish within {self.opts.command_timeout:g}s"
             ) from None
         except OSError as exc:
-            raise XrayApplyError(f"{what}: cannot run {command[0]}: {_reason(exc)}") from None
+            raise XrayApplyError(f"{what}: cannot run {command[0]}: {failure_reason(exc)}") from None
         if done.returncode == 0:
             return
         output = (done.stdout or b"") + (done.stderr or b"")
@@ -1711,10 +1711,6 @@ def _split_host_port(address: str) -> tuple[str, int]:
 
 def _executable(path: Path) -> bool:
     return path.is_file() and os.access(path, os.X_OK)
-
-
-def _reason(exc: OSError) -> str:
-    return exc.strerror or str(exc)
 
 
 __all__ = [

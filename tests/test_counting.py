@@ -157,3 +157,20 @@ def test_all_ports_endpoint_matches_per_key_numbers(net: Lab, daemon: Daemon) ->
     summary = daemon.api("GET", "/api/system/traffic/summary")
     assert summary["rx_bytes"] == expected_total and summary["tx_bytes"] == 0
     assert summary["total_interface_traffic"] > 0
+
+
+def test_traffic_pages_are_exact_ordered_by_port_and_refuse_bad_bounds(net: Lab, daemon: Daemon) -> None:
+    keys = sorted((daemon.create(f"page{i}") for i in range(5)), key=lambda k: k["port"])
+    for i, key in enumerate(keys):
+        udp_exchange(net, socket.AF_INET, key["port"], i + 1, 60, echo=False)
+    page = daemon.api("GET", "/api/traffic/ports/exact?limit=2&offset=1")["ports_traffic"]
+    assert (page["total_ports"], page["total_keys"], page["offset"], page["limit"]) == (2, 5, 1, 2)
+    listed = list(page["ports_traffic"].values())
+    assert [entry["port"] for entry in listed] == [keys[1]["port"], keys[2]["port"]]
+    assert [entry["traffic"]["rx_bytes"] for entry in listed] == [2 * 88, 3 * 88]  # read at request time
+    assert page["total_traffic"] == 5 * 88
+    beyond = daemon.api("GET", "/api/traffic/ports/exact?offset=5")["ports_traffic"]
+    assert beyond["total_ports"] == 0 and beyond["total_keys"] == 5
+    for query in ("limit=0", "offset=-1", "limit=abc", "limit=10001"):
+        refused = daemon.http.get(f"/api/traffic/ports/exact?{query}")
+        assert refused.status_code == 422 and refused.json()["detail"], query
