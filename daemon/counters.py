@@ -31,6 +31,7 @@ import os
 import re
 import socket
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -92,6 +93,20 @@ class TableView:
     ports: dict[int, PortReading] = field(default_factory=dict)
     stray: set[int] = field(default_factory=set)
     problems: list[str] = field(default_factory=list)
+
+
+def port_gaps(
+    wanted: AbstractSet[int], view: TableView, elements: Mapping[str, Mapping[int, str]] | None = None
+) -> dict[str, tuple[set[int], set[int]]]:
+    """Where the table disagrees with the keys' ports: for the counters (and, given the maps'
+    elements, for maps rx and tx) the ports a key has that are missing there, and the ports
+    there that no key owns. One answer for the consistency report and for the repair."""
+    present = set(view.ports)
+    gaps = {"counters": (set(wanted) - present, present - set(wanted))}
+    for direction in DIRECTIONS if elements is not None else ():
+        mapped = set(elements.get(direction, {}))
+        gaps[f"map {direction}"] = (set(wanted) - mapped, mapped - set(wanted))
+    return gaps
 
 
 def object_name(kind: str, port: int) -> str:

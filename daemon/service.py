@@ -29,7 +29,7 @@ import anyio
 import structlog
 
 from daemon import allocator, limits, metrics, netinfo, xray_sync
-from daemon.counters import Counters, NftError, PortReading, TableView
+from daemon.counters import Counters, NftError, PortReading, TableView, port_gaps
 from daemon.errors import Conflict, Invalid, KernelRefused, NotFound, OperationError, StorageFull
 from daemon.history import History, cleanup_loop
 from daemon.limits import Quota, ResetStrategy, Status
@@ -307,17 +307,13 @@ class Service:
             found += view.problems
             found += [f"port {port} has an incomplete set of counters" for port in sorted(view.stray)]
             wanted = {key.port for key in self.state.keys.values()}
-            for port in sorted(wanted - set(view.ports)):
-                found.append(f"port {port} has a key but no counters in the kernel")
-            for port in sorted(set(view.ports) - wanted):
-                found.append(f"port {port} has counters in the kernel but no key")
-            elements = await self.counters.map_elements()
-            for direction in ("rx", "tx"):
-                mapping = elements.get(direction, {})
-                for port in sorted(wanted - set(mapping)):
-                    found.append(f"port {port} is missing from map {direction}")
-                for port in sorted(set(mapping) - wanted):
-                    found.append(f"map {direction} holds port {port} that no key owns")
+            gaps = port_gaps(wanted, view, await self.counters.map_elements())
+            missing, orphaned = gaps.pop("counters")
+            found += [f"port {port} has a key but no counters in the kernel" for port in sorted(missing)]
+            found += [f"port {port} has counters in the kernel but no key" for port in sorted(orphaned)]
+            for where, (missing, orphaned) in gaps.items():
+                found += [f"port {port} is missing from {where}" for port in sorted(missing)]
+                found += [f"{where} holds port {port} that no key owns" for port in sorted(orphaned)]
             for key in self.state.keys.values():
                 desired = self._desired_quota(key)
                 installed = view.ports.get(key.port)
@@ -668,15 +664,12 @@ class Service:
 
     async def _repair(self, view: TableView, result: Refresh, check_elements: bool) -> None:
         keys_by_port = {key.port: key for key in self.state.keys.values()}
-        wanted = set(keys_by_port)
-        present = set(view.ports)
-        missing = wanted - present
-        orphans = (present | view.stray) - wanted
-        if check_elements:
-            elements = await self._kernel("read maps", self.counters.map_elements())
-            for name in ("rx", "tx"):
-                missing |= wanted - set(elements[name])
-                orphans |= set(elements[name]) - wanted
+        elements = await self._kernel("read maps", self.counters.map_elements()) if check_elements else None
+        missing: set[int] = set()
+        orphans = view.stray - set(keys_by_port)  # half-made leftovers of ports no key owns
+        for absent, unowned in port_gaps(set(keys_by_port), view, elements).values():
+            missing |= absent
+            orphans |= unowned
         if orphans:
             await self._kernel("remove orphans", self.counters.remove_present(orphans))
             self.log.warning("orphan_counters_removed", ports=sorted(orphans))

@@ -9,8 +9,11 @@ from typing import Any, TypeVar
 
 import anyio
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from daemon.counters import Counters, NftError
+from daemon.accounting import Reading
+from daemon.counters import Counters, NftError, PortReading, TableView, port_gaps
 from daemon.limits import Quota
 from tests.netlab import Lab, inside, lab, unique_name
 
@@ -179,3 +182,21 @@ def test_only_our_table_is_changed(net: Lab) -> None:
     assert f"rx_{PORTS[2]}" in net.nft("list", "table", "inet", theirs).stdout
     for table in (ours, theirs):
         net.nft("delete", "table", "inet", table)
+
+
+ports = st.sets(st.integers(1, 60))
+
+
+@given(ports, ports, ports, ports)
+def test_port_gaps_split_every_port_by_where_it_is_missing_or_unowned(
+    wanted: set[int], counted: set[int], rx: set[int], tx: set[int]
+) -> None:
+    reading = PortReading(Reading(1, 1, 0, 0), Reading(1, 2, 0, 0))
+    view = TableView(handle=1, ports=dict.fromkeys(counted, reading))
+    elements = {"rx": {p: f"rx_{p}" for p in rx}, "tx": {p: f"tx_{p}" for p in tx}}
+    gaps = port_gaps(wanted, view, elements)
+    for where, present in (("counters", counted), ("map rx", rx), ("map tx", tx)):
+        missing, unowned = gaps[where]
+        assert missing | (present & wanted) == wanted and not missing & present
+        assert unowned | (present & wanted) == present and not unowned & wanted
+    assert set(port_gaps(wanted, view)) == {"counters"}
