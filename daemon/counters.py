@@ -60,6 +60,7 @@ NETLINK_NETFILTER = 12
 RECEIVE_BUFFER = 1 << 20
 GET_SLICE = 256  # get requests per write
 DUMP_SEQ = 1  # requests other than dumps count up from 2
+DUMP_ATTEMPTS = 5
 
 
 class NftError(Exception):
@@ -529,21 +530,31 @@ class Netlink:
         """The messages a dump request returns, concatenated, without the closing NLMSG_DONE.
 
         Every dump uses the same sequence number, so an unchanged table dumps to the same bytes
-        (see nlcodec.ObjectScanner); a dump is read to its end or the socket is replaced."""
+        (see nlcodec.ObjectScanner); a dump is read to its end or the socket is replaced. A
+        dump the kernel marks inconsistent (another program changed the ruleset meanwhile) is
+        taken again, as libnftables does: a port missing from it would look like lost counters.
+        """
+        for _ in range(DUMP_ATTEMPTS):
+            data, ended, interrupted = self._dump_once(kind, *attrs)
+            if ended.kind == nl.NLMSG_ERROR:
+                code, _ = nl.error_code(ended.body)
+                if code:
+                    raise NftError(f"netlink dump: {os.strerror(code)}")
+            if not interrupted:
+                return data
+        raise NftError(f"the ruleset kept changing during {DUMP_ATTEMPTS} readings; trying again at the next")
+
+    def _dump_once(self, kind: int, *attrs: bytes) -> tuple[bytes, nl.Message, bool]:
         with self._exchange() as sock:
             sock.send(nl.message(kind, nl.REQUEST | nl.DUMP, DUMP_SEQ, *attrs))
-            parts = []
+            parts, interrupted = [], False
             while True:
                 chunk = sock.recv(RECEIVE_BUFFER)
-                end, last = nl.dump_part(chunk)
+                end, last, marked = nl.dump_part(chunk)
                 parts.append(chunk[:end])
+                interrupted = interrupted or marked
                 if last is not None:
-                    break
-        if last.kind == nl.NLMSG_ERROR:
-            code, _ = nl.error_code(last.body)
-            if code:
-                raise NftError(f"netlink dump: {os.strerror(code)}")
-        return b"".join(parts)
+                    return b"".join(parts), last, interrupted
 
     def close(self) -> None:
         if self._sock is not None:

@@ -20,6 +20,7 @@ NFPROTO_INET = 1
 BATCH_BEGIN, BATCH_END = 0x10, 0x11
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 REQUEST, MULTI, ACK, EXCL, CREATE, DUMP = 0x1, 0x2, 0x4, 0x200, 0x400, 0x300
+DUMP_INTERRUPTED = 0x10  # NLM_F_DUMP_INTR
 NESTED = 0x8000
 TYPE_MASK = 0x3FFF
 
@@ -232,17 +233,20 @@ def _decode_scanned(name: bytes, handle: bytes, data: bytes) -> KernelObject:
     )
 
 
-def dump_part(chunk: bytes) -> tuple[int, Message | None]:
-    """How much of one received chunk of a dump is data, and the message that ended the dump
-    (NLMSG_DONE, or an NLMSG_ERROR) if this chunk holds it. Reads headers only: a dump of
-    10,000 ports arrives as 20,000 messages."""
-    offset, unpack = 0, HEADER.unpack_from
+def dump_part(chunk: bytes) -> tuple[int, Message | None, bool]:
+    """How much of one received chunk of a dump is data, the message that ended the dump
+    (NLMSG_DONE, or an NLMSG_ERROR) if this chunk holds it, and whether the kernel marked the
+    dump inconsistent (the ruleset changed while it ran: objects may be missing or repeated).
+    Reads headers only: a dump of 10,000 ports arrives as 20,000 messages."""
+    offset, unpack, flags_seen = 0, HEADER.unpack_from, 0
     while offset + HEADER.size <= len(chunk):
-        length, full_type, _flags, seq, _pid = unpack(chunk, offset)
+        length, full_type, flags, seq, _pid = unpack(chunk, offset)
+        flags_seen |= flags
         if full_type in (NLMSG_DONE, NLMSG_ERROR) or length < HEADER.size:
-            return offset, Message(full_type, seq, chunk[offset + HEADER.size : offset + length])
+            ended = Message(full_type, seq, chunk[offset + HEADER.size : offset + length])
+            return offset, ended, bool(flags_seen & DUMP_INTERRUPTED)
         offset += (length + 3) & ~3
-    return offset, None
+    return offset, None, bool(flags_seen & DUMP_INTERRUPTED)
 
 
 def selected(found: Mapping[int, bytes], keys: tuple[int, ...]) -> tuple[bytes | None, ...]:

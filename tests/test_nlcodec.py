@@ -68,12 +68,15 @@ def test_attributes_round_trip(values: dict[int, bytes]) -> None:
     assert nl.attrs(b"".join(nl.attr(kind, payload) for kind, payload in values.items())) == values
 
 
-def test_dump_part_stops_at_done_and_error() -> None:
+def test_dump_part_stops_at_done_and_error_and_sees_interrupted_dumps() -> None:
     body = kernel_message("rx_1", 1, 2, 3, seq=5)
     done = nl.HEADER.pack(20, nl.NLMSG_DONE, nl.MULTI, 5, 0) + b"\0" * 4
-    assert nl.dump_part(body + done)[0] == len(body)
-    assert nl.dump_part(body + done)[1] is not None
-    assert nl.dump_part(body) == (len(body), None)
+    end, last, interrupted = nl.dump_part(body + done)
+    assert end == len(body) and last is not None and last.kind == nl.NLMSG_DONE and not interrupted
+    assert nl.dump_part(body) == (len(body), None, False)
     error = nl.HEADER.pack(20, nl.NLMSG_ERROR, 0, 5, 0) + (-2).to_bytes(4, "little", signed=True)
-    end, last = nl.dump_part(error)
+    end, last, _ = nl.dump_part(error)
     assert end == 0 and last is not None and nl.error_code(last.body)[0] == 2
+    # The kernel flags the message it was filling when the ruleset changed under the dump.
+    marked = nl.HEADER.pack(20, nl.NLMSG_DONE, nl.MULTI | nl.DUMP_INTERRUPTED, 5, 0) + b"\0" * 4
+    assert nl.dump_part(body + marked)[2] is True
