@@ -85,6 +85,11 @@ class PortReading:
     dropped: Reading | None = None
     quota: KernelQuota | None = None
 
+    @property
+    def over(self) -> bool:
+        """The kernel enforces a quota on this port and its allowance is used up."""
+        return self.quota is not None and self.quota.over
+
 
 @dataclass(slots=True)
 class TableView:
@@ -189,7 +194,7 @@ class Counters:
         handle = self._netlink.table_handle(self.table)
         if handle is None:
             return None
-        if self._netlink_layout() != layout:
+        if self._netlink.layout(self.table, handle) != layout:
             self._layout = None
             return None
         dump = self._netlink.dump(nl.GETOBJ, nl.attr(nl.OBJ_TABLE, nl.text(self.table)))
@@ -487,8 +492,7 @@ class Netlink:
         self._seq = itertools.count(DUMP_SEQ + 1)
 
     def table_handle(self, table: str) -> int | None:
-        found = self._get([(nl.GETTABLE, nl.attr(nl.TABLE_NAME, nl.text(table)))])[0]
-        return None if found is None else nl.uint(nl.attrs(found)[nl.TABLE_HANDLE])
+        return self.objects(table, [])[0]
 
     def objects(self, table: str, names: Sequence[str]) -> tuple[int | None, list[nl.KernelObject]]:
         """The table's handle and those of the named objects that exist, read in one exchange."""

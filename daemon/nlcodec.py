@@ -163,13 +163,14 @@ def uint(raw: bytes) -> int:
 
 def kernel_object(body: bytes) -> KernelObject:
     found = attrs(body)
-    kind = uint(found[OBJ_TYPE])
-    data = attrs(found.get(OBJ_DATA, b""))
-    if kind == OBJECT_QUOTA:
-        first, second = uint(data.get(QUOTA_BYTES, b"")), uint(data.get(QUOTA_CONSUMED, b""))
-    else:
-        first, second = uint(data.get(COUNTER_PACKETS, b"")), uint(data.get(COUNTER_BYTES, b""))
-    return KernelObject(found[OBJ_NAME].rstrip(b"\0").decode(), kind, uint(found[OBJ_HANDLE]), first, second)
+    return _object(found[OBJ_NAME].rstrip(b"\0"), uint(found[OBJ_TYPE]), found[OBJ_HANDLE], found.get(OBJ_DATA, b""))
+
+
+def _object(name: bytes, kind: int, handle: bytes, data: bytes) -> KernelObject:
+    """An object from its name, type, handle and the attributes of its data nest."""
+    values = attrs(data)
+    first, second = (QUOTA_BYTES, QUOTA_CONSUMED) if kind == OBJECT_QUOTA else (COUNTER_PACKETS, COUNTER_BYTES)
+    return KernelObject(name.decode(), kind, uint(handle), uint(values.get(first, b"")), uint(values.get(second, b"")))
 
 
 class ObjectScanner:
@@ -215,22 +216,11 @@ class ObjectScanner:
             slot = (name, handle, data)
             value = known.get(slot)
             if value is None:
-                value = _decode_scanned(name, handle, data)
+                value = _object(name, OBJECT_QUOTA if data[0] == 0x24 else OBJECT_COUNTER, handle, data[4:])
             decoded[slot] = value
         self._known = decoded
         self._last = (found, list(decoded.values()))
         return self._last[1]
-
-
-def _decode_scanned(name: bytes, handle: bytes, data: bytes) -> KernelObject:
-    values = attrs(data[4:])
-    if data[0] == 0x24:
-        return KernelObject(
-            name.decode(), OBJECT_QUOTA, uint(handle), uint(values[QUOTA_BYTES]), uint(values[QUOTA_CONSUMED])
-        )
-    return KernelObject(
-        name.decode(), OBJECT_COUNTER, uint(handle), uint(values[COUNTER_PACKETS]), uint(values[COUNTER_BYTES])
-    )
 
 
 def dump_part(chunk: bytes) -> tuple[int, Message | None, bool]:

@@ -594,8 +594,7 @@ class Service:
         for key in keys:
             reading = view.ports[key.port]
             self._apply_reading(key, reading, result)
-            over = reading.quota is not None and reading.quota.over
-            if await self._settle(key, moment, kernel_over=over):
+            if await self._settle(key, moment, kernel_over=reading.over):
                 result.changed = True
         self._unsaved = self._unsaved or result.changed
 
@@ -636,7 +635,7 @@ class Service:
         try:
             for key in keys:
                 reading = None if view is None else view.ports.get(key.port)
-                over = reading is not None and reading.quota is not None and reading.quota.over
+                over = reading is not None and reading.over
                 if await self._settle(key, moment, kernel_over=over):
                     result.changed = True
         except KernelRefused:

@@ -23,7 +23,7 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from daemon.accounting import Account, Reading, Usage
-from daemon.atomic import failure_reason, write_atomic
+from daemon.atomic import failure_reason, fsync_directory, write_atomic
 from daemon.limits import ResetStrategy, Status
 
 SCHEMA_VERSION = 1
@@ -168,6 +168,11 @@ def _reading_fields(reading: Reading) -> dict[str, int]:
     }
 
 
+def snapshot_bytes(state: State) -> bytes:
+    """The one format of state.json and of its backups."""
+    return state.model_dump_json(indent=1).encode()
+
+
 def now() -> datetime:
     return datetime.now(UTC)
 
@@ -233,7 +238,7 @@ class StateStore:
         self.backup_dir.mkdir(mode=0o700, exist_ok=True)
         target = self.backup_dir / f"state-{now().strftime(BACKUP_STAMP)}.json"
         try:
-            write_atomic(target, state.model_dump_json(indent=1).encode())
+            write_atomic(target, snapshot_bytes(state))
         except OSError as exc:
             raise StorageError(f"cannot write {target}: {failure_reason(exc)}") from None
         for old in sorted(self.backup_dir.glob("state-*.json"))[: -self.backups]:
@@ -270,7 +275,7 @@ class StateStore:
                 aside.append(moved)
         restored = State.model_validate_json(backups[0].read_bytes())
         restored.instance = ""  # its generations will repeat: the daemon starts a new line of them
-        data = restored.model_dump_json(indent=1).encode()
+        data = snapshot_bytes(restored)
         write_atomic(self.path, data)
         self._snapshot_size, self._journal_end = len(data), 0
         return backups[0], aside
@@ -355,7 +360,7 @@ class StateStore:
                 view = view[os.pwrite(fd, view, end + len(data) - len(view)):]
             os.fdatasync(fd)
             if end == 0:  # the file may be new: its directory entry must be on disk too
-                _fsync_dir(self.journal.parent)
+                fsync_directory(self.journal.parent)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, end)
@@ -366,7 +371,7 @@ class StateStore:
 
     def _compact(self, state: State) -> None:
         """Write a full snapshot, then drop the journal, whose records it now holds."""
-        data = state.model_dump_json(indent=1).encode()
+        data = snapshot_bytes(state)
         try:
             write_atomic(self.path, data)
         except OSError as exc:
@@ -400,11 +405,3 @@ def _first_error(exc: ValidationError) -> str:
     first = exc.errors()[0]
     where = ".".join(str(p) for p in first["loc"])
     return f"{where}: {first['msg']}" if where else first["msg"]
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
