@@ -7,15 +7,9 @@ Paths and field names follow the seed document (`/api/system/ports`, `/api/traff
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import grp
 import hmac
-import os
-import socket
-import struct
 import time
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -23,18 +17,25 @@ from typing import Annotated, Any, TypeVar
 
 import anyio
 import structlog
-import uvicorn
-from anyio.abc import TaskStatus
 from fastapi import Body, FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    StrictBool,
+    StrictInt,
+    WithJsonSchema,
+)
+from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from daemon import allocator, limits, metrics, netinfo, usage_api, web, xray_sync
+from daemon import allocator, bounds, limits, metrics, names, netinfo, usage_api, web, xray_sync
 from daemon.errors import Invalid, NotFound, OperationError, XrayRefused
 from daemon.limits import ResetStrategy, Status
 from daemon.service import Service
@@ -42,26 +43,63 @@ from daemon.state import KeyRecord, now
 from daemon.units import human_bytes
 from daemon.xray_sync import XrayError
 
-NAME_PATTERN = r"^\w(?:[\w .@+-]{0,62}[\w.@+-])?$"
-NAME_RULE = "1-64 letters, digits, spaces or . @ + - _, starting and ending with a letter or digit"
 T = TypeVar("T")
 PAGE_READ_LIMIT = 256  # up to this many keys, reading each key's counters beats one full reading
-KeyRef = Annotated[str, PathParam(min_length=1, max_length=64, description="key id, uuid or name")]
+KeyRef = Annotated[
+    str,
+    PathParam(min_length=1, max_length=bounds.MAX_REF_CHARS, description="key id, uuid or name"),
+]
 
 
-Size = int | Annotated[str, Field(max_length=32)]
-Moment = Annotated[str, Field(max_length=64)]
+def _limit_bytes(value: Any) -> int:
+    """data_limit_bytes as sent: a JSON integer or a size such as "50GB", within the bounds of
+    README "Bounds and names". `true` is no number here, though Python counts bools as ints."""
+    try:
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ValueError("must be a whole number of bytes or a size such as 50GB")
+        return limits.parse_limit(value) if isinstance(value, str) else bounds.limit_bytes(value)
+    except ValueError as exc:
+        raise PydanticCustomError("data_limit_bytes", str(exc)) from None
+
+
+def _key_name(value: str) -> str:
+    """A new key's name in its kept form, or 422 saying which rule of daemon.names it breaks."""
+    try:
+        return names.validate(value)
+    except names.NameRefused as exc:
+        raise PydanticCustomError("name", str(exc)) from None
+
+
+LimitBytes = Annotated[
+    int,
+    PlainValidator(_limit_bytes),
+    WithJsonSchema({
+        "anyOf": [
+            {"type": "integer", "minimum": 0, "maximum": bounds.MAX_LIMIT_BYTES},
+            {"type": "string", "maxLength": bounds.MAX_SIZE_CHARS},
+        ],
+        "description": "bytes, or e.g. 50GB / 50GiB; at most 1 EB (10^18 bytes)",
+    }),
+]
+NAME_SCHEMA: dict[str, Any] = {
+    "type": "string", "minLength": 1, "maxLength": bounds.MAX_NAME_CHARS, "description": names.RULE
+}
+Moment = Annotated[str, Field(max_length=bounds.MAX_MOMENT_CHARS)]
+Port = Annotated[StrictInt, Field(ge=bounds.MIN_PORT, le=bounds.MAX_PORT)]
 
 
 class KeySettings(BaseModel):
-    """Limits and lifecycle, as sent by clients: sizes as bytes or "50GB", dates as ISO or "+30d"."""
+    """Limits and lifecycle, as sent by clients: sizes as bytes or "50GB", dates as ISO or "+30d".
+    Types are strict: a boolean is `true`/`false`, a number is a JSON number."""
 
     model_config = ConfigDict(extra="forbid")
-    data_limit_bytes: Size | None = Field(default=None, description="bytes, or e.g. 50GB / 50GiB")
-    expire_at: Moment | None = Field(default=None, description="ISO 8601 date/time, or +30d")
+    data_limit_bytes: LimitBytes | None = None
+    expire_at: Moment | None = Field(
+        default=None, description="ISO 8601 date/time, or +30d; 2000-01-01 to 9998-12-31"
+    )
     reset_strategy: ResetStrategy | None = None
-    note: str | None = Field(default=None, max_length=256)
-    enabled: bool | None = None
+    note: str | None = Field(default=None, max_length=bounds.MAX_NOTE_CHARS)
+    enabled: StrictBool | None = None
 
 
 class ErrorAnswer(BaseModel):
@@ -88,12 +126,12 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 class Migration(BaseModel):
     model_config = ConfigDict(extra="forbid")
     config_path: str = Field(min_length=1, max_length=4096, pattern=r"^/[^\x00]*$")
-    dry_run: bool = False
+    dry_run: StrictBool = False
 
 
 class NewKey(KeySettings):
-    name: str = Field(pattern=NAME_PATTERN, description=NAME_RULE)
-    port: int | None = Field(default=None, ge=1, le=65535)
+    name: Annotated[str, AfterValidator(_key_name), WithJsonSchema(NAME_SCHEMA)]
+    port: Port | None = None
 
 
 def key_settings(body: KeySettings, service: Service, creating: bool) -> dict[str, Any]:
@@ -105,24 +143,12 @@ def key_settings(body: KeySettings, service: Service, creating: bool) -> dict[st
         if value is None and name in ("reset_strategy", "note", "enabled"):
             raise Invalid(f"{name}: may not be null")
         changes[name] = value
-    if changes.get("data_limit_bytes") is not None:
-        changes["data_limit_bytes"] = _size(changes["data_limit_bytes"])
     if changes.get("expire_at") is not None:
         moment = _moment(changes["expire_at"], service)
         if creating and moment <= now():
             raise Invalid(f"expire_at: {moment.isoformat()} is in the past")
         changes["expire_at"] = moment
     return changes
-
-
-def _size(value: int | str) -> int:
-    try:
-        size = value if isinstance(value, int) else limits.parse_size(value)
-    except ValueError as exc:
-        raise Invalid(f"data_limit_bytes: {exc}") from None
-    if size < 0:
-        raise Invalid("data_limit_bytes: must not be negative")
-    return size
 
 
 def _moment(value: str, service: Service) -> datetime:
@@ -137,6 +163,7 @@ def key_object(key: KeyRecord, service: Service) -> dict[str, Any]:
         **_key_fields(key),
         "link": _link(key, service),
         "subscription_url": f"/sub/{key.sub_token}" if key.sub_token else None,
+        "error": service.failures.get(key.id),  # this key's failed kernel step, if any
     }
 
 
@@ -326,10 +353,10 @@ def create_app(service: Service) -> FastAPI:
         docs_url=None,
         redoc_url=None,
         responses=ERROR_RESPONSES,
+        redirect_slashes=False,  # a redirect would echo the client's Host header
     )
     log = service.log
     app.add_middleware(JsonBodies)
-    app.add_middleware(AuditLog, log=log)
     _install_error_handlers(app, log)
     web.register(app)
     metrics.register(app, service)
@@ -420,8 +447,12 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/api/traffic/ports/exact")
     async def all_traffic(
-        limit: Annotated[int | None, Query(ge=1, le=10000, description="keys per page, by port")] = None,
-        offset: Annotated[int, Query(ge=0, description="keys to skip, by port")] = 0,
+        limit: Annotated[
+            int | None, Query(ge=1, le=bounds.MAX_PAGE_LIMIT, description="keys per page, by port")
+        ] = None,
+        offset: Annotated[
+            int, Query(ge=0, le=bounds.MAX_OFFSET, description="keys to skip, by port")
+        ] = 0,
     ) -> dict[str, Any]:
         """Every key's traffic, or one page of it (`limit`, `offset`; ordered by port). A page
         reads only its own keys' counters; the whole list reads the whole table."""
@@ -443,6 +474,7 @@ def create_app(service: Service) -> FastAPI:
                 "key_id": k.id,
                 "key_name": k.name,
                 "traffic": traffic_object(k, connections.get(k.port, 0), now),
+                "error": service.failures.get(k.id),  # this key's failed kernel step, if any
             }
             for k in keys
         }
@@ -469,6 +501,7 @@ def create_app(service: Service) -> FastAPI:
     async def key_traffic(key_id: KeyRef) -> dict[str, Any]:
         (key,), facts = await read_with_host_facts(service, service.refresh_keys([key_id]))
         result = traffic_object(key, facts.connections.get(key.port, 0), int(time.time()))
+        result["error"] = service.failures.get(key.id)  # this key's failed kernel step, if any
         result["interface_traffic"] = facts.interfaces
         result["total_interface_traffic"] = facts.interface_total
         return result
@@ -603,175 +636,23 @@ def _install_error_handlers(app: FastAPI, log: structlog.typing.FilteringBoundLo
         return JSONResponse({"detail": "internal error; see the daemon log"}, status_code=500)
 
 
+# Types are strict (README "Bounds and names"): say what was expected, in JSON's words.
+STRICT_TYPES = {
+    "bool_type": "must be true or false (a JSON boolean)",
+    "int_type": "must be a whole number (a JSON number without quotes)",
+}
+
+
 def describe_errors(errors: Any) -> str:
     """Pydantic's error list as one readable line: `body.name: String should match ...`."""
     parts = []
     for error in errors:
         where = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
-        message = error.get("msg", "invalid")
-        if error.get("type") == "string_pattern_mismatch" and where == "name":
-            message = f"must be {NAME_RULE}"
-        elif error.get("type") == "missing" and where == "body":
+        message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+        if error.get("type") == "missing" and where == "body":
             message = "a JSON body is required"
+        elif error.get("type") in STRICT_TYPES:
+            message = STRICT_TYPES[error["type"]]
         parts.append(f"{where}: {message}")
     return "; ".join(parts)
 
-
-class SocketBusy(Exception):
-    """Another daemon already answers on the socket path."""
-
-
-def bind_unix_socket(path: Path, group: str) -> socket.socket:
-    """Listen on `path` with mode 0660 and the operators' group, replacing a stale socket file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        if _answers(path):
-            raise SocketBusy(f"{path}: another portmeter daemon is already listening there")
-        path.unlink()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    staging = path.with_name(f".{path.name}.{os.getpid()}")
-    staging.unlink(missing_ok=True)
-    with contextlib.ExitStack() as undo:
-        undo.callback(sock.close)
-        undo.callback(staging.unlink, missing_ok=True)
-        sock.bind(str(staging))
-        os.chmod(staging, 0o660)
-        with contextlib.suppress(KeyError):
-            os.chown(staging, 0, grp.getgrnam(group).gr_gid)
-        os.rename(staging, path)
-        sock.listen(256)
-        undo.pop_all()
-    return sock
-
-
-def _answers(path: Path) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
-
-
-class PeerCredentialsH11(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol, with the Unix peer's pid and uid (SO_PEERCRED) as `client`,
-    so every mutating call can be logged with who made it."""
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family == socket.AF_UNIX:
-            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            pid, uid, _ = struct.unpack("3i", creds)
-            self.client = (f"pid={pid} uid={uid}", 0)
-
-
-class AuditLog:
-    """Logs every call that changes something, with the caller's pid/uid and the answer's status."""
-
-    def __init__(self, app: ASGIApp, log: structlog.typing.FilteringBoundLogger) -> None:
-        self.app = app
-        self.log = log
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
-            await self.app(scope, receive, send)
-            return
-        status = 500
-
-        async def remember(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, remember)
-        finally:
-            peer = (scope.get("client") or ("unknown", 0))[0]
-            self.log.info("api_call", method=scope["method"], path=scope["path"], status=status, peer=peer)
-
-
-class _QuietServer(uvicorn.Server):
-    """uvicorn without its own signal handlers: the daemon owns SIGTERM/SIGINT."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-class ApiKeyGuard:
-    """The TCP listener's gate: every request needs the X-API-Key header (or `Authorization:
-    Bearer`, for Prometheus; compared in constant time), except the page's static files (no data in them) and subscriptions (their unguessable
-    token is the secret, and VPN apps cannot send headers)."""
-
-    OPEN_PREFIXES = ("/sub/", "/static/")
-
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
-        self.app = app
-        self.api_key = api_key.encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not self._open(scope["path"]):
-            headers = dict(scope["headers"])
-            # Prometheus can only send `Authorization: Bearer KEY`: accepted as the same key.
-            bearer = headers.get(b"authorization", b"").removeprefix(b"Bearer ")
-            supplied = headers.get(b"x-api-key", bearer)
-            if not hmac.compare_digest(supplied, self.api_key):
-                await _refuse(send, 401, "missing or wrong X-API-Key header")
-                return
-        await self.app(scope, receive, send)
-
-    def _open(self, path: str) -> bool:
-        return path == "/" or path.startswith(self.OPEN_PREFIXES)
-
-
-def bind_tcp_socket(address: str) -> socket.socket:
-    host, _, port = address.rpartition(":")
-    host = host.strip("[]")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, int(port)))
-    except OSError as exc:
-        sock.close()
-        raise SocketBusy(f"PORTMETER_HTTP_LISTEN={address}: {exc.strerror}") from None
-    sock.listen(256)
-    return sock
-
-
-async def serve(
-    service: Service, stop: anyio.Event, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-) -> None:
-    """Answer on the Unix socket (and the TCP listener, if set) until `stop`, then finish
-    requests in flight."""
-    settings = service.settings
-    app = create_app(service)
-    listeners = [(bind_unix_socket(settings.socket, settings.socket_group), app)]
-    if settings.http_listen:
-        listeners.append((bind_tcp_socket(settings.http_listen), ApiKeyGuard(app, settings.api_key)))
-        service.log.info("http_listener", address=settings.http_listen)
-    servers = [
-        _QuietServer(
-            uvicorn.Config(
-                handler, http=PeerCredentialsH11, log_config=None, access_log=False,
-                lifespan="off", timeout_graceful_shutdown=3,
-            )
-        )
-        for _, handler in listeners
-    ]
-    try:
-        async with anyio.create_task_group() as tasks:
-            for server, (sock, _) in zip(servers, listeners, strict=True):
-                tasks.start_soon(server.serve, [sock])
-            task_status.started()  # the sockets are bound and listening: clients can connect
-            await stop.wait()
-            for server in servers:
-                server.should_exit = True
-    finally:
-        for sock, _ in listeners:
-            sock.close()
-        settings.socket.unlink(missing_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -15,7 +16,9 @@ from urllib.parse import quote
 import httpx
 import segno
 
-from daemon.units import human_bytes
+from daemon import bounds
+from daemon.limits import parse_limit
+from daemon.units import display_bytes
 
 if TYPE_CHECKING:
     from daemon.state import StateStore
@@ -42,8 +45,8 @@ def run_daemon_command(_: argparse.Namespace) -> int:
     import anyio
 
     from daemon import logs
-    from daemon.api import SocketBusy, serve
-    from daemon.errors import OperationError
+    from daemon.errors import KernelRefused, OperationError
+    from daemon.http_server import SocketBusy, serve
     from daemon.sdnotify import Notifier
     from daemon.service import run_daemon
     from daemon.settings import SettingsError, load_settings
@@ -62,7 +65,9 @@ def run_daemon_command(_: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     except OperationError as exc:
         log.critical("daemon_refused_to_start", reason=exc.detail)
-        raise CliError(f"{exc.detail} (portmeter needs root or CAP_NET_ADMIN)") from None
+        denied = isinstance(exc, KernelRefused) and exc.denied  # EPERM/EACCES, nothing else
+        hint = " (portmeter needs root or CAP_NET_ADMIN)" if denied else ""
+        raise CliError(f"{exc.detail}{hint}") from None
     return 0
 
 
@@ -110,15 +115,17 @@ def print_key(key: dict[str, Any]) -> None:
     rows = [
         ("id", key["id"]), ("name", key["name"]), ("uuid", key["uuid"]), ("port", key["port"]),
         ("status", key["status"]), ("created", key["created_at"]),
-        ("traffic", f"rx {human_bytes(key['rx_bytes'])}, tx {human_bytes(key['tx_bytes'])}, "
-                    f"total {human_bytes(key['total_bytes'])}"),
-        ("limit", "unlimited" if limit is None else f"{human_bytes(key['used_bytes'])} of {human_bytes(limit)}"),
-        ("dropped", human_bytes(key["dropped_bytes"])),
+        ("traffic", f"rx {display_bytes(key['rx_bytes'])}, tx {display_bytes(key['tx_bytes'])}, "
+                    f"total {display_bytes(key['total_bytes'])}"),
+        ("limit", "unlimited" if limit is None
+         else f"{display_bytes(key['used_bytes'])} of {display_bytes(limit)}"),
+        ("dropped", display_bytes(key["dropped_bytes"])),
         ("expires", key["expire_at"] or "never"),
         ("reset", key["reset_strategy"] + (f", next {key['next_reset_at']}" if key["next_reset_at"] else "")),
     ]
     if key.get("last_reset_at"):
-        rows.append(("last reset", f"{key['last_reset_at']} ({human_bytes(key['used_before_reset'] or 0)} before)"))
+        before = display_bytes(key["used_before_reset"] or 0)
+        rows.append(("last reset", f"{key['last_reset_at']} ({before} before)"))
     if key.get("note"):
         rows.append(("note", key["note"]))
     if key.get("link"):
@@ -131,7 +138,8 @@ def key_settings(args: argparse.Namespace) -> dict[str, Any]:
     """--limit/--expire/--reset/--note as API fields; 'none'/'never' clear a limit or expiry."""
     body: dict[str, Any] = {}
     if args.limit is not None:
-        body["data_limit_bytes"] = None if args.limit.lower() in ("none", "unlimited") else args.limit
+        unlimited = args.limit.lower() in ("none", "unlimited")
+        body["data_limit_bytes"] = None if unlimited else _checked_limit(args.limit)
     if args.expire is not None:
         body["expire_at"] = None if args.expire.lower() in ("never", "none") else args.expire
     if args.reset is not None:
@@ -139,6 +147,15 @@ def key_settings(args: argparse.Namespace) -> dict[str, Any]:
     if args.note is not None:
         body["note"] = args.note
     return body
+
+
+def _checked_limit(text: str) -> str:
+    """--limit as typed, refused here (one line, exit 1) as the daemon would refuse it."""
+    try:
+        parse_limit(text)
+    except ValueError as exc:
+        raise CliError(f"--limit: {exc}") from None
+    return text
 
 
 def keys_add(client: Client, args: argparse.Namespace) -> Any:
@@ -165,8 +182,8 @@ def keys_switch(client: Client, args: argparse.Namespace) -> Any:
 def keys_list(client: Client, _: argparse.Namespace) -> Any:
     result = client.call("GET", "/api/keys")
     rows = [
-        (k["id"], k["name"], str(k["port"]), human_bytes(k["rx_bytes"]),
-         human_bytes(k["tx_bytes"]), human_bytes(k["total_bytes"]), k["created_at"][:19])
+        (k["id"], k["name"], str(k["port"]), display_bytes(k["rx_bytes"]),
+         display_bytes(k["tx_bytes"]), display_bytes(k["total_bytes"]), k["created_at"][:19])
         for k in result["keys"]
     ]
     header = ("ID", "NAME", "PORT", "RX", "TX", "TOTAL", "CREATED")
@@ -246,8 +263,9 @@ def watch(client: Client, args: argparse.Namespace) -> Any:
         for key_id, t in sorted(now.items(), key=lambda item: item[1]["port"]):
             old = before.get(key_id, t)
             rates = [max(0, t[f] - old[f]) / seconds for f in ("rx_bytes", "tx_bytes")]
-            view.add_row(t["name"], str(t["port"]), t["status"], t["rx_formatted"], t["tx_formatted"],
-                         *(f"{human_bytes(int(r))}/s" for r in rates), str(t["connections"]))
+            view.add_row(t["name"], str(t["port"]), t["status"], display_bytes(t["rx_bytes"]),
+                         display_bytes(t["tx_bytes"]),
+                         *(f"{display_bytes(int(r))}/s" for r in rates), str(t["connections"]))
         return view
 
     before = snapshot()
@@ -267,13 +285,14 @@ def usage(client: Client, args: argparse.Namespace) -> Any:
     path = f"/api/admin/usage/{_path_segment(args.name)}" + ("/detailed" if args.detailed else "")
     u = client.call("GET", path)
     rows = [
-        (entry["server"], entry.get("source", ""), human_bytes(entry["bytes_uploaded"]),
-         human_bytes(entry["bytes_downloaded"]), human_bytes(entry["total_bytes"]), str(entry.get("last_used")))
+        (entry["server"], entry.get("source", ""), display_bytes(entry["bytes_uploaded"]),
+         display_bytes(entry["bytes_downloaded"]), display_bytes(entry["total_bytes"]),
+         str(entry.get("last_used")))
         for entry in _usage_rows(u)
     ]
     header = ("SERVER", "SOURCE", "UPLOADED", "DOWNLOADED", "TOTAL", "LAST USED")
     count = u["server_count"] if isinstance(u["servers"], list) else u["servers"]
-    return u, lambda: print(f"{args.name}: {human_bytes(u['total_bytes'])} on {count} servers\n"
+    return u, lambda: print(f"{args.name}: {display_bytes(u['total_bytes'])} on {count} servers\n"
                             + table(rows, header))
 
 
@@ -301,7 +320,7 @@ def traffic(client: Client, args: argparse.Namespace) -> Any:
     result = client.call("GET", "/api/traffic/ports/exact")
     entries = result["ports_traffic"]["ports_traffic"].values()
     rows = [_traffic_row(e["traffic"]) for e in entries]
-    total = human_bytes(result["ports_traffic"]["total_traffic"])
+    total = display_bytes(result["ports_traffic"]["total_traffic"])
     return result, lambda: print(
         (table(rows, TRAFFIC_HEADER) + f"\n\ntotal {total}") if rows else "no keys yet"
     )
@@ -311,7 +330,8 @@ TRAFFIC_HEADER = ("NAME", "PORT", "RX", "TX", "TOTAL", "RX PKTS", "TX PKTS", "CO
 
 
 def _traffic_row(t: dict[str, Any]) -> tuple[str, ...]:
-    return (t["name"], str(t["port"]), t["rx_formatted"], t["tx_formatted"], t["total_formatted"],
+    return (t["name"], str(t["port"]), display_bytes(t["rx_bytes"]), display_bytes(t["tx_bytes"]),
+            display_bytes(t["total_bytes"]),
             str(t["rx_packets"]), str(t["tx_packets"]), str(t["connections"]))
 
 
@@ -324,6 +344,20 @@ def ports(client: Client, _: argparse.Namespace) -> Any:
 
 
 Handler = Callable[[Client, argparse.Namespace], Any]
+WHOLE = re.compile(r"[0-9]+")
+DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+
+
+def number(low: float, high: float, pattern: re.Pattern[str] = WHOLE) -> Callable[[str], float]:
+    """An argparse type: ASCII digits (`int("٥")` would be 5) between `low` and `high`."""
+
+    def parse(text: str) -> float:
+        value = (int if pattern is WHOLE else float)(text) if pattern.fullmatch(text) else None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number from {low} to {high}")
+        return value
+
+    return parse
 
 
 def add_limit_options(parser: argparse.ArgumentParser) -> None:
@@ -400,7 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     add = keys_sub.add_parser("add", help="create a key with its own port", parents=[common])
     add.add_argument("name", help="a unique name, e.g. alice")
-    add.add_argument("--port", type=int, help="a specific port of the range (default: lowest free)")
+    add.add_argument("--port", type=number(bounds.MIN_PORT, bounds.MAX_PORT),
+                     help="a specific port of the range (default: lowest free)")
     add_limit_options(add)
     add.set_defaults(handler=keys_add)
     change = keys_sub.add_parser("set", help="change limit, expiry, reset or note", parents=[common])
@@ -425,8 +460,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="exact traffic: all keys, one KEY, or `traffic reset KEY`")
     tr.add_argument("words", nargs="*", metavar="KEY | reset KEY")
     tr.add_argument("--watch", action="store_true", help="a live view with rates (Ctrl-C to stop)")
-    tr.add_argument("--interval", type=float, default=2.0, help="seconds between redraws (--watch)")
-    tr.add_argument("--count", type=int, default=0, help="stop after this many redraws (--watch)")
+    seconds = number(bounds.MIN_WATCH_SECONDS, bounds.MAX_WATCH_SECONDS, DECIMAL)
+    tr.add_argument("--interval", type=seconds, default=2.0,
+                    help="seconds between redraws (--watch)")
+    tr.add_argument("--count", type=number(0, bounds.MAX_WATCH_COUNT), default=0,
+                    help="stop after this many redraws (--watch; 0: until Ctrl-C)")
     tr.set_defaults(handler=traffic)
     us = sub.add_parser("usage", parents=[common], help="usage per user across servers (history, reports)")
     us.add_argument("name", nargs="?", help="a user (key name); without: global statistics")

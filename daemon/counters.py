@@ -41,6 +41,7 @@ import nftables
 from daemon import nlcodec as nl
 from daemon.accounting import Reading
 from daemon.atomic import failure_reason
+from daemon.bounds import MAX_KERNEL_QUOTA
 from daemon.limits import Quota
 
 T = TypeVar("T")
@@ -64,7 +65,33 @@ DUMP_ATTEMPTS = 5
 
 
 class NftError(Exception):
-    """libnftables refused a command; the message is nft's own."""
+    """libnftables or the kernel refused a command; the message is nft's (or the kernel's) own.
+
+    `code` is the errno when it is known: only EPERM and EACCES mean missing privileges."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+    @property
+    def denied(self) -> bool:
+        return self.code in (errno.EPERM, errno.EACCES)
+
+
+class OutOfRange(NftError):
+    """A value nf_tables cannot hold (bounds.MAX_KERNEL_QUOTA, MAX_U64); refused before sending."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, errno.EOVERFLOW)
+
+
+def checked_quota(name: str, quota: Quota) -> Quota:
+    """`quota` if the kernel can hold it: a limit up to 2^63 - 1, usage up to the limit."""
+    if not 0 <= quota.limit <= MAX_KERNEL_QUOTA:
+        raise OutOfRange(f"{name}: a limit of {quota.limit} bytes is outside 0..{MAX_KERNEL_QUOTA}")
+    if not 0 <= quota.used <= quota.limit:
+        raise OutOfRange(f"{name}: usage {quota.used} is outside 0..{quota.limit} (its limit)")
+    return quota
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,6 +364,7 @@ class Counters:
         kinds = [*DIRECTIONS, "drop"] if quota is not None else list(DIRECTIONS)
         commands = [{"add": {"counter": {**self._ref(), "name": object_name(k, port)}}} for k in kinds]
         if quota is not None:
+            checked_quota(object_name("q", port), quota)
             spec = {"name": object_name("q", port), "bytes": quota.limit, "used": quota.used, "inv": True}
             commands.append({"add": {"quota": {**self._ref(), **spec}}})
         maps = MAPS if quota is not None else DIRECTIONS
@@ -376,11 +404,20 @@ class Counters:
         self._nft.set_terse_output(terse)
         rc, output, error = self._nft.json_cmd(payload)
         if rc != 0:
-            raise NftError(" ".join(error.replace("internal:0:0-0:", "").split()) or f"nft rc={rc}")
+            message = " ".join(error.replace("internal:0:0-0:", "").split()) or f"nft rc={rc}"
+            raise NftError(message, _errno_in(message))
         return output if isinstance(output, dict) else {}
 
 
 QUOTA_MAPS = ("quota", "dropped")
+
+
+def _errno_in(message: str) -> int | None:
+    """The errno libnftables names in its message (it prints strerror), if any."""
+    for code in (errno.EPERM, errno.EACCES, errno.ENOENT, errno.EEXIST, errno.EOVERFLOW):
+        if os.strerror(code) in message:
+            return code
+    return None
 
 
 def _view(objects: Sequence[dict[str, Any]]) -> TableView:
@@ -463,6 +500,7 @@ class Transaction:
         self._object(f"create counter {name}", nl.NEWOBJ, nl.OBJECT_COUNTER, name, nl.counter_data())
 
     def new_quota(self, name: str, quota: Quota) -> None:
+        checked_quota(name, quota)
         self._object(f"create quota {name}", nl.NEWOBJ, nl.OBJECT_QUOTA, name, nl.quota_data(quota.limit, quota.used))
 
     def delete_object(self, kind: int, name: str) -> None:
@@ -470,11 +508,15 @@ class Transaction:
 
     def map_element(self, add: bool, map_name: str, port: int) -> None:
         target = object_name(MAP_PREFIX[map_name], port) if add else None
+        what = f"{'add' if add else 'delete'} element {port} of map {map_name}"
+        try:
+            element = nl.port_element(port, target)
+        except nl.EncodeError as exc:
+            raise OutOfRange(f"{what}: {exc}") from None
         attrs = (
             nl.attr(nl.ELEM_LIST_TABLE, nl.text(self.table)) + nl.attr(nl.ELEM_LIST_SET, nl.text(map_name))
-            + nl.nest(nl.ELEM_LIST_ELEMENTS, nl.port_element(port, target))
+            + nl.nest(nl.ELEM_LIST_ELEMENTS, element)
         )
-        what = f"{'add' if add else 'delete'} element {port} of map {map_name}"
         self.steps.append((what, nl.NEWSETELEM if add else nl.DELSETELEM, nl.CREATE if add else 0, attrs))
 
     def _object(self, what: str, kind: int, obj_type: int, name: str, data: bytes = b"") -> None:
@@ -543,7 +585,7 @@ class Netlink:
             if ended.kind == nl.NLMSG_ERROR:
                 code, _ = nl.error_code(ended.body)
                 if code:
-                    raise NftError(f"netlink dump: {os.strerror(code)}")
+                    raise NftError(f"netlink dump: {os.strerror(code)}", code)
             if not interrupted:
                 return data
         raise NftError(f"the ruleset kept changing during {DUMP_ATTEMPTS} readings; trying again at the next")
@@ -573,7 +615,7 @@ class Netlink:
             yield self._socket()
         except OSError as exc:
             self.close()
-            raise NftError(f"netlink: {failure_reason(exc)}") from None
+            raise NftError(f"netlink: {failure_reason(exc)}", exc.errno) from None
         except BaseException:
             self.close()
             raise
@@ -592,9 +634,10 @@ class Netlink:
         with self._exchange() as sock:
             sock.send(nl.batch(messages, first, next(self._seq)))
             answers = self._answers(sock, len(messages))
-        refused = [f"{described.get(seq, 'transaction')}: {os.strerror(code)}" for code, seq in answers if code]
-        if refused:
-            raise NftError("; ".join(refused))
+        codes = [(code, seq) for code, seq in answers if code]
+        if codes:
+            refused = [f"{described.get(seq, 'transaction')}: {os.strerror(c)}" for c, seq in codes]
+            raise NftError("; ".join(refused), codes[0][0])
 
     @staticmethod
     def _answers(sock: socket.socket, expected: int) -> list[tuple[int, int]]:
@@ -641,7 +684,7 @@ class Netlink:
                 if reply.kind == nl.NLMSG_ERROR:
                     code, _ = nl.error_code(reply.body)
                     if code not in (0, errno.ENOENT):
-                        raise NftError(f"netlink get: {os.strerror(code)}")
+                        raise NftError(f"netlink get: {os.strerror(code)}", code)
                     continue
                 replies[wanted[reply.seq]] = reply.body
         return replies

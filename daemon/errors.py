@@ -24,9 +24,14 @@ class Invalid(OperationError):
 
 
 class KernelRefused(OperationError):
-    """nftables refused a change; nothing was changed."""
+    """nftables refused a change; nothing was changed. `denied`: refused for lack of privileges
+    (EPERM, EACCES), the only case where "needs root or CAP_NET_ADMIN" is the remedy."""
 
     status = 503
+
+    def __init__(self, detail: str, denied: bool = False) -> None:
+        super().__init__(detail)
+        self.denied = denied
 
 
 class StorageFull(OperationError):
@@ -37,5 +42,19 @@ class StorageFull(OperationError):
 
 class XrayRefused(OperationError):
     """Xray's config could not be written or applied; everything was rolled back."""
+
+    status = 503
+
+
+class OperationFailed(OperationError):
+    """A step failed in a way nobody foresaw (a bug, not bad input); everything was rolled back
+    and the daemon log holds the traceback. Answered as 503, never as a 500."""
+
+    status = 503
+
+
+class StoreUnavailable(OperationError):
+    """A store could not be used for another reason than a full disk (database locked, I/O
+    error, read-only file system); nothing was changed. 507 is kept for a full disk."""
 
     status = 503

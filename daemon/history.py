@@ -14,7 +14,14 @@ gains exactly what the hourly rows held. A bucket is deleted once its whole peri
 
 Fleet reports (usage other servers push, seed 004's webhook format) are kept beside it: each
 report once (by report id; a repeat is ignored), running totals per user and server (a reset
-moves an offset, nothing is deleted) and an hourly/daily series with the same retention.
+zeroes them; the reports and the series stay) and an hourly/daily series with the same retention.
+
+No stored number can overflow SQLite's signed 64-bit integers: a report carries at most
+MAX_REPORT_BYTES per direction (checked at the API), and a report is refused (ReportRefused,
+nothing stored) that would bring a user's total from one server since its reset, or that
+server's usage for the user in one UTC day, past MAX_USAGE_BYTES. Every bucket of a pair is part
+of one day, so no row exceeds the bound and adding two rows stays below 2^63; sums over several
+rows (users, servers, days) are taken in Python, whose integers do not overflow.
 
 One connection, guarded by a lock, so the cleanup can run in a worker thread. Timestamps are
 stored as Unix seconds.
@@ -36,6 +43,8 @@ from typing import Any
 import anyio
 import structlog
 
+from daemon.atomic import disk_full, failure_reason, make_dirs
+from daemon.bounds import MAX_USAGE_BYTES
 from daemon.state import StateError, now
 from daemon.usage import SinkError, UsageDelta
 
@@ -113,6 +122,10 @@ CREATE INDEX IF NOT EXISTS report_daily_time ON report_daily (day_start);
 class HistoryError(StateError, SinkError):
     """The history database cannot be opened, is not ours, or refused a cleanup; the message
     says what to do. Also a SinkError, so either name catches it."""
+
+
+class ReportRefused(ValueError):
+    """A report would carry a total past MAX_USAGE_BYTES (module docstring); nothing was stored."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,13 +208,19 @@ class History:
     def _open(path: Path) -> sqlite3.Connection:
         remedy = f"move {path} away to start a new history (the state file is not affected)"
         try:
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            # Create the file ourselves so it is 0600 from the first byte; SQLite gives the
-            # -wal and -shm files the mode of the database file.
-            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-            os.chmod(path, 0o600)
+            make_dirs(path.parent)
+            # Create the file ourselves so it is 0600 from the first byte, never through a
+            # link; SQLite gives the -wal and -shm files the mode of the database file.
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                os.fchmod(fd, 0o600)
+            finally:
+                os.close(fd)
         except OSError as exc:
-            raise HistoryError(f"history database {path} cannot be created: {exc.strerror}") from None
+            raise HistoryError(
+                f"history database {path} cannot be created: {failure_reason(exc)}",
+                disk_full=disk_full(exc),
+            ) from None
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
         try:
             db.execute("PRAGMA journal_mode=WAL")
@@ -242,7 +261,7 @@ class History:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
-                raise SinkError(f"history database {self.path}: {exc}") from None
+                raise self._failure(exc) from None
             try:
                 yield self._db
                 self._db.execute("COMMIT")
@@ -250,7 +269,7 @@ class History:
                 with contextlib.suppress(sqlite3.Error):
                     self._db.execute("ROLLBACK")
                 if isinstance(exc, sqlite3.Error):
-                    raise SinkError(f"history database {self.path}: {exc}") from None
+                    raise self._failure(exc) from None
                 raise
 
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
@@ -258,7 +277,12 @@ class History:
             try:
                 return self._db.execute(sql, params).fetchall()
             except sqlite3.Error as exc:
-                raise SinkError(f"history database {self.path}: {exc}") from None
+                raise self._failure(exc) from None
+
+    def _failure(self, exc: sqlite3.Error) -> SinkError:
+        """SQLite's error as a SinkError; only SQLITE_FULL (no space) counts as a full disk."""
+        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+        return SinkError(f"history database {self.path}: {exc}", disk_full=code == sqlite3.SQLITE_FULL)
 
     # --- the UsageSink protocol ----------------------------------------------------------
 
@@ -329,7 +353,9 @@ class History:
                 self._undo(db, above=committed)
                 db.execute("DELETE FROM staged")
         except SinkError as exc:
-            raise HistoryError(f"{exc}; cannot recover the history at start") from None
+            raise HistoryError(
+                f"{exc}; cannot recover the history at start", disk_full=exc.disk_full
+            ) from None
 
     def _undo(self, db: sqlite3.Connection, above: int) -> None:
         rows = db.execute(
@@ -375,7 +401,9 @@ class History:
         try:
             counts = self._cleanup(roll_before, cutoff)
         except SinkError as exc:
-            raise HistoryError(f"{exc}; retention not applied, retried later") from None
+            raise HistoryError(
+                f"{exc}; retention not applied, retried later", disk_full=exc.disk_full
+            ) from None
         with self._lock, contextlib.suppress(sqlite3.Error):
             self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
         return counts
@@ -538,7 +566,10 @@ class History:
     def record_reports(
         self, reports: Iterable[FleetReport], received_at: datetime | None = None
     ) -> list[bool]:
-        """Store reports in one transaction: all or none. True for each new one."""
+        """Store reports in one transaction: all or none. True for each new one.
+
+        Raises ReportRefused (nothing stored) when one would pass a bound of the module docstring.
+        """
         received = _seconds(received_at or now())
         fresh: list[bool] = []
         with self._write() as db:
@@ -552,6 +583,7 @@ class History:
                 fresh.append(bool(inserted))
                 if not inserted:
                     continue
+                _check_room(db, r, at)
                 db.execute(
                     "INSERT INTO report_totals (user_token, server, port, protocol, uploaded, "
                     "downloaded, reports, first_seen, last_seen) VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?) "
@@ -599,57 +631,60 @@ class History:
         self, user_token: str, since: datetime, until: datetime, server: str | None = None
     ) -> list[ReportBucket]:
         rows = self._read(
-            "SELECT hour_start, sum(uploaded), sum(downloaded), sum(reports) FROM report_hourly"
-            " WHERE user_token = ? AND (? IS NULL OR server = ?) AND hour_start >= ? AND hour_start < ?"
-            " GROUP BY hour_start ORDER BY hour_start",
+            "SELECT hour_start, uploaded, downloaded, reports FROM report_hourly"
+            " WHERE user_token = ? AND (? IS NULL OR server = ?) AND hour_start >= ? AND hour_start < ?",
             (user_token, server, server, _floor(_seconds(since), HOUR), _seconds(until)),
         )
-        return [ReportBucket(_moment(r[0]), *r[1:]) for r in rows]
+        return _report_buckets(rows)
 
     def reported_daily(
         self, user_token: str, since: datetime, until: datetime, server: str | None = None
     ) -> list[ReportBucket]:
         rows = self._read(
-            "SELECT day, sum(up), sum(down), sum(n) FROM ("
+            "SELECT day, up, down, n FROM ("
             " SELECT day_start AS day, uploaded AS up, downloaded AS down, reports AS n, server"
             "  FROM report_daily WHERE user_token = ?"
             " UNION ALL SELECT hour_start - hour_start % 86400, uploaded, downloaded, reports, server"
             "  FROM report_hourly WHERE user_token = ?"
-            ") WHERE (? IS NULL OR server = ?) AND day >= ? AND day < ? GROUP BY day ORDER BY day",
+            ") WHERE (? IS NULL OR server = ?) AND day >= ? AND day < ?",
             (user_token, user_token, server, server, _floor(_seconds(since), DAY), _seconds(until)),
         )
-        return [ReportBucket(_moment(r[0]), *r[1:]) for r in rows]
+        return _report_buckets(rows)
 
     def reported_stats(self) -> dict[str, Any]:
         """Reports kept, users and servers that reported, and the totals since each reset."""
-        reports, users, servers, up, down = self._read(
-            "SELECT (SELECT count(*) FROM reports), count(DISTINCT user_token), count(DISTINCT server),"
-            " coalesce(sum(uploaded - offset_uploaded), 0), coalesce(sum(downloaded - offset_downloaded), 0)"
+        reports, users, servers = self._read(
+            "SELECT (SELECT count(*) FROM reports), count(DISTINCT user_token), count(DISTINCT server)"
             " FROM report_totals"
         )[0]
         names = [r[0] for r in self._read("SELECT DISTINCT server FROM report_totals ORDER BY 1")]
+        totals = self._read(
+            "SELECT uploaded - offset_uploaded, downloaded - offset_downloaded FROM report_totals"
+        )
         return {
             "records": reports,
             "unique_users": users,
             "unique_servers": servers,
             "servers": names,
-            "bytes_uploaded": up,
-            "bytes_downloaded": down,
+            "bytes_uploaded": sum(row[0] for row in totals),
+            "bytes_downloaded": sum(row[1] for row in totals),
         }
 
     def reset_reports(self, user_token: str, at: datetime | None = None) -> dict[str, Any]:
         """Zero the reported totals of `user_token`; the reports and the series stay."""
         moment = _seconds(at or now())
         with self._write() as db:
-            up, down, servers = db.execute(
-                "SELECT coalesce(sum(uploaded - offset_uploaded), 0),"
-                " coalesce(sum(downloaded - offset_downloaded), 0), count(*)"
+            totals = db.execute(
+                "SELECT uploaded - offset_uploaded, downloaded - offset_downloaded"
                 " FROM report_totals WHERE user_token = ?",
                 (user_token,),
-            ).fetchone()
+            ).fetchall()
+            up, down, servers = sum(t[0] for t in totals), sum(t[1] for t in totals), len(totals)
+            # Zeroed, not offset: what is stored since the reset stays within its bound.
             db.execute(
-                "UPDATE report_totals SET offset_uploaded = uploaded, offset_downloaded = downloaded,"
-                " offset_reports = reports WHERE user_token = ?",
+                "UPDATE report_totals SET uploaded = 0, downloaded = 0, reports = 0,"
+                " offset_uploaded = 0, offset_downloaded = 0, offset_reports = 0"
+                " WHERE user_token = ?",
                 (user_token,),
             )
             if servers:
@@ -676,6 +711,39 @@ async def cleanup_loop(history: History, log: structlog.typing.FilteringBoundLog
         except SinkError as exc:
             log.error("history_cleanup_failed", error=str(exc))
         await anyio.sleep(interval)
+
+
+def _check_room(db: sqlite3.Connection, report: FleetReport, at: float) -> None:
+    """Raise ReportRefused unless the report's pair total and day stay within MAX_USAGE_BYTES."""
+    pair = (report.user_token, report.server)
+    day = _floor(at, DAY)
+    totals = db.execute(
+        "SELECT uploaded, downloaded FROM report_totals WHERE user_token = ? AND server = ?", pair
+    ).fetchall()
+    days = db.execute(
+        "SELECT uploaded, downloaded FROM report_daily WHERE user_token = ? AND server = ?"
+        " AND day_start = ? UNION ALL SELECT uploaded, downloaded FROM report_hourly"
+        " WHERE user_token = ? AND server = ? AND hour_start >= ? AND hour_start < ?",
+        (*pair, day, *pair, day, day + DAY),
+    ).fetchall()
+    adding = (report.bytes_uploaded, report.bytes_downloaded)
+    for rows, what in ((totals, "since its last reset"), (days, f"on {_moment(day).date()} (UTC)")):
+        for column, field in enumerate(("bytes_uploaded", "bytes_downloaded")):
+            if sum(row[column] for row in rows) + adding[column] > MAX_USAGE_BYTES:
+                raise ReportRefused(
+                    f"report {report.report_id!r} would bring the {field} of user "
+                    f"{report.user_token!r} from server {report.server!r} {what} past "
+                    f"{MAX_USAGE_BYTES} bytes; nothing was stored"
+                )
+
+
+def _report_buckets(rows: Iterable[tuple[Any, ...]]) -> list[ReportBucket]:
+    """Rows (start, uploaded, downloaded, reports) summed per start in Python, oldest first."""
+    sums: dict[int, tuple[int, int, int]] = {}
+    for start, up, down, count in rows:
+        have = sums.get(start, (0, 0, 0))
+        sums[start] = (have[0] + up, have[1] + down, have[2] + count)
+    return [ReportBucket(_moment(start), *sums[start]) for start in sorted(sums)]
 
 
 def _seconds(at: datetime) -> float:
@@ -705,6 +773,7 @@ def days_back(at: datetime, days: int) -> list[datetime]:
 
 
 __all__ = [
-    "Bucket", "FleetReport", "History", "HistoryError", "ReportBucket", "ServerUsage", "Totals",
+    "Bucket", "FleetReport", "History", "HistoryError", "ReportBucket", "ReportRefused",
+    "ServerUsage", "Totals",
     "cleanup_loop", "days_back", "hours_back",
 ]

@@ -7,10 +7,13 @@ The kernel is the enforcer (a quota per port); these functions only decide what 
 from __future__ import annotations
 
 import re
+import string
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from decimal import Decimal
 from enum import StrEnum
+
+from daemon import bounds
 
 
 class Status(StrEnum):
@@ -96,7 +99,8 @@ def _local_midnight(day: date, zone: tzinfo) -> datetime:
 
 # --- operator input -------------------------------------------------------------------------
 
-SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)?\s*$", re.IGNORECASE)
+# ASCII digits and spaces only (re.ASCII): "٥GB" is not five gigabytes.
+SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgtpe]?i?b?)\s*", re.IGNORECASE | re.ASCII)
 SIZE_FACTORS = {
     "": 1, "b": 1,
     "k": 10**3, "kb": 10**3, "kib": 2**10, "ki": 2**10,
@@ -104,31 +108,49 @@ SIZE_FACTORS = {
     "g": 10**9, "gb": 10**9, "gib": 2**30, "gi": 2**30,
     "t": 10**12, "tb": 10**12, "tib": 2**40, "ti": 2**40,
     "p": 10**15, "pb": 10**15, "pib": 2**50, "pi": 2**50,
+    "e": 10**18, "eb": 10**18, "eib": 2**60, "ei": 2**60,
 }
-RELATIVE = re.compile(r"^\+(\d{1,5})([mhdw])$")
+RELATIVE = re.compile(r"\+([0-9]+)([mhdw])")
 RELATIVE_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+ISO_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 
 def parse_size(text: str) -> int:
-    """'50GB' (10^9), '50GiB' (2^30), '1.5 TB', '1000' (bytes) -> bytes."""
-    match = SIZE.match(text)
+    """'50GB' (10^9), '50GiB' (2^30), '1.5 TB', '1000' (bytes) -> bytes. Units B, KB ... EB and
+    KiB ... EiB in any case (the B may be left out); ASCII digits only. No bounds: parse_limit."""
+    match = SIZE.fullmatch(text)
     unit = (match.group(2) or "").lower() if match else ""
     if not match or unit not in SIZE_FACTORS:
         raise ValueError(f"{text!r} is not a size: use e.g. 50GB, 512MiB or a number of bytes")
     return int(Decimal(match.group(1)) * SIZE_FACTORS[unit])  # exact: no float rounding
 
 
+def parse_limit(text: str) -> int:
+    """A data limit as typed ("50GB", "1000"): a size within `bounds.limit_bytes`."""
+    if len(text) > bounds.MAX_SIZE_CHARS:
+        raise ValueError(f"a size is at most {bounds.MAX_SIZE_CHARS} characters")
+    return bounds.limit_bytes(parse_size(text))
+
+
 def parse_moment(text: str, now: datetime, zone: tzinfo) -> datetime:
     """'+30d' / '+12h' / '+2w' from now, an ISO date (start of that day in `zone`) or an ISO
-    date-time (in `zone` unless it names its own offset)."""
-    relative = RELATIVE.match(text.strip())
+    date-time (in `zone` unless it names its own offset); within the bounds of `bounds.moment`,
+    so later arithmetic on it never leaves what datetime holds."""
+    try:
+        return bounds.moment(_moment(text.strip(string.whitespace), now, zone))
+    except OverflowError:
+        raise ValueError(f"{text!r} is {bounds.MOMENT_RANGE}") from None
+
+
+def _moment(text: str, now: datetime, zone: tzinfo) -> datetime:
+    relative = RELATIVE.fullmatch(text)
     if relative:
         amount, unit = int(relative.group(1)), RELATIVE_UNITS[relative.group(2)]
         return now + timedelta(**{unit: amount})
     try:
-        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text.strip()):
-            return _local_midnight(date.fromisoformat(text.strip()), zone)
-        moment = datetime.fromisoformat(text.strip())
+        if ISO_DATE.fullmatch(text):
+            return _local_midnight(date.fromisoformat(text), zone)
+        moment = datetime.fromisoformat(text)
     except ValueError:
         raise ValueError(
             f"{text!r} is not a date: use 2027-01-31, 2027-01-31T12:00:00+00:00 or +30d"

@@ -37,7 +37,6 @@ Byte values are exact below 2**53 (8 PiB), the precision of the format's floats.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -49,6 +48,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
+from daemon.atomic import write_atomic
 from daemon.limits import Status
 from daemon.xray_sync import XrayError
 
@@ -174,19 +174,10 @@ async def write_textfile(service: Service, path: Path) -> None:
 
 
 def _replace(path: Path, data: bytes) -> None:
-    """Atomically: a temporary file beside `path` (a name node_exporter ignores), renamed over it.
+    """Atomically, readable by node_exporter (user prometheus): mode 0644 whatever the umask.
 
     Not prometheus_client.write_to_textfile: that creates the file with the process umask, and
-    the shipped unit's UMask=0077 would leave it unreadable for node_exporter (user prometheus).
+    the shipped unit's UMask=0077 would leave it unreadable; nor does it refuse a planted link.
+    The temporary name ends in `.tmp`, which node_exporter ignores.
     """
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.unlink(missing_ok=True)  # left by a crash; O_EXCL never follows a planted link
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            os.fchmod(file.fileno(), 0o644)
-            file.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    write_atomic(path, data, mode=0o644, dir_mode=0o755)

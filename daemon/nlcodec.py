@@ -79,12 +79,24 @@ def text(value: str) -> bytes:
     return value.encode() + b"\0"
 
 
+class EncodeError(ValueError):
+    """A value does not fit the field it is meant for (a quota past u64, a port past u16)."""
+
+
+def unsigned(value: int, size: int) -> bytes:
+    """`value` as a big-endian unsigned field of `size` bytes; EncodeError if it does not fit,
+    so a caller never meets OverflowError from deep inside a message."""
+    if not 0 <= value < 1 << (8 * size):
+        raise EncodeError(f"{value} does not fit in an unsigned {8 * size}-bit field")
+    return value.to_bytes(size, "big")
+
+
 def be32(value: int) -> bytes:
-    return value.to_bytes(4, "big")
+    return unsigned(value, 4)
 
 
 def be64(value: int) -> bytes:
-    return value.to_bytes(8, "big")
+    return unsigned(value, 8)
 
 
 def message(kind: int, flags: int, seq: int, *attrs: bytes, family: int = NFPROTO_INET) -> bytes:
@@ -117,7 +129,7 @@ def quota_data(limit: int, used: int) -> bytes:
 
 def port_element(port: int, target: str | None) -> bytes:
     """One map element: the port as key, the named object as value (None when deleting)."""
-    parts = [nest(ELEM_KEY, attr(DATA_VALUE, port.to_bytes(2, "big")))]
+    parts = [nest(ELEM_KEY, attr(DATA_VALUE, unsigned(port, 2)))]
     if target is not None:
         parts.append(attr(ELEM_OBJREF, text(target)))
     return nest(LIST_ELEM, *parts)

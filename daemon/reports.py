@@ -13,6 +13,7 @@ ids, which the collector ignores.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -27,7 +28,7 @@ import anyio
 import httpx
 import structlog
 
-from daemon.atomic import write_atomic
+from daemon.atomic import disk_full, failure_reason, own_dir, read_regular, write_atomic
 from daemon.usage import SinkError, UsageDelta
 
 SIGNATURE_HEADER = "X-Portmeter-Signature"
@@ -61,6 +62,7 @@ class Outbox:
             return None
         name = name or f"{time.time_ns():020d}-{secrets.token_hex(4)}"
         path = self.directory / f"{name}{'.staged' if staged else '.json'}"
+        own_dir(self.directory)
         write_atomic(path, json.dumps(message, sort_keys=True).encode())
         if not staged:
             self._wake.set()
@@ -100,7 +102,13 @@ class Outbox:
                         await self._wake.wait()
 
     async def _deliver(self, client: httpx.AsyncClient, path: Path) -> bool:
-        body = path.read_bytes()
+        try:
+            body = read_regular(path)
+        except OSError as exc:  # not a message this outbox wrote: never sent, set aside
+            self.log.error(f"{self.kind}_unreadable", message=path.name, error=failure_reason(exc))
+            with contextlib.suppress(OSError):
+                path.rename(path.with_suffix(".refused"))
+            return True
         headers = {"Content-Type": "application/json", **self.headers(body)}
         assert self.url is not None
         try:
@@ -164,7 +172,9 @@ class FleetReports:
         try:
             self.outbox.put({"reports": reports}, name=f"{generation:012d}", staged=True)
         except OSError as exc:
-            raise SinkError(f"cannot stage fleet report: {exc.strerror or exc}") from None
+            raise SinkError(
+                f"cannot stage fleet report: {failure_reason(exc)}", disk_full=disk_full(exc)
+            ) from None
 
     def commit(self, generation: int) -> None:
         self.outbox.release(f"{generation:012d}")

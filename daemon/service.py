@@ -1,12 +1,16 @@
 """The daemon: key operations under one lock, the poll loop, reconciliation, signals, sd_notify.
 
-Every operation that changes the kernel and the state file does the kernel part first and saves
-the state before it answers; if saving fails the kernel part is undone, so an acknowledged
-operation is on disk and a refused one left nothing behind. A crash between the two leaves at
+Every operation follows one pattern (`_all_or_nothing`): it builds the changed key as a new,
+validated record (bounds.py), does the kernel part, pushes Xray and saves the state before it
+answers. If any step fails, whatever the error, the steps done are undone newest first and the
+memory is put back as it was, so an acknowledged operation is on disk and a refused one left
+nothing behind, in the kernel, in Xray, on disk or in memory. A crash between the steps leaves at
 most objects that no key owns, which the start-up reconciliation removes.
 
 Each reading of the kernel also settles every key: its status (active, limited, expired,
-disabled), the quota the kernel must enforce for it, and a periodic reset that came due.
+disabled), the quota the kernel must enforce for it, and a periodic reset that came due. A key
+whose step fails there is logged once, marked (its `error` in the API) and retried at every
+poll; the other keys keep being counted (README "Faults and their remedies").
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import secrets
 import signal
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -27,10 +31,20 @@ from zoneinfo import ZoneInfo
 
 import anyio
 import structlog
+from pydantic import ValidationError
 
-from daemon import allocator, limits, metrics, netinfo, xray_sync
-from daemon.counters import Counters, NftError, PortReading, TableView, port_gaps
-from daemon.errors import Conflict, Invalid, KernelRefused, NotFound, OperationError, StorageFull
+from daemon import allocator, limits, metrics, names, netinfo, xray_sync
+from daemon.counters import Counters, NftError, OutOfRange, PortReading, TableView, port_gaps
+from daemon.errors import (
+    Conflict,
+    Invalid,
+    KernelRefused,
+    NotFound,
+    OperationError,
+    OperationFailed,
+    StorageFull,
+    StoreUnavailable,
+)
 from daemon.history import History, cleanup_loop
 from daemon.limits import Quota, ResetStrategy, Status
 from daemon.reports import FleetReports, Outbox, fleet_outbox, webhook_outbox
@@ -45,6 +59,7 @@ Log = structlog.typing.FilteringBoundLogger
 DIRECTIONS = ("rx", "tx", "dropped")
 DRIFT_LINES = 20  # drift problems logged one by one at start; the rest as a count
 SETTABLE = frozenset({"note", "enabled", "data_limit_bytes", "expire_at", "reset_strategy"})
+Undo = Callable[[], Awaitable[object]]
 
 
 @dataclass(slots=True)
@@ -56,6 +71,22 @@ class Refresh:
     installed: list[int] = field(default_factory=list)
     removed: list[int] = field(default_factory=list)
     touched: set[str] = field(default_factory=set)  # keys whose kernel reading changed
+
+
+@dataclass(slots=True)
+class Memory:
+    """What an operation may change in memory, as it was before it: put back if a step fails.
+
+    Operations never change a key record in place (they build a new one), so the mapping of ids
+    to the very same record objects is the keys as they were."""
+
+    keys: dict[str, KeyRecord]
+    top: dict[str, Any]  # the state's own fields: generation, REALITY key, table handle ...
+    kernel_limits: dict[int, int | None]
+    failures: dict[str, str]
+    statuses_moved: bool
+    settle_everything: bool
+    next_deadline: datetime | None
 
 
 class Service:
@@ -101,6 +132,11 @@ class Service:
         # time has come (the earliest is kept here) or something asks for all of them.
         self._next_deadline: datetime | None = None
         self._settle_everything = True
+        # Keys whose last kernel step failed (id -> error): shown as the key's `error`, retried
+        # at every poll. See `_settle`.
+        self.failures: dict[str, str] = {}
+        # Status events of the operation under way: emitted once it succeeded.
+        self._held_events: list[tuple[str, KeyRecord, dict[str, Any]]] | None = None
 
     # --- lookups -------------------------------------------------------------------------
 
@@ -113,9 +149,9 @@ class Service:
         for key in keys.values():
             if str(key.uuid) == lowered:
                 return key
-        for key in keys.values():
-            if key.name == ref:
-                return key
+        named = names.find(ref, keys.values(), lambda key: key.name)  # the same name: names.fold
+        if named is not None:
+            return named
         raise NotFound(f"no key with id, uuid or name {ref!r}")
 
     def assigned_ports(self) -> dict[str, int]:
@@ -128,31 +164,27 @@ class Service:
     ) -> KeyRecord:
         async with self.lock:
             keys = self.state.keys.values()
-            if name in {key.name for key in keys}:
-                raise Conflict(f"a key named {name!r} already exists")
+            if (same := names.same_as(name, (key.name for key in keys))) is not None:
+                raise Conflict(f"a key named {same!r} already exists (the same name: {names.SAME})")
             assigned = {key.port for key in keys}
             busy = await anyio.to_thread.run_sync(netinfo.bound_ports, self.settings.port_range)
             try:
                 chosen = allocator.allocate(self.settings.port_range, assigned, busy, port)
             except allocator.PortUnavailable as exc:
                 raise Conflict(str(exc)) from None
-            moment = now()
-            key = KeyRecord(
-                id=self._new_id(), name=name, uuid=uuid.uuid4(), port=chosen, created_at=moment,
-                **(settings or {}),
-            )
-            key.next_reset_at = limits.next_boundary(moment, key.reset_strategy, self.zone)
-            key.status = self._status(key, moment, kernel_over=False)
-            self._watch_deadlines(key, moment)
-            if self.xray is not None:
-                self.xray.prepare(self.state, key)
-            await self._install_fresh(chosen, self._desired_quota(key))
-            self.state.keys[key.id] = key
-            self._mark(key.id)
-            await self._commit(
-                undo_memory=lambda: self.state.keys.pop(key.id, None),
-                undo_kernel=lambda: self._uninstall(chosen),
-            )
+            async with self._all_or_nothing("create key") as undo:
+                moment = now()
+                key = KeyRecord(
+                    id=self._new_id(), name=name, uuid=uuid.uuid4(), port=chosen,
+                    created_at=moment, **(settings or {}),
+                )
+                key.next_reset_at = limits.next_boundary(moment, key.reset_strategy, self.zone)
+                key.status = self._status(key, moment, kernel_over=False)
+                self._watch_deadlines(key, moment)
+                if self.xray is not None:
+                    self.xray.prepare(self.state, key)
+                await self._install(self._checked(key), undo)
+                await self._commit(undo)
             self.log.info(
                 "key_created", key_id=key.id, name=key.name, port=key.port,
                 limit=key.data_limit_bytes, expire_at=_iso(key.expire_at), status=key.status.value,
@@ -163,10 +195,11 @@ class Service:
         async with self.lock:
             key = self.find(ref)
             await self._refresh_keys([key])  # the final totals, reported and logged, are exact
-            del self.state.keys[key.id]
-            self._mark(key.id)
-            await self._commit(undo_memory=lambda: self.state.keys.__setitem__(key.id, key))
-            await self._uninstall(key.port)
+            async with self._all_or_nothing("delete key") as undo:
+                del self.state.keys[key.id]
+                self._forget(key.id)
+                await self._commit(undo)
+            await self._uninstall_quietly([key])
             self.log.info(
                 "key_deleted", key_id=key.id, name=key.name, port=key.port,
                 rx_bytes=key.rx.bytes, tx_bytes=key.tx.bytes,
@@ -178,34 +211,36 @@ class Service:
         async with self.lock:
             key = self.find(ref)
             await self._refresh_keys([key])
-            before = key.model_copy(deep=True)
-            self._zero(key, now())
-            await self._transact(key, before, force_quota=True)
+            async with self._all_or_nothing("reset traffic") as undo:
+                fresh = key.model_copy(deep=True)
+                self._zero(fresh, now())
+                await self._replace(key, fresh, undo, force_quota=True)
             self.log.info(
-                "traffic_reset", key_id=key.id, port=key.port,
-                used_before_reset=key.used_before_reset, status=key.status.value,
+                "traffic_reset", key_id=fresh.id, port=fresh.port,
+                used_before_reset=fresh.used_before_reset, status=fresh.status.value,
             )
-            return key
+            return fresh
 
     async def update_key(self, ref: str, changes: dict[str, Any]) -> KeyRecord:
         """Change a key's limit, expiry, reset strategy, note or enabled flag; applied at once."""
         unknown = set(changes) - SETTABLE
         if unknown:
-            raise ValueError(f"not settable: {sorted(unknown)}")
+            raise Invalid(f"not settable: {', '.join(sorted(unknown))}")
         async with self.lock:
             key = self.find(ref)
             await self._refresh_keys([key])
-            before = key.model_copy(deep=True)
-            for name, value in changes.items():
-                setattr(key, name, value)
-            if "reset_strategy" in changes and changes["reset_strategy"] != before.reset_strategy:
-                key.next_reset_at = limits.next_boundary(now(), key.reset_strategy, self.zone)
-            await self._transact(key, before)
+            async with self._all_or_nothing("change key") as undo:
+                changed = KeyRecord.model_validate({**key.model_dump(), **changes})
+                if changed.reset_strategy != key.reset_strategy:
+                    changed.next_reset_at = limits.next_boundary(
+                        now(), changed.reset_strategy, self.zone
+                    )
+                await self._replace(key, changed, undo)
             self.log.info(
-                "key_updated", key_id=key.id, port=key.port, status=key.status.value,
+                "key_updated", key_id=changed.id, port=changed.port, status=changed.status.value,
                 **{name: _loggable(value) for name, value in changes.items()},
             )
-            return key
+            return changed
 
     async def refresh(self) -> Refresh:
         """Read the kernel now, so answers are exact to this moment.
@@ -301,13 +336,14 @@ class Service:
         """Every disagreement between state, kernel table and allocator, as readable lines."""
         async with self.lock:
             found = allocator.problems(self.settings.port_range, self.assigned_ports())
-            view = await self.counters.read()
+            view = await self._kernel("read counters", self.counters.read())
             if view is None:
                 return [*found, f"nftables table inet {self.counters.table} is missing"]
             found += view.problems
             found += [f"port {port} has an incomplete set of counters" for port in sorted(view.stray)]
             wanted = {key.port for key in self.state.keys.values()}
-            gaps = port_gaps(wanted, view, await self.counters.map_elements())
+            elements = await self._kernel("read maps", self.counters.map_elements())
+            gaps = port_gaps(wanted, view, elements)
             missing, orphaned = gaps.pop("counters")
             found += [f"port {port} has a key but no counters in the kernel" for port in sorted(missing)]
             found += [f"port {port} has counters in the kernel but no key" for port in sorted(orphaned)]
@@ -341,38 +377,127 @@ class Service:
             model: DirectionModel = getattr(key, direction)
             setattr(key, direction, DirectionModel.of(model.account().reset()))
 
-    async def _transact(self, key: KeyRecord, before: KeyRecord, force_quota: bool = False) -> None:
-        """Settle `key` after a change and commit; on failure, put everything back."""
-        self._mark(key.id)
-        await self._settle(key, now(), kernel_over=False, force_quota=force_quota)
+    # --- all or nothing ------------------------------------------------------------------
 
-        async def restore_kernel() -> None:
-            await self._settle(before, now(), kernel_over=False, force_quota=True, quiet=True)
+    @contextlib.asynccontextmanager
+    async def _all_or_nothing(self, what: str) -> AsyncIterator[list[Undo]]:
+        """One operation: each kernel or Xray step it takes adds its undo to the yielded list.
 
-        await self._commit(
-            undo_memory=lambda: self.state.keys.__setitem__(key.id, before), undo_kernel=restore_kernel
+        If anything fails (a refusal, or an error nobody foresaw such as an OverflowError), the
+        memory is put back exactly as it was and the undos run newest first; the error becomes
+        an OperationError (4xx/503/507), never a 500. Status events wait for success."""
+        memory = self._remember()
+        undo: list[Undo] = []
+        self._held_events = []
+        try:
+            yield undo
+        except BaseException as exc:
+            self._restore(memory)
+            with anyio.CancelScope(shield=True):  # a cancelled operation is undone all the same
+                await self._undo(what, undo)
+            if not isinstance(exc, Exception):
+                raise
+            raise self._refusal(what, exc) from None
+        else:
+            for name, key, fields in self._held_events:
+                self._emit(name, key, **fields)
+        finally:
+            self._held_events = None
+
+    def _remember(self) -> Memory:
+        state = self.state
+        return Memory(
+            keys=dict(state.keys),
+            top={name: getattr(state, name) for name in State.model_fields if name != "keys"},
+            kernel_limits=dict(self._kernel_limits),
+            failures=dict(self.failures),
+            statuses_moved=self._statuses_moved,
+            settle_everything=self._settle_everything,
+            next_deadline=self._next_deadline,
         )
 
-    async def _commit(
-        self,
-        undo_memory: Callable[[], object],
-        undo_kernel: Callable[[], Awaitable[None]] | None = None,
-        base: dict[str, Any] | None = None,
+    def _restore(self, memory: Memory) -> None:
+        self.state.keys.clear()
+        self.state.keys.update(memory.keys)
+        for name, value in memory.top.items():
+            setattr(self.state, name, value)
+        self._kernel_limits = memory.kernel_limits
+        self.failures = memory.failures
+        self._statuses_moved = memory.statuses_moved
+        self._settle_everything = memory.settle_everything
+        self._next_deadline = memory.next_deadline
+
+    async def _undo(self, what: str, undo: list[Undo]) -> None:
+        """Run the undos newest first. One that fails is logged and the rest still run; the next
+        poll settles every key again, which puts the kernel's quotas right."""
+        for step in reversed(undo):
+            try:
+                await step()
+            except Exception as exc:  # noqa: BLE001 (every undo must get its chance)
+                self.log.error("undo_failed", operation=what, error=_describe(exc))
+                self._settle_everything = True
+
+    def _refusal(self, what: str, exc: Exception) -> OperationError:
+        """The error an operation answers with; logged here, once."""
+        if isinstance(exc, NftError):
+            exc = _kernel_refusal(what, exc)
+        if isinstance(exc, ValidationError):
+            exc = Invalid(f"{_validation_detail(exc)}; nothing was changed")
+        if isinstance(exc, OperationError):
+            self.log.warning(
+                "operation_refused", operation=what, status=exc.status, error=exc.detail
+            )
+            return exc
+        self.log.error("operation_failed", operation=what, error=_describe(exc), exc_info=exc)
+        return OperationFailed(
+            f"{what} failed unexpectedly ({_describe(exc)}); nothing was changed. "
+            "The daemon log has the details (event=operation_failed)"
+        )
+
+    @staticmethod
+    def _checked(key: KeyRecord) -> KeyRecord:
+        """`key` if every field is within its bounds (bounds.py): a record built or changed in
+        memory is validated again before any kernel step, so no out-of-bounds value can reach
+        the kernel, the state file or a restart."""
+        KeyRecord.model_validate(key.model_dump())
+        return key
+
+    async def _replace(
+        self, before: KeyRecord, after: KeyRecord, undo: list[Undo], force_quota: bool = False
     ) -> None:
-        """Push the keys to Xray, then save the state; if either fails, undo all, newest first."""
-        pushed = None
-        try:
-            if self.xray is not None:
-                pushed = await self._push_xray(self.xray, base=base)
-            self._save()
-        except OperationError:
-            if pushed is not None:
-                await pushed.undo()
-                self._xray_stale = None  # what Xray has now is the file before: look at every key
-            undo_memory()
-            if undo_kernel is not None:
-                await undo_kernel()
-            raise
+        """Put `after` in the place of `before`: settle it, set its quota, push Xray, save."""
+        moment, epoch = now(), after.epoch
+        self._settle_status(after, moment, kernel_over=False)
+        self.state.keys[after.id] = self._checked(after)
+        self._mark(after.id)
+        failing = self.failures.pop(after.id, None) is not None  # put back if this fails
+        if await self._enforce(after, force_quota or failing or after.epoch != epoch):
+            undo.append(lambda: self._enforce(before, force=True))
+        self._watch_deadlines(after, moment)
+        await self._commit(undo)
+
+    async def _install(self, key: KeyRecord, undo: list[Undo]) -> None:
+        """Install a new key's counters and add it to the state."""
+        await self._install_fresh(key.port, self._desired_quota(key))
+        undo.append(lambda: self._uninstall(key.port))
+        self.state.keys[key.id] = key
+        self._mark(key.id)
+
+    async def _commit(self, undo: list[Undo], base: dict[str, Any] | None = None) -> None:
+        """Push the keys to Xray (its undo joins the others), then save the state."""
+        if self.xray is not None:
+            pushed = await self._push_xray(self.xray, base=base)
+            undo.append(lambda: self._undo_xray(pushed))
+        self._save()
+
+    async def _undo_xray(self, pushed: Pushed) -> None:
+        self._xray_stale = None  # what Xray has now is the file before: look at every key
+        await pushed.undo()
+
+    def _forget(self, key_id: str) -> None:
+        """The key was deleted: the next save drops it, and its failure (if any) goes with it."""
+        self.failures.pop(key_id, None)
+        self._mark(key_id)
 
     def _mark(self, key_id: str) -> None:
         """The key changed (or went): the next save writes it, the next Xray push looks at it."""
@@ -409,22 +534,11 @@ class Service:
             if dry_run or plan.is_empty:
                 return plan.lines(), []
             copy = await xray.keep_original()
-            created = [self._migrated_key(move) for move in plan.moves]
-            for key in created:
-                await self._install_fresh(key.port, self._desired_quota(key))
-                self.state.keys[key.id] = key
-                self._mark(key.id)
-            base = xray_sync.apply_migration(source, plan)
-
-            def forget() -> None:
+            async with self._all_or_nothing("migrate") as undo:
+                created = [self._checked(self._migrated_key(move)) for move in plan.moves]
                 for key in created:
-                    self.state.keys.pop(key.id, None)
-
-            async def uninstall() -> None:
-                for key in created:
-                    await self._uninstall(key.port)
-
-            await self._commit(undo_memory=forget, undo_kernel=uninstall, base=base)
+                    await self._install(key, undo)
+                await self._commit(undo, base=xray_sync.apply_migration(source.config, plan))
             self._settle_everything = True
             self.log.info("xray_migrated", source=str(source_path), keys=len(created), original_copy=copy)
             return plan.lines(), created
@@ -434,7 +548,7 @@ class Service:
         key = KeyRecord(
             id=wanted.id, name=wanted.name, uuid=uuid.UUID(wanted.uuid), port=wanted.port,
             created_at=now(), flow=wanted.flow or None, migrated=True, short_id=wanted.short_id,
-            extra_short_ids=list(wanted.extra_short_ids),
+            extra_short_ids=list(wanted.extra_short_ids), xray_inbound=move.inbound,
             reality_private_key=None if wanted.reality is None else wanted.reality.private_key,
         )
         assert self.xray is not None
@@ -447,18 +561,13 @@ class Service:
         async with self.lock:
             await self._refresh_locked()
             migrated = [key for key in self.state.keys.values() if key.migrated]
-            for key in migrated:
-                del self.state.keys[key.id]
-                self._mark(key.id)
-            try:
+            async with self._all_or_nothing("roll back the migration"):
+                for key in migrated:
+                    del self.state.keys[key.id]
+                    self._forget(key.id)
                 copy = await xray.restore_original()
                 self._save()
-            except OperationError:
-                for key in migrated:
-                    self.state.keys[key.id] = key
-                raise
-            for key in migrated:
-                await self._uninstall(key.port)
+            await self._uninstall_quietly(migrated)
             self.log.info("xray_migration_rolled_back", restored=str(copy), keys_removed=len(migrated))
             return str(copy), migrated
 
@@ -478,37 +587,69 @@ class Service:
         except OperationError as exc:
             self.log.error("xray_sync_failed", error=exc.detail)
 
-    async def _settle(
-        self,
-        key: KeyRecord,
-        moment: datetime,
-        kernel_over: bool,
-        force_quota: bool = False,
-        quiet: bool = False,
-    ) -> bool:
-        """Bring status and kernel quota in line with the key; True if anything changed."""
+    def _settle_status(self, key: KeyRecord, moment: datetime, kernel_over: bool) -> bool:
+        """Apply a reset that came due and the status the key has now; True if either changed
+        it. Memory only: `_enforce` brings the kernel in line."""
         changed = False
         if key.next_reset_at is not None and moment >= key.next_reset_at:
             self._zero(key, moment)
             key.next_reset_at = limits.next_boundary(moment, key.reset_strategy, self.zone)
             self._event("key_reset", key, used_before_reset=key.used_before_reset)
-            kernel_over, force_quota, changed = False, True, True
+            kernel_over, changed = False, True
         new_status = self._status(key, moment, kernel_over)
         if new_status != key.status:
             previous, key.status = key.status, new_status
             self._statuses_moved = True
-            if not quiet:
-                self._event(f"key_{new_status.value}", key, previous_status=previous.value)
+            self._event(f"key_{new_status.value}", key, previous_status=previous.value)
             changed = True
         if changed:
             self._mark(key.id)
+        return changed
+
+    async def _enforce(self, key: KeyRecord, force: bool) -> bool:
+        """Give the kernel the quota the key needs, unless it has that limit already (and not
+        `force`: a reset or a changed usage needs a fresh quota). True if the kernel changed."""
         desired = self._desired_quota(key)
         wanted_limit = None if desired is None else desired.limit
-        if force_quota or self._kernel_limits.get(key.port) != wanted_limit:
-            await self._kernel("set quota", self.counters.enforce(key.port, desired))
-            self._kernel_limits[key.port] = wanted_limit
+        if not force and self._kernel_limits.get(key.port) == wanted_limit:
+            return False
+        await self._kernel("set quota", self.counters.enforce(key.port, desired))
+        self._kernel_limits[key.port] = wanted_limit
+        return True
+
+    async def _settle(self, key: KeyRecord, moment: datetime, kernel_over: bool) -> bool:
+        """Settle one key during a reading: reset, status, quota; True if the key changed.
+
+        A failure is this key's alone: logged once, shown as the key's `error`, retried (with a
+        fresh quota) at every poll, while every other key goes on being counted."""
+        epoch, changed = key.epoch, False
+        try:
+            changed = self._settle_status(key, moment, kernel_over)
+            await self._enforce(key, force=key.epoch != epoch or key.id in self.failures)
+        except Exception as exc:  # noqa: BLE001 (one key's failure, whatever it is, stays its own)
+            self._key_failed(key, exc, "set quota")
+        else:
+            self._key_recovered(key)
         self._watch_deadlines(key, moment)
         return changed
+
+    def _key_failed(self, key: KeyRecord, exc: Exception, what: str) -> None:
+        """Mark the key and log it, once per different error (not at every poll)."""
+        if isinstance(exc, NftError):
+            exc = _kernel_refusal(what, exc)
+        error = exc.detail if isinstance(exc, OperationError) else _describe(exc)
+        if self.failures.get(key.id) == error:
+            return
+        self.failures[key.id] = error
+        self.log.error(
+            "key_failed", key_id=key.id, name=key.name, port=key.port, error=error,
+            remedy="retried at every poll; the other keys are counted meanwhile",
+            exc_info=None if isinstance(exc, OperationError) else exc,
+        )
+
+    def _key_recovered(self, key: KeyRecord) -> None:
+        if self.failures.pop(key.id, None) is not None:
+            self.log.info("key_recovered", key_id=key.id, name=key.name, port=key.port)
 
     def _watch_deadlines(self, key: KeyRecord, moment: datetime) -> None:
         """Remember the key's expiry and reset time, so the poll settles every key once due."""
@@ -519,7 +660,14 @@ class Service:
                 self._next_deadline = deadline
 
     def _event(self, name: str, key: KeyRecord, **fields: Any) -> None:
-        """A status change or reset: a log event, and a webhook message when configured."""
+        """A status change or reset: a log event, and a webhook message when configured. Inside
+        an operation it waits for the operation to succeed: an undone change never happened."""
+        if self._held_events is not None:
+            self._held_events.append((name, key, fields))
+        else:
+            self._emit(name, key, **fields)
+
+    def _emit(self, name: str, key: KeyRecord, **fields: Any) -> None:
         self.log.info(
             name, key_id=key.id, name=key.name, port=key.port, status=key.status.value,
             used_bytes=key.used_bytes, limit=key.data_limit_bytes, **fields,
@@ -550,7 +698,7 @@ class Service:
             if view.problems:
                 view = await self._rebuild("table_damaged", result, problems=view.problems)
             else:
-                await self._repair(view, result, check_elements)
+                view = await self._repair(view, result, check_elements)
         await self._settle_all(view, result)
         self.last_poll_at = time.time()
         self.last_poll_seconds = time.monotonic() - self._read_started
@@ -631,21 +779,30 @@ class Service:
             keys = list(self.state.keys.values())
             self._settle_everything, self._next_deadline = False, None
         else:
-            keys = [self.state.keys[i] for i in result.touched if i in self.state.keys]
-        try:
-            for key in keys:
-                reading = None if view is None else view.ports.get(key.port)
-                over = reading is not None and reading.over
-                if await self._settle(key, moment, kernel_over=over):
-                    result.changed = True
-        except KernelRefused:
-            self._settle_everything = True  # retried at the next poll, for every key
-            raise
+            wanted = result.touched.union(self.failures)  # failed keys are retried every poll
+            keys = [self.state.keys[i] for i in wanted if i in self.state.keys]
+        for key in keys:
+            reading = None if view is None else view.ports.get(key.port)
+            if view is not None and reading is None:
+                continue  # no counters: their installation failed (logged), retried next poll
+            over = reading is not None and reading.over
+            if await self._settle(key, moment, kernel_over=over):
+                result.changed = True
 
     async def _rebuild(self, event: str, result: Refresh, level: str = "error", **fields: Any) -> TableView | None:
         """Recreate the table from the state; bytes since the last reading are lost and logged."""
         ports = {key.port: self._desired_quota(key) for key in self.state.keys.values()}
-        await self._kernel("rebuild table", self.counters.build(ports))
+        try:
+            await self.counters.build(ports)
+        except NftError as exc:
+            if exc.denied or not any(ports.values()):
+                raise _kernel_refusal("rebuild table", exc) from None
+            # One key's quota must not keep every key from being counted: counters for all
+            # now, each key's quota at the settling that follows, where a failure is its own.
+            self.log.error(
+                "table_built_without_quotas", error=str(exc), remedy="quotas set key by key"
+            )
+            await self._kernel("rebuild table", self.counters.build(dict.fromkeys(ports)))
         if level == "info":
             self.log.info(event, table=self.counters.table, keys=len(ports))
         else:
@@ -656,12 +813,15 @@ class Service:
             )
         result.table_rebuilt = result.changed = True
         self._settle_everything = True
-        view = await self._kernel("read counters", self.counters.read())
+        view: TableView | None = await self._kernel("read counters", self.counters.read())
         if view is not None:
             self._apply(view, result)
         return view
 
-    async def _repair(self, view: TableView, result: Refresh, check_elements: bool) -> None:
+    async def _repair(
+        self, view: TableView, result: Refresh, check_elements: bool
+    ) -> TableView | None:
+        """Remove what no key owns, install what a key lacks; the reading to settle against."""
         keys_by_port = {key.port: key for key in self.state.keys.values()}
         elements = await self._kernel("read maps", self.counters.map_elements()) if check_elements else None
         missing: set[int] = set()
@@ -673,22 +833,33 @@ class Service:
             await self._kernel("remove orphans", self.counters.remove_present(orphans))
             self.log.warning("orphan_counters_removed", ports=sorted(orphans))
             result.removed = sorted(orphans)
+        installed = []
         for port in sorted(missing):
             key = keys_by_port[port]
-            await self._install_fresh(port, self._desired_quota(key))
-        if missing:
-            self.log.warning("missing_counters_installed", ports=sorted(missing))
-            result.installed = sorted(missing)
-            self._settle_everything = True
-            result.changed = True
-            fresh = await self._kernel("read counters", self.counters.read())
-            if fresh is not None:
-                self._apply(fresh, result)
+            try:
+                await self._install_fresh(port, self._desired_quota(key))
+            except Exception as exc:  # noqa: BLE001 (this key alone; the others are counted)
+                self._key_failed(key, exc, "install counters")
+                continue
+            installed.append(port)
+        if not installed:
+            return view
+        self.log.warning("missing_counters_installed", ports=installed)
+        result.installed = installed
+        self._settle_everything = True
+        result.changed = True
+        fresh: TableView | None = await self._kernel("read counters", self.counters.read())
+        if fresh is None:
+            return view
+        self._apply(fresh, result)
+        return fresh
 
     async def _install_fresh(self, port: int, quota: Quota | None) -> None:
         """Install a port's objects; a leftover set (crash, tampering) is removed first."""
         try:
             await self.counters.install(port, quota)
+        except OutOfRange:
+            raise
         except NftError:
             await self._kernel("remove leftover counters", self.counters.remove_present([port]))
             await self._kernel("install counters", self.counters.install(port, quota))
@@ -707,13 +878,29 @@ class Service:
         try:
             return await call
         except NftError as exc:
-            self.log.error("nftables_refused", what=what, error=str(exc))
-            raise KernelRefused(f"nftables refused to {what}: {exc}") from None
+            raise _kernel_refusal(what, exc) from None
+
+    async def _uninstall_quietly(self, keys: Sequence[KeyRecord]) -> None:
+        """Remove deleted keys' counters. The deletion is saved already: a failure here leaves
+        counters no key owns, which the next poll removes."""
+        for key in keys:
+            try:
+                await self._uninstall(key.port)
+            except Exception as exc:  # noqa: BLE001 (the deletion stands whatever this was)
+                self.log.error(
+                    "counter_removal_failed", key_id=key.id, port=key.port,
+                    error=exc.detail if isinstance(exc, OperationError) else _describe(exc),
+                    remedy="removed at the next poll",
+                )
+
+    def _named(self, text: str) -> bool:
+        return any(key.name == text for key in self.state.keys.values())
 
     def _new_id(self) -> str:
         while True:
             candidate = secrets.token_hex(4)
-            if candidate not in self.state.keys:
+            # Never the name of a key saved before names were checked: the id would shadow it.
+            if candidate not in self.state.keys and not self._named(candidate):
                 return candidate
 
     def _save(self, compact: bool = False) -> None:
@@ -731,12 +918,15 @@ class Service:
                     staged.append(sink)
             self.state.generation = generation
             self.store.save(self.state, None if compact else self._dirty)
-        except (StorageError, SinkError) as exc:
+        except Exception as exc:
             self.state.generation = generation - 1
             for sink in staged:
                 sink.rollback(generation)
+            if not isinstance(exc, (StorageError, SinkError)):
+                raise
             self.log.error("state_write_failed", error=str(exc))
-            raise StorageFull(f"{exc}; nothing was changed") from None
+            refusal = StorageFull if exc.disk_full else StoreUnavailable
+            raise refusal(f"{exc}; nothing was changed") from None
         for sink in staged:
             sink.commit(generation)
         self._pending.clear()
@@ -747,19 +937,33 @@ class Service:
         """Persist from a background loop: a failure is logged and retried at the next poll."""
         try:
             self._save(compact)
-        except StorageFull:
+        except (StorageFull, StoreUnavailable):
             pass
 
     # --- loops ---------------------------------------------------------------------------
 
     async def poll_loop(self) -> None:
+        """Poll forever: nothing that goes wrong in one poll ends the loop. A failure is logged
+        once (again when it changes) and the next poll tries again."""
+        failing: str | None = None
         while True:
             await anyio.sleep(self.settings.poll_interval)
             try:
                 result = await self.poll_once()
-                self.log.debug("poll", seconds=round(self.last_poll_seconds or 0, 4), changed=result.changed)
-            except KernelRefused:
-                continue  # already logged; the next poll tries again
+            except Exception as exc:  # the loop must outlive any one failure
+                error = exc.detail if isinstance(exc, OperationError) else _describe(exc)
+                if error != failing:
+                    self.log.error(
+                        "poll_failed", error=error, remedy="tried again at every poll",
+                        exc_info=None if isinstance(exc, OperationError) else exc,
+                    )
+                failing = error
+                continue
+            if failing is not None:
+                self.log.info("poll_recovered")
+                failing = None
+            seconds = round(self.last_poll_seconds or 0, 4)
+            self.log.debug("poll", seconds=seconds, changed=result.changed)
             if self.settings.metrics_textfile is not None:
                 try:
                     await metrics.write_textfile(self, self.settings.metrics_textfile)
@@ -769,17 +973,41 @@ class Service:
     async def backup_loop(self) -> None:
         while True:
             await anyio.sleep(self.settings.snapshot_interval)
-            try:
-                async with self.lock:
-                    target = self.store.backup(self.state)
-                if target is not None:
-                    self.log.info("state_backup_written", path=str(target))
-            except StorageError as exc:
-                self.log.error("state_backup_failed", error=str(exc))
+            await self.backup()
+
+    async def backup(self) -> None:
+        """Copy the state into backups/ (none if the newest backup holds it); failures logged."""
+        try:
+            async with self.lock:
+                target = self.store.backup(self.state)
+        except StorageError as exc:
+            self.log.error("state_backup_failed", error=str(exc))
+            return
+        if target is not None:
+            self.log.info("state_backup_written", path=str(target))
 
 
 def _iso(moment: datetime | None) -> str | None:
     return None if moment is None else moment.isoformat()
+
+
+def _kernel_refusal(what: str, exc: NftError) -> OperationError:
+    """A value the kernel cannot hold is bad input (422); anything else nftables refused is 503,
+    marked `denied` only for EPERM/EACCES (then the remedy is root or CAP_NET_ADMIN)."""
+    if isinstance(exc, OutOfRange):
+        return Invalid(f"{what}: {exc}; nothing was changed")
+    return KernelRefused(f"nftables refused to {what}: {exc}", denied=exc.denied)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _validation_detail(exc: ValidationError) -> str:
+    """The first problem pydantic found, as `field: message`."""
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    return f"{where}: {first['msg']}" if where else first["msg"]
 
 
 def _loggable(value: Any) -> Any:
@@ -799,10 +1027,6 @@ async def run_daemon(
     """Start, reconcile, serve until SIGTERM/SIGINT, then write a final snapshot."""
     store = StateStore(settings.state_file, backups=settings.state_backups)
     state = store.load()
-    try:
-        store.backup(state)  # a known-good copy from every start, for `portmeter state restore`
-    except StorageError as exc:
-        log.warning("state_backup_failed", error=str(exc))
     outbox = webhook_outbox(settings.state_dir / "outbox", settings.webhook_url, settings.webhook_secret, log)
     fleet = fleet_outbox(settings.state_dir / "reports", settings.report_url, settings.report_api_key, log)
     history = History(settings.state_dir / "history.sqlite3", settings.history_retention_days)
@@ -833,6 +1057,9 @@ async def run_daemon(
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with anyio.create_task_group() as serving:
                 await serving.start(serve, service, stop)  # READY only once the socket listens
+                # A known-good copy from every start that succeeded, for `portmeter state
+                # restore`; a start that fails writes none, so restarts never rotate them out.
+                await service.backup()
                 log.info(
                     "daemon_ready", keys=len(state.keys), table=settings.nft_table,
                     socket=str(settings.socket), port_range=str(settings.port_range),

@@ -6,6 +6,7 @@ daemons side by side with different settings in one process tree.
 
 from __future__ import annotations
 
+import grp
 import os
 import re
 from pathlib import Path
@@ -22,9 +23,12 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from daemon import bounds
 from daemon.allocator import PortRange
 
 NFT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,31}$")
+# An API key is sent as a header value: visible ASCII, and no comma (it separates the keys).
+API_KEY_CHARS = re.compile(r"^[\x21-\x2b\x2d-\x7e]+$")
 
 
 class SettingsError(Exception):
@@ -67,6 +71,8 @@ class Settings(BaseSettings):
     xray_backups: int = Field(default=10, ge=0, le=1000)
     xray_autosync: bool = True
     xray_remove_inactive: bool = False
+    # The group Xray runs as: its config 0640 root:group (README "Faults and their remedies").
+    xray_group: str = ""
     xray_flow: str = "xtls-rprx-vision"
     xray_security: Literal["reality", "none"] = "reality"
     reality_dest: str = ""
@@ -85,6 +91,22 @@ class Settings(BaseSettings):
     # Optional TCP listener (e.g. 127.0.0.1:8080) for the API and the page; needs an API key.
     http_listen: str | None = None
     api_key: str = Field(default="", repr=False)
+    # Keys accepted only by the report intake routes, so nodes never hold the admin key.
+    report_api_keys: Annotated[tuple[str, ...], NoDecode, BeforeValidator(_split_names)] = Field(
+        default=(), repr=False
+    )
+    # What one client, or all of them, may hold of the TCP listener (README "TCP listener").
+    http_max_connections: int = Field(default=512, ge=1, le=bounds.MAX_HTTP_CONNECTIONS)
+    http_max_connections_per_client: int = Field(default=32, ge=1, le=bounds.MAX_HTTP_CONNECTIONS)
+    http_head_timeout: float = Field(
+        default=10.0, ge=bounds.MIN_HTTP_TIMEOUT, le=bounds.MAX_HTTP_TIMEOUT
+    )
+    http_body_timeout: float = Field(
+        default=30.0, ge=bounds.MIN_HTTP_TIMEOUT, le=bounds.MAX_HTTP_TIMEOUT
+    )
+    log_repeat_interval: float = Field(
+        default=10.0, ge=bounds.MIN_LOG_REPEAT_INTERVAL, le=bounds.MAX_LOG_REPEAT_INTERVAL
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("timezone")
@@ -96,6 +118,21 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown time zone {value!r} (use e.g. UTC or Europe/Berlin)") from None
         return value
 
+    @field_validator("xray_group")
+    @classmethod
+    def _known_group(cls, value: str) -> str:
+        if value:
+            try:
+                grp.getgrnam(value)
+            except KeyError:
+                raise ValueError(f"no group named {value!r} on this system") from None
+        return value
+
+    @property
+    def xray_gid(self) -> int | None:
+        """PORTMETER_XRAY_GROUP's id, None when unset."""
+        return grp.getgrnam(self.xray_group).gr_gid if self.xray_group else None
+
     @field_validator("http_listen")
     @classmethod
     def _host_port(cls, value: str | None) -> str | None:
@@ -105,6 +142,28 @@ class Settings(BaseSettings):
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8080")
         return value
+
+    @field_validator("report_api_keys")
+    @classmethod
+    def _report_keys(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        low, high = bounds.MIN_API_KEY_CHARS, bounds.MAX_API_KEY_CHARS
+        for key in value:  # the message never quotes a key: it is a secret
+            if not low <= len(key) <= high or not API_KEY_CHARS.match(key):
+                raise ValueError(
+                    f"each key must be {low}-{high} visible ASCII characters (comma-separated)"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _listener_limits(self) -> Settings:
+        if self.http_max_connections_per_client > self.http_max_connections:
+            raise ValueError(
+                "PORTMETER_HTTP_MAX_CONNECTIONS_PER_CLIENT must not exceed "
+                "PORTMETER_HTTP_MAX_CONNECTIONS"
+            )
+        if self.api_key and self.api_key in self.report_api_keys:
+            raise ValueError("PORTMETER_REPORT_API_KEYS must not hold PORTMETER_API_KEY")
+        return self
 
     @field_validator("webhook_url", "report_url")
     @classmethod

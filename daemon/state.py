@@ -13,21 +13,41 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 from collections.abc import Collection, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from daemon.accounting import Account, Reading, Usage
-from daemon.atomic import failure_reason, fsync_directory, write_atomic
+from daemon.atomic import (
+    disk_full,
+    failure_reason,
+    fsync_directory,
+    own_dir,
+    refuse_link,
+    write_atomic,
+)
+from daemon.bounds import (
+    EARLIEST_MOMENT,
+    LATEST_MOMENT,
+    MAX_EPOCH,
+    MAX_GENERATION,
+    MAX_LIMIT_BYTES,
+    MAX_PORT,
+    MAX_U64,
+    MAX_USAGE_BYTES,
+    MIN_PORT,
+)
 from daemon.limits import ResetStrategy, Status
 
 SCHEMA_VERSION = 1
 BACKUP_STAMP = "%Y%m%dT%H%M%S%fZ"
+TOP_LEVEL_GENERATION = re.compile(rb'^ "generation": \d+,$', re.MULTILINE)
 
 
 class StateError(Exception):
@@ -35,21 +55,34 @@ class StateError(Exception):
 
 
 class StorageError(Exception):
-    """Writing the state failed (disk full, permissions); the previous file is intact."""
+    """Writing the state failed (disk full, permissions); the previous file is intact.
+
+    `disk_full`: the file system is full (ENOSPC, EDQUOT), the one failure answered 507."""
+
+    def __init__(self, message: str, disk_full: bool = False) -> None:
+        super().__init__(message)
+        self.disk_full = disk_full
+
+
+# The bounds of bounds.py, so a file holding a value the API would refuse, or the kernel could not
+# hold, is refused at load with the key and field named, instead of failing later, over and over.
+KernelNumber = Annotated[int, Field(ge=0, le=MAX_U64)]
+UsageBytes = Annotated[int, Field(ge=0, le=MAX_USAGE_BYTES)]
+Moment = Annotated[AwareDatetime, Field(ge=EARLIEST_MOMENT, le=LATEST_MOMENT)]
 
 
 class ReadingModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    table_handle: int
-    handle: int
-    packets: int = Field(ge=0)
-    bytes: int = Field(ge=0)
+    table_handle: KernelNumber
+    handle: KernelNumber
+    packets: KernelNumber
+    bytes: KernelNumber
 
 
 class DirectionModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    packets: int = Field(default=0, ge=0)
-    bytes: int = Field(default=0, ge=0)
+    packets: UsageBytes = 0  # never more than the bytes: a packet is at least 20 bytes
+    bytes: UsageBytes = 0
     reading: ReadingModel | None = None
 
     @classmethod
@@ -74,18 +107,18 @@ class KeyRecord(BaseModel):
     id: str
     name: str
     uuid: UUID
-    port: int = Field(ge=1, le=65535)
-    created_at: datetime
+    port: int = Field(ge=MIN_PORT, le=MAX_PORT)
+    created_at: Moment
     note: str = ""
     enabled: bool = True
     status: Status = Status.ACTIVE
-    data_limit_bytes: int | None = Field(default=None, ge=0)
-    expire_at: datetime | None = None
+    data_limit_bytes: int | None = Field(default=None, ge=0, le=MAX_LIMIT_BYTES)
+    expire_at: Moment | None = None
     reset_strategy: ResetStrategy = ResetStrategy.NO_RESET
-    next_reset_at: datetime | None = None
-    last_reset_at: datetime | None = None
-    epoch: int = Field(default=0, ge=0)  # resets so far
-    used_before_reset: int | None = None
+    next_reset_at: Moment | None = None
+    last_reset_at: Moment | None = None
+    epoch: int = Field(default=0, ge=0, le=MAX_EPOCH)  # resets so far
+    used_before_reset: int | None = Field(default=None, ge=0, le=2 * MAX_USAGE_BYTES)  # rx + tx
     rx: DirectionModel = Field(default_factory=DirectionModel)
     tx: DirectionModel = Field(default_factory=DirectionModel)
     dropped: DirectionModel = Field(default_factory=DirectionModel)
@@ -97,6 +130,9 @@ class KeyRecord(BaseModel):
     flow: str | None = None
     sub_token: str = Field(default="", repr=False)
     migrated: bool = False
+    # A migrated key's source inbound with its client alone (the id as the client had it):
+    # the key's inbound repeats it except port and tag (README, section Xray).
+    xray_inbound: dict[str, Any] | None = Field(default=None, repr=False)
 
     @property
     def used_bytes(self) -> int:
@@ -107,11 +143,12 @@ class KeyRecord(BaseModel):
 class State(BaseModel):
     model_config = ConfigDict(extra="forbid")
     schema_version: Literal[1] = SCHEMA_VERSION
-    generation: int = Field(default=0, ge=0)  # counts saves; history and reports follow it
+    # Counts saves; history and fleet reports follow it.
+    generation: int = Field(default=0, ge=0, le=MAX_GENERATION)
     # Names this line of generations: a restored backup repeats generation numbers, and fleet
     # report ids must never repeat (the collector drops an id it has seen).
     instance: str = Field(default="", pattern=r"^([0-9a-f]{8})?$")
-    table_handle: int | None = None
+    table_handle: KernelNumber | None = None
     reality_private_key: str | None = Field(default=None, repr=False)  # the server's REALITY key
     keys: dict[str, KeyRecord] = Field(default_factory=dict)
 
@@ -123,6 +160,7 @@ class State(BaseModel):
     @model_validator(mode="after")
     def _ids_match(self) -> State:
         _check_ids(self.keys)
+        _check_shared(self.keys)
         return self
 
 
@@ -130,9 +168,9 @@ class JournalRecord(BaseModel):
     """One save in the journal: the top-level fields and the keys it changed (None: deleted)."""
 
     model_config = ConfigDict(extra="forbid")
-    generation: int = Field(ge=0)
+    generation: int = Field(ge=0, le=MAX_GENERATION)
     instance: str = Field(pattern=r"^([0-9a-f]{8})?$")
-    table_handle: int | None
+    table_handle: KernelNumber | None
     reality_private_key: str | None = Field(repr=False)
     keys: dict[str, KeyRecord | None]
 
@@ -159,6 +197,16 @@ def _check_ids(keys: Mapping[str, KeyRecord]) -> None:
             raise ValueError(f"key stored under {key_id!r} has id {key.id!r}")
 
 
+def _check_shared(keys: Mapping[str, KeyRecord]) -> None:
+    """Two keys on one port would count each other's bytes and clash in the kernel's maps:
+    damage, not a state to start from."""
+    seen: dict[int, str] = {}
+    for key_id, key in keys.items():
+        other = seen.setdefault(key.port, key_id)
+        if other != key_id:
+            raise ValueError(f"keys {other!r} and {key_id!r} have the same port {key.port}")
+
+
 def _reading_fields(reading: Reading) -> dict[str, int]:
     return {
         "table_handle": reading.table_handle,
@@ -166,6 +214,21 @@ def _reading_fields(reading: Reading) -> dict[str, int]:
         "packets": reading.packets,
         "bytes": reading.bytes,
     }
+
+
+def _same_state(path: Path, data: bytes) -> bool:
+    """`path` holds the snapshot `data`, apart from the generation (every start saves once).
+    Compared as bytes: both are `snapshot_bytes`, whose top-level lines are indented by one
+    space (parsing 10,000 keys twice would take 0.2 s, under the service's lock)."""
+    try:
+        held = path.read_bytes()
+    except OSError:
+        return False
+    return _without_generation(held) == _without_generation(data)
+
+
+def _without_generation(data: bytes) -> bytes:
+    return TOP_LEVEL_GENERATION.sub(b"", data, count=1)
 
 
 def snapshot_bytes(state: State) -> bytes:
@@ -203,7 +266,11 @@ class StateStore:
     def load(self) -> State:
         """The saved state: the snapshot plus the journal's newer records; empty before any save."""
         state = self._load_snapshot()
-        self._replay(state)
+        if self._replay(state):
+            try:
+                _check_shared(state.keys)
+            except ValueError as exc:
+                raise StateError(self._damaged_journal(f"makes {exc}")) from None
         return state
 
     def save(self, state: State, changed: Collection[str] | None = None) -> None:
@@ -232,15 +299,20 @@ class StateStore:
         """Write `state` into backups/ as a snapshot, keeping the newest `backups` copies.
 
         From memory, not a copy of state.json: that lacks what the journal holds. Nothing is
-        written before the first save."""
+        written before the first save, nor when the newest backup already holds this state: a
+        daemon restarted over and over must not rotate the older, different backups out."""
         if self.backups == 0 or not self.path.exists():
             return None
-        self.backup_dir.mkdir(mode=0o700, exist_ok=True)
+        data = snapshot_bytes(state)
+        newest = max(self.backup_dir.glob("state-*.json"), default=None)
+        if newest is not None and _same_state(newest, data):
+            return None
         target = self.backup_dir / f"state-{now().strftime(BACKUP_STAMP)}.json"
         try:
-            write_atomic(target, snapshot_bytes(state))
+            own_dir(self.backup_dir)
+            write_atomic(target, data)
         except OSError as exc:
-            raise StorageError(f"cannot write {target}: {failure_reason(exc)}") from None
+            raise StorageError(f"cannot write {target}: {failure_reason(exc)}", disk_full=disk_full(exc)) from None
         for old in sorted(self.backup_dir.glob("state-*.json"))[: -self.backups]:
             old.unlink(missing_ok=True)
         return target
@@ -307,20 +379,21 @@ class StateStore:
         self._snapshot_size = len(data)
         return state
 
-    def _replay(self, state: State) -> None:
+    def _replay(self, state: State) -> bool:
         """Apply the journal's records newer than the snapshot; a torn last line was never
-        acknowledged, so it is skipped."""
+        acknowledged, so it is skipped. True if any record was applied."""
         try:
             data = self.journal.read_bytes()
         except FileNotFoundError:
             self._journal_end = 0
-            return
+            return False
         except OSError as exc:
             raise StateError(self._damaged_journal(f"cannot be read ({failure_reason(exc)})")) from None
         end = data.rfind(b"\n") + 1
         if end and not self.path.exists():
             raise StateError(self._damaged_journal(f"holds changes to {self.path}, which is gone"))
         snapshot_generation = state.generation
+        applied = False
         for number, line in enumerate(data[:end].split(b"\n")[:-1], start=1):
             try:
                 record = JournalRecord.model_validate_json(line)
@@ -333,7 +406,9 @@ class StateStore:
                 raise StateError(self._damaged_journal(what)) from None
             if record.generation > snapshot_generation:
                 record.apply(state)
+                applied = True
         self._journal_end = end
+        return applied
 
     def _whole_records_end(self) -> int:
         if self._journal_end is None:
@@ -349,9 +424,10 @@ class StateStore:
     def _append(self, data: bytes, end: int) -> None:
         """Write one record after the whole ones and fdatasync it; on failure cut it back off."""
         try:
-            fd = os.open(self.journal, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            refuse_link(self.journal)
+            fd = os.open(self.journal, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except OSError as exc:
-            raise StorageError(f"cannot write {self.journal}: {failure_reason(exc)}") from None
+            raise StorageError(f"cannot write {self.journal}: {failure_reason(exc)}", disk_full=disk_full(exc)) from None
         try:
             if os.fstat(fd).st_size != end:
                 os.ftruncate(fd, end)  # the torn tail of a crash mid-append
@@ -364,7 +440,7 @@ class StateStore:
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, end)
-            raise StorageError(f"cannot write {self.journal}: {failure_reason(exc)}") from None
+            raise StorageError(f"cannot write {self.journal}: {failure_reason(exc)}", disk_full=disk_full(exc)) from None
         finally:
             os.close(fd)
         self._journal_end = end + len(data)
@@ -376,7 +452,7 @@ class StateStore:
             write_atomic(self.path, data)
         except OSError as exc:
             self._snapshot_size = None  # it may be in place anyway: only a snapshot may follow it
-            raise StorageError(f"cannot write {self.path}: {failure_reason(exc)}") from None
+            raise StorageError(f"cannot write {self.path}: {failure_reason(exc)}", disk_full=disk_full(exc)) from None
         self._snapshot_size = len(data)
         try:
             self.journal.unlink(missing_ok=True)

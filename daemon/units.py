@@ -1,8 +1,15 @@
-"""Human-readable byte counts, in the seed's style: 1048576 -> "1.0 MB" (powers of 1024)."""
+"""Byte counts as text, in two systems.
+
+`human_bytes` is the seed's format of the API's `*_formatted` fields (1048576 -> "1.0 MB",
+powers of 1024 under the seed's labels); scripts that parse those fields keep working.
+`display_bytes` is what people read in the CLI and on the page: powers of 1000, the system
+sizes are entered in ("50GB" is 50 * 10^9 bytes and shows "50 GB"). README, section "Limits".
+"""
 
 from __future__ import annotations
 
 UNITS = ("B", "KB", "MB", "GB", "TB", "PB")
+DISPLAY_UNITS = ("B", "kB", "MB", "GB", "TB", "PB", "EB")
 
 
 def human_bytes(count: int) -> str:
@@ -13,3 +20,28 @@ def human_bytes(count: int) -> str:
             return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
+
+
+def display_bytes(count: int) -> str:
+    """A non-negative byte count in decimal units with at most two decimals, trailing zeros
+    dropped: 50_000_000_000 -> "50 GB", 1_536_000 -> "1.54 MB", 999 -> "999 B".
+
+    Integer arithmetic (round half to even on the exact value), so the page's copy of this
+    function, using BigInt, prints the very same text.
+    """
+    hundredths, unit = 0, DISPLAY_UNITS[0]
+    for power, unit in enumerate(DISPLAY_UNITS):
+        hundredths = _round_half_even(count * 100, 1000**power)
+        # Compare what will be printed, so 999_999 reads "1 MB", not "1000 kB".
+        if hundredths < 100_000:
+            break
+    whole, cents = divmod(hundredths, 100)
+    number = f"{whole}.{cents:02d}".rstrip("0").rstrip(".")
+    return f"{number} {unit}"
+
+
+def _round_half_even(numerator: int, denominator: int) -> int:
+    quotient, remainder = divmod(numerator, denominator)
+    if 2 * remainder > denominator or (2 * remainder == denominator and quotient % 2):
+        quotient += 1
+    return quotient

@@ -15,7 +15,14 @@ from typing import Protocol
 
 
 class SinkError(Exception):
-    """A sink could not stage usage (disk full, database locked); the save is refused."""
+    """A sink could not stage usage (disk full, database locked); the save is refused.
+
+    `disk_full`: the file system is full (ENOSPC, EDQUOT, SQLITE_FULL), the one failure answered
+    507; any other is answered 503."""
+
+    def __init__(self, message: str, disk_full: bool = False) -> None:
+        super().__init__(message)
+        self.disk_full = disk_full
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,11 +30,20 @@ from pydantic import (
     StrictInt,
     StringConstraints,
     ValidationError,
+    ValidationInfo,
     field_validator,
 )
 
-from daemon.errors import NotFound, StorageFull
-from daemon.history import FleetReport, History, ServerUsage, days_back, hours_back
+from daemon.bounds import MAX_REPORT_BYTES
+from daemon.errors import Invalid, NotFound, StorageFull, StoreUnavailable
+from daemon.history import (
+    FleetReport,
+    History,
+    ReportRefused,
+    ServerUsage,
+    days_back,
+    hours_back,
+)
 from daemon.state import KeyRecord, now
 from daemon.units import human_bytes
 from daemon.usage import SinkError
@@ -45,7 +54,6 @@ if TYPE_CHECKING:
 HOURS = 24  # hourly series of the detailed view
 DAYS = 30  # daily series of the detailed view
 MAX_BATCH = 65536  # a sender's batch holds one report per key that moved: up to a whole port range
-MAX_BYTES = 2**62
 FUTURE_SLACK = timedelta(days=1)  # reports from servers whose clock runs ahead are still taken
 EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
 
@@ -53,13 +61,14 @@ Username = Annotated[
     str, PathParam(min_length=1, max_length=128, description="key name / user_token of reports")
 ]
 Text = r"^[^\x00-\x1f\x7f]+$"  # printable: no control characters
-Bytes = Annotated[StrictInt, Field(ge=0, le=MAX_BYTES)]
+Bytes = Annotated[StrictInt, Field(ge=0, le=MAX_REPORT_BYTES)]
 
 
 class Report(BaseModel):
-    """One usage report from a server: seed 004's webhook fields, a report id and a time."""
+    """One usage report from a server: seed 004's webhook fields, a report id and a time.
+    Each direction carries at most MAX_REPORT_BYTES; an unknown field is refused."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     report_id: Annotated[str, StringConstraints(min_length=1, max_length=512, pattern=Text)]
     user_token: Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=Text)]
     server: Annotated[str, StringConstraints(min_length=1, max_length=253, pattern=Text)]
@@ -68,6 +77,15 @@ class Report(BaseModel):
     bytes_uploaded: Bytes
     bytes_downloaded: Bytes
     timestamp: datetime | None = Field(default=None, description="Unix seconds or ISO 8601; default: now")
+
+    @field_validator("server")
+    @classmethod
+    def _another_server(cls, value: str, info: ValidationInfo) -> str:
+        """This server's usage is counted here, by the kernel: a report under its name (given
+        as the context's `own_servers`, case-folded) would add to the local keys' users."""
+        if value.casefold() in (info.context or {}).get("own_servers", ()):
+            raise ValueError("is this server's own name; a report may only carry another server's usage")
+        return value
 
     @field_validator("timestamp")
     @classmethod
@@ -94,17 +112,19 @@ class ReportBatch(BaseModel):
     reports: list[Report] = Field(min_length=1, max_length=MAX_BATCH)
 
 
-def parse_reports(body: Any) -> list[Report]:
-    """A single report object or {"reports": [...]}; raises RequestValidationError (422)."""
+def parse_reports(body: Any, own_servers: frozenset[str] = frozenset()) -> list[Report]:
+    """A single report object or {"reports": [...]}, none from a server named in `own_servers`
+    (case-folded); raises RequestValidationError (422)."""
+    context = {"own_servers": own_servers}
     try:
         if isinstance(body, dict) and "reports" in body:
-            return ReportBatch.model_validate(body).reports
+            return ReportBatch.model_validate(body, context=context).reports
         if not isinstance(body, dict):
             raise RequestValidationError([{
                 "loc": ("body",), "type": "model_type",
                 "msg": 'must be a report object or {"reports": [...]}',
             }])
-        return [Report.model_validate(body)]
+        return [Report.model_validate(body, context=context)]
     except ValidationError as exc:
         raise RequestValidationError(
             [{**error, "loc": ("body", *error["loc"])} for error in exc.errors()]
@@ -113,10 +133,14 @@ def parse_reports(body: Any) -> list[Report]:
 
 @contextlib.contextmanager
 def _storage() -> Iterator[None]:
+    """History failures as answers: 507 only for a full disk, 503 otherwise, 422 for a report
+    past its bound."""
     try:
         yield
     except SinkError as exc:
-        raise StorageFull(str(exc)) from None
+        raise (StorageFull if exc.disk_full else StoreUnavailable)(str(exc)) from None
+    except ReportRefused as exc:
+        raise Invalid(str(exc)) from None
 
 
 def _iso(moment: datetime | None) -> str | None:
@@ -150,6 +174,7 @@ def server_label(settings: Any) -> str:
 def register(app: FastAPI, service: Service, history: History) -> None:
     """Add the usage routes and the fleet-report webhook to `app`."""
     local_server = server_label(service.settings)
+    own_names = frozenset({local_server.casefold(), service.settings.server_name.casefold()})
 
     def local_keys(username: str) -> list[KeyRecord]:
         return sorted(
@@ -410,7 +435,7 @@ def register(app: FastAPI, service: Service, history: History) -> None:
 
     @app.post("/api/traffic/webhook")
     async def traffic_webhook(body: Annotated[Any, Body()]) -> dict[str, Any]:
-        reports = parse_reports(body)
+        reports = parse_reports(body, own_names)
         with _storage():
             fresh = history.record_reports(r.fleet_report() for r in reports)
         return {

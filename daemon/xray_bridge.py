@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import secrets
 import shlex
 import socket
@@ -65,6 +66,7 @@ class XrayBridge:
             flow=settings.xray_flow,
             security=settings.xray_security,
             public_host=host,
+            file_group=settings.xray_gid,
         )
         self.files = xs.XrayFiles(self.options)
         self.live = xs.LiveConfig(self.files)
@@ -92,9 +94,11 @@ class XrayBridge:
 
     def xray_key(self, key: KeyRecord) -> xs.XrayKey:
         pair = None if key.reality_private_key is None else _reality(key.reality_private_key)
+        inbound = key.xray_inbound
         return xs.XrayKey(
             id=key.id, name=key.name, uuid=str(key.uuid), port=key.port, short_id=key.short_id,
             reality=pair, flow=key.flow, extra_short_ids=tuple(key.extra_short_ids),
+            template="" if inbound is None else json.dumps(inbound, ensure_ascii=False),
         )
 
     def served(self, state: State, changed: Collection[str] | None = None) -> list[xs.XrayKey]:
@@ -126,7 +130,8 @@ class XrayBridge:
 
     def _cached_key(self, key: KeyRecord) -> xs.XrayKey:
         fields = (
-            key.name, key.uuid, key.port, key.short_id, key.reality_private_key, key.flow, key.extra_short_ids,
+            key.name, key.uuid, key.port, key.short_id, key.reality_private_key, key.flow,
+            key.xray_inbound, key.extra_short_ids,
         )
         hit = self._xray_keys.get(key.id)
         if hit is None or hit[0] != fields:
@@ -163,6 +168,8 @@ class XrayBridge:
         except (xs.XrayError, ValueError) as exc:
             raise XrayRefused(str(exc)) from None
         changes, backup = written.changes, written.backup
+        if written.comments_dropped:
+            self.log.warning("xray_comments_dropped", path=str(self.files.path), backup=str(backup))
 
         async def undo() -> None:
             await anyio.to_thread.run_sync(self.live.undo, written)
@@ -189,23 +196,39 @@ class XrayBridge:
 
     # --- migration from a shared inbound -------------------------------------------------
 
-    async def read_source(self, path: Path) -> dict[str, Any]:
+    async def read_source(self, path: Path) -> xs.ConfigText:
+        """A migration source, read as Xray reads it (comments allowed); Invalid in one line."""
         files = xs.XrayFiles(dataclasses.replace(self.options, config_path=path))
         try:
-            if not path.is_file():
+            if path.is_dir():
+                raise xs.XrayConfigError(f"{path} is a directory, not an Xray config file")
+            if path.exists() and not path.is_file():  # a FIFO would block the read for ever
+                raise xs.XrayConfigError(f"{path} is not a regular file")
+            data = await anyio.to_thread.run_sync(files.read_bytes)
+            if data is None:
                 raise xs.XrayConfigError(f"{path}: no such file")
-            return await anyio.to_thread.run_sync(files.read)
+            return await anyio.to_thread.run_sync(files.parse_text, data)
         except xs.XrayError as exc:
             raise Invalid(str(exc)) from None
         except (OSError, ValueError) as exc:  # e.g. a name too long for the file system
             raise Invalid(f"{path}: {getattr(exc, 'strerror', None) or exc}") from None
 
-    def plan(self, source: dict[str, Any], state: State, busy: set[int]) -> xs.MigrationPlan:
+    def plan(self, source: xs.ConfigText, state: State, busy: set[int]) -> xs.MigrationPlan:
+        """The migration of `source` onto the live config; says which files lose comments."""
         return xs.plan_migration(
-            source, self.settings.port_range, busy | {k.port for k in state.keys.values()},
+            source.config, self.settings.port_range, busy | {k.port for k in state.keys.values()},
             self.options, known_uuids=[str(k.uuid) for k in state.keys.values()],
-            taken_names=[k.name for k in state.keys.values()],
+            taken_names=[k.name for k in state.keys.values()], commented=self._commented(source),
         )
+
+    def _commented(self, source: xs.ConfigText) -> list[str]:
+        """The files with comments a migration of `source` rewrites or replaces: the live one."""
+        found = [source.where] if source.comments else []
+        if source.where != str(self.files.path):
+            with contextlib.suppress(xs.XrayError):
+                if self.files.parse_text(self.files.read_bytes()).comments:
+                    found.append(str(self.files.path))
+        return found
 
     async def keep_original(self) -> str | None:
         """A copy of the live config that rotation never deletes, for `migrate --rollback`."""

@@ -16,6 +16,7 @@ operator's too; if it collides with a key, validation refuses the config instead
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import ipaddress
 import json
@@ -34,13 +35,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote, urlencode
-from uuid import UUID
+from uuid import UUID, uuid5
 
 import anyio
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from daemon import names as names_rule
 from daemon.allocator import PortRange, lowest_free
-from daemon.atomic import failure_reason, write_atomic
+from daemon.atomic import LinkRefused, failure_reason, own_dir, refuse_link, write_atomic
+from daemon.bounds import MAX_XRAY_CONFIG_BYTES
+from daemon.names import fold
 
 ApplyMode = Literal["none", "restart", "api"]
 Security = Literal["reality", "none"]
@@ -51,6 +55,7 @@ Signature = tuple[int, int, int]
 TAG_PREFIX = "inbound-"
 BACKUP_STAMP = "%Y%m%dT%H%M%S%fZ"
 SHORT_ID = re.compile(r"^(?:[0-9a-f]{2}){0,8}$")
+HEX_GROUP = re.compile(rb"[0-9a-fA-F]+")
 # Xray answers RemoveInbound for an unknown tag with common.ErrNoClue.
 ABSENT_INBOUND = "not enough information for making a decision"
 FAILURE_LINE = re.compile(r"panic:|fail|error|invalid|denied|not found", re.IGNORECASE)
@@ -99,7 +104,9 @@ class XrayOptions:
     # Milliseconds in Xray; 0 switches the clock check off (Xray's default).
     max_time_diff: int = 0
     command_timeout: float = 30.0
-    file_mode: int = 0o640
+    # The group Xray runs as (PORTMETER_XRAY_GROUP): the config is then 0640 root:group and a
+    # directory portmeter creates for it 0750 root:group. None: see XrayFiles._mode_and_owner.
+    file_group: int | None = None
 
     @property
     def server_names(self) -> tuple[str, ...]:
@@ -125,6 +132,10 @@ class XrayKey:
     `reality` overrides the server's key pair for this key; `flow` overrides the configured
     flow; `extra_short_ids` are accepted by the server but never put in links (kept for
     clients migrated from a shared inbound that used several short ids).
+
+    `template` (JSON text) is set for a key migrated from an operator's inbound: that inbound
+    with this client alone, which the key's inbound repeats except for port and tag (README,
+    section Xray). Its client's id is the one the client had, which Xray maps to `uuid`.
     """
 
     id: str
@@ -135,9 +146,12 @@ class XrayKey:
     reality: Reality | None = None
     flow: str | None = None
     extra_short_ids: tuple[str, ...] = ()
+    template: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "uuid", str(UUID(str(self.uuid))))
+        if self.template:
+            _check_template(self.template, self.uuid, self.id)
         if not 1 <= self.port <= 65535:
             raise ValueError(f"key {self.id}: port {self.port} is not in 1-65535")
         for short_id in (self.short_id, *self.extra_short_ids):
@@ -180,7 +194,39 @@ def is_portmeter_inbound(inbound: object) -> bool:
         return False
     uuid = tag_uuid(inbound.get("tag"))
     clients = _clients(inbound)
-    return uuid is not None and len(clients) == 1 and clients[0].get("id") == uuid
+    return uuid is not None and len(clients) == 1 and _is_client_of(clients[0].get("id"), uuid)
+
+
+def xray_uuid(client_id: object) -> str | None:
+    """The uuid Xray reads a VLESS client id as (None: Xray refuses the id).
+
+    As Xray's uuid.ParseString: 32 to 36 bytes are hex groups 8-4-4-4-12, each optionally after
+    one "-"; any other string of 1 to 30 bytes is mapped to a UUIDv5 (SHA-1 of the zero uuid's
+    bytes and the string), which is what `xray uuid -i STRING` prints.
+    """
+    if not isinstance(client_id, str):
+        return None
+    raw = client_id.encode()
+    if not 32 <= len(raw) <= 36:
+        return str(uuid5(UUID(int=0), client_id)) if 1 <= len(raw) <= 30 else None
+    digits = []
+    for size in (8, 4, 4, 4, 12):
+        raw = raw.removeprefix(b"-")
+        group, raw = raw[:size], raw[size:]
+        if len(group) < size or not HEX_GROUP.fullmatch(group):
+            return None
+        digits.append(group.decode().lower())
+    return "-".join(digits)
+
+
+def _is_client_of(client_id: object, uuid: str) -> bool:
+    """Whether a client id is the key's: its uuid, or a short string Xray maps to it (a migrated
+    client keeps the id it had; an id of UUID length must be the canonical form)."""
+    if client_id == uuid:
+        return True
+    if not isinstance(client_id, str) or len(client_id.encode()) > 30:
+        return False
+    return xray_uuid(client_id) == uuid
 
 
 def portmeter_inbounds(config: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -204,6 +250,17 @@ def inbound_port(inbound: Mapping[str, Any]) -> int | None:
     return None
 
 
+def _check_template(template: str, uuid: str, key_id: str) -> None:
+    """A key's template is an inbound object with one client, whose id Xray reads as `uuid`."""
+    try:
+        inbound = json.loads(template)
+    except ValueError:
+        raise ValueError(f"key {key_id}: its inbound template is not JSON") from None
+    clients = _clients(inbound) if isinstance(inbound, dict) else []
+    if len(clients) != 1 or not _is_client_of(clients[0].get("id"), uuid):
+        raise ValueError(f"key {key_id}: its inbound template must hold one client, of uuid {uuid}")
+
+
 # --- rendering (pure) ----------------------------------------------------------------------
 
 
@@ -220,8 +277,14 @@ def minimal_base() -> Config:
 
 
 def render_inbound(key: XrayKey, opts: XrayOptions, reality: Reality | None = None) -> Config:
-    """The inbound of one key, in the shape of seed 000 ("Структура inbound для ключа")."""
-    inbound: Config = {}
+    """The inbound of one key, in the shape of seed 000 ("Структура inbound для ключа");
+    a migrated key's is its template with the key's port and tag."""
+    if key.template:
+        inbound: Config = json.loads(key.template)
+        inbound["port"] = key.port
+        inbound["tag"] = key.tag
+        return inbound
+    inbound = {}
     if opts.listen:
         inbound["listen"] = opts.listen
     inbound["port"] = key.port
@@ -398,21 +461,110 @@ def _b64url(raw: bytes) -> str:
 
 
 def vless_link(key: XrayKey, opts: XrayOptions, reality: Reality | None = None) -> str:
-    """The standard vless:// share link of a key (v2rayN, Hiddify, Streisand, NekoBox ...)."""
+    """The standard vless:// share link of a key (v2rayN, Hiddify, Streisand, NekoBox ...).
+
+    It describes the key's inbound as those clients read a link: the transport (`type` with
+    its fields), REALITY (`pbk`, `sid` from the inbound's shortIds, `sni` from its serverNames,
+    `fp`, `spx` when set) and `flow` only where the inbound's client has one.
+    """
     if not opts.public_host:
         raise XrayConfigError("the public host is not set (PORTMETER_PUBLIC_HOST); links need it")
-    params: dict[str, str] = {"type": "tcp", "encryption": "none", "security": opts.security}
-    if opts.security == "reality":
-        pair = _reality_for(key, reality)
-        names = opts.server_names
-        params.update(pbk=pair.public_key, fp=opts.fingerprint, sni=names[0] if names else "")
-        params["sid"] = key.short_id
-        flow = client_flow(key, opts)
-        if flow:
-            params["flow"] = flow
+    if key.template:
+        inbound = render_inbound(key, opts, reality)
+        stream = _mapping(inbound.get("streamSettings"))
+        client, settings = _clients(inbound)[0], _mapping(inbound.get("settings"))
+        client_id, flow = str(client["id"]), str(client.get("flow") or settings.get("flow") or "")
+    else:
+        reality_settings = {"serverNames": list(opts.server_names), "shortIds": key.short_ids}
+        stream = {"security": opts.security, "realitySettings": reality_settings}
+        client_id, flow = key.uuid, client_flow(key, opts)
+    security = str(stream.get("security") or "none")
+    params = {**_transport_params(stream), "encryption": "none", "security": security}
+    if security == "reality":
+        params.update(_reality_params(key, _mapping(stream.get("realitySettings")), opts, reality))
+    if flow:
+        params["flow"] = flow
     query = urlencode(params, quote_via=quote)
-    name = quote(key.name, safe="")
-    return f"vless://{key.uuid}@{url_host(opts.public_host)}:{key.port}?{query}#{name}"
+    where = f"{url_host(opts.public_host)}:{key.port}"
+    return f"vless://{quote(client_id, safe='')}@{where}?{query}#{quote(key.name, safe='')}"
+
+
+def _transport_params(stream: Mapping[str, Any]) -> dict[str, str]:
+    """`type` and the fields of the inbound's transport, named as share links name them."""
+    network = str(stream.get("network") or "tcp")
+    if network in ("tcp", "raw"):
+        header = _mapping(_transport(stream, "rawSettings", "tcpSettings").get("header"))
+        params = {"type": "tcp", "headerType": str(header.get("type") or "none")}
+        if params["headerType"] == "http":
+            request = _mapping(header.get("request"))
+            host = _mapping(request.get("headers")).get("Host")
+            params.update(_host_path(host, request.get("path")))
+        return params
+    if network == "grpc":
+        grpc = _transport(stream, "grpcSettings")
+        params = {"type": "grpc", "serviceName": str(grpc.get("serviceName") or "")}
+        params["mode"] = "multi" if grpc.get("multiMode") else "gun"
+        if grpc.get("authority"):
+            params["authority"] = str(grpc["authority"])
+        return params
+    if network in ("xhttp", "splithttp"):
+        xhttp = _transport(stream, "xhttpSettings", "splithttpSettings")
+        params = {"type": "xhttp", **_host_path(xhttp.get("host"), xhttp.get("path") or "/")}
+        params["mode"] = str(xhttp.get("mode") or "auto")
+        if xhttp.get("extra"):
+            params["extra"] = json.dumps(xhttp["extra"], separators=(",", ":"), ensure_ascii=False)
+        return params
+    settings = _transport(stream, f"{network}Settings")
+    host = settings.get("host") or _mapping(settings.get("headers")).get("Host")
+    return {"type": network, **_host_path(host, settings.get("path"))}
+
+
+def _transport(stream: Mapping[str, Any], *names: str) -> Mapping[str, Any]:
+    """The first of the transport's settings objects present (Xray's current name first)."""
+    return next((_mapping(stream[n]) for n in names if n in stream), {})
+
+
+def _host_path(host: object, path: object) -> dict[str, str]:
+    """`host` and `path` of a link; lists (HTTP header obfuscation) as v2rayN writes them."""
+    found = {}
+    if host:
+        found["host"] = ",".join(map(str, host)) if isinstance(host, list) else str(host)
+    if isinstance(path, list):
+        path = path[0] if path else None
+    if path:
+        found["path"] = str(path)
+    return found
+
+
+def _reality_params(
+    key: XrayKey, settings: Mapping[str, Any], opts: XrayOptions, reality: Reality | None
+) -> dict[str, str]:
+    """pbk, fp, sni, sid and spx of a link to an inbound with these realitySettings.
+
+    A migrated inbound may carry the client half too (Xray reads one REALITY object for both
+    sides; panels keep it under "settings"): its fingerprint and spiderX are used then.
+    """
+    pair, private = key.reality or reality, settings.get("privateKey")
+    if private and (pair is None or private != pair.private_key):
+        pair = reality_from_private(str(private))
+    pair = pair or _reality_for(key, None)  # raises: neither the key nor the server has a pair
+    client_side = {**_mapping(settings.get("settings")), **settings}
+    names = [str(n) for n in settings.get("serverNames") or []]
+    short_ids = [str(s) for s in settings.get("shortIds") or []]
+    # The key's own short id where the inbound takes it, else the inbound's first non-empty one.
+    if key.short_id and (key.short_id in short_ids or not short_ids):
+        sid = key.short_id
+    else:
+        sid = next((s for s in short_ids if s), "")
+    params = {
+        "pbk": pair.public_key,
+        "fp": str(client_side.get("fingerprint") or opts.fingerprint),
+        "sni": names[0] if names else "",
+        "sid": sid,
+    }
+    if client_side.get("spiderX"):
+        params["spx"] = str(client_side["spiderX"])
+    return params
 
 
 def subscription(links: Iterable[str]) -> str:
@@ -619,12 +771,16 @@ def _security_problems(inbound: Mapping[str, Any], opts: XrayOptions) -> list[st
         return [f"security is {security!r}, REALITY is configured"]
     if security != "reality":
         return []
-    settings = _reality_settings(inbound)
+    return _reality_problems(_reality_settings(inbound))
+
+
+def _reality_problems(settings: Mapping[str, Any]) -> list[str]:
+    """What Xray needs of a REALITY server and `settings` lacks (`target` is `dest`'s new name)."""
     if not settings:
         return ["REALITY fields missing (no realitySettings)"]
     found = []
     if not (settings.get("dest") or settings.get("target")):
-        found.append("REALITY field dest missing")
+        found.append("REALITY field dest (or target) missing")
     names = settings.get("serverNames")
     if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
         found.append("REALITY field serverNames missing or empty")
@@ -667,7 +823,12 @@ def _wildcard(listen: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class MigrationMove:
-    """One client leaving a shared inbound for an inbound and port of its own."""
+    """One client leaving a shared inbound for an inbound and port of its own.
+
+    `client_id` is the id as the source wrote it (a uuid, or any string of 1-30 bytes that
+    Xray maps to `uuid`); `inbound` is the source inbound with this client alone: the key's
+    inbound repeats it except for port and tag.
+    """
 
     uuid: str
     name: str
@@ -679,9 +840,11 @@ class MigrationMove:
     port: int
     short_ids: tuple[str, ...] = ()
     reality: Reality | None = None
+    client_id: str = ""
+    inbound: Config | None = None
 
     def key(self, key_id: str) -> XrayKey:
-        """The key to create for this client: same uuid, REALITY pair and short ids as before."""
+        """The key to create for this client: same id, REALITY pair, short ids and inbound."""
         first = next((s for s in self.short_ids if s), self.short_ids[0] if self.short_ids else "")
         extra = tuple(s for s in self.short_ids if s != first)
         return XrayKey(
@@ -693,6 +856,7 @@ class MigrationMove:
             reality=self.reality,
             flow=self.flow,
             extra_short_ids=extra,
+            template="" if self.inbound is None else json.dumps(self.inbound, ensure_ascii=False),
         )
 
 
@@ -708,6 +872,10 @@ class MigrationPlan:
     emptied: tuple[int, ...] = ()
     unplaced: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
+    # Inbounds left exactly as they are, each with the reason.
+    skipped: tuple[str, ...] = ()
+    # What an operator should know: renamed keys, comments a rewrite drops.
+    notes: tuple[str, ...] = ()
 
     @property
     def is_empty(self) -> bool:
@@ -715,11 +883,12 @@ class MigrationPlan:
 
     def lines(self) -> list[str]:
         """The plan as an operator reads it (`portmeter migrate --dry-run`)."""
+        out = []
         if self.is_empty and not self.unplaced:
-            return ["nothing to migrate: every VLESS client already has its own inbound"]
-        out = [
-            f"move {m.uuid} ({m.name}) from {m.source_tag or f'inbound #{m.source_index}'} "
-            f"port {m.source_port} to port {m.port}"
+            out.append("nothing to migrate: every VLESS+REALITY client already has its own inbound")
+        out += [
+            f"move {m.client_id or m.uuid} ({m.name}) from "
+            f"{m.source_tag or f'inbound #{m.source_index}'} port {m.source_port} to port {m.port}"
             for m in self.moves
         ]
         out += [
@@ -728,6 +897,8 @@ class MigrationPlan:
         ]
         out += [f"remove inbound #{index}: all its clients moved" for index in self.emptied]
         out += [f"cannot move {uuid}: no free port left in the range" for uuid in self.unplaced]
+        out += list(self.skipped)
+        out += [f"note: {n}" for n in self.notes]
         out += [f"warning: {w}" for w in self.warnings]
         return out
 
@@ -741,37 +912,52 @@ def plan_migration(
     known_uuids: Collection[str] = (),
     taken_names: Collection[str] = (),
     tags: Collection[str] | None = None,
+    commented: Sequence[str] = (),
 ) -> MigrationPlan:
-    """Give every client of every shared VLESS inbound its own port (uuid and email kept).
+    """Give every client of every shared VLESS+REALITY inbound its own port and inbound.
 
-    Shared inbounds are VLESS inbounds that are not portmeter's (or, with `tags`, only those).
-    A client whose uuid already has a portmeter inbound or is in `known_uuids` is not moved but
-    dropped from the shared inbound. Ports come from `port_range`, lowest first, skipping
-    `taken_ports` and every port an inbound of the config uses. Running the plan's result
+    Shared inbounds are VLESS inbounds that are not portmeter's, whose security is the one
+    portmeter's keys use (REALITY; "none" in test setups), or with `tags` only those. Every
+    other inbound is listed as skipped and left exactly as it is. A client keeps its id, flow,
+    level and email, and its key's inbound everything of the shared one but port, tag and the
+    other clients. A client whose uuid already has a portmeter inbound or is in `known_uuids`
+    is not moved but dropped from the shared inbound. Ports come from `port_range`, lowest
+    first, skipping `taken_ports` and every port an inbound of the config uses. `commented`:
+    the files with comments that carrying out the plan rewrites. Running the plan's result
     through `plan_migration` again gives an empty plan.
     """
     inbounds = _inbounds(config)
-    have = {u.lower() for u in known_uuids} | set(parse_keys(config))
+    have = {xray_uuid(u) or u for u in known_uuids} | set(parse_keys(config))
     used = set(taken_ports) | {
         p for i in inbounds if isinstance(i, Mapping) if (p := inbound_port(i))
     }
-    names = set(taken_names)
+    names = {fold(name) for name in taken_names}
     moves: list[MigrationMove] = []
     dropped: list[tuple[int, str]] = []
     emptied: list[int] = []
     unplaced: list[str] = []
     warnings: list[str] = []
+    skipped: list[str] = []
+    notes: list[str] = []
+    security = "reality" if opts is None else opts.security
+    api = config.get("api")
+    api_tag = api.get("tag") if isinstance(api, Mapping) else None
     for index, inbound in enumerate(inbounds):
-        if not _is_shared(inbound, tags):
+        reason = _not_shared(inbound, security, tags, api_tag)
+        if reason is not None:
+            if reason:
+                skipped.append(f"skip inbound {_where(inbound, index)}: {reason}; left as it is")
             continue
-        pair, short_ids, notes = _source_security(inbound, index, opts)
+        pair, short_ids = _source_reality(inbound)
         leaving = 0
         clients = _clients(inbound)
         for client in clients:
-            uuid = _canonical_uuid(client.get("id"))
+            client_id = client.get("id")
+            uuid = xray_uuid(client_id)
             if uuid is None:
                 warnings.append(
-                    f"inbound #{index}: client id {client.get('id')!r} is not a uuid; left in place"
+                    f"inbound #{index}: client id {client_id!r} is neither a uuid nor a string "
+                    "of 1-30 bytes; left in place"
                 )
                 continue
             if uuid in have:
@@ -784,30 +970,52 @@ def plan_migration(
                 continue
             used.add(port)
             have.add(uuid)
+            own_id = str(client_id) if _is_client_of(client_id, uuid) else uuid
             email = str(client.get("email") or "")
-            name = _unique_name(email or f"client-{uuid[:8]}", names)
-            flow = str(client.get("flow") or "")
+            wanted = email or (own_id if own_id != uuid else f"client-{uuid[:8]}")
+            usable = names_rule.usable(wanted, f"client-{uuid[:8]}")
+            name = _unique_name(usable, names)
+            if name != wanted:
+                why = "is taken (another key or client)" if usable == wanted else (
+                    f"breaks the name rule ({names_rule.RULE})"
+                )
+                notes.append(
+                    f"client {own_id} of inbound {_where(inbound, index)}: the name {wanted!r} "
+                    f"{why}, so its key is named {name!r}"
+                )
             moves.append(
                 MigrationMove(
                     uuid,
                     name,
                     email,
-                    flow,
+                    str(client.get("flow") or ""),
                     index,
                     inbound.get("tag"),
                     inbound_port(inbound),
                     port,
                     short_ids,
                     pair,
+                    own_id,
+                    _template(inbound, {**client, "id": own_id}),
                 )
             )
             leaving += 1
         if clients and leaving == len(clients):
             emptied.append(index)
-        if leaving:
-            warnings += notes
+    if moves or dropped or emptied:
+        notes += [
+            f"{path} has comments: the rewritten config will not keep them (the original stays "
+            "in the pre-migration copy: `portmeter migrate --rollback` restores it byte for byte)"
+            for path in commented
+        ]
     return MigrationPlan(
-        tuple(moves), tuple(dropped), tuple(emptied), tuple(unplaced), tuple(warnings)
+        tuple(moves),
+        tuple(dropped),
+        tuple(emptied),
+        tuple(unplaced),
+        tuple(warnings),
+        tuple(skipped),
+        tuple(notes),
     )
 
 
@@ -830,63 +1038,205 @@ def apply_migration(config: Mapping[str, Any], plan: MigrationPlan) -> Config:
             )
         settings = inbounds[index]["settings"]
         settings["clients"] = [
-            c for c in settings["clients"] if _canonical_uuid(c.get("id")) not in uuids
+            c for c in settings["clients"] if xray_uuid(c.get("id")) not in uuids
         ]
     if "inbounds" in result:
         result["inbounds"] = [i for n, i in enumerate(inbounds) if n not in set(plan.emptied)]
     return result
 
 
-def _is_shared(inbound: object, tags: Collection[str] | None) -> bool:
-    if not isinstance(inbound, Mapping) or inbound.get("protocol") != "vless":
-        return False
-    if is_portmeter_inbound(inbound) or not _clients(inbound):
-        return False
-    return tags is None or inbound.get("tag") in tags
+def _not_shared(
+    inbound: object, security: str, tags: Collection[str] | None, api_tag: object
+) -> str | None:
+    """None for a shared inbound whose clients get keys; else why not ("" when it goes without
+    saying: portmeter's own inbounds, and those not among `tags`)."""
+    if not isinstance(inbound, Mapping):
+        return "not a JSON object"
+    if is_portmeter_inbound(inbound) or (tags is not None and inbound.get("tag") not in tags):
+        return ""
+    protocol = inbound.get("protocol")
+    if protocol != "vless":
+        if api_tag is not None and inbound.get("tag") == api_tag:
+            return "Xray's API inbound"
+        return f"protocol {protocol!r}; only VLESS clients get keys"
+    stream = _mapping(inbound.get("streamSettings"))
+    found = str(stream.get("security") or "none")
+    if found != security:
+        certificates = " with certificates" if found == "tls" else ""
+        wanted = "REALITY" if security == "reality" else f"security {security!r}"
+        return f"VLESS with security {found!r}{certificates}; portmeter's keys use {wanted}"
+    if security == "reality" and (problems := _reality_problems(_reality_settings(inbound))):
+        return f"its REALITY settings are incomplete ({problems[0]})"
+    if not _clients(inbound):
+        return "no clients"
+    return None
 
 
-def _source_security(
-    inbound: Mapping[str, Any], index: int, opts: XrayOptions | None
-) -> tuple[Reality | None, tuple[str, ...], list[str]]:
-    """The REALITY pair and short ids clients of a shared inbound use, and what will change."""
-    where = f"inbound {inbound.get('tag') or f'#{index}'}"
-    stream = (
-        inbound.get("streamSettings") if isinstance(inbound.get("streamSettings"), Mapping) else {}
-    )
-    notes = []
-    network = stream.get("network", "tcp")
-    if network not in ("tcp", "raw"):
-        notes.append(f"{where} uses transport {network!r}; moved clients need new links (tcp)")
+def _where(inbound: object, index: int) -> str:
+    """An inbound as the plan names it: tag (or position), protocol and port."""
+    if not isinstance(inbound, Mapping):
+        return f"#{index}"
+    tag = inbound.get("tag")
+    name = repr(tag) if tag else f"#{index}"
+    return f"{name} ({inbound.get('protocol', '?')}, port {inbound.get('port')})"
+
+
+def _source_reality(inbound: Mapping[str, Any]) -> tuple[Reality | None, tuple[str, ...]]:
+    """The REALITY pair and short ids the clients of a shared inbound use (None, (): none)."""
     settings = _reality_settings(inbound)
-    if stream.get("security") != "reality" or not settings:
-        notes.append(f"{where} does not use REALITY; moved clients need new links")
-        return None, (), notes
     try:
         pair = reality_from_private(settings.get("privateKey"))  # type: ignore[arg-type]
     except ValueError:
-        notes.append(f"{where} has an invalid REALITY privateKey; moved clients need new links")
-        pair = None
-    short_ids = tuple(
-        s for s in settings.get("shortIds") or [] if isinstance(s, str) and SHORT_ID.match(s)
-    )
-    if opts is not None:
-        names = settings.get("serverNames") or []
-        if opts.server_names and not set(names) <= set(opts.server_names):
-            notes.append(
-                f"{where} serves names {names}; portmeter serves {list(opts.server_names)}"
-            )
-        dest = settings.get("dest") or settings.get("target")
-        if opts.reality_dest and dest != opts.reality_dest:
-            notes.append(f"{where} has REALITY dest {dest!r}; portmeter uses {opts.reality_dest!r}")
-    return pair, short_ids, notes
+        return None, ()
+    short_ids = tuple(s for s in settings.get("shortIds") or [] if isinstance(s, str))
+    return pair, short_ids
+
+
+def _template(inbound: Mapping[str, Any], client: Mapping[str, Any]) -> Config:
+    """The inbound a moved client's key gets: the shared one with `client` as its only client."""
+    template: Config = copy.deepcopy(dict(inbound))
+    template["settings"] = {**template["settings"], "clients": [copy.deepcopy(dict(client))]}
+    return template
 
 
 def _unique_name(wanted: str, taken: set[str]) -> str:
+    """`wanted`, or `wanted-N`, so that no two names are the same name (`taken` is folded)."""
     name, n = wanted, 2
-    while name in taken:
+    while fold(name) in taken:
         name, n = f"{wanted}-{n}", n + 1
-    taken.add(name)
+    taken.add(fold(name))
     return name
+
+
+# --- reading a config's text (pure) ---------------------------------------------------------
+
+# What Xray's config reader (infra/conf/json/reader.go in Xray-core) does outside JSON strings:
+# `//` and `#` comments run to the end of the line, `/* ... */` comments keep their newlines,
+# strings (double or single quotes) and backslash escapes pass unchanged, and a `/` followed by
+# anything else passes with that character. A block comment ends at the first `/` that follows
+# a `*` with only `*` and newlines between (the reader stays "after a star" across newlines).
+_CONFIG_TOKEN = re.compile(
+    r"""(?P<keep>"(?:[^"\\]|\\[\s\S])*"?|'(?:[^'\\]|\\[\s\S])*'?|\\[\s\S]|/[^/*])"""
+    r"""|(?P<line>(?:\#|//)[^\n]*)"""
+    r"""|(?P<block>/\*[\s\S]*?\*[*\n]*/)"""
+    r"""|(?P<open>/\*)"""
+    r"""|(?P<drop>[/\\]\Z)"""
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigText:
+    """A config read from its text, and whether that text had comments (a rewrite drops them)."""
+
+    config: Config
+    comments: bool
+    where: str = ""  # the file it was read from
+
+
+def read_config_text(data: bytes, where: str) -> ConfigText:
+    """Parse a config's bytes as Xray does, comments included; XrayConfigError names line and
+    column (in the original text) of what is wrong. `where` names the file in messages."""
+    if len(data) > MAX_XRAY_CONFIG_BYTES:
+        raise XrayConfigError(_too_large(where, len(data)))
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        before = data[: exc.start].decode("utf-8")
+        line, column = _line_column(before, len(before))
+        raise XrayConfigError(
+            f"Xray config {where} is not UTF-8 text (line {line}, column {column})"
+        ) from None
+    try:
+        return ConfigText(_json_object(text, where), False, where)
+    except _JsonError as plain:
+        stripped, shifts, comments = _strip_comments(text, where)
+        if not comments and stripped == text:
+            raise XrayConfigError(plain.message(text, [])) from None
+    try:
+        return ConfigText(_json_object(stripped, where), comments, where)
+    except _JsonError as error:
+        raise XrayConfigError(error.message(text, shifts)) from None
+
+
+class _JsonError(Exception):
+    """json.loads failed at a position of the text it was given."""
+
+    def __init__(self, where: str, reason: str, position: int | None) -> None:
+        super().__init__(reason)
+        self.where, self.reason, self.position = where, reason, position
+
+    def message(self, original: str, shifts: Sequence[tuple[int, int]]) -> str:
+        """One line naming the position in `original`, the text before comments were removed."""
+        if self.position is None:
+            return f"Xray config {self.where} is not valid JSON: {self.reason}"
+        at = bisect_left(shifts, (self.position + 1,)) - 1
+        offset = self.position + (shifts[at][1] if at >= 0 else 0)
+        line, column = _line_column(original, offset)
+        return (
+            f"Xray config {self.where} is not valid JSON at line {line}, column {column}: "
+            f"{self.reason}"
+        )
+
+
+def _json_object(text: str, where: str) -> Config:
+    try:
+        config = json.loads(text, parse_constant=_no_constant)
+    except json.JSONDecodeError as exc:
+        raise _JsonError(where, exc.msg, exc.pos) from None
+    except ValueError as exc:  # NaN or Infinity, which JSON (and Xray) do not have
+        raise _JsonError(where, str(exc), None) from None
+    except RecursionError:
+        raise _JsonError(where, "nested too deeply", None) from None
+    if not isinstance(config, dict):
+        raise XrayConfigError(f"Xray config {where} is not a JSON object")
+    return config
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _strip_comments(text: str, where: str) -> tuple[str, list[tuple[int, int]], bool]:
+    """The text without comments (newlines kept, as Xray's reader does), the offsets needed to
+    map a position back to `text`, and whether there were comments.
+
+    Each shift is (offset in the result where a removal ends, characters removed up to there).
+    """
+    pieces: list[str] = []
+    shifts: list[tuple[int, int]] = []
+    last = removed = 0
+    comments = False
+    for match in _CONFIG_TOKEN.finditer(text):
+        kind = match.lastgroup
+        if kind == "keep":
+            continue
+        if kind == "open":
+            line, column = _line_column(text, match.start())
+            raise XrayConfigError(
+                f"Xray config {where}: the comment opened at line {line}, column {column} "
+                "never closes"
+            )
+        kept = "\n" * match.group().count("\n") if kind == "block" else ""
+        pieces += [text[last : match.start()], kept]
+        removed += match.end() - match.start() - len(kept)
+        shifts.append((match.end() - removed, removed))
+        last = match.end()
+        comments = comments or kind != "drop"
+    pieces.append(text[last:])
+    return "".join(pieces), shifts, comments
+
+
+def _line_column(text: str, offset: int) -> tuple[int, int]:
+    """1-based line and column (in characters) of `offset` in `text`."""
+    line_start = text.rfind("\n", 0, offset) + 1
+    return text.count("\n", 0, offset) + 1, offset - line_start + 1
+
+
+def _too_large(where: str, size: int) -> str:
+    return (
+        f"Xray config {where} has {size} bytes; portmeter reads at most "
+        f"{MAX_XRAY_CONFIG_BYTES}"
+    )
 
 
 # --- files ---------------------------------------------------------------------------------
@@ -916,40 +1266,33 @@ class XrayFiles:
 
     def parse(self, data: bytes | None) -> Config:
         """The live file's bytes (None: no file) as a config; the minimal base without a file."""
+        return self.parse_text(data).config
+
+    def parse_text(self, data: bytes | None) -> ConfigText:
+        """`parse`, also telling whether the file has comments (Xray's `//`, `/* */`, `#`)."""
         if data is None:
-            return minimal_base()
-        try:
-            config = json.loads(data.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise XrayConfigError(f"Xray config {self.path} is not UTF-8 text") from None
-        except json.JSONDecodeError as exc:
-            raise XrayConfigError(
-                f"Xray config {self.path} is not valid JSON ({exc.msg} at line {exc.lineno}); "
-                "portmeter needs plain JSON without comments"
-            ) from None
-        if not isinstance(config, dict):
-            raise XrayConfigError(f"Xray config {self.path} is not a JSON object")
-        return config
+            return ConfigText(minimal_base(), False, str(self.path))
+        return read_config_text(data, str(self.path))
 
     def read_bytes(self) -> bytes | None:
         """The live file's exact bytes (None when it does not exist); keep it to `restore` later."""
-        try:
-            return self.path.read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise XrayConfigError(f"cannot read Xray config {self.path}: {failure_reason(exc)}") from None
+        return self.read_signed()[0]
 
     def read_signed(self) -> tuple[bytes | None, Signature | None]:
         """The live file's bytes and the signature of that very file (None, None: no file)."""
         try:
             with self.path.open("rb") as handle:
                 info = os.fstat(handle.fileno())
-                return handle.read(), (info.st_ino, info.st_size, info.st_mtime_ns)
+                if info.st_size > MAX_XRAY_CONFIG_BYTES:
+                    raise XrayConfigError(_too_large(str(self.path), info.st_size))
+                data = handle.read(MAX_XRAY_CONFIG_BYTES + 1)
         except FileNotFoundError:
             return None, None
         except OSError as exc:
             raise XrayConfigError(f"cannot read Xray config {self.path}: {failure_reason(exc)}") from None
+        if len(data) > MAX_XRAY_CONFIG_BYTES:
+            raise XrayConfigError(_too_large(str(self.path), len(data)))
+        return data, (info.st_ino, info.st_size, info.st_mtime_ns)
 
     def signature(self) -> Signature | None:
         """Inode, size and mtime of the live file: any write by anyone else changes one of them."""
@@ -1001,8 +1344,10 @@ class XrayFiles:
 
     def replace(self, data: bytes, previous: bytes | None) -> Path | None:
         """Back up the live file (its bytes: `previous`), then atomically replace it by `data`."""
+        self._refuse_link()
         backup = self._backup(previous) if previous is not None else None
         self._replace(data)
+        _seal(backup)
         return backup
 
     def restore(self, previous: bytes | None) -> None:
@@ -1037,8 +1382,10 @@ class XrayFiles:
         except OSError as exc:
             raise XrayConfigError(f"cannot read backup {backup}: {failure_reason(exc)}") from None
         previous = self.read_bytes()
+        self._refuse_link()
         saved = self._backup(previous) if previous is not None and previous != data else None
         self._replace(data)
+        _seal(saved)
         return saved
 
     def backups(self) -> list[Path]:
@@ -1049,16 +1396,20 @@ class XrayFiles:
         """Keep the live file, whose bytes are `data`, as the newest rotated backup.
 
         A hard link, so backing up costs no copy of a config of many megabytes: the file is
-        about to be replaced by a rename, which leaves the linked inode with the old bytes. It
-        shares the live file's mode and owner (the backup directory is private). Where linking
-        fails (another file system, hard links not allowed) `data` is copied instead.
+        about to be replaced by a rename, which leaves the linked inode with the old bytes, made
+        0600 root by `_seal` once it is no longer the live file. The link is made to whatever
+        is at the path, never to what a symbolic link points to; anything but a regular file,
+        or a failed link (another file system, hard links not allowed), gets a copy of `data`.
         """
         if self.opts.backups <= 0:
             return None
         target = self.backup_dir / f"{self.path.stem}-{_stamp()}{self.path.suffix}"
         try:
-            self.backup_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.link(self.path, target)
+            own_dir(self.backup_dir)
+            os.link(self.path, target, follow_symlinks=False)
+            if not stat.S_ISREG(os.lstat(target).st_mode):
+                target.unlink()
+                raise LinkRefused(self.path)
         except OSError:
             self._write_backup(target, data)
         for old in self.backups()[: -self.opts.backups]:
@@ -1067,20 +1418,32 @@ class XrayFiles:
 
     def _write_backup(self, target: Path, data: bytes) -> None:
         try:
-            self.backup_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            own_dir(self.backup_dir)
             write_atomic(target, data, mode=0o600)
         except OSError as exc:
             raise XrayStorageError(f"cannot write backup {target}: {failure_reason(exc)}") from None
 
-    def _replace(self, data: bytes) -> None:
-        mode, owner = self.opts.file_mode, None
+    def _refuse_link(self) -> None:
         try:
-            info = self.path.stat()
-            mode, owner = stat.S_IMODE(info.st_mode), (info.st_uid, info.st_gid)
+            refuse_link(self.path)
+        except LinkRefused as exc:
+            raise XrayStorageError(f"cannot write Xray config: {failure_reason(exc)}") from None
+
+    def _mode_and_owner(self) -> tuple[int, tuple[int, int]]:
+        """0640 root:PORTMETER_XRAY_GROUP. Without that setting an existing file keeps its
+        owner, group and read bits (Xray reads it that way today), a new one is 0640 root:root."""
+        if self.opts.file_group is not None:
+            return 0o640, (0, self.opts.file_group)
+        try:
+            info = os.lstat(self.path)
         except FileNotFoundError:
-            pass
+            return 0o640, (0, 0)
+        return stat.S_IMODE(info.st_mode) & 0o644, (info.st_uid, info.st_gid)
+
+    def _replace(self, data: bytes) -> None:
+        mode, owner = self._mode_and_owner()
         try:
-            write_atomic(self.path, data, mode=mode, owner=owner)
+            write_atomic(self.path, data, mode=mode, owner=owner, dir_mode=0o750)
         except OSError as exc:
             raise XrayStorageError(
                 f"cannot write Xray config {self.path}: {failure_reason(exc)}"
@@ -1113,6 +1476,25 @@ class XrayFiles:
         if done.returncode != 0:
             reason = failure_line(done.stdout, done.stderr, done.returncode)
             raise XrayConfigError(f"{binary} rejected the new config for {self.path}: {reason}")
+
+
+def _seal(backup: Path | None) -> None:
+    """Make a hard-linked backup 0600 root, now that the live file is another inode. Left alone
+    when the inode has other names (the live file after all, or a link the operator made)."""
+    if backup is None:
+        return
+    try:
+        fd = os.open(backup, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):  # it stays in the private backup directory anyway
+            if os.fstat(fd).st_nlink == 1:
+                if os.geteuid() == 0:
+                    os.fchown(fd, 0, 0)
+                os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
 
 
 def serialize(config: Mapping[str, Any]) -> bytes:
@@ -1361,6 +1743,7 @@ class Written:
     reverse: Callable[[], InboundChanges]
     wrote: bool
     delta: _Delta | None = None  # set when the push spliced the model
+    comments_dropped: bool = False  # the replaced file had comments (its backup keeps them)
 
 
 class LiveConfig:
@@ -1440,7 +1823,8 @@ class LiveConfig:
         self, keys: Sequence[XrayKey], reality: Reality | None, base: Mapping[str, Any] | None
     ) -> Written:
         previous, signature = self.files.read_signed()
-        old = self.files.parse(previous)
+        read = self.files.parse_text(previous)
+        old = read.config
         by_port = sorted(keys, key=lambda k: k.port)
         _check_keys_unique(by_port)
         ours = [render_inbound(key, self.opts, reality) for key in by_port]
@@ -1462,7 +1846,12 @@ class LiveConfig:
             model.signature = self.files.signature()
             self._model = model
         return Written(
-            previous, backup, inbound_changes(old, new), lambda: inbound_changes(new, old), True
+            previous,
+            backup,
+            inbound_changes(old, new),
+            lambda: inbound_changes(new, old),
+            True,
+            comments_dropped=read.comments,
         )
 
 
@@ -1633,6 +2022,11 @@ def _inbounds(config: Mapping[str, Any]) -> list[Any]:
     return inbounds
 
 
+def _mapping(value: object) -> Mapping[str, Any]:
+    """`value` when it is an object, else an empty one: for optional parts of an inbound."""
+    return value if isinstance(value, Mapping) else {}
+
+
 def _clients(inbound: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     settings = inbound.get("settings")
     clients = settings.get("clients") if isinstance(settings, Mapping) else None
@@ -1645,13 +2039,6 @@ def _reality_settings(inbound: Mapping[str, Any]) -> Mapping[str, Any]:
     stream = inbound.get("streamSettings")
     settings = stream.get("realitySettings") if isinstance(stream, Mapping) else None
     return settings if isinstance(settings, Mapping) else {}
-
-
-def _canonical_uuid(value: object) -> str | None:
-    try:
-        return str(UUID(str(value)))
-    except ValueError:
-        return None
 
 
 def _describe(inbound: Mapping[str, Any]) -> str:
@@ -1715,6 +2102,7 @@ def _executable(path: Path) -> bool:
 
 __all__ = [
     "ApplyResult",
+    "ConfigText",
     "DriftProblem",
     "InboundChanges",
     "LiveConfig",
@@ -1753,6 +2141,7 @@ __all__ = [
     "plan_migration",
     "portmeter_inbounds",
     "public_key",
+    "read_config_text",
     "reality_from_private",
     "render_config",
     "render_inbound",
@@ -1764,4 +2153,5 @@ __all__ = [
     "vless_link",
     "with_api",
     "write_atomic",
+    "xray_uuid",
 ]

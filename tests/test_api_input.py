@@ -8,10 +8,12 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
 
+from daemon.state import StateStore
 from tests.conftest import REPO, Daemon
 from tests.netlab import Lab
 
@@ -38,8 +40,8 @@ BAD_REQUESTS: list[tuple[str, str, dict[str, Any], int, str]] = [
     ("POST", "/api/keys", {"json": []}, 422, "body"),
     ("POST", "/api/keys", {"json": {"name": ""}}, 422, "name: must be"),
     ("POST", "/api/keys", {"json": {"name": "x" * 65}}, 422, "name: must be"),
-    ("POST", "/api/keys", {"json": {"name": "semi;colon"}}, 422, "name: must be"),
-    ("POST", "/api/keys", {"json": {"name": " padded"}}, 422, "name: must be"),
+    ("POST", "/api/keys", {"json": {"name": "semi;colon"}}, 422, "name: may not contain ';'"),
+    ("POST", "/api/keys", {"json": {"name": " padded"}}, 422, "name: must start with"),
     ("POST", "/api/keys", {"json": {"name": "ok", "port": 0}}, 422, "port"),
     ("POST", "/api/keys", {"json": {"name": "ok", "port": 70000}}, 422, "port"),
     ("POST", "/api/keys", {"json": {"name": "ok", "port": "abc"}}, 422, "port"),
@@ -47,7 +49,7 @@ BAD_REQUESTS: list[tuple[str, str, dict[str, Any], int, str]] = [
     ("POST", "/api/keys", {"json": {"name": "ok", "colour": "red"}}, 422, "colour"),
     ("POST", "/api/keys", {"json": {"name": "taken"}}, 409, "already exists"),
     ("GET", "/api/keys/nope", {}, 404, "no key"),
-    ("GET", "/api/keys/" + "x" * 65, {}, 422, "key_id"),
+    ("GET", "/api/keys/" + "x" * 257, {}, 422, "key_id"),
     ("DELETE", "/api/keys/nope", {}, 404, "no key"),
     ("GET", "/api/keys/nope/traffic/port/exact", {}, 404, "no key"),
     ("POST", "/api/keys/nope/traffic/port/reset", {}, 404, "no key"),
@@ -74,9 +76,14 @@ def test_taken_port_is_a_conflict(daemon: Daemon) -> None:
 
 
 CLI_FAILURES = [
-    (["keys", "add", "bad!name"], "name: must be"),
+    (["keys", "add", "bad!name"], "name: may not contain '!'"),
     (["keys", "add", "taken"], "already exists"),
-    (["keys", "add", "x", "--port", "abc"], "invalid int value"),
+    (["keys", "add", "x", "--port", "abc"], "'abc' is not a number from 1 to 65535"),
+    (["keys", "add", "x", "--port", "\u0665"], "'\u0665' is not a number from 1 to 65535"),
+    (["keys", "add", "x", "--port", "65536"], "'65536' is not a number from 1 to 65535"),
+    (["traffic", "--watch", "--interval", "0"], "'0' is not a number from 0.1 to 3600"),
+    (["traffic", "--watch", "--interval", "nan"], "'nan' is not a number from 0.1 to 3600"),
+    (["traffic", "--watch", "--count", "-1"], "'-1' is not a number from 0 to 1000000"),
     (["keys", "add"], "required: name"),
     (["keys", "rm", "nope"], "no key"),
     (["keys", "show", "nope"], "no key"),
@@ -169,3 +176,141 @@ def test_200_concurrent_creates_then_deletes_never_share_a_port(net: Lab, make_d
         assert set(pool.map(delete, keys)) == {200}
     assert daemon.api("GET", "/api/keys")["total"] == 0
     assert "counter rx_" not in net.nft("list", "table", "inet", daemon.table).stdout
+
+
+# --- issue 17: bounds, strict types and names --------------------------------------------------
+
+LIMIT_BOUND = "data_limit_bytes: at most 1000000000000000000 bytes (1 EB)"
+LIMIT_TYPE = "data_limit_bytes: must be a whole number of bytes or a size such as 50GB"
+NOT_A_SIZE = "is not a size: use e.g. 50GB, 512MiB or a number of bytes"
+BOOLEAN = "must be true or false (a JSON boolean)"
+WHOLE = "must be a whole number (a JSON number without quotes)"
+SAME_NAME = "already exists (the same name: case, width and Unicode normal form do not count)"
+NOT_A_DATE = "is not a date: use 2027-01-31, 2027-01-31T12:00:00+00:00 or +30d"
+DATES = "is not between 2000-01-01 and 9998-12-31"
+LATE = "9999-12-31T23:59:59-05:00"
+FULLWIDTH_ALICE = "\uff41\uff4c\uff49\uff43\uff45"
+PAGES = "/api/traffic/ports/exact"
+
+
+def attacks(alice: dict[str, Any]) -> list[tuple[str, str, Any, int, str]]:
+    """Each attack of issue 17 on input and names, with the status and the exact detail it gets.
+    `alice` exists with a 10 GB limit; a key named café (NFC) exists too."""
+    at_alice = f"/api/keys/{alice['id']}"
+    patch = [
+        ({"data_limit_bytes": "20000PB"}, LIMIT_BOUND),
+        ({"data_limit_bytes": 2**64}, LIMIT_BOUND),
+        ({"data_limit_bytes": str(2**64)}, LIMIT_BOUND),
+        ({"data_limit_bytes": 2**63 + 5}, LIMIT_BOUND),
+        ({"data_limit_bytes": 10**18 + 1}, LIMIT_BOUND),
+        ({"data_limit_bytes": "1.1EB"}, LIMIT_BOUND),
+        ({"data_limit_bytes": -1}, "data_limit_bytes: must not be negative"),
+        ({"data_limit_bytes": True}, LIMIT_TYPE),
+        ({"data_limit_bytes": 5e9}, LIMIT_TYPE),
+        ({"data_limit_bytes": "\u0665GB"}, f"data_limit_bytes: '\u0665GB' {NOT_A_SIZE}"),
+        ({"enabled": "yes"}, f"enabled: {BOOLEAN}"),
+        ({"enabled": 1}, f"enabled: {BOOLEAN}"),
+        ({"expire_at": "+99999999d"}, f"expire_at: '+99999999d' {DATES}"),
+        ({"expire_at": LATE}, f"expire_at: {LATE} {DATES}"),
+        ({"expire_at": "+\u0665d"}, f"expire_at: '+\u0665d' {NOT_A_DATE}"),
+    ]
+    create = [
+        ({"name": "bob", "data_limit_bytes": "20000PB"}, 422, LIMIT_BOUND),
+        ({"name": "bob", "enabled": "yes"}, 422, f"enabled: {BOOLEAN}"),
+        ({"name": "bob", "port": True}, 422, f"port: {WHOLE}"),
+        ({"name": "bob", "port": "20001"}, 422, f"port: {WHOLE}"),
+        ({"name": "Alice"}, 409, f"a key named 'alice' {SAME_NAME}"),
+        ({"name": "ALICE"}, 409, f"a key named 'alice' {SAME_NAME}"),
+        ({"name": FULLWIDTH_ALICE}, 409, f"a key named 'alice' {SAME_NAME}"),
+        ({"name": "cafe\u0301"}, 409, f"a key named 'caf\u00e9' {SAME_NAME}"),  # NFD
+        ({"name": "ali\u200dce"}, 422,
+         "name: may not contain invisible or control characters (U+200D)"),
+        ({"name": "\u0430lice"}, 422,  # Cyrillic a
+         "name: mixes letters of several scripts (CYRILLIC, LATIN): use letters of one script"),
+        ({"name": alice["id"]}, 422, "name: may not look like a key id (8 hex digits)"),
+        ({"name": alice["uuid"]}, 422, "name: may not look like a uuid (32 hex digits)"),
+        ({"name": alice["uuid"].upper()}, 422, "name: may not look like a uuid (32 hex digits)"),
+    ]
+    query = [
+        ("offset=65536", "query.offset: Input should be less than or equal to 65535"),
+        ("limit=10001", "query.limit: Input should be less than or equal to 10000"),
+        ("limit=\u0665",
+         "query.limit: Input should be a valid integer, unable to parse string as an integer"),
+    ]
+    return [
+        *(("PATCH", at_alice, body, 422, detail) for body, detail in patch),
+        *(("POST", "/api/keys", body, status, detail) for body, status, detail in create),
+        *(("GET", f"{PAGES}?{q}", None, 422, detail) for q, detail in query),
+    ]
+
+
+def test_issue_17_input_attacks_answer_clearly_and_change_nothing(net: Lab, daemon: Daemon) -> None:
+    """Each used to be taken (a 1-byte limit from `true`, 5 GB from "٥GB", alice and Alice as two
+    keys, ...) or to break the daemon (a 500 and a state it could not start from again)."""
+    alice = daemon.create("alice", data_limit_bytes="10GB")
+    daemon.create("caf\u00e9")
+    before = snapshot(daemon, net)
+    for method, path, body, status, detail in attacks(alice):
+        response = daemon.http.request(method, path, json=body)
+        answer = (response.status_code, response.json())
+        assert answer == (status, {"detail": detail}), (method, body)
+    assert snapshot(daemon, net) == before
+    assert daemon.api("GET", f"/api/keys/{alice['id']}") == daemon.api("GET", "/api/keys/alice")
+    assert daemon.api("GET", f"/api/keys/{alice['id']}")["data_limit_bytes"] == 10**10
+
+
+CLI_REFUSALS = [
+    (["keys", "add", "x", "--limit", "20000PB"], "--limit: at most 1000000000000000000 bytes"),
+    (["keys", "set", "taken", "--limit", str(2**64)], "--limit: at most 1000000000000000000 bytes"),
+    (["keys", "set", "taken", "--limit", "\u0665GB"], f"--limit: '\u0665GB' {NOT_A_SIZE}"),
+    (["keys", "set", "taken", "--expire", "+99999999d"], f"expire_at: '+99999999d' {DATES}"),
+    (["keys", "add", "TAKEN"], f"a key named 'taken' {SAME_NAME}"),
+    (["keys", "add", "ta\u200dken"], "name: may not contain invisible or control characters"),
+]
+
+
+def test_issue_17_cli_refuses_the_same_with_one_line_and_exit_1(net: Lab, daemon: Daemon) -> None:
+    daemon.create("taken")
+    before = snapshot(daemon, net)
+    for args, words in CLI_REFUSALS:
+        result = daemon.cli(*args)
+        assert (result.returncode, result.stdout) == (1, ""), (args, result.stderr)
+        assert result.stderr.count("\n") == 1 and words in result.stderr, (args, result.stderr)
+    assert snapshot(daemon, net) == before
+
+
+def test_issue_17_the_bounds_themselves_are_taken(daemon: Daemon) -> None:
+    """The edges are inside: 1 EB as a number and as "1EB", a date before the last day, the
+    largest page and offset."""
+    key = daemon.create("edge", data_limit_bytes=10**18)
+    assert key["data_limit_bytes"] == 10**18
+    last = "9998-12-30T00:00:00+00:00"
+    body = {"data_limit_bytes": "1EB", "expire_at": last}
+    changed = daemon.api("PATCH", "/api/keys/edge", json=body)
+    assert (changed["data_limit_bytes"], changed["expire_at"]) == (10**18, last)
+    page = daemon.api("GET", f"{PAGES}?limit=10000&offset=65535")
+    assert page["ports_traffic"]["total_ports"] == 0
+
+
+def test_issue_17_names_saved_before_the_rule_still_load_and_are_found(daemon: Daemon) -> None:
+    """A state may hold names the rule now refuses (alice and Alice, a zero-width joiner, an
+    id-shaped name): the daemon starts with them, and each is found by its own spelling."""
+    made = {name: daemon.create(name) for name in ("first", "second", "third", "fourth")}
+    first_id = made["first"]["id"]
+    assert daemon.stop() == 0
+    store = StateStore(daemon.state_file)
+    state = store.load()
+    legacy = {"first": "alice", "second": "Alice", "third": "ali\u200dce", "fourth": first_id}
+    for old, new in legacy.items():
+        state.keys[made[old]["id"]].name = new
+    store.save(state)
+    daemon.start()
+    for old in ("first", "second", "third"):
+        found = daemon.api("GET", f"/api/keys/{quote(legacy[old], safe='')}")
+        assert found["id"] == made[old]["id"]
+    assert daemon.api("GET", f"/api/keys/{first_id}")["name"] == "alice"  # the id wins, as before
+    assert daemon.http.get("/api/keys/ALICE").status_code == 404  # two keys have that name
+    assert daemon.api("PATCH", "/api/keys/Alice", json={"note": "kept"})["note"] == "kept"
+    clash = daemon.api("POST", "/api/keys", expect=409, json={"name": "ALICE"})
+    assert clash["detail"] == f"a key named 'alice' {SAME_NAME}"
+    assert daemon.api("GET", "/api/keys")["total"] == 4

@@ -15,6 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from daemon.bounds import MAX_REPORT_BYTES, MAX_USAGE_BYTES
+from daemon.errors import StorageFull, StoreUnavailable
 from daemon.history import (
     DAY,
     Bucket,
@@ -22,12 +24,14 @@ from daemon.history import (
     History,
     HistoryError,
     ReportBucket,
+    ReportRefused,
     Totals,
     days_back,
     hours_back,
 )
 from daemon.state import StateError
 from daemon.usage import SinkError, UsageDelta
+from daemon.usage_api import _storage
 
 T0 = datetime(2024, 5, 1, 12, 30, tzinfo=UTC)  # 12:30 UTC
 H = timedelta(hours=1)
@@ -587,3 +591,78 @@ def test_report_retention_forgets_old_reports_but_not_totals(history: History) -
     assert counts["report_daily_deleted"] == 1
     assert [u.bytes_uploaded for u in history.reported("anna")] == [3]  # totals are not history
     assert sum(b.bytes_uploaded for b in history.reported_daily("anna", T0 - D, T0 + 100 * D)) == 2
+
+
+# --- bounds: no stored number overflows, every sum is exact ----------------------------------
+
+FULL = MAX_USAGE_BYTES // MAX_REPORT_BYTES  # reports at the report bound that fill a pair's day
+
+
+def fill(history: History, server: str, at: datetime, count: int = FULL, user: str = "anna") -> None:
+    """`count` reports of MAX_REPORT_BYTES each way for (user, server), all at `at`."""
+    history.record_reports(
+        report(f"{server}-{at.isoformat()}-{n}", user, server, MAX_REPORT_BYTES, MAX_REPORT_BYTES, at)
+        for n in range(count)
+    )
+
+
+def assert_refused(history: History, r: FleetReport, because: str) -> None:
+    before = rows(history, "reports"), rows(history, "report_totals"), rows(history, "report_hourly")
+    with pytest.raises(ReportRefused, match=because):
+        history.record_reports([report("fine", "bob", "s1", 1, 1, r.timestamp), r])
+    assert (rows(history, "reports"), rows(history, "report_totals"), rows(history, "report_hourly")) == before
+
+
+def test_totals_past_2_to_the_63_are_exact_integers(history: History) -> None:
+    # Ten servers, each at the bound for anna: 10^19 bytes each way, more than SQLite's
+    # integers hold (2^63 - 1 = 9.2 * 10^18). Old code: "integer overflow" (507), or floats.
+    servers = [f"s{n}" for n in range(10)]
+    for server in servers:
+        fill(history, server, T0)
+    total = 10 * MAX_USAGE_BYTES
+    assert total > 2**63
+    stats = history.reported_stats()
+    assert (stats["bytes_uploaded"], stats["bytes_downloaded"], stats["records"]) == (total, total, 10 * FULL)
+    assert type(stats["bytes_uploaded"]) is int
+    assert history.reported_users() == {"anna": (total, total, servers)}
+    assert [(u.bytes_uploaded, u.reports) for u in history.reported("anna")] == [(MAX_USAGE_BYTES, FULL)] * 10
+    hour = T0.replace(minute=0)
+    assert history.reported_hourly("anna", T0 - D, T0 + D) == [ReportBucket(hour, total, total, 10 * FULL)]
+    history.cleanup(T0 + 3 * D)  # into days: the roll-up stays within the bound as well
+    day = T0.replace(hour=0, minute=0)
+    assert history.reported_daily("anna", T0 - D, T0 + D) == [ReportBucket(day, total, total, 10 * FULL)]
+    assert history.reset_reports("anna") == {"servers": 10, "bytes_uploaded": total, "bytes_downloaded": total}
+
+
+def test_a_report_past_a_pairs_bound_is_refused_and_nothing_is_stored(history: History) -> None:
+    fill(history, "s1", T0, FULL // 2)
+    fill(history, "s1", T0 + D, FULL // 2)  # two days, so the total is what is full
+    late = report("late", "anna", "s1", 1, 0, T0 + 2 * D)
+    assert_refused(history, late, r"bytes_uploaded of user 'anna' from server 's1' since its last reset past")
+    assert history.record_report(report("other", "anna", "s2", 1, 0, T0 + 2 * D)) is True
+    history.reset_reports("anna")
+    assert history.record_report(late) is True
+    assert [(u.server, u.bytes_uploaded) for u in history.reported("anna")] == [("s1", 1), ("s2", 0)]
+
+
+def test_a_servers_day_is_bounded_too_across_resets(history: History) -> None:
+    fill(history, "s1", T0)
+    history.reset_reports("anna")  # the total is free again, the day is not
+    same_day = report("again", "anna", "s1", 0, 1, T0 + H)
+    assert_refused(history, same_day, r"bytes_downloaded of user 'anna' from server 's1' on 2024-05-01")
+    assert history.record_report(report("next", "anna", "s1", 0, 1, T0 + D)) is True
+
+
+def test_only_a_full_disk_is_507(history: History, tmp_path: Path) -> None:
+    history.record_report(report("a", up=1, down=1, at=T0))
+    history._db.execute("PRAGMA max_page_count = 1")  # SQLite's own "database or disk is full"
+    with pytest.raises(StorageFull, match="full"), _storage():
+        history.record_reports(report(f"x{n}", up=1, at=T0 + n * D) for n in range(200))
+    read_only = History(history.path)
+    read_only._db.execute("PRAGMA query_only = 1")  # any other failure: 503
+    try:
+        with pytest.raises(StoreUnavailable, match="readonly"), _storage():
+            read_only.record_report(report("b", up=1, at=T0))
+    finally:
+        read_only.close()
+    assert [u.bytes_uploaded for u in history.reported("anna")] == [1]

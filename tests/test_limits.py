@@ -265,12 +265,14 @@ def test_cli_gives_50gb_for_30_days_with_a_monthly_reset(daemon: Daemon) -> None
     expires = datetime.fromisoformat(key["expire_at"])
     assert timedelta(days=29, hours=23) < expires - datetime.now(UTC) <= timedelta(days=30)
     shown = daemon.cli("keys", "show", "alice").stdout
-    assert "0 B of 46.6 GB" in shown and "month, next" in shown
+    assert "0 B of 50 GB" in shown and "month, next" in shown  # as entered, not 46.6 GiB
     changed = json.loads(daemon.cli("--json", "keys", "set", "alice", "--limit", "none", "--expire", "never").stdout)
     assert changed["data_limit_bytes"] is None and changed["expire_at"] is None
     assert "is now disabled" in daemon.cli("keys", "disable", "alice").stdout
     assert "is now active" in daemon.cli("keys", "enable", "alice").stdout
     failed = daemon.cli("keys", "set", "alice", "--limit=-5GB")
-    assert failed.returncode == 1 and failed.stderr.strip() == "portmeter: data_limit_bytes: '-5GB' is not a size: use e.g. 50GB, 512MiB or a number of bytes"
+    assert failed.returncode == 1 and failed.stderr.strip() == (
+        "portmeter: --limit: '-5GB' is not a size: use e.g. 50GB, 512MiB or a number of bytes"
+    )
     empty = daemon.cli("keys", "set", "alice")
     assert empty.returncode == 1 and "nothing to change" in empty.stderr

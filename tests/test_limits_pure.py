@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from daemon.bounds import EARLIEST_MOMENT
 from daemon.limits import (
     Quota,
     ResetStrategy,
@@ -570,13 +571,19 @@ UNITS = {
         ("1 kb", 1000),
         ("1KiB", 1024),
         ("2PB", 2 * 10**15),
+        ("1EB", 10**18),
+        ("1 EiB", 2**60),
     ],
 )
 def test_parse_size_exact(text: str, expected: int) -> None:
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("text", ["lots", "-5GB", "5XB", "", "GB", " ", "5 G B", "1e9", "5GBs"])
+@pytest.mark.parametrize(
+    "text",
+    ["lots", "-5GB", "5XB", "", "GB", " ", "5 G B", "1e9", "5GBs", "\u0665GB", "\uff15GB",
+     "5\u00a0GB", "5\u3000GB", "1.5.5GB", ".5GB", "5.GB", "1_000", "+5GB", "5ZB"],
+)
 def test_parse_size_rejects(text: str) -> None:
     with pytest.raises(ValueError, match="is not a size"):
         parse_size(text)
@@ -652,7 +659,7 @@ def test_parse_moment_relative(text: str, delta: timedelta) -> None:
 @given(
     amount=st.integers(min_value=0, max_value=99999),
     unit=st.sampled_from(["m", "h", "d", "w"]),
-    now=moments,
+    now=moments.filter(lambda moment: moment >= EARLIEST_MOMENT),
     zone=zones,
 )
 def test_parse_moment_relative_property(
@@ -726,5 +733,22 @@ def test_parse_moment_naive_datetime_gets_the_zone() -> None:
     ["someday", "+30y", "2027-13-01", "2027-02-30", "", "+d", "30d", "+-3d", "tomorrow"],
 )
 def test_parse_moment_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="is not a date"):
+        parse_moment(text, NOW, MOSCOW)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["+99999999d", "+" + "9" * 40 + "d", "9999-12-31", "1999-12-31", "0001-01-01T00:00:00+05:00",
+     "9999-12-31T23:59:59-05:00"],
+)
+def test_parse_moment_refuses_dates_outside_the_bounds(text: str) -> None:
+    """Beyond them, "+Nd" and time zone arithmetic overflow datetime (an OverflowError, a 500)."""
+    with pytest.raises(ValueError, match="is not between 2000-01-01 and 9998-12-31"):
+        parse_moment(text, NOW, MOSCOW)
+
+
+@pytest.mark.parametrize("text", ["+\u0665d", "\u0662\u0660\u0662\u0667-01-31", "+\uff13d"])
+def test_parse_moment_takes_ascii_digits_only(text: str) -> None:
     with pytest.raises(ValueError, match="is not a date"):
         parse_moment(text, NOW, MOSCOW)

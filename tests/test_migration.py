@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import pytest
@@ -69,7 +70,7 @@ def test_dry_run_then_migrate_then_noop_then_rollback(migrating: Daemon) -> None
     assert daemon.api("GET", "/api/keys")["total"] == 0
 
     done = daemon.cli("--json", "migrate", str(daemon.xray_config))
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 0, done.stderr + daemon.log()
     created = json.loads(done.stdout)["created"]
     assert sorted((k["uuid"], k["name"]) for k in created) == sorted(CLIENTS)
     ports = [k["port"] for k in created]
@@ -132,3 +133,46 @@ def test_usage_and_watch_commands(daemon: Daemon) -> None:
     watched = daemon.cli("traffic", "--watch", "--interval", "0.2", "--count", "2")
     assert watched.returncode == 0, watched.stderr
     assert "watcher" in watched.stdout and "rx/s" in watched.stdout
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            b'{"inbounds": [ {"port": 443,, } ]}',
+            "is not valid JSON at line 1, column 29: Expecting property name",
+        ),
+        (
+            b'{\n  // the API\n  "api": {"tag": "api"} /* never closed\n}\n',
+            "the comment opened at line 3, column 25 never closes",
+        ),
+        (b"\xff\xfe{}", "is not UTF-8 text (line 1, column 1)"),
+        (None, "has 50000000 bytes; portmeter reads at most 40000000"),
+        ("directory", "is a directory, not an Xray config file"),
+        ("fifo", "is not a regular file"),
+        ("missing", "no such file"),
+    ],
+    ids=["not-json", "unclosed-comment", "not-utf8", "50-mb", "directory", "fifo", "missing"],
+)
+def test_bad_sources_get_one_clear_line_and_change_nothing(
+    migrating: Daemon, content: bytes | str | None, message: str
+) -> None:
+    source = migrating.workdir / "source.json"
+    if content is None:
+        with source.open("wb") as handle:  # sparse: 50 MB on no disk
+            handle.truncate(50 * 10**6)
+    elif content == "directory":
+        source.mkdir()
+    elif content == "fifo":
+        os.mkfifo(source)
+    elif isinstance(content, bytes):
+        source.write_bytes(content)
+    live, state = migrating.xray_config.read_bytes(), migrating.state_bytes()
+    for dry in ((), ("--dry-run",)):
+        refused = migrating.cli("migrate", str(source), *dry)
+        assert refused.returncode == 1 and refused.stdout == ""
+        assert refused.stderr.count("\n") == 1 and message in refused.stderr, refused.stderr
+        assert str(source) in refused.stderr
+    assert migrating.xray_config.read_bytes() == live and migrating.state_bytes() == state
+    assert migrating.api("GET", "/api/keys")["total"] == 0
+    assert not (migrating.xray_config.parent / "backups").exists()

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from daemon.accounting import Account, Reading, Usage
+from daemon.bounds import MAX_U64, MAX_USAGE_BYTES
 from daemon.state import (
     SCHEMA_VERSION,
     DirectionModel,
@@ -104,9 +105,9 @@ def test_missing_file_is_empty_state(tmp_path: Path) -> None:
 
 accounts = st.builds(
     Account,
-    total=st.builds(Usage, st.integers(0, 2**63), st.integers(0, 2**70)),
+    total=st.builds(Usage, st.integers(0, MAX_USAGE_BYTES), st.integers(0, MAX_USAGE_BYTES)),
     reading=st.none() | st.builds(Reading, st.integers(0, 2**40), st.integers(0, 2**40),
-                                  st.integers(0, 2**63), st.integers(0, 2**70)),
+                                  st.integers(0, MAX_U64), st.integers(0, MAX_U64)),
 )
 
 

@@ -1,4 +1,5 @@
-"""Tests for daemon.units.human_bytes (the seed's "1.0 MB" style, powers of 1024)."""
+"""daemon.units: human_bytes (the API's seed format, powers of 1024) and display_bytes (the
+CLI's and the page's, powers of 1000)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.units import UNITS, human_bytes
+from daemon.units import DISPLAY_UNITS, UNITS, display_bytes, human_bytes
 
 KB = 1024
 MB = KB**2
@@ -82,3 +83,45 @@ def test_format_and_accuracy(count: int) -> None:
         assert abs(float(number) * scale - count) <= 0.05 * scale + 1e-6 * count
         if unit != "PB":
             assert float(number) < 1024, text
+
+
+# --- display_bytes: what the CLI and the page show (decimal, as sizes are entered) ------------
+
+
+@pytest.mark.parametrize(
+    ("count", "text"),
+    [
+        (0, "0 B"),
+        (999, "999 B"),
+        (1000, "1 kB"),
+        (1005, "1 kB"),  # 1.005: half to even
+        (1015, "1.02 kB"),
+        (1536, "1.54 kB"),
+        (999_994, "999.99 kB"),
+        (999_995, "1 MB"),  # would print "1000 kB"
+        (10**9, "1 GB"),  # --limit 1GB, not "953.7 MB"
+        (50 * 10**9, "50 GB"),  # --limit 50GB
+        (50 * 2**30, "53.69 GB"),  # --limit 50GiB, still decimal: never a binary value as GB
+        (1_500_000_000_000, "1.5 TB"),
+        (10**18, "1 EB"),
+        (10**21, "1000 EB"),
+    ],
+)
+def test_display_examples(count: int, text: str) -> None:
+    assert display_bytes(count) == text
+
+
+DISPLAY = re.compile(r"^(\d+)(?:\.(\d?[1-9]))? (B|kB|MB|GB|TB|PB|EB)$")
+
+
+@given(st.integers(0, 10**22))
+@settings(max_examples=500, deadline=None)
+def test_display_format_and_accuracy(count: int) -> None:
+    match = DISPLAY.match(display_bytes(count))
+    assert match, display_bytes(count)
+    whole, decimals, unit = match.groups()
+    scale = 1000 ** DISPLAY_UNITS.index(unit)
+    value = int(whole) * scale + int((decimals or "0").ljust(2, "0")) * scale // 100
+    assert abs(value - count) <= scale // 200  # half a hundredth of the unit at most
+    assert unit == "EB" or int(whole) < 1000
+    assert unit == "B" or count >= 995

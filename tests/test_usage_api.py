@@ -16,11 +16,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from daemon.bounds import MAX_REPORT_BYTES, MAX_USAGE_BYTES
 from daemon.history import History, Totals
 from daemon.usage import UsageDelta
 from tests.conftest import Daemon
 from tests.netlab import SERVER_V4, Lab
 from tests.test_counting import udp_exchange
+from tests.test_history import FULL, fill
 
 pytestmark = pytest.mark.kernel
 
@@ -244,6 +246,9 @@ def test_fleet_reports_count_once_and_add_up_across_servers(net: Lab, daemon: Da
         ({"reports": []}, "reports"),
         ({"reports": [report("b13", "anna", "s1", 1, 5), report("b14", "anna", "s1", -5, 5)]}, "reports.1.bytes_uploaded"),
         ([report("b15", "anna", "s1", 1, 5)], "report object"),
+        (report("b16", "anna", "s1", 2**62, 5), "bytes_uploaded: Input should be less than or equal to 1000000000000000"),
+        (report("b17", "anna", "s1", 1, MAX_REPORT_BYTES + 1), "bytes_downloaded"),
+        (report("b18", "anna", "s1", 1, 5, bytes_total=6), "bytes_total: Extra inputs are not permitted"),
         ("hello", "report object"),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
@@ -383,3 +388,47 @@ def test_odd_input_never_gets_a_500(daemon: Daemon, body: Any, name: str) -> Non
         got = daemon.http.get(path)
         assert got.status_code in (200, 404, 422), (path, got.status_code, got.text)
     assert "request_failed" not in daemon.log()
+
+
+def test_reported_sums_past_2_to_the_63_are_exact_and_a_full_pair_refuses_more(make_daemon: Any) -> None:
+    # Ten servers at the bound for anna: 10^19 bytes each way. Old code answered 507
+    # "integer overflow" here (and accepted 2^62 per report, so two reports got there).
+    daemon = make_daemon(start=False)
+    with history_of(daemon) as history:
+        for n in range(10):
+            fill(history, f"s{n}", datetime.now(UTC))
+    daemon.start()
+    total = 10 * MAX_USAGE_BYTES
+    overview = daemon.api("GET", "/api/admin/usage")
+    assert (overview["bytes_uploaded"], overview["traffic_used"]) == (total, 2 * total)
+    assert (overview["reported"]["bytes_downloaded"], overview["reported"]["reports"]) == (total, 10 * FULL)
+    assert [(u["username"], u["total_bytes"], u["servers"]) for u in overview["users"]] == [("anna", 2 * total, 10)]
+    assert usage(daemon, "anna")["bytes_downloaded"] == total
+    d = detailed(daemon, "anna")
+    assert series_sum(d["hourly"], "bytes_uploaded") == series_sum(d["daily"], "bytes_downloaded") == total
+
+    full = daemon.api("POST", "/api/traffic/webhook", expect=422, json={"reports": [
+        report("new-1", "anna", "s10", 1, 1), report("more", "anna", "s3", MAX_REPORT_BYTES, 0),
+    ]})
+    assert "'anna' from server 's3'" in full["detail"] and f"past {MAX_USAGE_BYTES} bytes" in full["detail"]
+    assert daemon.api("GET", "/api/admin/usage")["reported"]["reports"] == 10 * FULL  # nothing stored
+    daemon.api("POST", "/api/traffic/webhook", json=report("new-2", "anna", "s10", MAX_REPORT_BYTES, 0))
+    assert daemon.api("GET", "/api/admin/usage")["bytes_uploaded"] == total + MAX_REPORT_BYTES
+
+
+def test_a_report_may_not_claim_to_come_from_this_server(make_daemon: Any) -> None:
+    named = make_daemon(PORTMETER_SERVER_NAME="collector")
+    unnamed = make_daemon()  # its label is PORTMETER_PUBLIC_HOST, its reports' name the host name
+    named.create("anna")
+    for daemon, names in ((named, ["collector", "Collector"]), (unnamed, ["vpn.example.net", socket.gethostname()])):
+        for name in names:
+            single = daemon.api("POST", "/api/traffic/webhook", expect=422, json=report("f1", "anna", name, 10, 20))
+            assert single["detail"].startswith("server: ") and "is this server's own name" in single["detail"]
+            batch = daemon.api("POST", "/api/traffic/webhook", expect=422, json={"reports": [
+                report("f2", "anna", "elsewhere", 1, 2), report("f3", "anna", name, 10, 20),
+            ]})
+            assert batch["detail"].startswith("reports.1.server: ")
+        overview = daemon.api("GET", "/api/admin/usage")
+        assert overview["reported"]["reports"] == 0 and overview["traffic_used"] == 0
+    anna = usage(named, "anna")
+    assert (anna["bytes_uploaded"], anna["servers"], anna["reported"]) == (0, 1, [])

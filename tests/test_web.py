@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
-from daemon.units import human_bytes
+from daemon.units import display_bytes
 from tests.conftest import REPO, Daemon
 from tests.netlab import SERVER_V4, Lab, inside
 from tests.test_counting import UDP_OVERHEAD, udp_exchange
@@ -174,9 +174,10 @@ def expect_global(driver: Any, overview: dict[str, Any]) -> None:
         "retention": text(driver, "#db-retention"),
     } == {
         "users": str(overview["total_users"]), "servers": str(overview["total_servers"]),
-        "traffic": overview["traffic_used_formatted"], "connections": str(overview["total_connections"]),
+        "traffic": display_bytes(overview["traffic_used"]),
+        "connections": str(overview["total_connections"]),
         "records": str(db["records"]), "unique_users": str(db["unique_users"]),
-        "unique_servers": str(db["unique_servers"]), "size": db["size_formatted"],
+        "unique_servers": str(db["unique_servers"]), "size": display_bytes(db["size_bytes"]),
         "retention": f"{db['retention_days']} days",
     }
 
@@ -203,8 +204,8 @@ def expect_users(driver: Any, daemon: Daemon, overview: dict[str, Any]) -> None:
     for user in overview["users"]:
         shown = row(driver, user["username"])
         assert (shown["up"], shown["down"], shown["total"], shown["servers"]) == (
-            human_bytes(user["bytes_uploaded"]), human_bytes(user["bytes_downloaded"]),
-            user["total_formatted"], str(user["servers"]),
+            display_bytes(user["bytes_uploaded"]), display_bytes(user["bytes_downloaded"]),
+            display_bytes(user["total_bytes"]), str(user["servers"]),
         ), user["username"]
         key = keys.get(user["username"])
         if key is None:
@@ -215,7 +216,8 @@ def expect_users(driver: Any, daemon: Daemon, overview: dict[str, Any]) -> None:
         if key["data_limit_bytes"] is None:
             assert shown["limit"] == "no limit"
         else:
-            assert shown["limit"] == f"{human_bytes(key['used_bytes'])} / {human_bytes(key['data_limit_bytes'])}"
+            used, limit = display_bytes(key["used_bytes"]), display_bytes(key["data_limit_bytes"])
+            assert shown["limit"] == f"{used} / {limit}"
     assert len(driver.find_elements("css selector", "tr.user")) == len(overview["users"])
 
 
@@ -262,10 +264,11 @@ def test_traffic_manager_page(net: Lab, make_daemon: Any, browser: Any) -> None:
     wait_for(lambda: row(driver, "alice")["up"] != "", "the users table")
     assert driver.execute_script("return localStorage.getItem('portmeter.apiKey')") == API_KEY
 
-    # The page's byte units are the API's (human_bytes), rounding ties included.
-    samples = [0, 1, 1023, 1024, 1536, 1048575, 1048576, 1310720, 1153434, 5 * 2**40 + 3, 2**55]
-    assert driver.execute_script("return arguments[0].map(window.portmeter.humanBytes)", samples) == [
-        human_bytes(n) for n in samples
+    # The page shows bytes as the CLI does (display_bytes, decimal units), rounding ties included.
+    samples = [0, 1, 999, 1000, 1005, 1015, 999_999, 1536, 1048576, 50 * 10**9, 2**40 + 3, 2**53]
+    shown = driver.execute_script("return arguments[0].map(window.portmeter.displayBytes)", samples)
+    assert shown == [
+        display_bytes(n) for n in samples
     ]
 
     overview = settled(daemon, driver)
@@ -282,8 +285,8 @@ def test_traffic_manager_page(net: Lab, make_daemon: Any, browser: Any) -> None:
     for server in detailed["servers"]:
         tr = driver.find_element(By.CSS_SELECTOR, f'tr[data-details="alice"] tr[data-server="{server["server"]}"]')
         assert [tr.find_element(By.CSS_SELECTOR, f".s-{c}").text for c in ("up", "down", "total")] == [
-            human_bytes(server["bytes_uploaded"]), human_bytes(server["bytes_downloaded"]),
-            server["total_formatted"],
+            display_bytes(server["bytes_uploaded"]), display_bytes(server["bytes_downloaded"]),
+            display_bytes(server["total_bytes"]),
         ]
     assert {s["server"] for s in detailed["servers"]} == {LOCAL_SERVER, "vpn2.example.net"}
 
@@ -292,7 +295,8 @@ def test_traffic_manager_page(net: Lab, make_daemon: Any, browser: Any) -> None:
             By.CSS_SELECTOR, f'tr[data-details="alice"] svg.usage.{kind} g.bar title')]
 
     def expected(points: list[dict[str, Any]]) -> list[str]:
-        return [f"↑ {human_bytes(p['bytes_uploaded'])}  ↓ {human_bytes(p['bytes_downloaded'])}" for p in points]
+        return [f"↑ {display_bytes(p['bytes_uploaded'])}  ↓ {display_bytes(p['bytes_downloaded'])}"
+                for p in points]
 
     hourly = bars("hourly")
     assert len(hourly) == 24 and [t.split("  ", 1)[1] for t in hourly] == expected(detailed["hourly"])
@@ -309,7 +313,7 @@ def test_traffic_manager_page(net: Lab, make_daemon: Any, browser: Any) -> None:
     assert daemon.traffic("bob")["rx_bytes"] == 55 * WIRE
     overview = settled(daemon, driver)
     expect_users(driver, daemon, overview)
-    assert row(driver, "bob")["up"] == human_bytes(55 * WIRE)
+    assert row(driver, "bob")["up"] == display_bytes(55 * WIRE)
 
     # Reset all asks first; Cancel changes nothing.
     click(driver, "#reset-all")

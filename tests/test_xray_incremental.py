@@ -202,7 +202,7 @@ def test_backup_is_copied_where_hard_links_fail(
     live.push(keys[:1], REALITY)
     previous = files.read_bytes()
 
-    def cross_device(*_: Any) -> None:
+    def cross_device(*_: Any, **__: Any) -> None:
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
     monkeypatch.setattr(xs.os, "link", cross_device)

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from daemon.allocator import PortRange
 from daemon.xray_sync import (
     InboundChanges,
+    LiveConfig,
     MigrationPlan,
     Reality,
     XrayApplier,
@@ -57,7 +58,9 @@ from daemon.xray_sync import (
     validate_command,
     vless_link,
     with_api,
+    xray_uuid,
 )
+from tests.xray_harness import link_fields
 
 # RFC 7748 section 6.1 (X25519 Diffie-Hellman), the keys re-encoded as base64url without padding.
 RFC7748 = [
@@ -454,6 +457,7 @@ def test_reality_link_fields() -> None:
     assert unquote(parts.fragment) == "Алиса & Bob #1"
     assert query == {
         "type": "tcp",
+        "headerType": "none",
         "encryption": "none",
         "security": "reality",
         "pbk": REALITY.public_key,
@@ -476,7 +480,7 @@ def test_plain_link_and_ipv6_host() -> None:
     assert link.startswith(f"vless://{U1}@[2001:db8::1]:10001?")
     parts, query = parse_link(link)
     assert parts.hostname == "2001:db8::1" and parts.port == 10001
-    assert query == {"type": "tcp", "encryption": "none", "security": "none"}
+    assert query == {"type": "tcp", "headerType": "none", "encryption": "none", "security": "none"}
     assert url_host("[2001:db8::1]") == "[2001:db8::1]"
     assert url_host("198.51.100.7") == "198.51.100.7"
 
@@ -544,8 +548,8 @@ def test_read_missing_invalid_and_non_object(tmp_path: Path) -> None:
     files = XrayFiles(opts_for(tmp_path))
     assert files.read() == minimal_base()
     files.path.parent.mkdir(parents=True)
-    files.path.write_text('{"log": {}, // a comment\n}')
-    with pytest.raises(XrayConfigError, match=f"{files.path}.*not valid JSON.*line 1"):
+    files.path.write_text('{"log": {}, // a comment, as Xray allows\n}')
+    with pytest.raises(XrayConfigError, match=f"{files.path} is not valid JSON at line 2, col"):
         files.read()
     files.path.write_text("[1, 2]")
     with pytest.raises(XrayConfigError, match="not a JSON object"):
@@ -1044,7 +1048,7 @@ def test_migration_gives_each_client_its_own_port() -> None:
         assert (client["id"], client["flow"]) == (u, flow)
         reality = inbound["streamSettings"]["realitySettings"]
         assert reality["privateKey"] == REALITY.private_key  # existing clients keep pbk
-        assert reality["shortIds"] == ["6ba85179e30d4fc2", ""]  # and their short ids
+        assert reality["shortIds"] == ["", "6ba85179e30d4fc2"]  # and their short ids, in order
     assert keys[0].short_id == "6ba85179e30d4fc2"
     assert drift(config, keys, opts, PortRange(10001, 10100)) == []
     # idempotent: a second run finds nothing to do
@@ -1056,7 +1060,15 @@ def test_dry_run_lines_describe_the_plan() -> None:
     plan = plan_migration(shared_config(), PortRange(10001, 10100), set(), opts_for())
     lines = plan.lines()
     assert lines[0] == f"move {CLIENTS[0][0]} (anna) from vless-reality port 443 to port 10001"
-    assert lines[-1] == "remove inbound #1: all its clients moved"
+    assert lines[5] == "remove inbound #1: all its clients moved"
+    assert lines[6:] == [
+        "skip inbound 'api' (dokodemo-door, port 62789): protocol 'dokodemo-door'; "
+        "only VLESS clients get keys; left as it is",
+        "skip inbound 'vmess-old' (vmess, port 8443): protocol 'vmess'; only VLESS clients get "
+        "keys; left as it is",
+        f"note: client {CLIENTS[2][0]} of inbound 'vless-reality' (vless, port 443): the name "
+        "'anna' is taken (another key or client), so its key is named 'anna-2'",
+    ]
 
 
 def test_clients_that_already_have_keys_are_dropped_not_moved() -> None:
@@ -1074,34 +1086,173 @@ def test_a_full_range_leaves_the_rest_in_the_shared_inbound() -> None:
     assert [m.port for m in plan.moves] == [10001, 10003]
     assert [m.name for m in plan.moves] == ["anna-2", "boris"]
     assert plan.unplaced == tuple(u for u, _, _ in CLIENTS[2:]) and plan.emptied == ()
-    assert "no free port" in plan.lines()[-1]
+    assert [line for line in plan.lines() if "no free port" in line] == [
+        f"cannot move {u}: no free port left in the range" for u, _, _ in CLIENTS[2:]
+    ]
     config, _ = migrate(source, plan, opts_for())
     shared = next(i for i in config["inbounds"] if i.get("tag") == "vless-reality")
     assert [c["id"] for c in shared["settings"]["clients"]] == list(plan.unplaced)
     assert plan_migration(config, PortRange(10001, 10003), {10002}).unplaced == plan.unplaced
 
 
-def test_migration_warns_about_what_clients_must_change() -> None:
+def test_inbounds_that_are_not_vless_reality_are_skipped_with_the_reason() -> None:
     source = shared_config()
-    shared = source["inbounds"][1]
-    shared["streamSettings"] = {"network": "ws", "security": "tls"}
-    plan = plan_migration(
-        source, PortRange(10001, 10100), set(), opts_for(), tags={"vless-reality"}
+    source["inbounds"][1]["streamSettings"] = {"network": "ws", "security": "tls"}
+    plan = plan_migration(source, PortRange(10001, 10100), set(), opts_for())
+    assert plan.is_empty and plan.moves == ()
+    assert plan.skipped[1] == (
+        "skip inbound 'vless-reality' (vless, port 443): VLESS with security 'tls' with "
+        "certificates; portmeter's keys use REALITY; left as it is"
     )
-    assert len(plan.moves) == 5 and all(m.reality is None for m in plan.moves)
-    assert any("'ws'" in w for w in plan.warnings) and any("REALITY" in w for w in plan.warnings)
     assert plan_migration(source, PortRange(10001, 10100), set(), tags={"other"}).is_empty
-    renamed = shared_config()
-    renamed["inbounds"][1]["streamSettings"]["realitySettings"]["serverNames"] = ["other.example"]
-    warnings = plan_migration(renamed, PortRange(10001, 10100), set(), opts_for()).warnings
-    expected = (
-        "inbound vless-reality serves names ['other.example']; "
-        "portmeter serves ['dest.example', 'www.dest.example']"
-    )
-    assert warnings == (expected,)
+    incomplete = shared_config()
+    del incomplete["inbounds"][1]["streamSettings"]["realitySettings"]["serverNames"]
+    plan = plan_migration(incomplete, PortRange(10001, 10100), set(), opts_for())
+    assert plan.is_empty and "REALITY field serverNames missing" in plan.skipped[1]
 
 
 def test_apply_migration_refuses_a_changed_config() -> None:
     plan = plan_migration(shared_config(), PortRange(10001, 10100), set())
     with pytest.raises(XrayConfigError, match="changed since"):
         apply_migration({"inbounds": []}, plan)
+
+
+# --- issue 16: ids, templates, links for every transport ------------------------------------
+
+
+def test_client_ids_are_read_as_xray_reads_them() -> None:
+    # The example of Xray's documentation ("xray uuid -i"), and the forms of a uuid it accepts.
+    assert xray_uuid("我爱🍉老师1314") == "5783a3e7-e373-51cd-8642-c83782b807c5"
+    assert xray_uuid(U1.upper()) == U1 and xray_uuid(U1.replace("-", "")) == U1
+    assert xray_uuid("a" * 30) == str(uuid.uuid5(uuid.UUID(int=0), "a" * 30))
+    for refused in ("", "a" * 31, "x" * 36, U1[:-1] + "g", 7, None):
+        assert xray_uuid(refused) is None, refused
+
+
+def template_key(stream: dict[str, Any], client_id: str = "alice-phone", **client: Any) -> XrayKey:
+    inbound = {
+        "listen": "0.0.0.0", "port": 443, "protocol": "vless", "tag": "shared",
+        "settings": {"clients": [{"id": client_id, **client}], "decryption": "none"},
+        "streamSettings": stream, "sniffing": {"enabled": True, "routeOnly": True},
+    }
+    return XrayKey("k1", "alice", str(xray_uuid(client_id)), 10001, template=json.dumps(inbound))
+
+
+REALITY_STREAM = {
+    "security": "reality",
+    "realitySettings": {
+        "target": "www.example.org:443", "serverNames": ["www.example.org", "example.org"],
+        "privateKey": RFC7748[1][2], "shortIds": ["", "ab12"], "spiderX": "/a b",
+    },
+}
+
+
+def test_a_template_key_renders_its_source_inbound_with_port_and_tag() -> None:
+    k = template_key({"network": "raw", **REALITY_STREAM}, flow="xtls-rprx-vision", level=1)
+    inbound = render_inbound(k, opts_for(), REALITY)
+    source = json.loads(k.template)
+    assert list(inbound) == list(source)  # fields in the source's order, port and tag in place
+    assert {**inbound, "port": 443, "tag": "shared"} == source
+    assert (inbound["port"], inbound["tag"]) == (10001, f"inbound-{k.uuid}")
+    assert is_portmeter_inbound(inbound) and parse_keys({"inbounds": [inbound]}) == {k.uuid: 10001}
+    assert drift({"inbounds": [inbound]}, [k], opts_for()) == []
+    with pytest.raises(ValueError, match="one client, of uuid"):
+        XrayKey("k2", "x", U1, 10002, template=k.template)
+
+
+@pytest.mark.parametrize(
+    ("stream", "transport"),
+    [
+        ({"network": "raw"}, {"type": "tcp", "headerType": "none"}),
+        (
+            {"network": "tcp", "tcpSettings": {"header": {"type": "http", "request": {
+                "path": ["/index.html", "/x"], "headers": {"Host": ["a.example.com", "b.example"]}
+            }}}},
+            {"type": "tcp", "headerType": "http", "host": "a.example.com,b.example",
+             "path": "/index.html"},
+        ),
+        ({"network": "grpc", "grpcSettings": {"serviceName": "svc.Name"}},
+         {"type": "grpc", "serviceName": "svc.Name", "mode": "gun"}),
+        ({"network": "grpc",
+          "grpcSettings": {"serviceName": "s", "multiMode": True, "authority": "a.example"}},
+         {"type": "grpc", "serviceName": "s", "mode": "multi", "authority": "a.example"}),
+        ({"network": "xhttp",
+          "xhttpSettings": {"path": "/up", "mode": "stream-one", "host": "h.example.com"}},
+         {"type": "xhttp", "path": "/up", "mode": "stream-one", "host": "h.example.com"}),
+        ({"network": "splithttp", "splithttpSettings": {"extra": {"noGRPCHeader": True}}},
+         {"type": "xhttp", "path": "/", "mode": "auto", "extra": '{"noGRPCHeader":true}'}),
+        ({"network": "ws", "wsSettings": {"path": "/ws?ed=2048", "headers": {"Host": "w.example"}}},
+         {"type": "ws", "path": "/ws?ed=2048", "host": "w.example"}),
+        ({"network": "httpupgrade", "httpupgradeSettings": {"path": "/u", "host": "u.example.com"}},
+         {"type": "httpupgrade", "path": "/u", "host": "u.example.com"}),
+    ],
+    ids=["raw", "tcp-http", "grpc-gun", "grpc-multi", "xhttp", "splithttp", "ws", "httpupgrade"],
+)
+def test_links_read_back_into_the_inbounds_fields(
+    stream: dict[str, Any], transport: dict[str, str]
+) -> None:
+    flow = {"flow": "xtls-rprx-vision"} if stream["network"] in ("raw", "tcp") else {}
+    k = template_key({**stream, **REALITY_STREAM}, client_id="bob laptop", email="b@x", **flow)
+    assert link_fields(vless_link(k, opts_for(fingerprint="safari"), REALITY)) == {
+        "id": "bob laptop", "host": "vpn.example.net", "port": "10001", "name": "alice",
+        **transport, "encryption": "none", "security": "reality",
+        "pbk": RFC7748[1][3], "fp": "safari", "sni": "www.example.org", "sid": "ab12",
+        "spx": "/a b", **flow,
+    }
+    plain = template_key({**stream, "security": "none"}, client_id=U2)
+    assert link_fields(vless_link(plain, opts_for(security="none"))) == {
+        "id": U2, "host": "vpn.example.net", "port": "10001", "name": "alice",
+        **transport, "encryption": "none", "security": "none",
+    }
+
+
+def test_a_panels_client_side_reality_fields_go_into_the_link() -> None:
+    stream = copy.deepcopy({"network": "tcp", **REALITY_STREAM})
+    del stream["realitySettings"]["spiderX"]
+    stream["realitySettings"]["settings"] = {"fingerprint": "firefox", "spiderX": "/news/"}
+    fields = link_fields(vless_link(template_key(stream), opts_for(), REALITY))
+    assert (fields["fp"], fields["spx"], "flow" in fields) == ("firefox", "/news/", False)
+
+
+def test_migration_keeps_ids_names_and_every_field(tmp_path: Path) -> None:
+    source = shared_config()
+    shared = source["inbounds"][1]
+    shared["settings"]["clients"] = [
+        {"id": "мама", "flow": "xtls-rprx-vision", "level": 2},
+        {"id": U3.upper(), "email": "anna"},
+    ]
+    shared["settings"]["fallbacks"] = [{"dest": 8080, "xver": 1}]
+    shared["listen"] = "198.51.100.7"
+    plan = plan_migration(source, PortRange(10001, 10100), set(), opts_for(), taken_names={"ANNA"})
+    assert [(m.client_id, m.uuid, m.name) for m in plan.moves] == [
+        ("мама", xray_uuid("мама"), "мама"),
+        (U3, U3, "anna-2"),  # a uuid in another spelling is written canonically
+    ]
+    assert "the name 'anna' is taken (another key or client), so its key is named 'anna-2'" in (
+        plan.notes[0]
+    )
+    config, keys = migrate(source, plan, opts_for())
+    for move, k in zip(plan.moves, keys, strict=True):
+        inbound = next(i for i in config["inbounds"] if i.get("tag") == k.tag)
+        same = {"port": 443, "tag": "vless-reality", "settings": shared["settings"]}
+        assert {**inbound, **same} == shared
+        clients = shared["settings"]["clients"]
+        assert inbound["settings"]["clients"] == [
+            {**c, "id": move.client_id} for c in clients if xray_uuid(c["id"]) == k.uuid
+        ]
+    assert drift(config, keys, opts_for(), PortRange(10001, 10100)) == []
+    commented = plan_migration(source, PortRange(10001, 10100), set(), commented=["/etc/x.json"])
+    assert commented.notes[-1].startswith("/etc/x.json has comments: the rewritten config")
+    assert plan_migration(config, PortRange(10001, 10100), set(), commented=["/c"]).notes == ()
+
+
+def test_rewriting_a_file_with_comments_says_so_and_backs_it_up(tmp_path: Path) -> None:
+    opts = opts_for(tmp_path)
+    opts.config_path.parent.mkdir(parents=True)
+    original = b'{"log": {"loglevel": "warning"}, # keep me\n "inbounds": []}\n'
+    opts.config_path.write_bytes(original)
+    live = LiveConfig(XrayFiles(opts))
+    written = live.push([key()], REALITY)
+    assert written.comments_dropped and written.backup is not None
+    assert written.backup.read_bytes() == original
+    assert live.push([key(), key(U2, 10002)], REALITY).comments_dropped is False

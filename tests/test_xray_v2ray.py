@@ -7,11 +7,17 @@ local HTTP server provides a known payload. Only the namespace's loopback carrie
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import json
 import os
+import secrets
+import subprocess
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,6 +29,15 @@ from daemon.xray_sync import (
     render_config,
     vless_link,
 )
+from tests.netlab import SERVER_V4, Lab, wait_for
+from tests.test_xray_corpus import (
+    CORPUS,
+    as_xray_reads,
+    is_reality_vless,
+    mapped_uuid,
+    without_own_parts,
+)
+from tests.test_xray_daemon import wait_listening
 from tests.xray_harness import (
     V2RAY,
     ClientRoute,
@@ -132,3 +147,143 @@ def test_namespace_is_removed_even_when_the_test_fails(tmp_path: Path) -> None:
             wait_port(ns, 21999, proc=proc, timeout=10)
     assert not (Path("/var/run/netns") / ns).exists()
     assert json.loads((tmp_path / "bad.json").read_text()) == {"inbounds": "not a list"}
+
+
+# --- the corpus's inbounds, migrated and served (issue 16) ---------------------------------
+
+NFT_V2RAY_TEST_PORTS = range(31001, 31100)  # the converted shared inbounds' own ports
+Counts = dict[int, tuple[int, int]]  # port -> (bytes to it, bytes from it)
+
+
+def v2ray_inbound(inbound: dict[str, Any], port: int) -> dict[str, Any]:
+    """A corpus REALITY inbound as v2ray 4.34 can serve it: no REALITY (so no Vision flow), the
+    transport's old name "tcp", no QUIC sniffing, ids as the uuids Xray maps them to. Every
+    other field (listen, sniffing, allocate, fallbacks, sockopt ...) stays."""
+    served = copy.deepcopy(inbound)
+    stream = served["streamSettings"]
+    stream.pop("realitySettings")
+    stream["security"] = "none"
+    stream["network"] = "tcp"
+    if "rawSettings" in stream:
+        stream["tcpSettings"] = stream.pop("rawSettings")
+    sniffing = served.get("sniffing")
+    if sniffing:
+        sniffing["destOverride"] = [p for p in sniffing["destOverride"] if p in ("http", "tls")]
+    for client in served["settings"]["clients"]:
+        client.pop("flow", None)
+        client["id"] = mapped_uuid(client["id"])
+    served.update(port=port, tag=f"shared-{port}")
+    return served
+
+
+def corpus_source() -> dict[str, Any]:
+    """One config holding every raw/tcp REALITY inbound of the corpus, made servable by v2ray."""
+    inbounds: list[dict[str, Any]] = []
+    for path in sorted(CORPUS.glob("*.jsonc")):
+        for inbound in as_xray_reads(path.read_text())["inbounds"]:
+            network = (inbound.get("streamSettings") or {}).get("network", "tcp")
+            if is_reality_vless(inbound) and network in ("raw", "tcp"):
+                inbounds.append(v2ray_inbound(inbound, NFT_V2RAY_TEST_PORTS[len(inbounds)]))
+    return {
+        "log": {"loglevel": "warning"},
+        "inbounds": inbounds,
+        "outbounds": [{"protocol": "freedom", "tag": "direct"}],
+    }
+
+
+@contextlib.contextmanager
+def reference_counters(ns: str, ports: list[int]) -> Iterator[Callable[[], Counts]]:
+    """Counters of our own in the client's namespace: per port, bytes sent to it (the server's
+    rx) and received from it (its tx), layer 3, as the daemon counts on the server."""
+    table = f"pmref{os.getpid() % 10000}{secrets.token_hex(2)}"
+    rules = [f"table inet {table} {{"]
+    rules += [f"counter to_{p} {{}}\ncounter from_{p} {{}}" for p in ports]
+    rules.append("chain output { type filter hook output priority mangle;")
+    rules += [f"tcp dport {p} counter name to_{p}" for p in ports]
+    rules.append("}\nchain input { type filter hook input priority mangle;")
+    rules += [f"tcp sport {p} counter name from_{p}" for p in ports]
+    rules.append("}\n}")
+    nft = ["ip", "netns", "exec", ns, "nft"]
+    subprocess.run([*nft, "-f", "-"], input="\n".join(rules), text=True, check=True)
+
+    def read() -> Counts:
+        listed = subprocess.run(
+            [*nft, "-j", "list", "counters", "table", "inet", table],
+            capture_output=True, text=True, check=True,
+        )
+        found = {
+            item["counter"]["name"]: item["counter"]["bytes"]
+            for item in json.loads(listed.stdout)["nftables"] if "counter" in item
+        }
+        return {p: (found[f"to_{p}"], found[f"from_{p}"]) for p in ports}
+
+    try:
+        yield read
+    finally:
+        subprocess.run([*nft, "delete", "table", "inet", table], check=False, capture_output=True)
+
+
+@needs_v2ray
+@needs_netns
+@pytest.mark.kernel
+def test_corpus_inbounds_migrate_and_count_exactly_through_v2ray(
+    make_daemon: Any, net: Lab
+) -> None:
+    d = make_daemon(
+        start=False, PORTMETER_XRAY_SECURITY="none", PORTMETER_XRAY_APPLY="none",
+        PORTMETER_XRAY_BIN=str(V2RAY), PORTMETER_PUBLIC_HOST=SERVER_V4,
+    )
+    source = corpus_source()
+    assert len(source["inbounds"]) == 6
+    d.xray_config.parent.mkdir(parents=True)
+    d.xray_config.write_text(json.dumps(source, indent=4))
+    d.start()
+    done = d.cli("--json", "migrate", str(d.xray_config))  # each write passed `v2ray -test`
+    assert done.returncode == 0, done.stderr
+    keys = json.loads(done.stdout)["created"]
+    assert len(keys) == sum(len(i["settings"]["clients"]) for i in source["inbounds"]) == 14
+    config = json.loads(d.xray_config.read_text())
+    by_tag = {i["tag"]: i for i in config["inbounds"]}
+    for shared in source["inbounds"]:
+        for client in shared["settings"]["clients"]:
+            inbound = by_tag[f"inbound-{client['id']}"]
+            assert without_own_parts(inbound) == without_own_parts(shared)
+            assert inbound["settings"]["clients"] == [client]
+    assert d.cli("xray", "validate").stdout.strip() == "in sync: 14 inbounds as expected"
+
+    used, idle = keys[:-1], keys[-1]
+    routes = [ClientRoute.from_link(k["link"], socks_port=12001 + n) for n, k in enumerate(used)]
+    assert [(r.server_port, r.uuid) for r in routes] == [(k["port"], k["uuid"]) for k in used]
+    ports = [k["port"] for k in keys]
+    proxy_dir = d.workdir / "proxies"
+    proxy_dir.mkdir()
+    with (
+        reference_counters(net.client, ports) as reference,
+        http_server(net.server, os.urandom(PAYLOAD_SIZE // 8)) as http_port,
+        proxy_process(net.server, d.xray_config, proxy_dir, "server") as server,
+    ):
+        for port in ports:
+            wait_listening(net.server, port, server)
+        with proxy_process(net.client, client_config(routes), proxy_dir, "client") as client:
+            for route in routes:
+                wait_port(net.client, route.socks_port, proc=client)
+            for n, route in enumerate(routes):  # a different amount for each key
+                upload = os.urandom(1000 * (n + 1))
+                via = (net.client, route.socks_port, "127.0.0.1", http_port)
+                answer = http_post_via_socks(*via, upload)
+                assert answer == hashlib.sha256(upload).hexdigest().encode()
+                assert len(http_get_via_socks(*via)) == PAYLOAD_SIZE // 8
+        assert server.poll() is None, "the server proxy died during the test"
+
+        def counted() -> Counts:
+            exact = d.api("GET", "/api/traffic/ports/exact")["ports_traffic"]["ports_traffic"]
+            each = [e["traffic"] for e in exact.values()]
+            return {t["port"]: (t["rx_bytes"], t["tx_bytes"]) for t in each}
+
+        # Equal, and the reference still: every packet of the closed connections is counted.
+        wait_for(lambda: counted() == reference() == reference(), 20, "daemon = reference")
+        totals = counted()
+    assert totals[idle["port"]] == (0, 0)
+    for key in used:
+        rx, tx = totals[key["port"]]
+        assert rx > 1000 and tx > PAYLOAD_SIZE // 8, (key["name"], rx, tx)

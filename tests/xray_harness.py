@@ -172,6 +172,22 @@ class ClientRoute:
         return cls(socks_port, parts.port or 0, unquote(parts.username or ""), parts.hostname or "")
 
 
+def link_fields(link: str) -> dict[str, str]:
+    """A vless:// link read back as v2rayN and Hiddify read it: id, host, port and name, and
+    each query parameter (each must appear once)."""
+    parts = urlsplit(link)
+    query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=True)
+    if parts.scheme != "vless" or any(len(v) != 1 for v in query.values()):
+        raise ValueError(f"not a vless link with single parameters: {link}")
+    return {
+        "id": unquote(parts.username or ""),
+        "host": parts.hostname or "",
+        "port": str(parts.port),
+        "name": unquote(parts.fragment),
+        **{name: values[0] for name, values in query.items()},
+    }
+
+
 def client_config(routes: Sequence[ClientRoute]) -> dict[str, Any]:
     """A client proxy config: socks inbound N on 127.0.0.1 -> VLESS outbound N, one per route."""
     inbounds, outbounds, rules = [], [], []

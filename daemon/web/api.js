@@ -82,7 +82,6 @@ function database(db) {
     uniqueUsers: num(db.unique_users),
     uniqueServers: num(db.unique_servers),
     size: num(first(db.size_bytes, db.size)),
-    sizeFormatted: db.size_formatted || null,
     retentionDays: first(db.retention_days, db.retention) ?? null,
   };
 }
@@ -95,7 +94,6 @@ export async function overview() {
     users: num(body.total_users),
     servers: num(body.total_servers),
     traffic,
-    trafficFormatted: first(body.traffic_used_formatted, body.total_formatted) || null,
     up: first(body.bytes_uploaded, null),
     down: first(body.bytes_downloaded, null),
     connections: num(body.total_connections),
@@ -104,7 +102,6 @@ export async function overview() {
       up: num(u.bytes_uploaded),
       down: num(u.bytes_downloaded),
       total: num(first(u.total_bytes, num(u.bytes_uploaded) + num(u.bytes_downloaded))),
-      totalFormatted: u.total_formatted || null,
       servers: typeof u.servers === "number" ? u.servers : (u.servers || []).length,
       lastUsed: u.last_used,  // undefined when the overview does not carry it
       connections: u.connections,

@@ -1,31 +1,28 @@
 // The Traffic Manager page: renders what ./api.js returns. No framework, no network but the daemon.
 import * as api from "./api.js";
 
-const UNITS = ["B", "KB", "MB", "GB", "TB", "PB"];
+const UNITS = ["B", "kB", "MB", "GB", "TB", "PB", "EB"];
 const MAX_LAST_USED = 100; // beyond this many users, "last used" is fetched only on expand
 const $ = (id) => document.getElementById(id);
 const SVG = "http://www.w3.org/2000/svg";
 
-// Python's round(value, 1): round half to even on the exact binary value.
-function round1(value) {
-  const tenths = value * 10;
-  const floor = Math.floor(tenths);
-  const rest = tenths - floor;
-  const n = rest > 0.5 ? floor + 1 : rest < 0.5 ? floor : floor % 2 === 0 ? floor : floor + 1;
-  return n / 10;
-}
-
-// The daemon's human_bytes (powers of 1024): 1048576 -> "1.0 MB", 1048575 -> "1.0 MB".
-export function humanBytes(count) {
-  let value = Number(count);
-  for (let i = 0; i < UNITS.length; i++) {
-    const rounded = round1(value);
-    if (Math.abs(rounded) < 1024 || i === UNITS.length - 1) {
-      return i === 0 ? `${Math.trunc(value)} B` : `${rounded.toFixed(1)} ${UNITS[i]}`;
-    }
-    value /= 1024;
+// The daemon's display_bytes: powers of 1000, the system sizes are entered in ("50GB" shows
+// "50 GB"), at most two decimals, rounded half to even on the exact value (BigInt, so the
+// text is the CLI's to the digit).
+export function displayBytes(count) {
+  const bytes = BigInt(Math.max(0, Math.round(Number(count) || 0)));
+  let hundredths = 0n;
+  let unit = UNITS[0];
+  for (let power = 0; power < UNITS.length; power++) {
+    const divisor = 1000n ** BigInt(power);
+    const remainder = (bytes * 100n) % divisor;
+    hundredths = (bytes * 100n) / divisor;
+    if (2n * remainder > divisor || (2n * remainder === divisor && hundredths % 2n === 1n)) hundredths += 1n;
+    unit = UNITS[power];
+    if (hundredths < 100000n) break;  // compare what is printed: 999999 is "1 MB", not "1000 kB"
   }
-  return "";
+  const cents = (hundredths % 100n).toString().padStart(2, "0");
+  return `${hundredths / 100n}.${cents}`.replace(/0+$/, "").replace(/\.$/, "") + ` ${unit}`;
 }
 
 function el(tag, attrs = {}, ...children) {
@@ -135,13 +132,13 @@ function renderGlobal(o, keys, traffic, missing) {
   if (o) {
     setText("stat-users", o.users);
     setText("stat-servers", o.servers);
-    setText("stat-traffic", o.trafficFormatted || humanBytes(o.traffic));
-    setText("stat-traffic-split", o.up === null ? "" : `↑ ${humanBytes(o.up)}  ↓ ${humanBytes(o.down)}`);
+    setText("stat-traffic", displayBytes(o.traffic));
+    setText("stat-traffic-split", o.up === null ? "" : `↑ ${displayBytes(o.up)}  ↓ ${displayBytes(o.down)}`);
     setText("stat-connections", o.connections);
   } else if (keys && traffic && missing) {
     setText("stat-users", keys.length);
     setText("stat-servers", 1);
-    setText("stat-traffic", humanBytes(traffic.total));
+    setText("stat-traffic", displayBytes(traffic.total));
     setText("stat-traffic-split", "");
     setText("stat-connections", traffic.connections);
     note.textContent = "Usage across servers is not available from this daemon: this server's keys only.";
@@ -162,7 +159,7 @@ function renderDatabase(o) {
   setText("db-records", db.records);
   setText("db-users", db.uniqueUsers);
   setText("db-servers", db.uniqueServers);
-  setText("db-size", db.sizeFormatted || humanBytes(db.size));
+  setText("db-size", displayBytes(db.size));
   setText("db-retention", db.retentionDays === null ? "–" : `${db.retentionDays} days`);
 }
 
@@ -172,7 +169,7 @@ function mergeUsers(keys, traffic, o) {
     const counted = traffic && traffic.perKey.get(key.name);
     rows.set(key.name, {
       id: key.id, name: key.name, port: key.port, status: key.status, limit: key.limit, used: key.used,
-      up: key.up, down: key.down, total: key.up + key.down, totalFormatted: null,
+      up: key.up, down: key.down, total: key.up + key.down,
       servers: 1, connections: counted ? counted.connections : null, lastUsed: undefined,
     });
   }
@@ -181,7 +178,7 @@ function mergeUsers(keys, traffic, o) {
       name: user.name, port: null, status: "remote", limit: null, used: 0, connections: null,
     };
     Object.assign(row, {
-      up: user.up, down: user.down, total: user.total, totalFormatted: user.totalFormatted,
+      up: user.up, down: user.down, total: user.total,
       servers: user.servers, lastUsed: user.lastUsed,
     });
     if (typeof user.connections === "number") row.connections = user.connections;
@@ -221,7 +218,7 @@ function limitBar(user) {
   fill.style.width = `${Math.min(100, percent).toFixed(1)}%`;
   return el("div", { class: "limit", title: `${percent.toFixed(1)}% of the limit used` },
     el("div", { class: "bar" }, fill),
-    el("span", { class: "limit-text" }, `${humanBytes(user.used)} / ${humanBytes(user.limit)}`));
+    el("span", { class: "limit-text" }, `${displayBytes(user.used)} / ${displayBytes(user.limit)}`));
 }
 
 function renderUsers() {
@@ -242,9 +239,9 @@ function renderUsers() {
       el("td", { class: "c-port" }, user.port ?? "–"),
       el("td", { class: "c-status" }, el("span", { class: `badge ${user.status}` }, user.status)),
       el("td", { class: "num c-servers" }, user.servers),
-      el("td", { class: "num c-up" }, humanBytes(user.up)),
-      el("td", { class: "num c-down" }, humanBytes(user.down)),
-      el("td", { class: "num c-total" }, user.totalFormatted || humanBytes(user.total)),
+      el("td", { class: "num c-up" }, displayBytes(user.up)),
+      el("td", { class: "num c-down" }, displayBytes(user.down)),
+      el("td", { class: "num c-total" }, displayBytes(user.total)),
       el("td", { class: "num c-conn" }, user.connections ?? "–"),
       el("td", { class: "c-last" }, user.lastUsed === undefined
         ? el("span", { class: "muted" }, page.overviewOk ? "…" : "–") : ago(user.lastUsed)),
@@ -294,9 +291,9 @@ function serverTable(servers) {
         .map((h, i) => el("th", { class: i >= 3 && i <= 6 ? "num" : null }, h)))),
     el("tbody", {}, servers.map((s) => el("tr", { class: "server", "data-server": s.server },
       el("td", {}, s.server), el("td", {}, s.source), el("td", {}, s.port ?? "–"),
-      el("td", { class: "num s-up" }, humanBytes(s.up)),
-      el("td", { class: "num s-down" }, humanBytes(s.down)),
-      el("td", { class: "num s-total" }, humanBytes(s.total)),
+      el("td", { class: "num s-up" }, displayBytes(s.up)),
+      el("td", { class: "num s-down" }, displayBytes(s.down)),
+      el("td", { class: "num s-total" }, displayBytes(s.total)),
       el("td", { class: "num s-conn" }, s.connections ?? "–"),
       el("td", {}, ago(s.lastUsed))))));
 }
@@ -333,12 +330,12 @@ function drawChart(points, which) {
   const plotW = W - left - 4, plotH = H - top - bottom;
   const max = Math.max(0, ...points.map((p) => p.up + p.down));
   const chart = svg("svg", { viewBox: `0 0 ${W} ${H}`, class: `usage ${which}`, role: "img",
-    "aria-label": `${which === "hourly" ? "last 24 hours" : "last 30 days"}: ${humanBytes(max)} at most` });
+    "aria-label": `${which === "hourly" ? "last 24 hours" : "last 30 days"}: ${displayBytes(max)} at most` });
   for (const f of [0, 0.5, 1]) {
     const y = top + plotH * (1 - f);
     chart.append(svg("line", { x1: left, x2: W - 4, y1: y, y2: y, class: "grid" }),
       svg("text", { x: left - 6, y: y + 4, class: "axis", "text-anchor": "end" },
-        f === 0 ? "0" : humanBytes(max * f)));
+        f === 0 ? "0" : displayBytes(max * f)));
   }
   const step = plotW / Math.max(1, points.length);
   const every = which === "hourly" ? 6 : 5;
@@ -347,7 +344,7 @@ function drawChart(points, which) {
     const scale = max ? plotH / max : 0;
     const hUp = p.up * scale, hDown = p.down * scale;
     const bar = svg("g", { class: "bar" },
-      svg("title", {}, `${label(p.start, which)}  ↑ ${humanBytes(p.up)}  ↓ ${humanBytes(p.down)}`),
+      svg("title", {}, `${label(p.start, which)}  ↑ ${displayBytes(p.up)}  ↓ ${displayBytes(p.down)}`),
       svg("rect", { x: x + 1, width: Math.max(1, step - 2), y: top + plotH - hUp, height: hUp, class: "up" }),
       svg("rect", { x: x + 1, width: Math.max(1, step - 2), y: top + plotH - hUp - hDown, height: hDown, class: "down" }));
     chart.append(bar);
@@ -404,7 +401,7 @@ async function cleanup() {
     const done = await api.cleanup();
     const ok = await load();
     const left = done.records === null ? "" :
-      `; ${done.records} records left${done.size === null ? "" : ` (${humanBytes(done.size)})`}`;
+      `; ${done.records} records left${done.size === null ? "" : ` (${displayBytes(done.size)})`}`;
     const keep = done.retentionDays === null ? "" : ` older than ${done.retentionDays} days`;
     if (ok) say("info", `Cleanup done: removed ${done.removed} records${keep}${left}.`);
   });
@@ -420,7 +417,7 @@ function start() {
   $("refresh").addEventListener("click", () => busy(load));
   $("reset-all").addEventListener("click", resetAll);
   $("cleanup").addEventListener("click", cleanup);
-  window.portmeter = { humanBytes, load };
+  window.portmeter = { displayBytes, load };
   busy(load);
 }
 

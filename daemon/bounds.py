@@ -1,0 +1,112 @@
+"""The documented bounds of every number portmeter accepts, in one place.
+
+Each bound lies well inside what every store of the number can hold: nf_tables (u64 quota and
+counter bytes, encoded by `nlcodec`), SQLite and PostgreSQL (signed 64-bit integers, also when
+summed over many keys and hours), JSON readers in browsers (exact up to 2^53). The API refuses a
+value outside them with 422, the CLI with one line, and `portmeter state check` calls a state file
+holding one damaged. README "Bounds and names" lists them for operators.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Final
+
+# A data limit: up to 1 EB (10^18 bytes). 2^63 is 9.2 * 10^18: 9 keys at the bound still sum
+# without overflow in SQLite or PostgreSQL, and no link carries 1 EB in a reset period.
+MAX_LIMIT_BYTES: Final = 10**18
+
+# Usage counted for one key in one direction since its last reset: the same ceiling, which a
+# 100 Gbit/s link would need 2.5 years of saturation to reach.
+MAX_USAGE_BYTES: Final = 10**18
+
+# The bytes one report (one key, one server, one delivery) may carry: 1 PB, 22 hours of a
+# saturated 100 Gbit/s link. A report never covers more than a few poll intervals.
+MAX_REPORT_BYTES: Final = 10**15
+
+# Ports.
+MIN_PORT: Final = 1
+MAX_PORT: Final = 65535
+
+# A key's note.
+MAX_NOTE_CHARS: Final = 256
+
+# Dates: expiry and reset times between 2000 and 9998, so "+Nd" arithmetic and time zones never
+# leave what Python's datetime holds (year 1 to 9999).
+EARLIEST_MOMENT: Final = datetime(2000, 1, 1, tzinfo=UTC)
+LATEST_MOMENT: Final = datetime(9998, 12, 31, tzinfo=UTC)
+
+# Resets of one key so far.
+MAX_EPOCH: Final = 10**9
+
+# What nf_tables holds: counters, object handles and a quota's `used` are u64; a quota's limit is
+# at most 2^63 - 1 (the kernel refuses more with EOVERFLOW). nlcodec and counters refuse a value
+# outside these before it reaches the kernel.
+MAX_U64: Final = 2**64 - 1
+MAX_KERNEL_QUOTA: Final = 2**63 - 1
+
+# Saves of the state so far (its generation): history and fleet reports store it as a signed
+# 64-bit integer.
+MAX_GENERATION: Final = 2**63 - 1
+
+# Key names: characters in the kept (NFC) form. A key reference (id, uuid, or a name in any
+# normal form, which may be longer than its NFC form) is at most MAX_REF_CHARS.
+MAX_NAME_CHARS: Final = 64
+MAX_REF_CHARS: Final = 256
+
+# Sizes and dates as typed ("50GB", "+30d", an ISO date-time): at most this many characters.
+MAX_SIZE_CHARS: Final = 32
+MAX_MOMENT_CHARS: Final = 64
+
+# Pages of GET /api/traffic/ports/exact: a page holds at most MAX_PAGE_LIMIT keys; there are
+# never more keys than ports, so an offset past MAX_PORT is a mistake.
+MAX_PAGE_LIMIT: Final = 10000
+MAX_OFFSET: Final = MAX_PORT
+
+# `portmeter traffic --watch`: seconds between redraws, and how many redraws at most.
+MIN_WATCH_SECONDS: Final = 0.1
+MAX_WATCH_SECONDS: Final = 3600
+MAX_WATCH_COUNT: Final = 10**6
+
+
+def limit_bytes(value: int) -> int:
+    """`value` if it is a data limit within the bounds; ValueError saying which one otherwise."""
+    if value < 0:
+        raise ValueError("must not be negative")
+    if value > MAX_LIMIT_BYTES:
+        raise ValueError(f"at most {MAX_LIMIT_BYTES} bytes (1 EB)")
+    return value
+
+
+MOMENT_RANGE: Final = f"not between {EARLIEST_MOMENT:%Y-%m-%d} and {LATEST_MOMENT:%Y-%m-%d}"
+
+
+def moment(value: datetime) -> datetime:
+    """`value` (time zone aware) if it lies within the bounds; ValueError otherwise."""
+    if not EARLIEST_MOMENT <= value <= LATEST_MOMENT:
+        raise ValueError(f"{value.isoformat()} is {MOMENT_RANGE}")
+    return value
+
+# An Xray config file portmeter reads (the managed file or a migration source): 40 MB, about
+# five times the file of 10,000 keys and room for some 50,000 key inbounds. Larger is refused
+# before it is read.
+MAX_XRAY_CONFIG_BYTES: Final = 40 * 10**6
+
+# The TCP listener (README "TCP listener"): connections held at once, in total and per client
+# address (an IPv6 client counts by its /64), and how long a request's head and body may take to
+# arrive. OPEN_FILES is the daemon's open-file budget (the unit's LimitNOFILE=, and the soft limit
+# raised at start when the hard one allows): the largest listener cap plus room for the Unix
+# socket's clients, state, history and netlink sockets.
+MAX_HTTP_CONNECTIONS: Final = 10_000
+MIN_HTTP_TIMEOUT: Final = 0.1
+MAX_HTTP_TIMEOUT: Final = 600.0
+OPEN_FILES: Final = 16_384
+
+# Events that can repeat thousands of times a second (refused connections and requests, accept
+# failures) are logged at most once per this many seconds, with a count.
+MIN_LOG_REPEAT_INTERVAL: Final = 0.1
+MAX_LOG_REPEAT_INTERVAL: Final = 3600.0
+
+# An API key (PORTMETER_API_KEY, PORTMETER_REPORT_API_KEYS): long enough not to be guessed.
+MIN_API_KEY_CHARS: Final = 16
+MAX_API_KEY_CHARS: Final = 256

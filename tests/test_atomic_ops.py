@@ -1,0 +1,616 @@
+"""Every operation is all or nothing, in memory too; one key's failure stays its own.
+
+In-process: the real Service, StateStore and Xray bridge (apply mode "none") on a temporary
+directory, with a small in-memory stand-in for the kernel table (`FakeTable`) that can refuse any
+step. A failure injected at the kernel, Xray or state-file step of any operation, whatever the
+exception, must leave memory, the state files, the Xray config and the table exactly as before,
+and answer an OperationError (4xx/503/507), never anything a client would see as a 500.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import anyio
+import httpx
+import pytest
+import structlog
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from structlog.testing import capture_logs
+
+from daemon import nlcodec as nl
+from daemon.accounting import Reading
+from daemon.allocator import PortRange
+from daemon.api import create_app
+from daemon.bounds import MAX_EPOCH, MAX_KERNEL_QUOTA, MAX_LIMIT_BYTES
+from daemon.counters import (
+    Counters,
+    KernelQuota,
+    NftError,
+    OutOfRange,
+    PortReading,
+    TableView,
+    Transaction,
+    checked_quota,
+)
+from daemon.errors import OperationError, XrayRefused
+from daemon.limits import Quota
+from daemon.reports import webhook_outbox
+from daemon.service import Service
+from daemon.settings import Settings
+from daemon.state import State, StateStore, StorageError
+from daemon.xray_bridge import Pushed, XrayBridge
+from tests.test_migration import shared_config
+
+FIRST_PORT = 20001
+HANDLE = 7
+MUTATIONS = ("build", "install", "enforce", "remove", "remove_present")
+STATUS_EVENTS = {"key_active", "key_limited", "key_expired", "key_disabled", "key_reset"}
+
+
+class FakeTable:
+    """The kernel table as Service uses it (counters.Counters' coroutines), in memory.
+
+    `refuse` maps a method name (and a port, or None for any port) to the exception it raises;
+    `rx` is what the kernel counted per port. Every installed port has its own object handles,
+    new ones when it is installed again. A quota counts the traffic since it was set (`since`),
+    as the kernel's does."""
+
+    def __init__(self, table: str = "fake") -> None:
+        self.table = table
+        self.exists = False
+        self.quotas: dict[int, Quota | None] = {}
+        self.since: dict[int, int] = {}  # rx when the port's quota was set
+        self.handles: dict[int, int] = {}
+        self.rx: dict[int, int] = {}
+        self.refuse: dict[tuple[str, int | None], Exception] = {}
+        self.refused = 0  # how many calls raised what `refuse` armed
+        self._next_handle = 100
+
+    def used(self, port: int) -> int | None:
+        quota = self.quotas[port]
+        if quota is None:
+            return None
+        return min(quota.used + self.rx[port] - self.since[port], quota.limit)
+
+    def snapshot(self) -> tuple[bool, dict[int, tuple[int | None, int | None, int, int]]]:
+        """What the table holds: per port the quota's limit and usage, the counter's handle and
+        bytes (a quota replaced by an equal one is the same table)."""
+        ports = {
+            p: (None if q is None else q.limit, self.used(p), self.handles[p], self.rx[p])
+            for p, q in self.quotas.items()
+        }
+        return self.exists, ports
+
+    def _step(self, name: str, ports: Iterable[int] = ()) -> None:
+        for port in (None, *ports):
+            refused = self.refuse.get((name, port))
+            if refused is not None:
+                self.refused += 1
+                raise refused
+
+    def _reading(self, port: int) -> PortReading:
+        quota, handle = self.quotas[port], self.handles[port]
+        rx = Reading(HANDLE, handle, self.rx[port] // 100, self.rx[port])
+        tx = Reading(HANDLE, handle + 1, 0, 0)
+        if quota is None:
+            return PortReading(rx, tx)
+        used = self.used(port)
+        assert used is not None
+        dropped = Reading(HANDLE, handle + 2, 0, 0)
+        return PortReading(rx, tx, dropped, KernelQuota(quota.limit, used))
+
+    def _view(self, ports: Iterable[int]) -> TableView | None:
+        if not self.exists:
+            return None
+        return TableView(HANDLE, {p: self._reading(p) for p in ports if p in self.quotas})
+
+    def _put(self, port: int, quota: Quota | None) -> None:
+        self._next_handle += 3
+        self.quotas[port], self.handles[port], self.rx[port] = quota, self._next_handle, 0
+        self.since[port] = 0
+
+    async def read(self) -> TableView | None:
+        self._step("read")
+        return self._view(self.quotas)
+
+    async def read_ports(self, ports: Iterable[int]) -> TableView | None:
+        wanted = list(ports)
+        self._step("read_ports", wanted)
+        return self._view(wanted)
+
+    async def map_elements(self) -> dict[str, dict[int, str]]:
+        self._step("map_elements")
+        enforced = [p for p, q in self.quotas.items() if q is not None]
+        return {
+            "rx": {p: f"rx_{p}" for p in self.quotas}, "tx": {p: f"tx_{p}" for p in self.quotas},
+            "quota": {p: f"q_{p}" for p in enforced}, "dropped": {p: f"drop_{p}" for p in enforced},
+        }
+
+    async def build(self, ports: Mapping[int, Quota | None]) -> None:
+        self._step("build", [p for p, q in ports.items() if q is not None])
+        self.exists, self.quotas, self.handles, self.rx = True, {}, {}, {}
+        for port, quota in ports.items():
+            self._put(port, quota)
+
+    async def install(self, port: int, quota: Quota | None = None) -> None:
+        self._step("install", [port])
+        if port in self.quotas:
+            raise NftError("create counter: File exists", errno.EEXIST)
+        self._put(port, quota)
+
+    async def remove(self, port: int) -> None:
+        self._step("remove", [port])
+        if port not in self.quotas:
+            raise NftError("delete counter: No such file or directory", errno.ENOENT)
+        self._forget(port)
+
+    async def enforce(self, port: int, quota: Quota | None) -> None:
+        self._step("enforce", [port])
+        if port not in self.quotas:
+            raise NftError("create quota: No such file or directory", errno.ENOENT)
+        self.quotas[port], self.since[port] = quota, self.rx[port]
+
+    async def remove_present(self, ports: Iterable[int]) -> None:
+        wanted = list(ports)
+        self._step("remove_present", wanted)
+        for port in wanted:
+            self._forget(port)
+
+    def _forget(self, port: int) -> None:
+        for found in (self.quotas, self.since, self.handles, self.rx):
+            found.pop(port, None)
+
+
+class FailingStore(StateStore):
+    """The real store; `refuse` makes the next saves raise it before anything is written."""
+
+    refuse: Exception | None = None
+
+    def save(self, state: State, changed: Any = None) -> None:
+        if self.refuse is not None:
+            raise self.refuse
+        super().save(state, changed)
+
+
+class FailingBridge(XrayBridge):
+    """The real bridge; `refuse` makes pushes raise it before anything is written."""
+
+    refuse: Exception | None = None
+
+    async def push(self, state: State, **options: Any) -> Pushed:
+        if self.refuse is not None:
+            raise self.refuse
+        return await super().push(state, **options)
+
+
+@dataclass
+class Rig:
+    service: Service
+    table: FakeTable
+    store: FailingStore
+    bridge: FailingBridge
+    directory: Path
+    keys: dict[str, str] = field(default_factory=dict)  # name -> id
+
+    @property
+    def xray_config(self) -> Path:
+        return self.directory / "xray" / "config.json"
+
+    def files(self) -> tuple[bytes, bytes, bytes]:
+        journal = self.store.journal
+        return (
+            self.store.path.read_bytes(),
+            journal.read_bytes() if journal.exists() else b"",
+            self.xray_config.read_bytes(),
+        )
+
+    def memory(self) -> tuple[Any, ...]:
+        service = self.service
+        return (
+            service.state.model_dump(), list(service.state.keys), dict(service._kernel_limits),
+            dict(service.failures),
+        )
+
+    def everything(self) -> tuple[Any, ...]:
+        return self.memory(), self.files(), self.table.snapshot()
+
+    def arm(self, step: str, error: Exception) -> None:
+        if step == "kernel":
+            self.table.refuse = {(name, None): error for name in MUTATIONS}
+        elif step == "xray":
+            self.bridge.refuse = error
+        else:
+            self.store.refuse = error
+
+    def disarm(self) -> None:
+        self.table.refuse, self.bridge.refuse, self.store.refuse = {}, None, None
+
+
+def make_settings(directory: Path, **extra: Any) -> Settings:
+    return Settings(
+        state_dir=directory / "state", socket=directory / "pm.sock", nft_table="fake",
+        port_range=PortRange(FIRST_PORT, FIRST_PORT + 49),
+        xray_config=directory / "xray" / "config.json",
+        reality_dest="www.example.org:443", public_host="vpn.example.net", xray_apply="none",
+        **extra,
+    )
+
+
+@contextlib.asynccontextmanager
+async def rig(with_keys: bool = True, **extra: Any) -> AsyncIterator[Rig]:
+    """A started service with three keys: limited (with traffic), unlimited, disabled."""
+    with tempfile.TemporaryDirectory(prefix="pm-atomic-") as name:
+        directory = Path(name)
+        config = make_settings(directory, **extra)
+        (directory / "xray").mkdir()
+        (directory / "xray" / "config.json").write_text(json.dumps(shared_config(), indent=2))
+        log = structlog.get_logger()
+        store = FailingStore(config.state_file)
+        table = FakeTable()
+        bridge = FailingBridge(config, log)
+        outbox = webhook_outbox(directory / "outbox", None, "", log)
+        # Service takes the concrete Counters today; FakeTable has every coroutine it calls.
+        service = Service(config, store, store.load(), cast(Counters, table), outbox, log, bridge)
+        await service.reconcile()
+        made = Rig(service, table, store, bridge, directory)
+        if with_keys:
+            for key_name, settings_ in (
+                ("limited", {"data_limit_bytes": 10_000}), ("open", {}),
+                ("off", {"enabled": False}),
+            ):
+                made.keys[key_name] = (await service.create_key(key_name, None, settings_)).id
+            table.rx[service.state.keys[made.keys["limited"]].port] = 4_000
+            await service.poll_once()
+        yield made
+
+
+# --- one operation per entry: what it does to the rig -----------------------------------------
+
+
+Operation = Callable[[Rig], Awaitable[object]]
+OPERATIONS: dict[str, Operation] = {
+    "create": lambda r: r.service.create_key("new", None, {"data_limit_bytes": 5_000}),
+    "create unlimited": lambda r: r.service.create_key("plain"),
+    "raise limit": lambda r: r.service.update_key(r.keys["limited"], {"data_limit_bytes": 90_000}),
+    "lower limit": lambda r: r.service.update_key(r.keys["limited"], {"data_limit_bytes": 3_000}),
+    "lift limit": lambda r: r.service.update_key(r.keys["limited"], {"data_limit_bytes": None}),
+    "set limit": lambda r: r.service.update_key(r.keys["open"], {"data_limit_bytes": 1}),
+    "disable": lambda r: r.service.update_key(r.keys["limited"], {"enabled": False}),
+    "enable": lambda r: r.service.update_key(r.keys["off"], {"enabled": True}),
+    "note": lambda r: r.service.update_key(r.keys["open"], {"note": "changed"}),
+    "reset": lambda r: r.service.reset_traffic(r.keys["limited"]),
+    "delete": lambda r: r.service.delete_key(r.keys["limited"]),
+    "migrate": lambda r: r.service.migrate(r.xray_config, dry_run=False),
+}
+FAILURES: dict[str, list[Exception]] = {
+    "kernel": [
+        NftError("create quota q_20001: Value too large for defined data type", errno.EOVERFLOW),
+        NftError("netlink: Operation not permitted", errno.EPERM),
+        OutOfRange("q_20001: a limit of 18446744073709551616 bytes is outside 0..2^63-1"),
+        OverflowError("int too big to convert"),
+        ValueError("unexpected value"),
+        RuntimeError("a bug"),
+    ],
+    "xray": [XrayRefused("xray refused the config"), RuntimeError("a bug")],
+    "save": [
+        StorageError("cannot write state.json: No space left on device"), RuntimeError("a bug"),
+    ],
+}
+
+
+# Operations that leave every key in place, to run before the one that fails.
+BEFOREHAND = ["raise limit", "lower limit", "lift limit", "set limit", "disable", "enable", "note",
+              "reset", "traffic"]
+
+
+async def beforehand(r: Rig, name: str, traffic: int) -> None:
+    """One earlier step; a refusal of it (e.g. enabling an enabled key) is fine here."""
+    if name == "traffic":
+        r.table.rx[r.service.state.keys[r.keys["limited"]].port] += traffic
+        await r.service.poll_once()
+        return
+    with contextlib.suppress(OperationError):
+        await OPERATIONS[name](r)
+
+
+@pytest.mark.parametrize("step", sorted(FAILURES))
+@pytest.mark.parametrize("name", sorted(OPERATIONS))
+@given(data=st.data())
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_a_failed_step_leaves_everything_as_it_was(
+    name: str, step: str, data: st.DataObject
+) -> None:
+    """Property: after any earlier steps, whatever the failing step raises, a refused operation
+    leaves memory, state files, Xray config and table exactly as before and logs one line; an
+    operation that went through saved exactly what it holds; the next operation works."""
+    error = data.draw(st.sampled_from(FAILURES[step]), label="error")
+    earlier = data.draw(st.lists(st.sampled_from(BEFOREHAND), max_size=3), label="earlier")
+    traffic = data.draw(st.integers(0, 20_000), label="traffic")
+
+    async def run() -> None:
+        async with rig() as r:
+            for earlier_name in earlier:
+                await beforehand(r, earlier_name, traffic)
+            await r.service.poll_once()  # what the kernel counted is in, as an operation reads it
+            before = r.everything()
+            r.arm(step, error)
+            with capture_logs() as logs:
+                try:
+                    await OPERATIONS[name](r)
+                except OperationError as refusal:
+                    assert refusal.status in (422, 503, 507), refusal.detail
+                    refused = True
+                else:
+                    refused = False
+            r.disarm()
+            # Every operation pushes Xray and saves; one whose kernel step failed must fail too
+            # (a deletion removes its counters only once it is saved: that failure is logged).
+            hit = step != "kernel" or (r.table.refused > 0 and name != "delete")
+            assert refused or not hit, f"{name} went through although its {step} step failed"
+            events = [e["event"] for e in logs]
+            if refused:
+                assert r.everything() == before
+                assert not STATUS_EVENTS.intersection(events)
+                assert events.count("operation_refused") + events.count("operation_failed") == 1
+            assert StateStore(r.store.path).load().model_dump() == r.service.state.model_dump()
+            await r.service.create_key("afterwards")
+            await r.service.poll_once()
+            assert_table_matches(r)
+
+    anyio.run(run)
+
+
+def assert_table_matches(r: Rig) -> None:
+    """The table holds exactly each key's port with the quota limit its status needs."""
+    wanted = {}
+    for key in r.service.state.keys.values():
+        quota = r.service._desired_quota(key)
+        wanted[key.port] = None if quota is None else quota.limit
+    have = {port: None if q is None else q.limit for port, q in r.table.quotas.items()}
+    assert have == wanted
+
+
+def test_a_huge_limit_is_refused_before_any_step_and_poisons_nothing() -> None:
+    """The attack of issue 17 behind the edge: 2^64, 20000 PB and 2^63+5 reach the service."""
+
+    async def run() -> None:
+        async with rig() as r:
+            before = r.everything()
+            for limit in (2**64, 20_000 * 10**15, 2**63 + 5, MAX_LIMIT_BYTES + 1):
+                with pytest.raises(OperationError) as refused:
+                    await r.service.update_key(r.keys["limited"], {"data_limit_bytes": limit})
+                assert refused.value.status == 422
+                assert refused.value.detail.startswith("data_limit_bytes: Input should be less")
+                with pytest.raises(OperationError) as refused:
+                    await r.service.create_key("huge", None, {"data_limit_bytes": limit})
+                assert refused.value.status == 422
+                assert r.everything() == before
+            await r.service.update_key(r.keys["open"], {"note": "saved"})  # another key's save
+            saved = StateStore(r.store.path).load()
+            assert saved.keys[r.keys["limited"]].data_limit_bytes == 10_000
+            assert saved.keys[r.keys["open"]].note == "saved"
+            assert r.service.failures == {}
+
+    anyio.run(run)
+
+
+def test_a_value_past_what_the_kernel_holds_is_rolled_back_even_when_it_slipped_through() -> None:
+    """Bounds aside: the kernel step raising OverflowError (the old crash) rolls back too."""
+
+    async def run() -> None:
+        async with rig() as r:
+            limited = r.service.state.keys[r.keys["limited"]]
+            before = r.everything()
+            r.table.refuse[("enforce", limited.port)] = OverflowError("int too big to convert")
+            with capture_logs() as logs, pytest.raises(OperationError) as refused:
+                await r.service.update_key(limited.id, {"data_limit_bytes": 20_000})
+            assert refused.value.status == 503
+            detail = refused.value.detail
+            assert "OverflowError" in detail and "nothing was changed" in detail
+            assert [e["event"] for e in logs] == ["operation_failed"]
+            assert r.everything() == before
+            r.table.refuse.clear()
+            await r.service.update_key(r.keys["open"], {"note": "x"})
+            assert StateStore(r.store.path).load().keys[limited.id].data_limit_bytes == 10_000
+
+    anyio.run(run)
+
+
+def test_a_record_changed_in_memory_is_checked_against_the_bounds_before_any_step() -> None:
+    """A reset past MAX_EPOCH would save a state no start could load: refused, nothing done."""
+
+    async def run() -> None:
+        async with rig() as r:
+            key_id = r.keys["limited"]
+            r.service.state.keys[key_id].epoch = MAX_EPOCH
+            before = r.everything()
+            with pytest.raises(OperationError) as refused:
+                await r.service.reset_traffic(key_id)
+            assert refused.value.status == 422
+            assert refused.value.detail.startswith("epoch: Input should be less than or equal to")
+            assert r.everything() == before
+
+    anyio.run(run)
+
+
+def test_an_undo_that_fails_is_logged_and_the_next_poll_repairs_the_quota() -> None:
+    async def run() -> None:
+        async with rig() as r:
+            limited = r.service.state.keys[r.keys["limited"]]
+            r.store.refuse = StorageError("cannot write: No space left on device", disk_full=True)
+            original = r.table.enforce
+            calls = 0
+
+            async def first_call_only(port: int, quota: Quota | None) -> None:
+                nonlocal calls
+                calls += 1
+                if calls > 1:
+                    raise NftError("netlink: Device or resource busy", errno.EBUSY)
+                await original(port, quota)
+
+            r.table.enforce = first_call_only  # type: ignore[method-assign]
+            with capture_logs() as logs, pytest.raises(OperationError) as refused:
+                await r.service.update_key(limited.id, {"data_limit_bytes": 50_000})
+            assert refused.value.status == 507
+            assert [e["event"] for e in logs] == [
+                "state_write_failed", "undo_failed", "operation_refused"]
+            assert r.table.quotas[limited.port] == Quota(50_000, 4_000)  # the undo failed
+            assert r.service.state.keys[limited.id].data_limit_bytes == 10_000
+            r.store.refuse = None
+            r.table.enforce = original  # type: ignore[method-assign]
+            await r.service.poll_once()
+            assert r.table.quotas[limited.port] == Quota(10_000, 4_000)
+
+    anyio.run(run)
+
+
+# --- one key's failure stays its own ---------------------------------------------------------
+
+
+def test_one_keys_quota_failing_at_start_and_every_poll_leaves_the_others_counted() -> None:
+    async def run() -> None:
+        async with rig() as r:
+            service, table = r.service, r.table
+            limited, open_ = (service.state.keys[r.keys[n]] for n in ("limited", "open"))
+            table.exists = False  # a reboot: the start rebuilds the table
+            too_large = NftError("quota: Value too large", errno.EOVERFLOW)
+            table.refuse[("build", limited.port)] = too_large
+            table.refuse[("enforce", limited.port)] = too_large
+            with capture_logs() as logs:
+                await service.reconcile()
+                for traffic in (1_000, 2_500, 4_000):
+                    table.rx[open_.port] = traffic
+                    await service.poll_once()
+                    assert service.state.keys[open_.id].rx.bytes == traffic
+                read = await service.refresh_keys([limited.id, open_.id])
+            assert [k.id for k in read] == [limited.id, open_.id]
+            events = [e["event"] for e in logs]
+            assert events.count("table_built_without_quotas") == 1
+            assert events.count("key_failed") == 1  # once, not at every poll
+            failed = next(e for e in logs if e["event"] == "key_failed")
+            assert (failed["key_id"], failed["log_level"]) == (limited.id, "error")
+            assert "Value too large" in failed["error"]
+            assert service.failures == {limited.id: failed["error"]}
+            assert table.quotas[limited.port] is None and table.quotas[open_.port] is None
+            table.refuse.clear()
+            with capture_logs() as logs:
+                await service.poll_once()
+            assert [e["event"] for e in logs if e["event"].startswith("key_")] == ["key_recovered"]
+            assert service.failures == {}
+            assert table.quotas[limited.port] == Quota(10_000, 4_000)
+
+    anyio.run(run)
+
+
+def test_the_api_answers_every_key_and_shows_the_error_on_the_failing_one_alone() -> None:
+    """Before: one key's refused quota made GET /api/traffic/ports/exact a 503 for all keys."""
+
+    async def run() -> None:
+        async with rig() as r:
+            limited, open_ = (r.service.state.keys[r.keys[n]] for n in ("limited", "open"))
+            too_large = NftError("quota: Value too large", errno.EOVERFLOW)
+            r.table.refuse[("enforce", limited.port)] = too_large
+            r.service.failures[limited.id] = "an earlier failure"  # its quota is retried now
+            transport = httpx.ASGITransport(app=create_app(r.service))
+            async with httpx.AsyncClient(transport=transport, base_url="http://pm") as client:
+                every = await client.get("/api/traffic/ports/exact")
+                one = await client.get(f"/api/keys/{limited.id}/traffic/port/exact")
+                shown = await client.get(f"/api/keys/{open_.id}")
+            assert (every.status_code, one.status_code, shown.status_code) == (200, 200, 200)
+            answers = every.json()["ports_traffic"]["ports_traffic"]
+            errors = {a["key_id"]: a["error"] for a in answers.values()}
+            expected = "nftables refused to set quota: quota: Value too large"
+            assert errors == {limited.id: expected, open_.id: None, r.keys["off"]: None}
+            assert one.json()["error"] == expected and shown.json()["error"] is None
+
+    anyio.run(run)
+
+
+def test_one_keys_missing_counters_that_cannot_be_installed_stay_its_own() -> None:
+    async def run() -> None:
+        async with rig() as r:
+            service, table = r.service, r.table
+            limited, open_ = (service.state.keys[r.keys[n]] for n in ("limited", "open"))
+            table._forget(limited.port)  # someone deleted its counters
+            invalid = NftError("create counter: Invalid argument", errno.EINVAL)
+            table.refuse[("install", limited.port)] = invalid
+            table.refuse[("remove_present", limited.port)] = invalid
+            with capture_logs() as logs:
+                for traffic in (10, 20):
+                    table.rx[open_.port] = traffic
+                    await service.poll_once()
+                    assert service.state.keys[open_.id].rx.bytes == traffic
+            assert [e["event"] for e in logs].count("key_failed") == 1
+            assert limited.id in service.failures
+            table.refuse.clear()
+            await service.poll_once()
+            assert limited.port in table.quotas and service.failures == {}
+
+    anyio.run(run)
+
+
+def test_the_poll_loop_outlives_any_failure_and_logs_it_once() -> None:
+    async def run() -> None:
+        async with rig(with_keys=False, poll_interval=0.01) as r:
+            r.table.refuse[("read", None)] = RuntimeError("a bug in reading")
+            with capture_logs() as logs:
+                async with anyio.create_task_group() as group:
+                    group.start_soon(r.service.poll_loop)
+                    await anyio.sleep(0.2)
+                    r.table.refuse.clear()
+                    await anyio.sleep(0.1)
+                    group.cancel_scope.cancel()
+            events = [e["event"] for e in logs if e["event"].startswith("poll_")]
+            assert events == ["poll_failed", "poll_recovered"]
+            failed = next(e for e in logs if e["event"] == "poll_failed")
+            assert failed["error"] == "RuntimeError: a bug in reading"
+
+    anyio.run(run)
+
+
+# --- the kernel layer refuses what it cannot hold --------------------------------------------
+
+
+@pytest.mark.parametrize("value", [2**64, 2**70, -1])
+def test_nlcodec_refuses_a_value_that_does_not_fit_u64(value: int) -> None:
+    with pytest.raises(nl.EncodeError) as refused:
+        nl.be64(value)
+    assert not isinstance(refused.value, OverflowError)
+    assert str(refused.value) == f"{value} does not fit in an unsigned 64-bit field"
+
+
+@pytest.mark.parametrize(
+    ("quota", "problem"),
+    [
+        (Quota(MAX_KERNEL_QUOTA + 1, 0), f"a limit of {MAX_KERNEL_QUOTA + 1} bytes is outside"),
+        (Quota(2**64, 0), f"a limit of {2**64} bytes is outside 0..{MAX_KERNEL_QUOTA}"),
+        (Quota(-5, 0), "a limit of -5 bytes is outside"),
+        (Quota(100, 101), "usage 101 is outside 0..100 (its limit)"),
+    ],
+)
+def test_quotas_the_kernel_cannot_hold_are_refused_as_out_of_range(
+    quota: Quota, problem: str
+) -> None:
+    with pytest.raises(OutOfRange) as refused:
+        checked_quota("q_20001", quota)
+    assert str(refused.value).startswith("q_20001: ") and problem in str(refused.value)
+    assert refused.value.code == errno.EOVERFLOW and not refused.value.denied
+    with pytest.raises(OutOfRange):
+        Transaction("t").new_quota("q_20001", quota)
+    with pytest.raises(OutOfRange):
+        Transaction("t").map_element(True, "rx", 70_000)
+    assert checked_quota("q_1", Quota(MAX_KERNEL_QUOTA, MAX_KERNEL_QUOTA)).limit == MAX_KERNEL_QUOTA
+
+
+def test_only_eperm_and_eacces_count_as_missing_privileges() -> None:
+    assert NftError("x", errno.EPERM).denied and NftError("x", errno.EACCES).denied
+    assert not NftError("x", errno.EOVERFLOW).denied and not NftError("x").denied
