@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 RUN_DIR := $(CURDIR)/.run
 
-.PHONY: setup run test bench install clean
+.PHONY: setup run test test-fast test-kernel lint bench install clean
 
 setup:
 	@scripts/setup.sh
@@ -17,8 +17,22 @@ run: setup
 	PORTMETER_POLL_INTERVAL=2 \
 	$(VENV)/bin/portmeter run
 
+# The whole suite: the checks, the in-process layer (no root, fails fast), then the kernel layer
+# (root: network namespaces, nftables, real daemons). pytest exits 5 when it collected nothing:
+# make stops there too.
 test: setup
-	$(VENV)/bin/pytest
+	@$(MAKE) --no-print-directory lint test-fast test-kernel
+
+lint: setup
+	$(VENV)/bin/ruff check daemon tests bench
+	$(VENV)/bin/ruff format --check daemon
+	$(VENV)/bin/mypy daemon
+
+test-fast: setup
+	$(VENV)/bin/pytest -m "not kernel and not systemd and not root"
+
+test-kernel: setup
+	$(VENV)/bin/pytest -m "kernel or systemd or root" --durations=10
 
 # The benchmark suite (as root: namespaces, nftables, iperf3); prints tables, appends to bench/RESULTS.md.
 bench: setup

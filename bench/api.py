@@ -120,7 +120,8 @@ def main(quick: bool = False) -> None:
                 ]
             )
     print_table(
-        f"API latency at {plan.keys} keys, {THREADS} client threads (target p99 <= {TARGET_P99_MS:.0f} ms per key)",
+        f"API latency at {plan.keys} keys, {THREADS} client threads "
+        f"(target p99 <= {TARGET_P99_MS:.0f} ms per key)",
         ["request", "n", "p50 ms", "p99 ms", "max ms"],
         rows,
     )

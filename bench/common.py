@@ -28,9 +28,9 @@ from types import FrameType
 import httpx
 import structlog
 
+from daemon.service.xray_side import XraySide
 from daemon.settings import Settings
-from daemon.state import KeyRecord, State, StateStore
-from daemon.xray_bridge import XrayBridge
+from daemon.store.state import KeyRecord, State, StateStore
 from tests.conftest import Daemon
 from tests.netlab import Lab, lab
 
@@ -101,9 +101,8 @@ def append_results(what: str, rows: Sequence[tuple[str, str]], quick: bool) -> N
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M")
     with RESULTS.open("a") as out:
         for size, figures in rows:
-            out.write(
-                f"| {stamp} | {what} | {os.cpu_count()} cores | {size} | {figures.replace('|', '/')} |\n"
-            )
+            cores, cells = f"{os.cpu_count()} cores", figures.replace("|", "/")
+            out.write(f"| {stamp} | {what} | {cores} | {size} | {cells} |\n")
 
 
 # --- places -----------------------------------------------------------------------------
@@ -133,7 +132,7 @@ def generate_state(daemon: Daemon, count: int) -> list[KeyRecord]:
         reality_dest=env["PORTMETER_REALITY_DEST"],
         public_host=env["PORTMETER_PUBLIC_HOST"],
     )
-    bridge = XrayBridge(settings, structlog.get_logger())
+    bridge = XraySide(settings, structlog.get_logger())
     state = State()
     created = datetime.now(UTC)
     first = daemon.port_range[0]
@@ -163,7 +162,7 @@ class Run:
 
 
 def make_daemon(net: Lab, workdir: Path, **env: str) -> Daemon:
-    """A daemon (not started) in the lab's server namespace: apply mode none, no polling unless asked."""
+    """A daemon (not started) in the server namespace: apply mode none, no polling unless asked."""
     env.setdefault("PORTMETER_XRAY_APPLY", "none")
     env.setdefault("PORTMETER_POLL_INTERVAL", "3600")
     env.setdefault("NOTIFY_SOCKET", "")  # never notify a systemd the bench itself may run under
@@ -187,7 +186,7 @@ def running(keys: int, **env: str) -> Iterator[Run]:
 
 
 def python_pid(daemon: Daemon) -> int:
-    """The pid of the daemon's Python process: `ip netns exec` execs it in place, so wait for that."""
+    """The daemon's Python pid: `ip netns exec` execs it in place, so wait for that."""
     assert daemon.process is not None
     pid = daemon.process.pid
     deadline = time.monotonic() + 10
@@ -241,7 +240,7 @@ class ReadyListener:
         self.sock.bind(str(path))
 
     def wait_ready(self, timeout: float, alive: Callable[[], bool]) -> None:
-        """Return when a datagram with READY=1 arrives; fail if `alive()` turns false or on timeout."""
+        """Return once a datagram with READY=1 arrives; fail on timeout or if `alive()` is false."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not alive():

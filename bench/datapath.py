@@ -42,7 +42,8 @@ UDP_RATE, UDP_LENGTH = "2G", 1400
 # The portmeter table, built the way the daemon builds it; runs inside the server namespace.
 BUILD = (
     "import sys, anyio; from daemon.counters import Counters; "
-    "anyio.run(Counters(sys.argv[1]).build, dict.fromkeys(range(int(sys.argv[2]), int(sys.argv[3]) + 1)))"
+    "ports = range(int(sys.argv[2]), int(sys.argv[3]) + 1); "
+    "anyio.run(Counters(sys.argv[1]).build, dict.fromkeys(ports))"
 )
 
 
@@ -71,9 +72,8 @@ def rule_per_port_script(table: str, ports: range) -> str:
         rules = "".join(
             f"    {proto} {match} {port} counter\n" for port in ports for proto in ("tcp", "udp")
         )
-        chains.append(
-            f"  chain {chain} {{\n    type filter hook {chain} priority mangle; policy accept;\n{rules}  }}\n"
-        )
+        hook = f"    type filter hook {chain} priority mangle; policy accept;\n"
+        chains.append(f"  chain {chain} {{\n{hook}{rules}  }}\n")
     return f"table inet {table} {{\n{''.join(chains)}}}\n"
 
 
@@ -206,10 +206,19 @@ def main(quick: bool = False) -> None:
             ]
         )
     print_table(
-        f"data path: iperf3 through port {PORT_RANGE[0] + plan.ports - 1} (the last of {plan.ports} ports), "
+        f"data path: iperf3 through port {PORT_RANGE[0] + plan.ports - 1} "
+        f"(the last of {plan.ports} ports), "
         f"{plan.rounds} alternating rounds x {plan.seconds} s; UDP -b {UDP_RATE} -l {UDP_LENGTH}",
-        ["setup", "TCP median Gbit/s", "vs none", "TCP best Gbit/s", "vs none", "UDP rx Gbit/s", "UDP vs none",
-         "UDP loss %"],
+        [
+            "setup",
+            "TCP median Gbit/s",
+            "vs none",
+            "TCP best Gbit/s",
+            "vs none",
+            "UDP rx Gbit/s",
+            "UDP vs none",
+            "UDP loss %",
+        ],
         rows,
     )
     target = max(samples["portmeter"].tcp) / max(base.tcp)

@@ -75,7 +75,10 @@ class IdleMeter:
             [
                 (
                     f"{self.keys} keys",
-                    f"{share:.2%} of a core ({cpu:.2f} s CPU over {wall:.0f} s, {len(polls)} polls)",
+                    (
+                        f"{share:.2%} of a core "
+                        f"({cpu:.2f} s CPU over {wall:.0f} s, {len(polls)} polls)"
+                    ),
                 ),
             ],
             quick,

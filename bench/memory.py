@@ -31,7 +31,8 @@ def measure(keys: int) -> float:
 def main(quick: bool = False) -> None:
     results = [(keys, measure(keys)) for keys in (QUICK if quick else FULL)]
     print_table(
-        f"memory: VmRSS after start-up and {POLLS} polls (target <= {TARGET_MIB:.0f} MB at 10,000 keys)",
+        f"memory: VmRSS after start-up and {POLLS} polls "
+        f"(target <= {TARGET_MIB:.0f} MB at 10,000 keys)",
         ["keys", "VmRSS MiB"],
         [[k, f"{rss:.1f}"] for k, rss in results],
     )

@@ -33,8 +33,8 @@ def measure(keys: int, polls: int) -> list[float]:
 def main(quick: bool = False) -> None:
     results = [(keys, measure(keys, polls)) for keys, polls in (QUICK if quick else FULL)]
     print_table(
-        f"poll: read every counter and update the totals (daemon's own timing; target <= {TARGET_MS:.0f} ms "
-        "at 10,000 keys)",
+        "poll: read every counter and update the totals "
+        f"(daemon's own timing; target <= {TARGET_MS:.0f} ms at 10,000 keys)",
         ["keys", "polls", "median ms", "max ms"],
         [[k, len(ms), f"{median(ms):.1f}", f"{max(ms):.1f}"] for k, ms in results],
     )

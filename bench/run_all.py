@@ -48,9 +48,9 @@ def main(quick: bool = False) -> int:
         (idle.QUICK_KEYS, idle.QUICK_WINDOW) if quick else (idle.FULL_KEYS, idle.FULL_WINDOW)
     )
     print(
-        f"idle CPU: a {keys}-key daemon (poll interval {idle.POLL_INTERVAL} s) runs from now on; its own CPU "
-        f"time over {window:.0f} s is read after the other benchmarks, which run meanwhile in their own "
-        "daemons and namespaces.",
+        f"idle CPU: a {keys}-key daemon (poll interval {idle.POLL_INTERVAL} s) runs from now on; "
+        f"its own CPU time over {window:.0f} s is read after the other benchmarks, "
+        "which run meanwhile in their own daemons and namespaces.",
         flush=True,
     )
     with contextlib.ExitStack() as stack:
@@ -65,7 +65,8 @@ def main(quick: bool = False) -> int:
         if meter is not None:
             run("idle CPU", functools.partial(meter.finish, window, quick), failed)
     print(
-        f"\nbenchmark suite{' (quick)' if quick else ''}: {time.monotonic() - started:.0f} s wall time; "
+        f"\nbenchmark suite{' (quick)' if quick else ''}: "
+        f"{time.monotonic() - started:.0f} s wall time; "
         + (f"FAILED: {', '.join(failed)}" if failed else "all ran"),
         flush=True,
     )

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping, Set
+from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 RANGE_PATTERN = re.compile(r"^\s*(\d{1,5})\s*-\s*(\d{1,5})\s*$")
@@ -47,7 +48,9 @@ class PortRange:
         return self.last - self.first + 1
 
 
-def lowest_free(port_range: PortRange, assigned: Set[int], busy: Set[int]) -> int | None:
+def lowest_free(
+    port_range: PortRange, assigned: AbstractSet[int], busy: AbstractSet[int]
+) -> int | None:
     """The lowest port of the range that no key holds and no other process has bound."""
     for port in range(port_range.first, port_range.last + 1):
         if port not in assigned and port not in busy:
@@ -55,7 +58,9 @@ def lowest_free(port_range: PortRange, assigned: Set[int], busy: Set[int]) -> in
     return None
 
 
-def check_request(port_range: PortRange, port: int, assigned: Set[int], busy: Set[int]) -> int:
+def check_request(
+    port_range: PortRange, port: int, assigned: AbstractSet[int], busy: AbstractSet[int]
+) -> int:
     """Validate an explicitly requested port; raise PortUnavailable with the reason."""
     if port not in port_range:
         raise PortUnavailable(f"port {port} is outside the range {port_range}")
@@ -67,7 +72,10 @@ def check_request(port_range: PortRange, port: int, assigned: Set[int], busy: Se
 
 
 def allocate(
-    port_range: PortRange, assigned: Set[int], busy: Set[int], requested: int | None = None
+    port_range: PortRange,
+    assigned: AbstractSet[int],
+    busy: AbstractSet[int],
+    requested: int | None = None,
 ) -> int:
     """The port for a new key: the requested one if valid, else the lowest free one."""
     if requested is not None:
@@ -77,8 +85,7 @@ def allocate(
         in_use = sum(1 for p in busy - assigned if p in port_range)
         held = sum(1 for p in assigned if p in port_range)
         raise PortUnavailable(
-            f"no free port in {port_range}: {held} held by keys, "
-            f"{in_use} in use by other processes"
+            f"no free port in {port_range}: {held} held by keys, {in_use} in use by other processes"
         )
     return port
 

@@ -1,5 +1,5 @@
-"""Atomic file replacement and private directories, shared by every module that owns a file
-(state, Xray config, outboxes).
+"""Atomic file replacement, private directories and rotated backups, shared by every module that
+owns a file (state, Xray config, outboxes).
 
 Readers see the old or the new content, never a mix: a temporary file beside the target (whose
 name never ends in .json, so an Xray reading a directory with -confdir skips it), written,
@@ -19,9 +19,12 @@ import os
 import re
 import secrets
 import stat
+from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+BACKUP_STAMP = "%Y%m%dT%H%M%S%fZ"  # UTC to the microsecond: backup names sort as they were made
 
 
 class LinkRefused(OSError):
@@ -81,6 +84,17 @@ def _remove_stale_temporaries(path: Path) -> None:
     for name in stale:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path.parent / name)
+
+
+def backup_stamp() -> str:
+    """Now, as a backup's name carries it (BACKUP_STAMP)."""
+    return datetime.now(UTC).strftime(BACKUP_STAMP)
+
+
+def rotate(copies: Sequence[Path], keep: int) -> None:
+    """Delete all but the newest `keep` (at least 1) of `copies`, which are sorted oldest first."""
+    for old in copies[:-keep]:
+        old.unlink(missing_ok=True)
 
 
 def make_dirs(path: Path, mode: int = 0o700, gid: int | None = None) -> None:

@@ -63,6 +63,13 @@ MAX_MOMENT_CHARS: Final = 64
 MAX_PAGE_LIMIT: Final = 10000
 MAX_OFFSET: Final = MAX_PORT
 
+# Request bodies of the API: at most this many bytes and levels of JSON nesting, refused before
+# they are parsed (413, 400). A batch of usage reports holds one report per key that moved: up to
+# a whole port range.
+MAX_BODY_BYTES: Final = 64 * 1024
+MAX_BODY_DEPTH: Final = 16
+MAX_REPORT_BATCH: Final = 65536
+
 # `portmeter traffic --watch`: seconds between redraws, and how many redraws at most.
 MIN_WATCH_SECONDS: Final = 0.1
 MAX_WATCH_SECONDS: Final = 3600
@@ -86,6 +93,7 @@ def moment(value: datetime) -> datetime:
     if not EARLIEST_MOMENT <= value <= LATEST_MOMENT:
         raise ValueError(f"{value.isoformat()} is {MOMENT_RANGE}")
     return value
+
 
 # An Xray config file portmeter reads (the managed file or a migration source): 40 MB, about
 # five times the file of 10,000 keys and room for some 50,000 key inbounds. Larger is refused

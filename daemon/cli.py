@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -21,7 +22,7 @@ from daemon.limits import parse_limit
 from daemon.units import display_bytes
 
 if TYPE_CHECKING:
-    from daemon.state import StateStore
+    from daemon.store.state import StateStore
 
 DEFAULT_SOCKET = "/run/portmeter/portmeter.sock"
 
@@ -46,11 +47,11 @@ def run_daemon_command(_: argparse.Namespace) -> int:
 
     from daemon import logs
     from daemon.errors import KernelRefused, OperationError
-    from daemon.http_server import SocketBusy, serve
+    from daemon.http.server import SocketBusy, serve
+    from daemon.main import run_daemon
     from daemon.sdnotify import Notifier
-    from daemon.service import run_daemon
     from daemon.settings import SettingsError, load_settings
-    from daemon.state import StateError
+    from daemon.store.state import StateError
 
     try:
         settings = load_settings()
@@ -59,7 +60,8 @@ def run_daemon_command(_: argparse.Namespace) -> int:
     logs.configure(settings.log_level)
     log = logs.get_logger()
     try:
-        anyio.run(run_daemon, settings, serve, Notifier(os.environ), log)
+        serving = functools.partial(serve, settings, log)
+        anyio.run(run_daemon, settings, serving, Notifier(os.environ), log)
     except (StateError, SocketBusy) as exc:
         log.critical("daemon_refused_to_start", reason=str(exc))
         raise CliError(str(exc)) from None
@@ -106,22 +108,41 @@ def _path_segment(ref: str) -> str:
 
 def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    lines = [
+        "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]
+    ]
     return "\n".join(lines)
 
 
 def print_key(key: dict[str, Any]) -> None:
     limit = key["data_limit_bytes"]
     rows = [
-        ("id", key["id"]), ("name", key["name"]), ("uuid", key["uuid"]), ("port", key["port"]),
-        ("status", key["status"]), ("created", key["created_at"]),
-        ("traffic", f"rx {display_bytes(key['rx_bytes'])}, tx {display_bytes(key['tx_bytes'])}, "
-                    f"total {display_bytes(key['total_bytes'])}"),
-        ("limit", "unlimited" if limit is None
-         else f"{display_bytes(key['used_bytes'])} of {display_bytes(limit)}"),
+        ("id", key["id"]),
+        ("name", key["name"]),
+        ("uuid", key["uuid"]),
+        ("port", key["port"]),
+        ("status", key["status"]),
+        ("created", key["created_at"]),
+        (
+            "traffic",
+            (
+                f"rx {display_bytes(key['rx_bytes'])}, tx {display_bytes(key['tx_bytes'])}, "
+                f"total {display_bytes(key['total_bytes'])}"
+            ),
+        ),
+        (
+            "limit",
+            "unlimited"
+            if limit is None
+            else f"{display_bytes(key['used_bytes'])} of {display_bytes(limit)}",
+        ),
         ("dropped", display_bytes(key["dropped_bytes"])),
         ("expires", key["expire_at"] or "never"),
-        ("reset", key["reset_strategy"] + (f", next {key['next_reset_at']}" if key["next_reset_at"] else "")),
+        (
+            "reset",
+            key["reset_strategy"]
+            + (f", next {key['next_reset_at']}" if key["next_reset_at"] else ""),
+        ),
     ]
     if key.get("last_reset_at"):
         before = display_bytes(key["used_before_reset"] or 0)
@@ -182,12 +203,21 @@ def keys_switch(client: Client, args: argparse.Namespace) -> Any:
 def keys_list(client: Client, _: argparse.Namespace) -> Any:
     result = client.call("GET", "/api/keys")
     rows = [
-        (k["id"], k["name"], str(k["port"]), display_bytes(k["rx_bytes"]),
-         display_bytes(k["tx_bytes"]), display_bytes(k["total_bytes"]), k["created_at"][:19])
+        (
+            k["id"],
+            k["name"],
+            str(k["port"]),
+            display_bytes(k["rx_bytes"]),
+            display_bytes(k["tx_bytes"]),
+            display_bytes(k["total_bytes"]),
+            k["created_at"][:19],
+        )
         for k in result["keys"]
     ]
     header = ("ID", "NAME", "PORT", "RX", "TX", "TOTAL", "CREATED")
-    return result, lambda: print(table(rows, header) if rows else "no keys yet: portmeter keys add NAME")
+    return result, lambda: print(
+        table(rows, header) if rows else "no keys yet: portmeter keys add NAME"
+    )
 
 
 def keys_show(client: Client, args: argparse.Namespace) -> Any:
@@ -208,42 +238,64 @@ def xray(client: Client, args: argparse.Namespace) -> Any:
         s = client.call("GET", "/api/system/xray/config-status")
         if not s.get("enabled"):
             return s, lambda: print("Xray integration is off (PORTMETER_XRAY_CONFIG is empty)")
-        return s, lambda: print("\n".join([
-            f"config:     {s['path']} ({'exists' if s['exists'] else 'missing'}, written {s['last_write']})",
-            f"inbounds:   {s['portmeter_inbound_count']} of portmeter for {s['expected_inbounds']} keys, "
-            f"{s['inbound_count']} in all; {'in sync' if s['in_sync'] else 'NOT in sync'}",
-            f"backups:    {s['backup_count']} in {s['backup_dir']}",
-            f"apply:      {s['apply_mode']}; xray binary {s['xray_bin']} "
-            f"{'found' if s['xray_bin_found'] else 'not found'}"
-            + ("" if s["xray_reachable"] is None else f"; API {'reachable' if s['xray_reachable'] else 'NOT reachable'}"),
-            *([f"error:      {s['error']}"] if s.get("error") else []),
-        ]))
+        return s, lambda: print("\n".join(_xray_status_lines(s)))
     if args.action == "sync":
         r = client.call("POST", "/api/system/xray/sync-config")
         return r, lambda: print(
-            f"synced: {len(r['added_inbounds'])} inbounds added, {len(r['removed_inbounds'])} removed "
+            f"synced: {len(r['added_inbounds'])} inbounds added, "
+            f"{len(r['removed_inbounds'])} removed "
             f"(apply {r['apply_mode']}, {r['apply_seconds']} s)"
         )
     r = client.call("GET", "/api/system/xray/validate-sync")
     lines = [f"{p['kind']}: {p['message']}" for p in r["problems"]]
-    return r, lambda: print("\n".join(lines) if lines else f"in sync: {r['expected_inbounds']} inbounds as expected")
+    return r, lambda: print(
+        "\n".join(lines) if lines else f"in sync: {r['expected_inbounds']} inbounds as expected"
+    )
+
+
+def _xray_status_lines(s: dict[str, Any]) -> list[str]:
+    """The lines of `xray status`: the config file, its inbounds, backups and how it is applied."""
+    written = f"{'exists' if s['exists'] else 'missing'}, written {s['last_write']}"
+    sync = "in sync" if s["in_sync"] else "NOT in sync"
+    found = "found" if s["xray_bin_found"] else "not found"
+    api = (
+        ""
+        if s["xray_reachable"] is None
+        else f"; API {'reachable' if s['xray_reachable'] else 'NOT reachable'}"
+    )
+    return [
+        f"config:     {s['path']} ({written})",
+        (
+            f"inbounds:   {s['portmeter_inbound_count']} of portmeter for "
+            f"{s['expected_inbounds']} keys, {s['inbound_count']} in all; {sync}"
+        ),
+        f"backups:    {s['backup_count']} in {s['backup_dir']}",
+        f"apply:      {s['apply_mode']}; xray binary {s['xray_bin']} {found}{api}",
+        *([f"error:      {s['error']}"] if s.get("error") else []),
+    ]
 
 
 def migrate(client: Client, args: argparse.Namespace) -> Any:
     if args.rollback:
         r = client.call("POST", "/api/system/xray/migrate/rollback")
-        return r, lambda: print(f"restored {r['restored_from']}; removed keys: {', '.join(r['removed_keys']) or 'none'}")
+        return r, lambda: print(
+            f"restored {r['restored_from']}; removed keys: {', '.join(r['removed_keys']) or 'none'}"
+        )
     if not args.config:
         raise CliError("usage: portmeter migrate CONFIG [--dry-run] | portmeter migrate --rollback")
     path = os.path.abspath(args.config)
-    r = client.call("POST", "/api/system/xray/migrate", {"config_path": path, "dry_run": args.dry_run})
+    r = client.call(
+        "POST", "/api/system/xray/migrate", {"config_path": path, "dry_run": args.dry_run}
+    )
     prefix = "plan (dry run, nothing changed):" if args.dry_run else "migrated:"
     return r, lambda: print("\n".join([prefix, *(f"  {line}" for line in r["plan"])]))
 
 
 def keys_rm(client: Client, args: argparse.Namespace) -> Any:
     key = client.call("DELETE", f"/api/keys/{_path_segment(args.key)}")
-    return key, lambda: print(f"deleted key {key['id']} ({key['name']}), port {key['port']} is free")
+    return key, lambda: print(
+        f"deleted key {key['id']} ({key['name']}), port {key['port']} is free"
+    )
 
 
 def watch(client: Client, args: argparse.Namespace) -> Any:
@@ -254,18 +306,28 @@ def watch(client: Client, args: argparse.Namespace) -> Any:
 
     def snapshot() -> dict[str, dict[str, Any]]:
         result = client.call("GET", "/api/traffic/ports/exact")
-        return {e["key_id"]: e["traffic"] for e in result["ports_traffic"]["ports_traffic"].values()}
+        return {
+            e["key_id"]: e["traffic"] for e in result["ports_traffic"]["ports_traffic"].values()
+        }
 
-    def render(now: dict[str, dict[str, Any]], before: dict[str, dict[str, Any]], seconds: float) -> Table:
+    def render(
+        now: dict[str, dict[str, Any]], before: dict[str, dict[str, Any]], seconds: float
+    ) -> Table:
         view = Table(title="portmeter: exact traffic per key (Ctrl-C to stop)")
         for column in ("name", "port", "status", "rx", "tx", "rx/s", "tx/s", "conns"):
             view.add_column(column, justify="left" if column in ("name", "status") else "right")
         for key_id, t in sorted(now.items(), key=lambda item: item[1]["port"]):
             old = before.get(key_id, t)
             rates = [max(0, t[f] - old[f]) / seconds for f in ("rx_bytes", "tx_bytes")]
-            view.add_row(t["name"], str(t["port"]), t["status"], display_bytes(t["rx_bytes"]),
-                         display_bytes(t["tx_bytes"]),
-                         *(f"{display_bytes(int(r))}/s" for r in rates), str(t["connections"]))
+            view.add_row(
+                t["name"],
+                str(t["port"]),
+                t["status"],
+                display_bytes(t["rx_bytes"]),
+                display_bytes(t["tx_bytes"]),
+                *(f"{display_bytes(int(r))}/s" for r in rates),
+                str(t["connections"]),
+            )
         return view
 
     before = snapshot()
@@ -285,19 +347,25 @@ def usage(client: Client, args: argparse.Namespace) -> Any:
     path = f"/api/admin/usage/{_path_segment(args.name)}" + ("/detailed" if args.detailed else "")
     u = client.call("GET", path)
     rows = [
-        (entry["server"], entry.get("source", ""), display_bytes(entry["bytes_uploaded"]),
-         display_bytes(entry["bytes_downloaded"]), display_bytes(entry["total_bytes"]),
-         str(entry.get("last_used")))
+        (
+            entry["server"],
+            entry.get("source", ""),
+            display_bytes(entry["bytes_uploaded"]),
+            display_bytes(entry["bytes_downloaded"]),
+            display_bytes(entry["total_bytes"]),
+            str(entry.get("last_used")),
+        )
         for entry in _usage_rows(u)
     ]
     header = ("SERVER", "SOURCE", "UPLOADED", "DOWNLOADED", "TOTAL", "LAST USED")
     count = u["server_count"] if isinstance(u["servers"], list) else u["servers"]
-    return u, lambda: print(f"{args.name}: {display_bytes(u['total_bytes'])} on {count} servers\n"
-                            + table(rows, header))
+    return u, lambda: print(
+        f"{args.name}: {display_bytes(u['total_bytes'])} on {count} servers\n" + table(rows, header)
+    )
 
 
 def _usage_rows(u: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per-server rows of either answer: /detailed lists them, the plain one splits local/reported."""
+    """Per-server rows of both answers: /detailed lists them, the plain one is local + reported."""
     if isinstance(u["servers"], list):
         return list(u["servers"])
     local = [] if not u.get("local") else [{**u["local"], "source": "local", "last_used": None}]
@@ -310,7 +378,9 @@ def traffic(client: Client, args: argparse.Namespace) -> Any:
     words = args.words
     if len(words) == 2 and words[0] == "reset":
         result = client.call("POST", f"/api/keys/{_path_segment(words[1])}/traffic/port/reset")
-        return result, lambda: print(f"traffic of {result['name']} (port {result['port']}) reset to 0")
+        return result, lambda: print(
+            f"traffic of {result['name']} (port {result['port']}) reset to 0"
+        )
     if len(words) == 1:
         t = client.call("GET", f"/api/keys/{_path_segment(words[0])}/traffic/port/exact")
         rows = [_traffic_row(t)]
@@ -330,9 +400,16 @@ TRAFFIC_HEADER = ("NAME", "PORT", "RX", "TX", "TOTAL", "RX PKTS", "TX PKTS", "CO
 
 
 def _traffic_row(t: dict[str, Any]) -> tuple[str, ...]:
-    return (t["name"], str(t["port"]), display_bytes(t["rx_bytes"]), display_bytes(t["tx_bytes"]),
-            display_bytes(t["total_bytes"]),
-            str(t["rx_packets"]), str(t["tx_packets"]), str(t["connections"]))
+    return (
+        t["name"],
+        str(t["port"]),
+        display_bytes(t["rx_bytes"]),
+        display_bytes(t["tx_bytes"]),
+        display_bytes(t["total_bytes"]),
+        str(t["rx_packets"]),
+        str(t["tx_packets"]),
+        str(t["connections"]),
+    )
 
 
 def ports(client: Client, _: argparse.Namespace) -> Any:
@@ -361,18 +438,27 @@ def number(low: float, high: float, pattern: re.Pattern[str] = WHOLE) -> Callabl
 
 
 def add_limit_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--limit", metavar="SIZE",
-                        help="data allowance, rx+tx: 50GB, 50GiB, 500MB, bytes; 'none' = unlimited")
-    parser.add_argument("--expire", metavar="WHEN",
-                        help="2027-01-31 (start of that day), ISO date-time, or +30d/+12h/+2w; 'never'")
-    parser.add_argument("--reset", choices=("no_reset", "day", "week", "month"),
-                        help="zero the usage every day/week/month (PORTMETER_TIMEZONE)")
+    parser.add_argument(
+        "--limit",
+        metavar="SIZE",
+        help="data allowance, rx+tx: 50GB, 50GiB, 500MB, bytes; 'none' = unlimited",
+    )
+    parser.add_argument(
+        "--expire",
+        metavar="WHEN",
+        help="2027-01-31 (start of that day), ISO date-time, or +30d/+12h/+2w; 'never'",
+    )
+    parser.add_argument(
+        "--reset",
+        choices=("no_reset", "day", "week", "month"),
+        help="zero the usage every day/week/month (PORTMETER_TIMEZONE)",
+    )
     parser.add_argument("--note", help="free text for the operator")
 
 
 def state_command(args: argparse.Namespace) -> int:
     """Offline: works on the files, with or without a running daemon (restore needs it stopped)."""
-    from daemon.state import StateStore
+    from daemon.store.state import StateStore
 
     state_dir = args.state_dir or os.environ.get("PORTMETER_STATE_DIR") or "/var/lib/portmeter"
     store = StateStore(Path(state_dir) / "state.json")
@@ -383,7 +469,7 @@ def state_command(args: argparse.Namespace) -> int:
 
 
 def _state_action(store: StateStore, action: str) -> int:
-    from daemon.state import StateError
+    from daemon.store.state import StateError
 
     if action == "check":
         if not store.path.exists() and not store.journal.exists():
@@ -395,8 +481,10 @@ def _state_action(store: StateStore, action: str) -> int:
             state = store.load()
         except StateError as exc:
             raise CliError(f"{exc} ({newest})") from None
-        print(f"{store.path}: valid, schema {state.schema_version}, {len(state.keys)} keys, "
-              f"generation {state.generation}; {len(backups)} valid backups ({newest})")
+        print(
+            f"{store.path}: valid, schema {state.schema_version}, {len(state.keys)} keys, "
+            f"generation {state.generation}; {len(backups)} valid backups ({newest})"
+        )
         return 0
     socket_path = os.environ.get("PORTMETER_SOCKET") or DEFAULT_SOCKET
     if os.path.exists(socket_path):
@@ -412,18 +500,29 @@ def _state_action(store: StateStore, action: str) -> int:
         raise CliError(str(exc)) from None
     kept = ", ".join(str(path) for path in aside)
     files = "file is" if len(aside) == 1 else "files are"
-    print(f"restored {store.path} from {used}" + (f"; the previous {files} kept as {kept}" if aside else ""))
+    print(
+        f"restored {store.path} from {used}"
+        + (f"; the previous {files} kept as {kept}" if aside else "")
+    )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     common = Parser(add_help=False)
-    common.add_argument("--socket", default=argparse.SUPPRESS,
-                        help=f"daemon socket (default: $PORTMETER_SOCKET or {DEFAULT_SOCKET})")
-    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                        help="print the daemon's JSON answer, for scripts")
+    common.add_argument(
+        "--socket",
+        default=argparse.SUPPRESS,
+        help=f"daemon socket (default: $PORTMETER_SOCKET or {DEFAULT_SOCKET})",
+    )
+    common.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="print the daemon's JSON answer, for scripts",
+    )
     parser = Parser(
-        prog="portmeter", parents=[common],
+        prog="portmeter",
+        parents=[common],
         description="Exact per-key traffic accounting for Xray servers, counted by nftables.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -434,51 +533,81 @@ def build_parser() -> argparse.ArgumentParser:
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     add = keys_sub.add_parser("add", help="create a key with its own port", parents=[common])
     add.add_argument("name", help="a unique name, e.g. alice")
-    add.add_argument("--port", type=number(bounds.MIN_PORT, bounds.MAX_PORT),
-                     help="a specific port of the range (default: lowest free)")
+    add.add_argument(
+        "--port",
+        type=number(bounds.MIN_PORT, bounds.MAX_PORT),
+        help="a specific port of the range (default: lowest free)",
+    )
     add_limit_options(add)
     add.set_defaults(handler=keys_add)
-    change = keys_sub.add_parser("set", help="change limit, expiry, reset or note", parents=[common])
+    change = keys_sub.add_parser(
+        "set", help="change limit, expiry, reset or note", parents=[common]
+    )
     change.add_argument("key", help="key id, uuid or name")
     add_limit_options(change)
     change.set_defaults(handler=keys_set)
-    for verb, text in (("disable", "stop a key's traffic in the kernel"), ("enable", "let it flow again")):
+    for verb, text in (
+        ("disable", "stop a key's traffic in the kernel"),
+        ("enable", "let it flow again"),
+    ):
         p = keys_sub.add_parser(verb, help=text, parents=[common])
         p.add_argument("key", help="key id, uuid or name")
         p.set_defaults(handler=keys_switch)
     keys_sub.add_parser("list", help="all keys with their traffic", parents=[common]).set_defaults(
-        handler=keys_list)
-    show = keys_sub.add_parser("show", help="one key, its share link (--qr: as a QR code)", parents=[common])
+        handler=keys_list
+    )
+    show = keys_sub.add_parser(
+        "show", help="one key, its share link (--qr: as a QR code)", parents=[common]
+    )
     show.add_argument("key", help="key id, uuid or name")
-    show.add_argument("--qr", action="store_true", help="print the vless:// link as a terminal QR code")
+    show.add_argument(
+        "--qr", action="store_true", help="print the vless:// link as a terminal QR code"
+    )
     show.set_defaults(handler=keys_show)
     rm = keys_sub.add_parser("rm", help="delete a key", parents=[common])
     rm.add_argument("key", help="key id, uuid or name")
     rm.set_defaults(handler=keys_rm)
 
-    tr = sub.add_parser("traffic", parents=[common],
-                        help="exact traffic: all keys, one KEY, or `traffic reset KEY`")
+    tr = sub.add_parser(
+        "traffic", parents=[common], help="exact traffic: all keys, one KEY, or `traffic reset KEY`"
+    )
     tr.add_argument("words", nargs="*", metavar="KEY | reset KEY")
     tr.add_argument("--watch", action="store_true", help="a live view with rates (Ctrl-C to stop)")
     seconds = number(bounds.MIN_WATCH_SECONDS, bounds.MAX_WATCH_SECONDS, DECIMAL)
-    tr.add_argument("--interval", type=seconds, default=2.0,
-                    help="seconds between redraws (--watch)")
-    tr.add_argument("--count", type=number(0, bounds.MAX_WATCH_COUNT), default=0,
-                    help="stop after this many redraws (--watch; 0: until Ctrl-C)")
+    tr.add_argument(
+        "--interval", type=seconds, default=2.0, help="seconds between redraws (--watch)"
+    )
+    tr.add_argument(
+        "--count",
+        type=number(0, bounds.MAX_WATCH_COUNT),
+        default=0,
+        help="stop after this many redraws (--watch; 0: until Ctrl-C)",
+    )
     tr.set_defaults(handler=traffic)
-    us = sub.add_parser("usage", parents=[common], help="usage per user across servers (history, reports)")
+    us = sub.add_parser(
+        "usage", parents=[common], help="usage per user across servers (history, reports)"
+    )
     us.add_argument("name", nargs="?", help="a user (key name); without: global statistics")
-    us.add_argument("--detailed", action="store_true", help="per server, with hourly and daily series")
+    us.add_argument(
+        "--detailed", action="store_true", help="per server, with hourly and daily series"
+    )
     us.set_defaults(handler=usage)
     sub.add_parser("ports", help="port range usage", parents=[common]).set_defaults(handler=ports)
-    xr = sub.add_parser("xray", help="Xray config: status, sync (repair), validate (drift)", parents=[common])
+    xr = sub.add_parser(
+        "xray", help="Xray config: status, sync (repair), validate (drift)", parents=[common]
+    )
     xr.add_argument("action", choices=("status", "sync", "validate"))
     xr.set_defaults(handler=xray)
-    mg = sub.add_parser("migrate", parents=[common],
-                        help="give every client of a shared VLESS inbound its own key and port")
+    mg = sub.add_parser(
+        "migrate",
+        parents=[common],
+        help="give every client of a shared VLESS inbound its own key and port",
+    )
     mg.add_argument("config", nargs="?", help="the Xray config with the shared inbound")
     mg.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
-    mg.add_argument("--rollback", action="store_true", help="restore the config from before migrating")
+    mg.add_argument(
+        "--rollback", action="store_true", help="restore the config from before migrating"
+    )
     mg.set_defaults(handler=migrate)
     st = sub.add_parser("state", help="check the state file, or restore the newest valid backup")
     st.add_argument("action", choices=("check", "restore"))
@@ -501,7 +630,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_daemon_command(args)
         if getattr(args, "offline", None):
             return int(args.offline(args))
-        socket_path = getattr(args, "socket", None) or os.environ.get("PORTMETER_SOCKET") or DEFAULT_SOCKET
+        socket_path = (
+            getattr(args, "socket", None) or os.environ.get("PORTMETER_SOCKET") or DEFAULT_SOCKET
+        )
         handler: Handler = args.handler
         payload, show = handler(Client(socket_path), args)
         if getattr(args, "json", False):

@@ -51,7 +51,7 @@ DIRECTIONS = ("rx", "tx")
 OBJECT_NAME = re.compile(r"^(rx|tx|drop|q)_(\d{1,5})$")
 # Priority "mangle" (-150): before filter tables, so ports count even when a later chain drops.
 HOOK_PRIORITY = -150
-MATCH_TCP_UDP = {
+MATCH_TCP_UDP: dict[str, Any] = {
     "match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": {"set": ["tcp", "udp"]}}
 }
 CHAINS = {"rx": ("input", "dport"), "tx": ("output", "sport")}
@@ -129,16 +129,19 @@ class TableView:
 
 
 def port_gaps(
-    wanted: AbstractSet[int], view: TableView, elements: Mapping[str, Mapping[int, str]] | None = None
+    wanted: AbstractSet[int],
+    view: TableView,
+    elements: Mapping[str, Mapping[int, str]] | None = None,
 ) -> dict[str, tuple[set[int], set[int]]]:
     """Where the table disagrees with the keys' ports: for the counters (and, given the maps'
     elements, for maps rx and tx) the ports a key has that are missing there, and the ports
     there that no key owns. One answer for the consistency report and for the repair."""
     present = set(view.ports)
     gaps = {"counters": (set(wanted) - present, present - set(wanted))}
-    for direction in DIRECTIONS if elements is not None else ():
-        mapped = set(elements.get(direction, {}))
-        gaps[f"map {direction}"] = (set(wanted) - mapped, mapped - set(wanted))
+    if elements is not None:
+        for direction in DIRECTIONS:
+            mapped = set(elements.get(direction, {}))
+            gaps[f"map {direction}"] = (set(wanted) - mapped, mapped - set(wanted))
     return gaps
 
 
@@ -152,7 +155,9 @@ def port_of(name: str) -> int | None:
 
 
 def _lookup(port_field: str, map_name: str) -> dict[str, Any]:
-    return {"map": {"key": {"payload": {"protocol": "th", "field": port_field}}, "data": f"@{map_name}"}}
+    return {
+        "map": {"key": {"payload": {"protocol": "th", "field": port_field}}, "data": f"@{map_name}"}
+    }
 
 
 def rule_exprs(direction: str) -> list[list[dict[str, Any]]]:
@@ -214,7 +219,9 @@ class Counters:
         if view is not None and view is self._last_view:
             return view
         self._last_view = view
-        self._enforced = set() if view is None else {p for p, r in view.ports.items() if r.quota is not None}
+        self._enforced = (
+            set() if view is None else {p for p, r in view.ports.items() if r.quota is not None}
+        )
         return view
 
     def _quick_read(self, layout: Layout) -> TableView | None:
@@ -264,10 +271,18 @@ class Counters:
             {"add": {"table": table}},
         ]
         for name, kind in MAPS.items():
-            commands.append({"add": {"map": {**self._ref(), "name": name, "type": "inet_service", "map": kind}}})
+            commands.append(
+                {"add": {"map": {**self._ref(), "name": name, "type": "inet_service", "map": kind}}}
+            )
         for direction in DIRECTIONS:
             hook, _ = CHAINS[direction]
-            chain = {"name": hook, "type": "filter", "hook": hook, "prio": HOOK_PRIORITY, "policy": "accept"}
+            chain = {
+                "name": hook,
+                "type": "filter",
+                "hook": hook,
+                "prio": HOOK_PRIORITY,
+                "policy": "accept",
+            }
             commands.append({"add": {"chain": {**self._ref(), **chain}}})
             for expr in rule_exprs(direction):
                 commands.append({"add": {"rule": {**self._ref(), "chain": hook, "expr": expr}}})
@@ -362,15 +377,24 @@ class Counters:
     def _port_commands(self, port: int, quota: Quota | None) -> list[dict[str, Any]]:
         """What `build` adds for one port."""
         kinds = [*DIRECTIONS, "drop"] if quota is not None else list(DIRECTIONS)
-        commands = [{"add": {"counter": {**self._ref(), "name": object_name(k, port)}}} for k in kinds]
+        commands: list[dict[str, Any]] = [
+            {"add": {"counter": {**self._ref(), "name": object_name(k, port)}}} for k in kinds
+        ]
         if quota is not None:
             checked_quota(object_name("q", port), quota)
-            spec = {"name": object_name("q", port), "bytes": quota.limit, "used": quota.used, "inv": True}
+            spec = {
+                "name": object_name("q", port),
+                "bytes": quota.limit,
+                "used": quota.used,
+                "inv": True,
+            }
             commands.append({"add": {"quota": {**self._ref(), **spec}}})
         maps = MAPS if quota is not None else DIRECTIONS
         return commands + [self._elements_command("add", name, [port], MAPS[name]) for name in maps]
 
-    def _elements_command(self, verb: str, map_name: str, ports: Sequence[int], kind: str) -> dict[str, Any]:
+    def _elements_command(
+        self, verb: str, map_name: str, ports: Sequence[int], kind: str
+    ) -> dict[str, Any]:
         elem = [[p, object_name(MAP_PREFIX[map_name], p)] for p in ports]
         return {verb: {"element": {**self._ref(), "name": map_name, "elem": elem}}}
 
@@ -387,7 +411,9 @@ class Counters:
         if commands:
             await self._call({"nftables": commands}, terse=False)
 
-    async def _list(self, what: dict[str, Any], *, terse: bool = False) -> list[dict[str, Any]] | None:
+    async def _list(
+        self, what: dict[str, Any], *, terse: bool = False
+    ) -> list[dict[str, Any]] | None:
         """The listed objects, or None when the table (or the listed map) does not exist."""
         try:
             output = await self._call({"nftables": [{"list": what}]}, terse=terse)
@@ -448,7 +474,9 @@ def _view(objects: Sequence[dict[str, Any]]) -> TableView:
             chains[obj["chain"]["name"]] = obj["chain"]
     for port, parts in found.items():
         if "rx" in parts and "tx" in parts:
-            view.ports[port] = PortReading(parts["rx"], parts["tx"], parts.get("drop"), parts.get("q"))
+            view.ports[port] = PortReading(
+                parts["rx"], parts["tx"], parts.get("drop"), parts.get("q")
+            )
         else:
             view.stray.add(port)
     view.problems = _layout_problems(maps, chains, rules)
@@ -497,14 +525,27 @@ class Transaction:
         self.steps: list[tuple[str, int, int, bytes]] = []  # what, message type, flags, attributes
 
     def new_counter(self, name: str) -> None:
-        self._object(f"create counter {name}", nl.NEWOBJ, nl.OBJECT_COUNTER, name, nl.counter_data())
+        self._object(
+            f"create counter {name}", nl.NEWOBJ, nl.OBJECT_COUNTER, name, nl.counter_data()
+        )
 
     def new_quota(self, name: str, quota: Quota) -> None:
         checked_quota(name, quota)
-        self._object(f"create quota {name}", nl.NEWOBJ, nl.OBJECT_QUOTA, name, nl.quota_data(quota.limit, quota.used))
+        self._object(
+            f"create quota {name}",
+            nl.NEWOBJ,
+            nl.OBJECT_QUOTA,
+            name,
+            nl.quota_data(quota.limit, quota.used),
+        )
 
     def delete_object(self, kind: int, name: str) -> None:
-        self._object(f"delete {'quota' if kind == nl.OBJECT_QUOTA else 'counter'} {name}", nl.DELOBJ, kind, name)
+        self._object(
+            f"delete {'quota' if kind == nl.OBJECT_QUOTA else 'counter'} {name}",
+            nl.DELOBJ,
+            kind,
+            name,
+        )
 
     def map_element(self, add: bool, map_name: str, port: int) -> None:
         target = object_name(MAP_PREFIX[map_name], port) if add else None
@@ -514,10 +555,13 @@ class Transaction:
         except nl.EncodeError as exc:
             raise OutOfRange(f"{what}: {exc}") from None
         attrs = (
-            nl.attr(nl.ELEM_LIST_TABLE, nl.text(self.table)) + nl.attr(nl.ELEM_LIST_SET, nl.text(map_name))
+            nl.attr(nl.ELEM_LIST_TABLE, nl.text(self.table))
+            + nl.attr(nl.ELEM_LIST_SET, nl.text(map_name))
             + nl.nest(nl.ELEM_LIST_ELEMENTS, element)
         )
-        self.steps.append((what, nl.NEWSETELEM if add else nl.DELSETELEM, nl.CREATE if add else 0, attrs))
+        self.steps.append(
+            (what, nl.NEWSETELEM if add else nl.DELSETELEM, nl.CREATE if add else 0, attrs)
+        )
 
     def _object(self, what: str, kind: int, obj_type: int, name: str, data: bytes = b"") -> None:
         attrs = nl.attr(nl.OBJ_TABLE, nl.text(self.table)) + nl.attr(nl.OBJ_NAME, nl.text(name))
@@ -541,8 +585,14 @@ class Netlink:
         requests = [(nl.GETTABLE, nl.attr(nl.TABLE_NAME, nl.text(table)))]
         for name in names:
             obj_type = nl.OBJECT_QUOTA if name.startswith("q_") else nl.OBJECT_COUNTER
-            requests.append((nl.GETOBJ, nl.attr(nl.OBJ_TABLE, nl.text(table)) + nl.attr(nl.OBJ_NAME, nl.text(name))
-                             + nl.attr(nl.OBJ_TYPE, nl.be32(obj_type))))
+            requests.append(
+                (
+                    nl.GETOBJ,
+                    nl.attr(nl.OBJ_TABLE, nl.text(table))
+                    + nl.attr(nl.OBJ_NAME, nl.text(name))
+                    + nl.attr(nl.OBJ_TYPE, nl.be32(obj_type)),
+                )
+            )
         table_reply, *replies = self._get(requests)
         if table_reply is None:
             return None, []
@@ -552,14 +602,25 @@ class Netlink:
     def layout(self, table: str, handle: int) -> Layout:
         name = nl.text(table)
         sets = [
-            nl.selected(nl.attrs(m.body), (nl.SET_NAME, nl.SET_FLAGS, nl.SET_KEY_TYPE, nl.SET_KEY_LEN,
-                                           nl.SET_DATA_TYPE, nl.SET_OBJ_TYPE))
+            nl.selected(
+                nl.attrs(m.body),
+                (
+                    nl.SET_NAME,
+                    nl.SET_FLAGS,
+                    nl.SET_KEY_TYPE,
+                    nl.SET_KEY_LEN,
+                    nl.SET_DATA_TYPE,
+                    nl.SET_OBJ_TYPE,
+                ),
+            )
             for m in nl.messages(self.dump(nl.GETSET, nl.attr(nl.SET_TABLE, name)))
         ]
-        chains = self._get([
-            (nl.GETCHAIN, nl.attr(nl.CHAIN_TABLE, name) + nl.attr(nl.CHAIN_NAME, nl.text(hook)))
-            for hook, _ in CHAINS.values()
-        ])
+        chains = self._get(
+            [
+                (nl.GETCHAIN, nl.attr(nl.CHAIN_TABLE, name) + nl.attr(nl.CHAIN_NAME, nl.text(hook)))
+                for hook, _ in CHAINS.values()
+            ]
+        )
         rules = [
             nl.selected(nl.attrs(m.body), (nl.RULE_CHAIN, nl.RULE_EXPRESSIONS))
             for m in nl.messages(self.dump(nl.GETRULE, nl.attr(nl.RULE_TABLE, name)))
@@ -567,8 +628,14 @@ class Netlink:
         return Layout(
             handle,
             tuple(sorted(sets, key=repr)),
-            tuple(None if c is None else nl.selected(nl.attrs(c), (nl.CHAIN_NAME, nl.CHAIN_HOOK, nl.CHAIN_POLICY,
-                                                                  nl.CHAIN_TYPE)) for c in chains),
+            tuple(
+                None
+                if c is None
+                else nl.selected(
+                    nl.attrs(c), (nl.CHAIN_NAME, nl.CHAIN_HOOK, nl.CHAIN_POLICY, nl.CHAIN_TYPE)
+                )
+                for c in chains
+            ),
             tuple(rules),
         )
 
@@ -588,7 +655,9 @@ class Netlink:
                     raise NftError(f"netlink dump: {os.strerror(code)}", code)
             if not interrupted:
                 return data
-        raise NftError(f"the ruleset kept changing during {DUMP_ATTEMPTS} readings; trying again at the next")
+        raise NftError(
+            f"the ruleset kept changing during {DUMP_ATTEMPTS} readings; trying again at the next"
+        )
 
     def _dump_once(self, kind: int, *attrs: bytes) -> tuple[bytes, nl.Message, bool]:
         with self._exchange() as sock:
@@ -650,7 +719,9 @@ class Netlink:
                 chunk = sock.recv(RECEIVE_BUFFER, flags)
             except BlockingIOError:
                 break
-            answers += [nl.error_code(m.body) for m in nl.messages(chunk) if m.kind == nl.NLMSG_ERROR]
+            answers += [
+                nl.error_code(m.body) for m in nl.messages(chunk) if m.kind == nl.NLMSG_ERROR
+            ]
             flags = socket.MSG_DONTWAIT
         return answers
 
@@ -666,7 +737,9 @@ class Netlink:
         with self._exchange() as sock:
             return self._get_answers(sock, requests)
 
-    def _get_answers(self, sock: socket.socket, requests: Sequence[tuple[int, bytes]]) -> list[bytes | None]:
+    def _get_answers(
+        self, sock: socket.socket, requests: Sequence[tuple[int, bytes]]
+    ) -> list[bytes | None]:
         wanted: dict[int, int] = {}
         payload = []
         for index, (kind, attrs) in enumerate(requests):
@@ -716,10 +789,13 @@ class PortAssembler:
             self._built, self._handle = {}, handle  # readings name their table: none carries over
         parts: dict[int, dict[str, nl.KernelObject]] = {}
         for obj in objects:
-            parsed = self._names.get(obj.name, False)
-            if parsed is False:
+            try:
+                parsed = self._names[obj.name]
+            except KeyError:
                 match = OBJECT_NAME.match(obj.name)
-                parsed = self._names[obj.name] = None if match is None else (match.group(1), int(match.group(2)))
+                parsed = self._names[obj.name] = (
+                    None if match is None else (match.group(1), int(match.group(2)))
+                )
             if parsed is not None:
                 parts.setdefault(parsed[1], {})[parsed[0]] = obj
         view = TableView(handle=handle)
@@ -749,4 +825,6 @@ def _port_reading(handle: int, found: Mapping[str, nl.KernelObject]) -> PortRead
     quota = found.get("q")
     rx, tx = counter("rx"), counter("tx")
     assert rx is not None and tx is not None
-    return PortReading(rx, tx, counter("drop"), None if quota is None else KernelQuota(quota.first, quota.second))
+    return PortReading(
+        rx, tx, counter("drop"), None if quota is None else KernelQuota(quota.first, quota.second)
+    )

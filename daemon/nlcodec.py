@@ -31,7 +31,15 @@ NEWOBJ, GETOBJ, DELOBJ = 18, 19, 20
 TABLE_NAME, TABLE_USE, TABLE_HANDLE = 1, 3, 4
 CHAIN_TABLE, CHAIN_NAME, CHAIN_HOOK, CHAIN_POLICY, CHAIN_TYPE = 1, 3, 4, 5, 7
 RULE_TABLE, RULE_CHAIN, RULE_EXPRESSIONS = 1, 2, 4
-SET_TABLE, SET_NAME, SET_FLAGS, SET_KEY_TYPE, SET_KEY_LEN, SET_DATA_TYPE, SET_OBJ_TYPE = 1, 2, 3, 4, 5, 6, 15
+SET_TABLE, SET_NAME, SET_FLAGS, SET_KEY_TYPE, SET_KEY_LEN, SET_DATA_TYPE, SET_OBJ_TYPE = (
+    1,
+    2,
+    3,
+    4,
+    5,
+    6,
+    15,
+)
 ELEM_LIST_TABLE, ELEM_LIST_SET, ELEM_LIST_ELEMENTS, LIST_ELEM = 1, 2, 3, 1
 ELEM_KEY, ELEM_OBJREF, DATA_VALUE = 1, 9, 1
 OBJ_TABLE, OBJ_NAME, OBJ_TYPE, OBJ_DATA, OBJ_HANDLE = 1, 2, 3, 4, 6
@@ -122,7 +130,9 @@ def counter_data() -> bytes:
 
 def quota_data(limit: int, used: int) -> bytes:
     return nest(
-        OBJ_DATA, attr(QUOTA_BYTES, be64(limit)), attr(QUOTA_FLAGS, be32(QUOTA_INVERT)),
+        OBJ_DATA,
+        attr(QUOTA_BYTES, be64(limit)),
+        attr(QUOTA_FLAGS, be32(QUOTA_INVERT)),
         attr(QUOTA_CONSUMED, be64(used)),
     )
 
@@ -175,14 +185,27 @@ def uint(raw: bytes) -> int:
 
 def kernel_object(body: bytes) -> KernelObject:
     found = attrs(body)
-    return _object(found[OBJ_NAME].rstrip(b"\0"), uint(found[OBJ_TYPE]), found[OBJ_HANDLE], found.get(OBJ_DATA, b""))
+    return _object(
+        found[OBJ_NAME].rstrip(b"\0"),
+        uint(found[OBJ_TYPE]),
+        found[OBJ_HANDLE],
+        found.get(OBJ_DATA, b""),
+    )
 
 
 def _object(name: bytes, kind: int, handle: bytes, data: bytes) -> KernelObject:
     """An object from its name, type, handle and the attributes of its data nest."""
     values = attrs(data)
-    first, second = (QUOTA_BYTES, QUOTA_CONSUMED) if kind == OBJECT_QUOTA else (COUNTER_PACKETS, COUNTER_BYTES)
-    return KernelObject(name.decode(), kind, uint(handle), uint(values.get(first, b"")), uint(values.get(second, b"")))
+    first, second = (
+        (QUOTA_BYTES, QUOTA_CONSUMED) if kind == OBJECT_QUOTA else (COUNTER_PACKETS, COUNTER_BYTES)
+    )
+    return KernelObject(
+        name.decode(),
+        kind,
+        uint(handle),
+        uint(values.get(first, b"")),
+        uint(values.get(second, b"")),
+    )
 
 
 class ObjectScanner:
@@ -201,7 +224,10 @@ class ObjectScanner:
         table_attr = re.escape(attr(OBJ_TABLE, text(table)))
         new_obj = re.escape(struct.pack("=H", (NFNL_SUBSYS_NFTABLES << 8) | NEWOBJ))
         self._pattern = re.compile(
-            b"(.{4})" + new_obj + b".{14}" + table_attr
+            b"(.{4})"
+            + new_obj
+            + b".{14}"
+            + table_attr
             + rb"..\x02\x00([a-z]+_\d+)\x00+\x08\x00\x03\x00\x00\x00\x00[\x01\x02]"
             + rb"\x0c\x00\x06\x00(.{8})\x08\x00\x05\x00.{4}"
             + rb"(\x1c\x00\x04[\x00\x80].{24}|\x24\x00\x04[\x00\x80].{32})",
@@ -228,7 +254,9 @@ class ObjectScanner:
             slot = (name, handle, data)
             value = known.get(slot)
             if value is None:
-                value = _object(name, OBJECT_QUOTA if data[0] == 0x24 else OBJECT_COUNTER, handle, data[4:])
+                value = _object(
+                    name, OBJECT_QUOTA if data[0] == 0x24 else OBJECT_COUNTER, handle, data[4:]
+                )
             decoded[slot] = value
         self._known = decoded
         self._last = (found, list(decoded.values()))

@@ -1,8 +1,10 @@
-"""Durable outboxes: webhooks for key events, and usage reports to a fleet collector.
+"""What goes into the outboxes and how it is delivered: webhooks for key events, and usage
+reports to a fleet collector.
 
-One file per message in an outbox directory, written atomically; a message is deleted only after
-the receiver answered 2xx (at-least-once, retried with exponential backoff, across restarts).
-Webhook bodies carry an HMAC-SHA256 signature; fleet reports carry the collector's API key.
+A `Courier` is an outbox (daemon/store/outbox.py keeps the files) with a receiver: it POSTs each
+deliverable message and removes it only after the receiver answered 2xx (at-least-once, retried
+with exponential backoff, across restarts). Without a receiver URL nothing is queued. Webhook
+bodies carry an HMAC-SHA256 signature; fleet reports carry the collector's API key.
 
 Fleet reports are a usage sink: the batch for state generation g is staged as `g.staged`
 before the state is saved and becomes deliverable (`g.json`) once it is; a batch staged for a
@@ -13,12 +15,9 @@ ids, which the collector ignores.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import json
-import secrets
-import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -28,8 +27,9 @@ import anyio
 import httpx
 import structlog
 
-from daemon.atomic import disk_full, failure_reason, own_dir, read_regular, write_atomic
-from daemon.usage import SinkError, UsageDelta
+from daemon.atomic import disk_full, failure_reason
+from daemon.store.outbox import Outbox
+from daemon.store.usage import SinkError, UsageDelta
 
 SIGNATURE_HEADER = "X-Portmeter-Signature"
 MAX_BACKOFF = 300.0
@@ -40,7 +40,9 @@ def signature(secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
-class Outbox:
+class Courier(Outbox):
+    """An outbox drained over HTTP to `url`; `headers` signs or authenticates each body."""
+
     def __init__(
         self,
         directory: Path,
@@ -49,40 +51,16 @@ class Outbox:
         log: structlog.typing.FilteringBoundLogger,
         kind: str = "webhook",
     ) -> None:
-        self.directory = directory
+        super().__init__(directory)
         self.url = url
         self.headers = headers
         self.log = log
         self.kind = kind
-        self._wake = anyio.Event()
 
-    def put(self, message: dict[str, Any], name: str | None = None, staged: bool = False) -> Path | None:
-        """Queue a message durably (as `name.staged` when staged); a no-op without a URL."""
-        if not self.url:
-            return None
-        name = name or f"{time.time_ns():020d}-{secrets.token_hex(4)}"
-        path = self.directory / f"{name}{'.staged' if staged else '.json'}"
-        own_dir(self.directory)
-        write_atomic(path, json.dumps(message, sort_keys=True).encode())
-        if not staged:
-            self._wake.set()
-        return path
-
-    def release(self, name: str) -> None:
-        """Make a staged message deliverable."""
-        staged = self.directory / f"{name}.staged"
-        if staged.exists():
-            staged.rename(self.directory / f"{name}.json")
-            self._wake.set()
-
-    def discard(self, name: str) -> None:
-        (self.directory / f"{name}.staged").unlink(missing_ok=True)
-
-    def staged(self) -> list[str]:
-        return sorted(p.stem for p in self.directory.glob("*.staged")) if self.directory.exists() else []
-
-    def pending(self) -> list[Path]:
-        return sorted(self.directory.glob("*.json")) if self.directory.exists() else []
+    def put(self, message: dict[str, Any], name: str | None = None, staged: bool = False) -> None:
+        """Queue a message durably; a no-op without a URL (nothing would ever send it)."""
+        if self.url:
+            super().put(message, name, staged)
 
     async def deliver_forever(self) -> None:
         if not self.url:
@@ -97,17 +75,14 @@ class Outbox:
                         break
                     backoff = 1.0
                 else:
-                    self._wake = anyio.Event()
-                    with anyio.move_on_after(30):
-                        await self._wake.wait()
+                    await self.wait(30)
 
     async def _deliver(self, client: httpx.AsyncClient, path: Path) -> bool:
         try:
-            body = read_regular(path)
+            body = self.read(path)
         except OSError as exc:  # not a message this outbox wrote: never sent, set aside
             self.log.error(f"{self.kind}_unreadable", message=path.name, error=failure_reason(exc))
-            with contextlib.suppress(OSError):
-                path.rename(path.with_suffix(".refused"))
+            self.set_aside(path)
             return True
         headers = {"Content-Type": "application/json", **self.headers(body)}
         assert self.url is not None
@@ -119,13 +94,14 @@ class Outbox:
         if not response.is_success:
             self.log.warning(f"{self.kind}_refused", message=path.name, status=response.status_code)
             return False
-        path.unlink(missing_ok=True)
+        self.remove(path)
         self.log.info(f"{self.kind}_delivered", message=path.name)
         return True
 
 
-def webhook_outbox(directory: Path, url: str | None, secret: str,
-                   log: structlog.typing.FilteringBoundLogger) -> Outbox:
+def webhook_outbox(
+    directory: Path, url: str | None, secret: str, log: structlog.typing.FilteringBoundLogger
+) -> Courier:
     """Key events (limited, expired, reset ...), each POST signed with HMAC-SHA256."""
 
     def headers(body: bytes) -> dict[str, str]:
@@ -136,12 +112,13 @@ def webhook_outbox(directory: Path, url: str | None, secret: str,
             "X-Portmeter-Delivery": str(event.get("event_id")),
         }
 
-    return Outbox(directory, url, headers, log)
+    return Courier(directory, url, headers, log)
 
 
 class FleetReports:
-    """A usage sink that sends each saved generation's per-key deltas to the collector, in the
-    format of seed 004: {user_token, server, port, protocol, bytes_uploaded, bytes_downloaded}."""
+    """A usage sink that sends each saved generation's per-key deltas to the collector in the
+    report intake's format (README, "A fleet"): {user_token, server, port, protocol,
+    bytes_uploaded, bytes_downloaded}."""
 
     def __init__(self, outbox: Outbox, server: str, instance: str) -> None:
         self.outbox = outbox
@@ -183,6 +160,10 @@ class FleetReports:
         self.outbox.discard(f"{generation:012d}")
 
 
-def fleet_outbox(directory: Path, url: str | None, api_key: str,
-                 log: structlog.typing.FilteringBoundLogger) -> Outbox:
-    return Outbox(directory, url, lambda _: {"X-API-Key": api_key} if api_key else {}, log, kind="report")
+def fleet_outbox(
+    directory: Path, url: str | None, api_key: str, log: structlog.typing.FilteringBoundLogger
+) -> Courier:
+    """Usage reports, each POST carrying the collector's API key (when one is set)."""
+    return Courier(
+        directory, url, lambda _: {"X-API-Key": api_key} if api_key else {}, log, kind="report"
+    )

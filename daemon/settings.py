@@ -115,7 +115,9 @@ class Settings(BaseSettings):
         try:
             ZoneInfo(value)
         except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone {value!r} (use e.g. UTC or Europe/Berlin)") from None
+            raise ValueError(
+                f"unknown time zone {value!r} (use e.g. UTC or Europe/Berlin)"
+            ) from None
         return value
 
     @field_validator("xray_group")
@@ -175,16 +177,22 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _secrets_given(self) -> Settings:
         if self.webhook_url and not self.webhook_secret:
-            raise ValueError("PORTMETER_WEBHOOK_SECRET is required when PORTMETER_WEBHOOK_URL is set")
+            raise ValueError(
+                "PORTMETER_WEBHOOK_SECRET is required when PORTMETER_WEBHOOK_URL is set"
+            )
         if self.http_listen and len(self.api_key) < 16:
-            raise ValueError("PORTMETER_API_KEY (16 characters or more) is required with PORTMETER_HTTP_LISTEN")
+            raise ValueError(
+                "PORTMETER_API_KEY (16 characters or more) is required with PORTMETER_HTTP_LISTEN"
+            )
         return self
 
     @field_validator("nft_table")
     @classmethod
     def _nft_name(cls, value: str) -> str:
         if not NFT_NAME.match(value):
-            raise ValueError("must start with a letter and hold only letters, digits and _ (max 32)")
+            raise ValueError(
+                "must start with a letter and hold only letters, digits and _ (max 32)"
+            )
         return value
 
     @field_validator("state_dir", "socket")
@@ -199,7 +207,9 @@ class Settings(BaseSettings):
             return None
         path = Path(str(value)).absolute()
         if path.suffix != ".prom":
-            raise ValueError("must end in .prom (node_exporter's textfile collector reads only *.prom)")
+            raise ValueError(
+                "must end in .prom (node_exporter's textfile collector reads only *.prom)"
+            )
         return path
 
     @field_validator("xray_config", mode="before")
@@ -236,7 +246,7 @@ class Settings(BaseSettings):
 
 
 def load_settings() -> Settings:
-    """Build settings from the process environment (and the TOML file it names), or raise SettingsError."""
+    """Build settings from the environment (and the TOML file it names), or raise SettingsError."""
     config_file = os.environ.get("PORTMETER_CONFIG")
     settings_cls: type[Settings] = Settings
     if config_file:
@@ -244,7 +254,9 @@ def load_settings() -> Settings:
         if not path.is_file():
             raise SettingsError(f"PORTMETER_CONFIG={config_file}: no such file")
         settings_cls = type(
-            "FileSettings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": path}}
+            "FileSettings",
+            (Settings,),
+            {"model_config": {**Settings.model_config, "toml_file": path}},
         )
     try:
         return settings_cls()

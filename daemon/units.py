@@ -1,12 +1,17 @@
-"""Byte counts as text, in two systems.
+"""Byte counts and moments as text, the one place each format is made.
 
-`human_bytes` is the seed's format of the API's `*_formatted` fields (1048576 -> "1.0 MB",
-powers of 1024 under the seed's labels); scripts that parse those fields keep working.
+Moments (`iso`) are ISO 8601 with their UTC offset, as the API and the events carry them.
+Byte counts come in two systems.
+
+`human_bytes` is the documented format of the API's `*_formatted` fields (1048576 -> "1.0 MB",
+powers of 1024 under the labels KB, MB, GB); scripts that parse those fields keep working.
 `display_bytes` is what people read in the CLI and on the page: powers of 1000, the system
 sizes are entered in ("50GB" is 50 * 10^9 bytes and shows "50 GB"). README, section "Limits".
 """
 
 from __future__ import annotations
+
+from datetime import datetime
 
 UNITS = ("B", "KB", "MB", "GB", "TB", "PB")
 DISPLAY_UNITS = ("B", "kB", "MB", "GB", "TB", "PB", "EB")
@@ -45,3 +50,8 @@ def _round_half_even(numerator: int, denominator: int) -> int:
     if 2 * remainder > denominator or (2 * remainder == denominator and quotient % 2):
         quotient += 1
     return quotient
+
+
+def iso(moment: datetime | None) -> str | None:
+    """A moment as the API answers it (null stays null)."""
+    return None if moment is None else moment.isoformat()

@@ -7,7 +7,6 @@ removed afterwards, also when the test fails.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import shutil
 import signal
@@ -22,16 +21,30 @@ from typing import Any
 import httpx
 import pytest
 
-from daemon.state import StateStore
+from tests.inprocess import DaemonSurface, InProcessDaemon, inprocess_daemon
 from tests.netlab import Lab, lab, unique_name
 
 REPO = Path(__file__).resolve().parent.parent
 _port_blocks = itertools.count()
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    if os.geteuid() != 0:
-        raise pytest.UsageError("the portmeter suite needs root: it uses network namespaces and nftables")
+# Fixtures that run the real daemon or make namespaces: a test using one is a kernel test.
+KERNEL_FIXTURES = frozenset({"net", "make_daemon", "daemon"})
+ROOT_MARKERS = ("kernel", "systemd", "root")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Two layers: in-process tests (no root, fast) run first, kernel tests after them."""
+    for item in items:
+        if KERNEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.kernel)
+    items.sort(key=lambda item: any(item.get_closest_marker(m) for m in ROOT_MARKERS))
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if os.geteuid() != 0 and any(item.get_closest_marker(m) for m in ROOT_MARKERS):
+        pytest.fail("this test needs root: it uses network namespaces and nftables "
+                    "(run `make test-fast` for the in-process layer alone)", pytrace=False)
 
 
 def fresh_port_range(size: int = 50) -> tuple[int, int]:
@@ -40,7 +53,7 @@ def fresh_port_range(size: int = 50) -> tuple[int, int]:
     return first, first + size - 1
 
 
-class Daemon:
+class Daemon(DaemonSurface):
     """The real `portmeter run` process inside a namespace, and clients of its socket."""
 
     def __init__(self, netns: str, workdir: Path, port_range: tuple[int, int], **env: str) -> None:
@@ -67,7 +80,9 @@ class Daemon:
         workdir.mkdir(parents=True, exist_ok=True)
         self.process: subprocess.Popen[bytes] | None = None
         self.http = httpx.Client(
-            transport=httpx.HTTPTransport(uds=str(self.socket)), base_url="http://portmeter", timeout=30
+            transport=httpx.HTTPTransport(uds=str(self.socket)),
+            base_url="http://portmeter",
+            timeout=30,
         )
 
     @property
@@ -78,22 +93,12 @@ class Daemon:
     def state_file(self) -> Path:
         return self.state_dir / "state.json"
 
-    def saved_state(self) -> dict[str, Any]:
-        """What the daemon has saved (snapshot plus journal), as the state file's JSON."""
-        return json.loads(StateStore(self.state_file).load().model_dump_json())
-
-    def state_bytes(self) -> bytes:
-        """Everything saved, byte for byte: a refused operation must not change it."""
-        journal = self.state_dir / "state.journal"
-        return self.state_file.read_bytes() + (journal.read_bytes() if journal.exists() else b"")
-
     def start(self, wait: bool = True) -> None:
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            ["ip", "netns", "exec", self.netns, sys.executable, "-m", "daemon", "run"],
-            cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-        )
-        log.close()
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                ["ip", "netns", "exec", self.netns, sys.executable, "-m", "daemon", "run"],
+                cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            )
         if wait:
             self.wait_ready()
 
@@ -124,22 +129,10 @@ class Daemon:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def api(self, method: str, path: str, expect: int = 200, **kwargs: Any) -> Any:
-        response = self.http.request(method, path, **kwargs)
-        assert response.status_code == expect, f"{method} {path}: {response.status_code} {response.text}"
-        assert response.headers["content-type"].startswith("application/json")
-        return response.json()
-
-    def create(self, name: str, **extra: Any) -> dict[str, Any]:
-        return self.api("POST", "/api/keys", expect=201, json={"name": name, **extra})
-
-    def traffic(self, key: str) -> dict[str, Any]:
-        return self.api("GET", f"/api/keys/{key}/traffic/port/exact")
-
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "daemon", "--socket", str(self.socket), *args],
-            cwd=REPO, env=self.env, capture_output=True, text=True, timeout=60,
+            check=False, cwd=REPO, env=self.env, capture_output=True, text=True, timeout=60,
         )
 
     def close(self) -> None:
@@ -186,3 +179,10 @@ def make_daemon(net: Lab, workdir: Path) -> Iterator[Any]:
 @pytest.fixture
 def daemon(make_daemon: Any) -> Daemon:
     return make_daemon()
+
+
+@pytest.fixture
+def inproc() -> Iterator[InProcessDaemon]:
+    """The in-process daemon (tests/inprocess.py): no root, no namespace, no process."""
+    with inprocess_daemon() as made:
+        yield made

@@ -84,8 +84,25 @@ def lab() -> Iterator[Lab]:
         for ns in (server, client):
             sh("ip", "netns", "add", ns)
             sh("ip", "-n", ns, "link", "set", "lo", "up")
-        sh("ip", "-n", server, "link", "add", veth_s, "type", "veth", "peer", "name", veth_c, "netns", client)
-        for ns, dev, v4, v6 in ((server, veth_s, SERVER_V4, SERVER_V6), (client, veth_c, CLIENT_V4, CLIENT_V6)):
+        sh(
+            "ip",
+            "-n",
+            server,
+            "link",
+            "add",
+            veth_s,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            veth_c,
+            "netns",
+            client,
+        )
+        for ns, dev, v4, v6 in (
+            (server, veth_s, SERVER_V4, SERVER_V6),
+            (client, veth_c, CLIENT_V4, CLIENT_V6),
+        ):
             sh("ip", "-n", ns, "addr", "add", f"{v4}/24", "dev", dev)
             sh("ip", "-n", ns, "addr", "add", f"{v6}/64", "dev", dev, "nodad")
             sh("ip", "-n", ns, "link", "set", dev, "up")

@@ -154,7 +154,9 @@ def test_totals_never_decrease_except_on_reset(steps: list[Reading | str]) -> No
 
 @given(st.lists(st.tuples(st.integers(0, 1000), st.integers(0, 10**9)), max_size=50))
 @FAST
-def test_sum_of_deltas_equals_final_value_without_restart(increments: list[tuple[int, int]]) -> None:
+def test_sum_of_deltas_equals_final_value_without_restart(
+    increments: list[tuple[int, int]],
+) -> None:
     packets = bytes_ = 0
     previous: Reading | None = None
     total = ZERO
@@ -273,7 +275,9 @@ def test_model_kernel_loses_exactly_the_unpolled_bytes_at_recreation(
             assert account.total.packets >= before.packets
             assert account.total.bytes >= before.bytes
             unpolled = ZERO
-            assert account.total == Usage(counted.packets - lost.packets, counted.bytes - lost.bytes)
+            assert account.total == Usage(
+                counted.packets - lost.packets, counted.bytes - lost.bytes
+            )
             if kind == "reset":
                 account = account.reset()
                 counted = lost = ZERO

@@ -47,16 +47,31 @@ def test_parse_valid(text: str, first: int, last: int) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["", "abc", "10001", "10001-", "-10100", "10001:10100", "10001 10100", "a-b", "1-2-3",
-     "10001-10100x", "+1-5", "1.5-6", "123456-123457", "-1-5"],
+    [
+        "",
+        "abc",
+        "10001",
+        "10001-",
+        "-10100",
+        "10001:10100",
+        "10001 10100",
+        "a-b",
+        "1-2-3",
+        "10001-10100x",
+        "+1-5",
+        "1.5-6",
+        "123456-123457",
+        "-1-5",
+    ],
 )
 def test_parse_rejects_malformed(text: str) -> None:
     with pytest.raises(ValueError, match="must look like 10001-10100"):
         PortRange.parse(text)
 
 
-@pytest.mark.parametrize("text", ["0-5", "0-0", "1-65536", "1-70000", "65536-65536", "20000-10000",
-                                  "2-1"])
+@pytest.mark.parametrize(
+    "text", ["0-5", "0-0", "1-65536", "1-70000", "65536-65536", "20000-10000", "2-1"]
+)
 def test_parse_rejects_out_of_bounds_or_reversed(text: str) -> None:
     with pytest.raises(ValueError, match=r"must satisfy 1 <= first <= last <= 65535"):
         PortRange.parse(text)
@@ -136,8 +151,11 @@ ports = st.integers(1, 200)
 @FAST
 def test_lowest_free_property(bounds: tuple[int, int], assigned: set[int], busy: set[int]) -> None:
     port_range = PortRange(*bounds)
-    free = [p for p in range(port_range.first, port_range.last + 1)
-            if p not in assigned and p not in busy]
+    free = [
+        p
+        for p in range(port_range.first, port_range.last + 1)
+        if p not in assigned and p not in busy
+    ]
     result = lowest_free(port_range, assigned, busy)
     if free:
         assert result == min(free)
@@ -223,8 +241,11 @@ def test_capacity_small_ranges(size: int) -> None:
         got.append(port)
     assert got == list(range(20000, 20000 + size))
     assert available(port_range, assigned) == 0
-    with pytest.raises(PortUnavailable, match=rf"no free port in 20000-{20000 + size - 1}: "
-                                              rf"{size} held by keys, 0 in use"):
+    with pytest.raises(
+        PortUnavailable,
+        match=rf"no free port in 20000-{20000 + size - 1}: "
+        rf"{size} held by keys, 0 in use",
+    ):
         allocate(port_range, assigned, set())
 
 
@@ -268,25 +289,33 @@ def test_capacity_big_range_lowest_free_only() -> None:
 
 
 range_strategy = st.integers(1, 500).flatmap(
-    lambda first: st.integers(first, min(first + 60, 65535)).map(lambda last: PortRange(first, last))
+    lambda first: st.integers(first, min(first + 60, 65535)).map(
+        lambda last: PortRange(first, last)
+    )
 )
 
 
-@given(range_strategy, st.sets(st.integers(1, 600)), st.sets(st.integers(1, 600)),
-       st.none() | st.integers(-5, 700))
+@given(
+    range_strategy,
+    st.sets(st.integers(1, 600)),
+    st.sets(st.integers(1, 600)),
+    st.none() | st.integers(-5, 700),
+)
 @FAST
-def test_allocate_property(port_range: PortRange, assigned: set[int], busy: set[int],
-                           requested: int | None) -> None:
+def test_allocate_property(
+    port_range: PortRange, assigned: set[int], busy: set[int], requested: int | None
+) -> None:
     try:
         port = allocate(port_range, assigned, busy, requested)
     except PortUnavailable as exc:
         message = str(exc)
         if requested is None:
-            assert all(p in assigned or p in busy
-                       for p in range(port_range.first, port_range.last + 1))
+            assert all(
+                p in assigned or p in busy for p in range(port_range.first, port_range.last + 1)
+            )
             assert message.startswith(f"no free port in {port_range}: ")
         else:
-            assert (requested not in port_range or requested in assigned or requested in busy)
+            assert requested not in port_range or requested in assigned or requested in busy
             assert message.startswith(f"port {requested} is ")
         return
     assert port in port_range
@@ -310,11 +339,14 @@ operations = st.lists(
 )
 
 
-@given(st.integers(1, 40).flatmap(lambda f: st.integers(f, 60).map(lambda l: PortRange(f, l))),
-       operations)
+@given(
+    st.integers(1, 40).flatmap(lambda f: st.integers(f, 60).map(lambda l: PortRange(f, l))),
+    operations,
+)
 @FAST
-def test_allocations_and_releases_never_duplicate(port_range: PortRange,
-                                                  ops: list[tuple[str, int | None]]) -> None:
+def test_allocations_and_releases_never_duplicate(
+    port_range: PortRange, ops: list[tuple[str, int | None]]
+) -> None:
     keys: dict[str, int] = {}
     busy: set[int] = set()
     counter = 0
@@ -326,7 +358,8 @@ def test_allocations_and_releases_never_duplicate(port_range: PortRange,
             except PortUnavailable:
                 if op == "alloc":
                     assert available(port_range, assigned) == len(
-                        {p for p in busy if p in port_range} - assigned)
+                        {p for p in busy if p in port_range} - assigned
+                    )
                 continue
             assert port not in assigned and port not in busy and port in port_range
             counter += 1
@@ -362,8 +395,10 @@ def test_problems_out_of_range() -> None:
 
 
 def test_problems_duplicates() -> None:
-    found = problems(PortRange(10001, 10100), {"z": 10005, "x": 10005, "y": 10002, "w": 10002,
-                                               "v": 10005, "u": 10001})
+    found = problems(
+        PortRange(10001, 10100),
+        {"z": 10005, "x": 10005, "y": 10002, "w": 10002, "v": 10005, "u": 10001},
+    )
     assert found == [
         "port 10002 is held by 2 keys: w, y",
         "port 10005 is held by 3 keys: v, x, z",
@@ -389,8 +424,9 @@ def test_problems_property(assignments: dict[str, int]) -> None:
     duplicated = {p for p in ports if ports.count(p) > 1}
     assert len(found) == outside + len(duplicated)
     for port in duplicated:
-        assert any(re.match(rf"port {port} is held by {ports.count(port)} keys: ", line)
-                   for line in found)
+        assert any(
+            re.match(rf"port {port} is held by {ports.count(port)} keys: ", line) for line in found
+        )
 
 
 # --- available --------------------------------------------------------------------------------

@@ -1,173 +1,46 @@
 """Every operation is all or nothing, in memory too; one key's failure stays its own.
 
-In-process: the real Service, StateStore and Xray bridge (apply mode "none") on a temporary
-directory, with a small in-memory stand-in for the kernel table (`FakeTable`) that can refuse any
-step. A failure injected at the kernel, Xray or state-file step of any operation, whatever the
-exception, must leave memory, the state files, the Xray config and the table exactly as before,
-and answer an OperationError (4xx/503/507), never anything a client would see as a 500.
+In-process (tests/inprocess.py): the real Service, StateStore and Xray side (apply mode "none") on
+a temporary directory, over the in-memory kernel table (daemon.kernel.MemoryKernel) that can
+refuse any step. A failure injected at the kernel, Xray or state-file step of any operation,
+whatever the exception, must leave memory, the state files, the Xray config and the table exactly
+as before, and answer an OperationError (4xx/503/507), never anything a client would see as a 500.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import json
-import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+import itertools
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import anyio
 import httpx
 import pytest
-import structlog
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from daemon import nlcodec as nl
-from daemon.accounting import Reading
-from daemon.allocator import PortRange
-from daemon.api import create_app
 from daemon.bounds import MAX_EPOCH, MAX_KERNEL_QUOTA, MAX_LIMIT_BYTES
-from daemon.counters import (
-    Counters,
-    KernelQuota,
-    NftError,
-    OutOfRange,
-    PortReading,
-    TableView,
-    Transaction,
-    checked_quota,
-)
+from daemon.counters import NftError, OutOfRange, Transaction, checked_quota
 from daemon.errors import OperationError, XrayRefused
+from daemon.http.app import create_app
+from daemon.kernel import MemoryKernel
 from daemon.limits import Quota
-from daemon.reports import webhook_outbox
 from daemon.service import Service
-from daemon.settings import Settings
-from daemon.state import State, StateStore, StorageError
-from daemon.xray_bridge import Pushed, XrayBridge
+from daemon.service.kernel_side import desired_quota
+from daemon.service.loops import poll_loop
+from daemon.service.xray_side import Pushed, XraySide
+from daemon.store.state import State, StateStore, StorageError
+from tests.inprocess import started
 from tests.test_migration import shared_config
 
-FIRST_PORT = 20001
-HANDLE = 7
 MUTATIONS = ("build", "install", "enforce", "remove", "remove_present")
 STATUS_EVENTS = {"key_active", "key_limited", "key_expired", "key_disabled", "key_reset"}
-
-
-class FakeTable:
-    """The kernel table as Service uses it (counters.Counters' coroutines), in memory.
-
-    `refuse` maps a method name (and a port, or None for any port) to the exception it raises;
-    `rx` is what the kernel counted per port. Every installed port has its own object handles,
-    new ones when it is installed again. A quota counts the traffic since it was set (`since`),
-    as the kernel's does."""
-
-    def __init__(self, table: str = "fake") -> None:
-        self.table = table
-        self.exists = False
-        self.quotas: dict[int, Quota | None] = {}
-        self.since: dict[int, int] = {}  # rx when the port's quota was set
-        self.handles: dict[int, int] = {}
-        self.rx: dict[int, int] = {}
-        self.refuse: dict[tuple[str, int | None], Exception] = {}
-        self.refused = 0  # how many calls raised what `refuse` armed
-        self._next_handle = 100
-
-    def used(self, port: int) -> int | None:
-        quota = self.quotas[port]
-        if quota is None:
-            return None
-        return min(quota.used + self.rx[port] - self.since[port], quota.limit)
-
-    def snapshot(self) -> tuple[bool, dict[int, tuple[int | None, int | None, int, int]]]:
-        """What the table holds: per port the quota's limit and usage, the counter's handle and
-        bytes (a quota replaced by an equal one is the same table)."""
-        ports = {
-            p: (None if q is None else q.limit, self.used(p), self.handles[p], self.rx[p])
-            for p, q in self.quotas.items()
-        }
-        return self.exists, ports
-
-    def _step(self, name: str, ports: Iterable[int] = ()) -> None:
-        for port in (None, *ports):
-            refused = self.refuse.get((name, port))
-            if refused is not None:
-                self.refused += 1
-                raise refused
-
-    def _reading(self, port: int) -> PortReading:
-        quota, handle = self.quotas[port], self.handles[port]
-        rx = Reading(HANDLE, handle, self.rx[port] // 100, self.rx[port])
-        tx = Reading(HANDLE, handle + 1, 0, 0)
-        if quota is None:
-            return PortReading(rx, tx)
-        used = self.used(port)
-        assert used is not None
-        dropped = Reading(HANDLE, handle + 2, 0, 0)
-        return PortReading(rx, tx, dropped, KernelQuota(quota.limit, used))
-
-    def _view(self, ports: Iterable[int]) -> TableView | None:
-        if not self.exists:
-            return None
-        return TableView(HANDLE, {p: self._reading(p) for p in ports if p in self.quotas})
-
-    def _put(self, port: int, quota: Quota | None) -> None:
-        self._next_handle += 3
-        self.quotas[port], self.handles[port], self.rx[port] = quota, self._next_handle, 0
-        self.since[port] = 0
-
-    async def read(self) -> TableView | None:
-        self._step("read")
-        return self._view(self.quotas)
-
-    async def read_ports(self, ports: Iterable[int]) -> TableView | None:
-        wanted = list(ports)
-        self._step("read_ports", wanted)
-        return self._view(wanted)
-
-    async def map_elements(self) -> dict[str, dict[int, str]]:
-        self._step("map_elements")
-        enforced = [p for p, q in self.quotas.items() if q is not None]
-        return {
-            "rx": {p: f"rx_{p}" for p in self.quotas}, "tx": {p: f"tx_{p}" for p in self.quotas},
-            "quota": {p: f"q_{p}" for p in enforced}, "dropped": {p: f"drop_{p}" for p in enforced},
-        }
-
-    async def build(self, ports: Mapping[int, Quota | None]) -> None:
-        self._step("build", [p for p, q in ports.items() if q is not None])
-        self.exists, self.quotas, self.handles, self.rx = True, {}, {}, {}
-        for port, quota in ports.items():
-            self._put(port, quota)
-
-    async def install(self, port: int, quota: Quota | None = None) -> None:
-        self._step("install", [port])
-        if port in self.quotas:
-            raise NftError("create counter: File exists", errno.EEXIST)
-        self._put(port, quota)
-
-    async def remove(self, port: int) -> None:
-        self._step("remove", [port])
-        if port not in self.quotas:
-            raise NftError("delete counter: No such file or directory", errno.ENOENT)
-        self._forget(port)
-
-    async def enforce(self, port: int, quota: Quota | None) -> None:
-        self._step("enforce", [port])
-        if port not in self.quotas:
-            raise NftError("create quota: No such file or directory", errno.ENOENT)
-        self.quotas[port], self.since[port] = quota, self.rx[port]
-
-    async def remove_present(self, ports: Iterable[int]) -> None:
-        wanted = list(ports)
-        self._step("remove_present", wanted)
-        for port in wanted:
-            self._forget(port)
-
-    def _forget(self, port: int) -> None:
-        for found in (self.quotas, self.since, self.handles, self.rx):
-            found.pop(port, None)
 
 
 class FailingStore(StateStore):
@@ -181,8 +54,8 @@ class FailingStore(StateStore):
         super().save(state, changed)
 
 
-class FailingBridge(XrayBridge):
-    """The real bridge; `refuse` makes pushes raise it before anything is written."""
+class FailingBridge(XraySide):
+    """The real Xray side; `refuse` makes pushes raise it before anything is written."""
 
     refuse: Exception | None = None
 
@@ -195,7 +68,7 @@ class FailingBridge(XrayBridge):
 @dataclass
 class Rig:
     service: Service
-    table: FakeTable
+    table: MemoryKernel
     store: FailingStore
     bridge: FailingBridge
     directory: Path
@@ -216,12 +89,12 @@ class Rig:
     def memory(self) -> tuple[Any, ...]:
         service = self.service
         return (
-            service.state.model_dump(), list(service.state.keys), dict(service._kernel_limits),
-            dict(service.failures),
+            service.state.model_dump(), list(service.state.keys), dict(service.settler.quotas),
+            dict(service.failures.errors),
         )
 
     def everything(self) -> tuple[Any, ...]:
-        return self.memory(), self.files(), self.table.snapshot()
+        return self.memory(), self.files(), self.table.contents()
 
     def arm(self, step: str, error: Exception) -> None:
         if step == "kernel":
@@ -235,40 +108,22 @@ class Rig:
         self.table.refuse, self.bridge.refuse, self.store.refuse = {}, None, None
 
 
-def make_settings(directory: Path, **extra: Any) -> Settings:
-    return Settings(
-        state_dir=directory / "state", socket=directory / "pm.sock", nft_table="fake",
-        port_range=PortRange(FIRST_PORT, FIRST_PORT + 49),
-        xray_config=directory / "xray" / "config.json",
-        reality_dest="www.example.org:443", public_host="vpn.example.net", xray_apply="none",
-        **extra,
-    )
-
-
 @contextlib.asynccontextmanager
 async def rig(with_keys: bool = True, **extra: Any) -> AsyncIterator[Rig]:
     """A started service with three keys: limited (with traffic), unlimited, disabled."""
-    with tempfile.TemporaryDirectory(prefix="pm-atomic-") as name:
-        directory = Path(name)
-        config = make_settings(directory, **extra)
-        (directory / "xray").mkdir()
-        (directory / "xray" / "config.json").write_text(json.dumps(shared_config(), indent=2))
-        log = structlog.get_logger()
-        store = FailingStore(config.state_file)
-        table = FakeTable()
-        bridge = FailingBridge(config, log)
-        outbox = webhook_outbox(directory / "outbox", None, "", log)
-        # Service takes the concrete Counters today; FakeTable has every coroutine it calls.
-        service = Service(config, store, store.load(), cast(Counters, table), outbox, log, bridge)
-        await service.reconcile()
-        made = Rig(service, table, store, bridge, directory)
+    async with started(
+        xray_config=shared_config(), history=False, store=FailingStore, side=FailingBridge, **extra
+    ) as inside:
+        service = inside.service
+        assert isinstance(inside.store, FailingStore) and isinstance(inside.xray, FailingBridge)
+        made = Rig(service, inside.kernel, inside.store, inside.xray, inside.directory)
         if with_keys:
             for key_name, settings_ in (
                 ("limited", {"data_limit_bytes": 10_000}), ("open", {}),
                 ("off", {"enabled": False}),
             ):
                 made.keys[key_name] = (await service.create_key(key_name, None, settings_)).id
-            table.rx[service.state.keys[made.keys["limited"]].port] = 4_000
+            inside.kernel.add_traffic(service.state.keys[made.keys["limited"]].port, rx=4_000)
             await service.poll_once()
         yield made
 
@@ -315,7 +170,7 @@ BEFOREHAND = ["raise limit", "lower limit", "lift limit", "set limit", "disable"
 async def beforehand(r: Rig, name: str, traffic: int) -> None:
     """One earlier step; a refusal of it (e.g. enabling an enabled key) is fine here."""
     if name == "traffic":
-        r.table.rx[r.service.state.keys[r.keys["limited"]].port] += traffic
+        r.table.add_traffic(r.service.state.keys[r.keys["limited"]].port, rx=traffic)
         await r.service.poll_once()
         return
     with contextlib.suppress(OperationError):
@@ -373,14 +228,14 @@ def assert_table_matches(r: Rig) -> None:
     """The table holds exactly each key's port with the quota limit its status needs."""
     wanted = {}
     for key in r.service.state.keys.values():
-        quota = r.service._desired_quota(key)
+        quota = desired_quota(key)
         wanted[key.port] = None if quota is None else quota.limit
     have = {port: None if q is None else q.limit for port, q in r.table.quotas.items()}
     assert have == wanted
 
 
 def test_a_huge_limit_is_refused_before_any_step_and_poisons_nothing() -> None:
-    """The attack of issue 17 behind the edge: 2^64, 20000 PB and 2^63+5 reach the service."""
+    """The poisoning attack behind the edge: 2^64, 20000 PB and 2^63+5 reach the service."""
 
     async def run() -> None:
         async with rig() as r:
@@ -398,7 +253,7 @@ def test_a_huge_limit_is_refused_before_any_step_and_poisons_nothing() -> None:
             saved = StateStore(r.store.path).load()
             assert saved.keys[r.keys["limited"]].data_limit_bytes == 10_000
             assert saved.keys[r.keys["open"]].note == "saved"
-            assert r.service.failures == {}
+            assert r.service.failures.errors == {}
 
     anyio.run(run)
 
@@ -442,6 +297,33 @@ def test_a_record_changed_in_memory_is_checked_against_the_bounds_before_any_ste
     anyio.run(run)
 
 
+def test_a_refused_operation_gives_back_no_allowance_the_kernel_had_stopped() -> None:
+    """The undo puts the quota back as the kernel held it, dropped bytes included. Before, it
+    set the key's own usage (9,500 of 10,000 here): a refused reset opened 500 bytes again."""
+
+    async def run() -> None:
+        async with rig() as r:
+            limited = r.service.state.keys[r.keys["limited"]]
+            r.table.add_traffic(limited.port, rx=5_500)  # 9,500 of 10,000 used
+            r.table.add_traffic(limited.port, rx=1_500)  # past the limit: dropped
+            await r.service.poll_once()
+            limited = r.service.state.keys[limited.id]
+            assert (limited.used_bytes, limited.dropped.bytes) == (9_500, 1_500)
+            assert limited.status.value == "limited" and r.table.used(limited.port) == 10_000
+            before = r.everything()
+            r.store.refuse = StorageError("cannot write: No space left on device", disk_full=True)
+            with pytest.raises(OperationError):
+                await r.service.reset_traffic(limited.id)
+            r.store.refuse = None
+            assert r.everything() == before
+            r.table.add_traffic(limited.port, rx=500)  # what the old undo let through
+            await r.service.poll_once()
+            limited = r.service.state.keys[limited.id]
+            assert (limited.used_bytes, limited.dropped.bytes) == (9_500, 2_000)
+
+    anyio.run(run)
+
+
 def test_an_undo_that_fails_is_logged_and_the_next_poll_repairs_the_quota() -> None:
     async def run() -> None:
         async with rig() as r:
@@ -481,14 +363,14 @@ def test_one_keys_quota_failing_at_start_and_every_poll_leaves_the_others_counte
         async with rig() as r:
             service, table = r.service, r.table
             limited, open_ = (service.state.keys[r.keys[n]] for n in ("limited", "open"))
-            table.exists = False  # a reboot: the start rebuilds the table
+            table.drop_table()  # a reboot: the start rebuilds the table
             too_large = NftError("quota: Value too large", errno.EOVERFLOW)
             table.refuse[("build", limited.port)] = too_large
             table.refuse[("enforce", limited.port)] = too_large
             with capture_logs() as logs:
                 await service.reconcile()
-                for traffic in (1_000, 2_500, 4_000):
-                    table.rx[open_.port] = traffic
+                for before, traffic in itertools.pairwise((0, 1_000, 2_500, 4_000)):
+                    table.add_traffic(open_.port, rx=traffic - before)
                     await service.poll_once()
                     assert service.state.keys[open_.id].rx.bytes == traffic
                 read = await service.refresh_keys([limited.id, open_.id])
@@ -499,13 +381,13 @@ def test_one_keys_quota_failing_at_start_and_every_poll_leaves_the_others_counte
             failed = next(e for e in logs if e["event"] == "key_failed")
             assert (failed["key_id"], failed["log_level"]) == (limited.id, "error")
             assert "Value too large" in failed["error"]
-            assert service.failures == {limited.id: failed["error"]}
+            assert service.failures.errors == {limited.id: failed["error"]}
             assert table.quotas[limited.port] is None and table.quotas[open_.port] is None
             table.refuse.clear()
             with capture_logs() as logs:
                 await service.poll_once()
             assert [e["event"] for e in logs if e["event"].startswith("key_")] == ["key_recovered"]
-            assert service.failures == {}
+            assert service.failures.errors == {}
             assert table.quotas[limited.port] == Quota(10_000, 4_000)
 
     anyio.run(run)
@@ -519,7 +401,7 @@ def test_the_api_answers_every_key_and_shows_the_error_on_the_failing_one_alone(
             limited, open_ = (r.service.state.keys[r.keys[n]] for n in ("limited", "open"))
             too_large = NftError("quota: Value too large", errno.EOVERFLOW)
             r.table.refuse[("enforce", limited.port)] = too_large
-            r.service.failures[limited.id] = "an earlier failure"  # its quota is retried now
+            r.service.failures.errors[limited.id] = "an earlier failure"  # its quota is retried now
             transport = httpx.ASGITransport(app=create_app(r.service))
             async with httpx.AsyncClient(transport=transport, base_url="http://pm") as client:
                 every = await client.get("/api/traffic/ports/exact")
@@ -540,20 +422,20 @@ def test_one_keys_missing_counters_that_cannot_be_installed_stay_its_own() -> No
         async with rig() as r:
             service, table = r.service, r.table
             limited, open_ = (service.state.keys[r.keys[n]] for n in ("limited", "open"))
-            table._forget(limited.port)  # someone deleted its counters
+            table.delete_port(limited.port)  # someone deleted its counters
             invalid = NftError("create counter: Invalid argument", errno.EINVAL)
             table.refuse[("install", limited.port)] = invalid
             table.refuse[("remove_present", limited.port)] = invalid
             with capture_logs() as logs:
-                for traffic in (10, 20):
-                    table.rx[open_.port] = traffic
+                for before, traffic in itertools.pairwise((0, 10, 20)):
+                    table.add_traffic(open_.port, rx=traffic - before)
                     await service.poll_once()
                     assert service.state.keys[open_.id].rx.bytes == traffic
             assert [e["event"] for e in logs].count("key_failed") == 1
-            assert limited.id in service.failures
+            assert limited.id in service.failures.errors
             table.refuse.clear()
             await service.poll_once()
-            assert limited.port in table.quotas and service.failures == {}
+            assert limited.port in table.quotas and service.failures.errors == {}
 
     anyio.run(run)
 
@@ -564,7 +446,7 @@ def test_the_poll_loop_outlives_any_failure_and_logs_it_once() -> None:
             r.table.refuse[("read", None)] = RuntimeError("a bug in reading")
             with capture_logs() as logs:
                 async with anyio.create_task_group() as group:
-                    group.start_soon(r.service.poll_loop)
+                    group.start_soon(poll_loop, r.service)
                     await anyio.sleep(0.2)
                     r.table.refuse.clear()
                     await anyio.sleep(0.1)

@@ -154,7 +154,13 @@ def test_quota_install_replace_and_lift_over_netlink(net: Lab) -> None:
         return seen
 
     first, second, lifted = run_in(net.server, scenario)
-    assert (first.limit, first.used, second.limit, second.used, lifted) == (5000, 100, 9000, 200, None)
+    assert (first.limit, first.used, second.limit, second.used, lifted) == (
+        5000,
+        100,
+        9000,
+        200,
+        None,
+    )
     net.nft("delete", "table", "inet", table)
 
 

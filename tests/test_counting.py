@@ -1,7 +1,7 @@
 """Exact counting of real traffic by the real daemon, in its own network namespaces.
 
-Counting contract (DESIGN.md): layer-3 bytes at the hook. A UDP datagram with payload P is
-P+28 bytes over IPv4 and P+48 over IPv6, one packet each.
+Counting contract (README, "What is counted"): layer-3 bytes at the hook. A UDP datagram with
+payload P is P+28 bytes over IPv4 and P+48 over IPv6, one packet each.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def tcp_transfer(net: Lab, port: int, upload: int, download: int) -> None:
                 conn.sendall(b"d" * download)
                 conn.shutdown(socket.SHUT_WR)
                 conn.recv(1)
-        except BaseException as exc:  # surfaced in the test thread
+        except BaseException as exc:  # noqa: BLE001 - any failure is surfaced in the test thread
             errors.append(exc)
 
     thread = threading.Thread(target=serve)
@@ -159,7 +159,9 @@ def test_all_ports_endpoint_matches_per_key_numbers(net: Lab, daemon: Daemon) ->
     assert summary["total_interface_traffic"] > 0
 
 
-def test_traffic_pages_are_exact_ordered_by_port_and_refuse_bad_bounds(net: Lab, daemon: Daemon) -> None:
+def test_traffic_pages_are_exact_ordered_by_port_and_refuse_bad_bounds(
+    net: Lab, daemon: Daemon
+) -> None:
     keys = sorted((daemon.create(f"page{i}") for i in range(5)), key=lambda k: k["port"])
     for i, key in enumerate(keys):
         udp_exchange(net, socket.AF_INET, key["port"], i + 1, 60, echo=False)
@@ -167,7 +169,8 @@ def test_traffic_pages_are_exact_ordered_by_port_and_refuse_bad_bounds(net: Lab,
     assert (page["total_ports"], page["total_keys"], page["offset"], page["limit"]) == (2, 5, 1, 2)
     listed = list(page["ports_traffic"].values())
     assert [entry["port"] for entry in listed] == [keys[1]["port"], keys[2]["port"]]
-    assert [entry["traffic"]["rx_bytes"] for entry in listed] == [2 * 88, 3 * 88]  # read at request time
+    rx = [entry["traffic"]["rx_bytes"] for entry in listed]
+    assert rx == [2 * 88, 3 * 88]  # read at request time
     assert page["total_traffic"] == 5 * 88
     beyond = daemon.api("GET", "/api/traffic/ports/exact?offset=5")["ports_traffic"]
     assert beyond["total_ports"] == 0 and beyond["total_keys"] == 5

@@ -46,14 +46,19 @@ def test_clean_stop_exits_zero_and_writes_final_totals(net: Lab, daemon: Daemon)
     assert not daemon.socket.exists()
 
 
-def test_deleted_table_is_rebuilt_within_a_poll_and_totals_never_drop(net: Lab, daemon: Daemon) -> None:
+def test_deleted_table_is_rebuilt_within_a_poll_and_totals_never_drop(
+    net: Lab, daemon: Daemon
+) -> None:
     key = daemon.create("flushed")
     send(net, key["port"], 5)
     before = daemon.traffic(key["id"])["rx_bytes"]
     assert before == 5 * WIRE
     net.nft("delete", "table", "inet", daemon.table)
-    wait_for(lambda: net.nft("list", "table", "inet", daemon.table, check=False).returncode == 0,
-             timeout=3, what="table rebuilt")
+    wait_for(
+        lambda: net.nft("list", "table", "inet", daemon.table, check=False).returncode == 0,
+        timeout=3,
+        what="table rebuilt",
+    )
     assert "event=table_missing" in daemon.log()
     send(net, key["port"], 3)
     t = daemon.traffic(key["id"])
@@ -122,7 +127,14 @@ def test_leftover_counters_from_a_crash_are_removed_at_start(net: Lab, daemon: D
     # What a crash between installing counters and saving the state leaves behind.
     for direction in ("rx", "tx"):
         net.nft("add", "counter", "inet", daemon.table, f"{direction}_{orphan}")
-        net.nft("add", "element", "inet", daemon.table, direction, f"{{ {orphan} : \"{direction}_{orphan}\" }}")
+        net.nft(
+            "add",
+            "element",
+            "inet",
+            daemon.table,
+            direction,
+            f'{{ {orphan} : "{direction}_{orphan}" }}',
+        )
     daemon.start()
     assert "event=orphan_counters_removed" in daemon.log()
     assert f"rx_{orphan}" not in net.nft("list", "table", "inet", daemon.table).stdout

@@ -24,7 +24,9 @@ def send(net: Lab, port: int, count: int) -> None:
 def test_disk_full_is_507_keeps_state_valid_and_catches_up(net: Lab, make_daemon: Any) -> None:
     daemon: Daemon = make_daemon(start=False)
     daemon.state_dir.mkdir(parents=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(daemon.state_dir)], check=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(daemon.state_dir)], check=True
+    )
     try:
         daemon.start()
         key = daemon.create("before-full")
@@ -78,11 +80,19 @@ def test_damaged_state_refuses_start_then_check_and_restore(daemon: Daemon, kind
     daemon.start(wait=False)
     assert daemon.process is not None and daemon.process.wait(15) != 0
     refusal = [line for line in daemon.log().splitlines() if line.startswith("portmeter:")]
-    assert len(refusal) == 1 and str(daemon.state_file) in refusal[-1] and "state restore" in refusal[-1]
+    assert (
+        len(refusal) == 1
+        and str(daemon.state_file) in refusal[-1]
+        and "state restore" in refusal[-1]
+    )
     assert daemon.state_file.read_bytes() == damaged
 
     check = daemon.cli("state", "check", "--state-dir", str(daemon.state_dir))
-    assert check.returncode == 1 and str(daemon.state_file) in check.stderr and "newest valid backup" in check.stderr
+    assert (
+        check.returncode == 1
+        and str(daemon.state_file) in check.stderr
+        and "newest valid backup" in check.stderr
+    )
     restore = daemon.cli("state", "restore", "--state-dir", str(daemon.state_dir))
     assert restore.returncode == 0, restore.stderr
     assert "restored" in restore.stdout and "previous file is kept" in restore.stdout
@@ -111,8 +121,14 @@ def test_secrets_never_leave_the_state_file(daemon: Daemon) -> None:
     assert private and oct(daemon.state_file.stat().st_mode & 0o777) == "0o600"
     answers = [
         daemon.http.get(path).text
-        for path in ("/api/keys", f"/api/keys/{key['id']}", "/api/system/xray/config-status",
-                     "/api/traffic/ports/exact", "/api/system/xray/validate-sync", f"/api/keys/{key['id']}/link")
+        for path in (
+            "/api/keys",
+            f"/api/keys/{key['id']}",
+            "/api/system/xray/config-status",
+            "/api/traffic/ports/exact",
+            "/api/system/xray/validate-sync",
+            f"/api/keys/{key['id']}/link",
+        )
     ]
     for text in [*answers, daemon.log()]:
         assert private not in text
@@ -123,13 +139,19 @@ def test_other_tables_are_never_touched(net: Lab, daemon: Daemon) -> None:
     net.nft("add", "counter", "ip", "neighbour", f"rx_{daemon.port_range[0]}")
     net.nft("add", "table", "inet", "alsomine")
     net.nft("add", "chain", "inet", "alsomine", "c", "{ type filter hook input priority 0; }")
-    before = [net.nft("list", "table", f, t).stdout for f, t in (("ip", "neighbour"), ("inet", "alsomine"))]
+    before = [
+        net.nft("list", "table", f, t).stdout
+        for f, t in (("ip", "neighbour"), ("inet", "alsomine"))
+    ]
     key = daemon.create("k")
     daemon.api("POST", "/api/system/ports/reset")
     net.nft("delete", "table", "inet", daemon.table)
     daemon.api("GET", "/api/traffic/ports/exact")  # rebuilds our table
     daemon.api("DELETE", f"/api/keys/{key['id']}")
-    after = [net.nft("list", "table", f, t).stdout for f, t in (("ip", "neighbour"), ("inet", "alsomine"))]
+    after = [
+        net.nft("list", "table", f, t).stdout
+        for f, t in (("ip", "neighbour"), ("inet", "alsomine"))
+    ]
     assert after == before
 
 

@@ -20,14 +20,19 @@ import pytest
 import structlog
 
 from daemon.atomic import LinkRefused, write_atomic
-from daemon.reports import Outbox
-from daemon.state import StateStore, StorageError
-from daemon.xray_sync import XrayFiles, XrayStorageError, render_config
+from daemon.reports import Courier
+from daemon.store.state import StateStore, StorageError
+from daemon.xray.model import XrayStorageError
+from daemon.xray.render import render_config
+from daemon.xray_sync import XrayFiles
 from tests.conftest import Daemon
 from tests.netlab import Lab
 from tests.test_counting import udp_exchange
 from tests.test_state_store import sample_state
 from tests.test_xray_sync import REALITY, key, opts_for
+
+# Ownership, modes as root sees them and planted links in shared places: needs root.
+pytestmark = pytest.mark.root
 
 PRECIOUS = b"root's precious file\n"
 NOGROUP = grp.getgrnam("nogroup").gr_gid
@@ -44,7 +49,7 @@ def umask(mask: int) -> Iterator[None]:
 
 @pytest.fixture
 def victim(tmp_path: Path) -> Path:
-    """A file outside every directory portmeter writes: a link planted by an attacker points here."""
+    """A file outside every directory portmeter writes: an attacker's planted link points here."""
     path = tmp_path / "elsewhere" / "victim"
     path.parent.mkdir()
     path.write_bytes(PRECIOUS)
@@ -56,7 +61,10 @@ def assert_untouched(victim: Path) -> None:
     info = victim.lstat()
     assert victim.read_bytes() == PRECIOUS
     assert (stat.S_IFMT(info.st_mode), stat.S_IMODE(info.st_mode), info.st_nlink, info.st_uid) == (
-        stat.S_IFREG, 0o644, 1, 0,
+        stat.S_IFREG,
+        0o644,
+        1,
+        0,
     )
     assert sorted(p.name for p in victim.parent.iterdir()) == ["victim"]
 
@@ -74,7 +82,9 @@ def test_modes_are_exact_whatever_the_umask(tmp_path: Path, mask: int) -> None:
     tmp_path.chmod(0o711)
     with umask(mask):
         write_atomic(tmp_path / "a" / "b" / "state.json", b"{}")
-        write_atomic(tmp_path / "x" / "config.json", b"{}", mode=0o640, owner=(0, NOGROUP), dir_mode=0o750)
+        write_atomic(
+            tmp_path / "x" / "config.json", b"{}", mode=0o640, owner=(0, NOGROUP), dir_mode=0o750
+        )
     assert mode(tmp_path / "a") == mode(tmp_path / "a" / "b") == (0o700, 0, 0)
     assert mode(tmp_path / "a" / "b" / "state.json") == (0o600, 0, 0)
     assert mode(tmp_path / "x") == (0o750, 0, NOGROUP)
@@ -98,7 +108,10 @@ def test_a_link_at_the_target_is_refused(tmp_path: Path, victim: Path) -> None:
     with pytest.raises(LinkRefused, match=f"^{target} is a symbolic link; portmeter never writes"):
         write_atomic(target, b"new")
     assert_untouched(victim)
-    assert target.is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "state.json"]
+    assert target.is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == [
+        "elsewhere",
+        "state.json",
+    ]
 
 
 # --- the state file -------------------------------------------------------------------------
@@ -123,7 +136,9 @@ def test_state_file_journal_and_backups_refuse_links(tmp_path: Path, victim: Pat
 # --- the Xray config ------------------------------------------------------------------------
 
 
-def test_a_link_at_the_xray_temporary_name_is_not_written_through(tmp_path: Path, victim: Path) -> None:
+def test_a_link_at_the_xray_temporary_name_is_not_written_through(
+    tmp_path: Path, victim: Path
+) -> None:
     # The reported attack: xray/.config.json.tmp -> elsewhere. The old code truncated the
     # target, wrote the config (with the REALITY private key) into it, chmod-ed it and renamed
     # the link over config.json.
@@ -142,20 +157,26 @@ def test_a_link_at_the_xray_config_or_its_backups_is_refused(tmp_path: Path, vic
     files = XrayFiles(opts_for(tmp_path))
     files.path.parent.mkdir()
     files.path.symlink_to(victim)
-    with pytest.raises(XrayStorageError, match=f"cannot write Xray config: {files.path} is a symbolic link"):
+    with pytest.raises(
+        XrayStorageError, match=f"cannot write Xray config: {files.path} is a symbolic link"
+    ):
         files.write(render_config(files.parse(None), [key()], files.opts, REALITY))
     assert files.path.is_symlink() and not files.backup_dir.exists()
     files.path.unlink()
     files.write(render_config(files.parse(None), [key()], files.opts, REALITY))
     live = files.path.read_bytes()
     files.backup_dir.symlink_to(victim.parent, target_is_directory=True)
-    with pytest.raises(XrayStorageError, match=f"cannot write backup .*{files.backup_dir} is a symbolic link"):
+    with pytest.raises(
+        XrayStorageError, match=f"cannot write backup .*{files.backup_dir} is a symbolic link"
+    ):
         files.write(render_config(files.parse(None), [key(port=10009)], files.opts, REALITY))
     assert files.path.read_bytes() == live
     assert_untouched(victim)
 
 
-def test_a_backup_is_never_a_link_to_what_a_planted_link_points_to(tmp_path: Path, victim: Path) -> None:
+def test_a_backup_is_never_a_link_to_what_a_planted_link_points_to(
+    tmp_path: Path, victim: Path
+) -> None:
     # A hard link follows a symbolic link unless told not to: the backup would then be the
     # victim's inode, and sealing it (0600 root) would change the victim.
     files = XrayFiles(opts_for(tmp_path))
@@ -184,8 +205,8 @@ def test_xray_group_modes_and_private_backups(tmp_path: Path, mask: int) -> None
 # --- outboxes -------------------------------------------------------------------------------
 
 
-def outbox(directory: Path) -> Outbox:
-    return Outbox(directory, "http://127.0.0.1:9/hook", lambda _: {}, structlog.get_logger())
+def outbox(directory: Path) -> Courier:
+    return Courier(directory, "http://127.0.0.1:9/hook", lambda _: {}, structlog.get_logger())
 
 
 def test_outbox_refuses_links_and_never_sends_a_planted_one(tmp_path: Path, victim: Path) -> None:
@@ -227,8 +248,11 @@ def test_every_file_and_directory_the_daemon_creates_has_its_mode(
     net: Lab, make_daemon: Any, mask: int
 ) -> None:
     daemon: Daemon = make_daemon(
-        start=False, PORTMETER_XRAY_GROUP="nogroup", PORTMETER_XRAY_BIN="/nonexistent/xray",
-        PORTMETER_WEBHOOK_URL="http://127.0.0.1:9/hook", PORTMETER_WEBHOOK_SECRET="s" * 16,
+        start=False,
+        PORTMETER_XRAY_GROUP="nogroup",
+        PORTMETER_XRAY_BIN="/nonexistent/xray",
+        PORTMETER_WEBHOOK_URL="http://127.0.0.1:9/hook",
+        PORTMETER_WEBHOOK_SECRET="s" * 16,
         PORTMETER_REPORT_URL="http://127.0.0.1:9/api/traffic/webhook",
     )
     with umask(mask):
@@ -241,11 +265,23 @@ def test_every_file_and_directory_the_daemon_creates_has_its_mode(
     with umask(mask):
         daemon.start()  # a start writes a backup of the state
     assert daemon.stop() == 0
-    created = sorted([*daemon.state_dir.rglob("*"), daemon.state_dir, *daemon.xray_config.parent.rglob("*"),
-                      daemon.xray_config.parent])
+    created = sorted(
+        [
+            *daemon.state_dir.rglob("*"),
+            daemon.state_dir,
+            *daemon.xray_config.parent.rglob("*"),
+            daemon.xray_config.parent,
+        ]
+    )
     names = {p.relative_to(daemon.workdir).as_posix() for p in created}
-    assert {"state/outbox", "state/reports", "state/backups", "state/history.sqlite3",
-            "xray/config.json", "xray/backups"} <= names, names
+    assert {
+        "state/outbox",
+        "state/reports",
+        "state/backups",
+        "state/history.sqlite3",
+        "xray/config.json",
+        "xray/backups",
+    } <= names, names
     for directory in ("state/outbox", "state/reports", "state/backups", "xray/backups"):
         assert any((daemon.workdir / directory).iterdir()), directory
     wrong = {str(p): oct(mode(p)[0]) for p in created if mode(p) != expected_mode(p, daemon)}

@@ -42,12 +42,20 @@ def reported(collector: Daemon, user: str) -> dict[str, Any]:
     return {r["server"]: r for r in response.json()["reported"]}
 
 
-def test_collector_totals_equal_the_nodes_kernel_counts(net: Lab, make_daemon: Any, workdir: Path) -> None:
-    collector: Daemon = make_daemon(PORTMETER_HTTP_LISTEN=f"{SERVER_V4}:{PORT}", PORTMETER_API_KEY=API_KEY)
+def test_collector_totals_equal_the_nodes_kernel_counts(
+    net: Lab, make_daemon: Any, workdir: Path
+) -> None:
+    collector: Daemon = make_daemon(
+        PORTMETER_HTTP_LISTEN=f"{SERVER_V4}:{PORT}", PORTMETER_API_KEY=API_KEY
+    )
     node = Daemon(
-        net.client, workdir / "node", fresh_port_range(),
+        net.client,
+        workdir / "node",
+        fresh_port_range(),
         PORTMETER_REPORT_URL=f"http://{SERVER_V4}:{PORT}/api/traffic/webhook",
-        PORTMETER_REPORT_API_KEY=API_KEY, PORTMETER_SERVER_NAME="node-1", PORTMETER_POLL_INTERVAL="0.3",
+        PORTMETER_REPORT_API_KEY=API_KEY,
+        PORTMETER_SERVER_NAME="node-1",
+        PORTMETER_POLL_INTERVAL="0.3",
     )
     try:
         node.start()
@@ -57,10 +65,17 @@ def test_collector_totals_equal_the_nodes_kernel_counts(net: Lab, make_daemon: A
         blast(net, bob["port"], 3)
 
         def caught_up(expected: dict[str, int]) -> bool:
-            got = {user: reported(collector, user).get("node-1", {}).get("bytes_uploaded", 0) for user in expected}
+            got = {
+                user: reported(collector, user).get("node-1", {}).get("bytes_uploaded", 0)
+                for user in expected
+            }
             return got == expected
 
-        wait_for(lambda: caught_up({"alice": 20 * WIRE, "bob": 3 * WIRE}), timeout=20, what="first reports")
+        wait_for(
+            lambda: caught_up({"alice": 20 * WIRE, "bob": 3 * WIRE}),
+            timeout=20,
+            what="first reports",
+        )
 
         for round_no in range(5):  # killed mid-batch: while generations are staged and in flight
             blast(net, alice["port"], 7)
@@ -68,7 +83,11 @@ def test_collector_totals_equal_the_nodes_kernel_counts(net: Lab, make_daemon: A
             node.kill9()
             blast(net, alice["port"], 2)  # counted by the node's kernel while it is down
             node.start()
-        wait_for(lambda: caught_up({"alice": 65 * WIRE, "bob": 3 * WIRE}), timeout=20, what="reports after the kills")
+        wait_for(
+            lambda: caught_up({"alice": 65 * WIRE, "bob": 3 * WIRE}),
+            timeout=20,
+            what="reports after the kills",
+        )
         assert node.traffic(alice["id"])["rx_bytes"] == 65 * WIRE
         time.sleep(1.5)  # nothing more arrives: no double count from retries
         assert caught_up({"alice": 65 * WIRE, "bob": 3 * WIRE})
@@ -79,13 +98,20 @@ def test_collector_totals_equal_the_nodes_kernel_counts(net: Lab, make_daemon: A
 
 
 def test_webhook_without_the_api_key_is_refused(net: Lab, make_daemon: Any) -> None:
-    collector: Daemon = make_daemon(PORTMETER_HTTP_LISTEN=f"{SERVER_V4}:{PORT}", PORTMETER_API_KEY=API_KEY)
+    collector: Daemon = make_daemon(
+        PORTMETER_HTTP_LISTEN=f"{SERVER_V4}:{PORT}", PORTMETER_API_KEY=API_KEY
+    )
     sock = net.tcp(net.client)
     try:
         sock.connect((SERVER_V4, PORT))
-        body = b'{"user_token": "x", "server": "s", "port": 1, "protocol": "vless", "bytes_uploaded": 1, "bytes_downloaded": 1, "report_id": "r1"}'
-        sock.sendall(b"POST /api/traffic/webhook HTTP/1.1\r\nHost: c\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+        body = (
+            b'{"user_token": "x", "server": "s", "port": 1, "protocol": "vless", '
+            b'"bytes_uploaded": 1, "bytes_downloaded": 1, "report_id": "r1"}'
+        )
+        sock.sendall(
+            b"POST /api/traffic/webhook HTTP/1.1\r\nHost: c\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body
+        )
         answer = b""
         while chunk := sock.recv(4096):
             answer += chunk

@@ -1,20 +1,24 @@
-"""schemathesis against the real daemon: its own /openapi.json, sent over its Unix socket.
+"""schemathesis against the daemon's own /openapi.json: in-process, and over the real socket.
 
-One fuzz run per module (a real daemon in its own namespace, poll loop on, Xray integration on)
-goes through every operation the document lists with positive and negative data; a third of the
-cases aim at keys that exist (by id, uuid and name) so the paths past "no key" are reached too.
-The run records every case instead of stopping at the first failure, and the tests below judge
-the record: no 5xx anywhere, and every answer matches the schema the document gives for it.
+One fuzz run per module, in-process (tests/inprocess.py: the app exactly as the Unix socket serves
+it, over the in-memory kernel, with the Xray integration on and a poll after each operation), goes
+through every operation the document lists with positive and negative data; a third of the cases
+aim at keys that exist (by id, uuid and name) so the paths past "no key" are reached too. The run
+records every case instead of stopping at the first failure, and the tests below judge the record:
+no 5xx anywhere, and every answer matches the schema the document gives for it. A short run
+against the real daemon in its own namespace, over its Unix socket, proves the same of the real
+process and nftables table.
 """
 
 from __future__ import annotations
 
 import collections
-import shutil
+import io
 import socket
-import tempfile
+import subprocess
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,20 +32,22 @@ from hypothesis import strategies as st
 from requests.adapters import HTTPAdapter
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.failures import FailureGroup
+from schemathesis.core.result import Err, Ok
 from schemathesis.generation import GenerationMode
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
-from tests.conftest import Daemon, fresh_port_range
-from tests.netlab import lab
-
-pytestmark = pytest.mark.kernel
+from daemon.allocator import PortRange
+from tests.conftest import REPO, Daemon
+from tests.inprocess import FIRST_PORT, InProcessDaemon, inprocess_daemon
 
 MAX_EXAMPLES = 40  # per operation and strategy kind; the whole module stays well under 3 minutes
+SMOKE_EXAMPLES = 5  # the same, for the short run against the real daemon
 SEED_NAMES = ("alpha", "beta two", "gamma.3")
 BASE_URL = "http://portmeter"
+Target = Daemon | InProcessDaemon
 
 
-# --- requests over a Unix socket -------------------------------------------------------------
+# --- requests to the daemon: over its Unix socket, or to the in-process app ----------------------
 
 
 class _UnixConnection(urllib3.connection.HTTPConnection):
@@ -72,8 +78,9 @@ class UnixAdapter(HTTPAdapter):
         super().__init__()
         self.pool = _UnixPool(socket_path)
 
-    def get_connection_with_tls_context(self, request: Any, verify: Any, proxies: Any = None,
-                                        cert: Any = None) -> _UnixPool:
+    def get_connection_with_tls_context(
+        self, request: Any, verify: Any, proxies: Any = None, cert: Any = None
+    ) -> _UnixPool:
         return self.pool
 
     def close(self) -> None:
@@ -81,10 +88,39 @@ class UnixAdapter(HTTPAdapter):
         super().close()
 
 
-def unix_session(socket_path: Path) -> requests.Session:
+class AppAdapter(HTTPAdapter):
+    """Every request of the session goes to the in-process app, on the service's own event loop
+    (schemathesis' own ASGI transport would run the app on an event loop of its own)."""
+
+    def __init__(self, inproc: InProcessDaemon) -> None:
+        super().__init__()
+        self.inproc = inproc
+
+    def send(
+        self, request: requests.PreparedRequest, *args: Any, **kwargs: Any
+    ) -> requests.Response:
+        body = request.body.encode() if isinstance(request.body, str) else request.body
+        answer = self.inproc.http.request(
+            request.method or "GET", request.path_url, headers=dict(request.headers), content=body
+        )
+        raw = urllib3.HTTPResponse(
+            body=io.BytesIO(answer.content),
+            headers=urllib3.HTTPHeaderDict(answer.headers.multi_items()),
+            status=answer.status_code,
+            version=11,
+            reason=answer.reason_phrase,
+            preload_content=False,
+        )
+        return self.build_response(request, raw)
+
+
+def session_of(target: Target) -> requests.Session:
     session = requests.Session()
     session.trust_env = False
-    session.mount("http://", UnixAdapter(str(socket_path)))
+    if isinstance(target, InProcessDaemon):
+        session.mount("http://", AppAdapter(target))
+    else:
+        session.mount("http://", UnixAdapter(str(target.socket)))
     return session
 
 
@@ -123,10 +159,12 @@ class FuzzRecord:
         return [f for f in self.findings if f.check == check]
 
     def summary(self) -> str:
-        lines = [(f"schemathesis: {sum(self.cases.values())} cases over {len(self.operations)} operations "
-                  f"in {self.seconds:.1f}s")]
+        total, count = sum(self.cases.values()), len(self.operations)
+        lines = [f"schemathesis: {total} cases over {count} operations in {self.seconds:.1f}s"]
         for op in self.operations:
-            codes = ", ".join(f"{code}x{n}" for (o, code), n in sorted(self.statuses.items()) if o == op)
+            codes = ", ".join(
+                f"{code}x{n}" for (o, code), n in sorted(self.statuses.items()) if o == op
+            )
             lines.append(f"  {op}: {self.cases[op]} cases ({codes})")
         if self.undocumented:
             gaps = sorted({(op, code) for op, code in self.undocumented})
@@ -144,13 +182,14 @@ def headline(failure: BaseException) -> str:
 
 def describe(record: FuzzRecord, findings: list[Finding]) -> str:
     return "\n".join(
-        f"[{f.check}] {f.operation} -> {f.status} ({record.failed[(f.check, f.operation, f.status)]} cases)"
+        f"[{f.check}] {f.operation} -> {f.status} "
+        f"({record.failed[(f.check, f.operation, f.status)]} cases)"
         f"\n  {f.message[:200]}\n  e.g. {f.curl[:240]}\n  answer: {f.body[:240]}"
         for f in findings
     )
 
 
-def ensure_seed_keys(daemon: Daemon) -> list[str]:
+def ensure_seed_keys(daemon: Target) -> list[str]:
     """The seed keys exist (the fuzzer deletes and disables them); their ids, uuids and names."""
     refs: list[str] = []
     for name in SEED_NAMES:
@@ -164,7 +203,7 @@ def ensure_seed_keys(daemon: Daemon) -> list[str]:
     return refs
 
 
-def sub_tokens(daemon: Daemon) -> list[str]:
+def sub_tokens(daemon: Target) -> list[str]:
     keys = daemon.http.get("/api/keys").json()["keys"]
     return [k["subscription_url"].rsplit("/", 1)[1] for k in keys if k.get("subscription_url")]
 
@@ -179,20 +218,36 @@ def takes_input(operation: Any) -> bool:
     return bool(raw.get("parameters") or raw.get("requestBody"))
 
 
-def case_strategy(operation: Any, daemon: Daemon) -> st.SearchStrategy[Any]:
-    kinds = [operation.as_strategy(GenerationMode.POSITIVE), operation.as_strategy(GenerationMode.NEGATIVE)]
+def known_refs(names: list[str], daemon: Target) -> list[str]:
+    """Keys that exist, for an operation whose first path parameter names one."""
+    if "key_id" in names:
+        return ensure_seed_keys(daemon)
+    return sub_tokens(daemon) if "token" in names else []
+
+
+def case_strategy(operation: Any, daemon: Target) -> st.SearchStrategy[Any]:
+    kinds = [
+        operation.as_strategy(GenerationMode.POSITIVE),
+        operation.as_strategy(GenerationMode.NEGATIVE),
+    ]
     names = [p.name for p in operation.path_parameters]
-    known = ensure_seed_keys(daemon) if "key_id" in names else sub_tokens(daemon) if "token" in names else []
+    known = known_refs(names, daemon)
     if known and names:
         kinds.append(st.sampled_from(known).flatmap(
-            lambda ref: operation.as_strategy(GenerationMode.POSITIVE, path_parameters={names[0]: ref})))
+            lambda ref: operation.as_strategy(
+                GenerationMode.POSITIVE, path_parameters={names[0]: ref}
+            )))
     if operation.label == "POST /api/system/xray/migrate":
         kinds.append(st.tuples(st.sampled_from(MIGRATION_SOURCES), st.booleans()).flatmap(
-            lambda source: operation.as_strategy(body={"config_path": source[0], "dry_run": source[1]})))
+            lambda source: operation.as_strategy(
+                body={"config_path": source[0], "dry_run": source[1]}
+            )))
     return st.one_of(kinds)
 
 
-def exercise(operation: Any, daemon: Daemon, session: requests.Session, record: FuzzRecord) -> None:
+def exercise(
+    operation: Any, daemon: Target, session: requests.Session, record: FuzzRecord, examples: int
+) -> None:
     """Send one operation's generated cases to the daemon; record each answer and what it broke."""
     label = operation.label
     if label not in record.operations:
@@ -200,7 +255,7 @@ def exercise(operation: Any, daemon: Daemon, session: requests.Session, record: 
         record.takes_input[label] = takes_input(operation)
     documented = {str(code) for code in operation.definition.raw.get("responses", {})}
 
-    @settings(max_examples=MAX_EXAMPLES * 3, deadline=None, database=None, derandomize=False,
+    @settings(max_examples=examples * 3, deadline=None, database=None, derandomize=False,
               phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
     @given(case=case_strategy(operation, daemon))
     def run(case: Any) -> None:
@@ -223,45 +278,64 @@ def exercise(operation: Any, daemon: Daemon, session: requests.Session, record: 
     run()
 
 
-def fuzz(daemon: Daemon) -> FuzzRecord:
+def fuzz(
+    daemon: Target, examples: int, poll: Callable[[], None] | None = None, under: str = "/"
+) -> FuzzRecord:
+    """Fuzz the operations of the daemon's document whose path starts with `under`; `poll` after
+    each (the real daemon's own poll loop runs meanwhile)."""
     record = FuzzRecord()
     schema = schemathesis.openapi.from_dict(daemon.api("GET", "/openapi.json"))
-    operations = [result.ok() for result in schema.get_all_operations()]
+    results = list(schema.get_all_operations())
+    assert not [result.err() for result in results if isinstance(result, Err)]
+    found = [result.ok() for result in results if isinstance(result, Ok)]
+    operations = [operation for operation in found if operation.path.startswith(under)]
     started = time.monotonic()
-    with unix_session(daemon.socket) as session:
+    with session_of(daemon) as session:
         for operation in operations:
-            exercise(operation, daemon, session, record)
+            exercise(operation, daemon, session, record, examples)
+            if poll is not None:
+                poll()
         # Operations without input are one request each: they go again at the end, when the
         # fuzzer has left keys with odd names, notes, limits and statuses for them to show.
         for operation in operations:
             if not takes_input(operation):
-                exercise(operation, daemon, session, record)
+                exercise(operation, daemon, session, record, examples)
     record.seconds = time.monotonic() - started
     return record
 
 
+def state_check(state_dir: Path) -> subprocess.CompletedProcess[str]:
+    """`portmeter state check` on a state dir (it reads the files, not the socket)."""
+    return subprocess.run(
+        [sys.executable, "-m", "daemon", "state", "check", "--state-dir", str(state_dir)],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
+    )
+
+
+def assert_survived(daemon: Target) -> None:
+    """The daemon still answers, its table matches its state, and the saved state is valid."""
+    assert daemon.api("GET", "/api/system/ports/status")["valid"]
+    checked = state_check(daemon.state_dir)
+    assert checked.returncode == 0 and "valid" in checked.stdout, checked.stderr
+
+
+# --- the in-process layer: the whole run ------------------------------------------------------
+
+
 @dataclass
 class Fuzzed:
-    daemon: Daemon
+    daemon: InProcessDaemon
     record: FuzzRecord
 
 
 @pytest.fixture(scope="module")
 def fuzzed() -> Iterator[Fuzzed]:
-    workdir = Path(tempfile.mkdtemp(prefix="pm-"))
-    try:
-        with lab() as net:
-            daemon = Daemon(net.server, workdir / "d", fresh_port_range(300), PORTMETER_POLL_INTERVAL="1")
-            try:
-                daemon.start()
-                ensure_seed_keys(daemon)
-                record = fuzz(daemon)
-                print("\n" + record.summary())
-                yield Fuzzed(daemon, record)
-            finally:
-                daemon.close()
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    ports = PortRange(FIRST_PORT, FIRST_PORT + 299)
+    with inprocess_daemon(port_range=ports) as daemon:
+        ensure_seed_keys(daemon)
+        record = fuzz(daemon, MAX_EXAMPLES, daemon.poll)
+        print("\n" + record.summary())
+        yield Fuzzed(daemon, record)
 
 
 def test_every_operation_was_fuzzed(fuzzed: Fuzzed) -> None:
@@ -269,7 +343,8 @@ def test_every_operation_was_fuzzed(fuzzed: Fuzzed) -> None:
     assert len(record.operations) >= 15, record.operations
     assert "POST /api/keys" in record.operations and "GET /sub/{token}" in record.operations
     for op in record.operations:
-        assert record.cases[op] >= (MAX_EXAMPLES if record.takes_input[op] else 2), (op, record.cases[op])
+        least = MAX_EXAMPLES if record.takes_input[op] else 2
+        assert record.cases[op] >= least, (op, record.cases[op])
     # The fuzzer got past "no such key" and past validation, not only into the error paths.
     for op in ("PATCH /api/keys/{key_id}", "DELETE /api/keys/{key_id}", "GET /sub/{token}"):
         assert record.statuses[(op, 200)] > 0, op
@@ -282,12 +357,27 @@ def test_no_server_errors(fuzzed: Fuzzed) -> None:
 
 def test_every_response_matches_its_schema(fuzzed: Fuzzed) -> None:
     mismatches = fuzzed.record.of("response_schema_conformance")
-    assert not mismatches, "answers that do not match the document:\n" + describe(fuzzed.record, mismatches)
+    assert not mismatches, (
+        "answers that do not match the document:\n" + describe(fuzzed.record, mismatches)
+    )
 
 
 def test_daemon_survived_the_fuzzing(fuzzed: Fuzzed) -> None:
-    daemon = fuzzed.daemon
+    fuzzed.daemon.poll()  # its poll still runs, as the real daemon's loop does
+    assert_survived(fuzzed.daemon)
+
+
+# --- the kernel layer: a short run over the real daemon's socket -------------------------------
+
+
+def test_real_daemon_survives_fuzzing_over_its_socket(make_daemon: Callable[..., Daemon]) -> None:
+    """The same checks against the real process, over its socket, for the operations on keys:
+    the ones that change its nftables table (poll loop on)."""
+    daemon = make_daemon(size=300, PORTMETER_POLL_INTERVAL="1")
+    ensure_seed_keys(daemon)
+    record = fuzz(daemon, SMOKE_EXAMPLES, under="/api/keys")
+    print("\n" + record.summary())
+    assert {"POST /api/keys", "PATCH /api/keys/{key_id}"} <= set(record.operations)
+    assert not record.findings, "failed checks:\n" + describe(record, record.findings)
     assert daemon.process is not None and daemon.process.poll() is None, daemon.log()
-    assert daemon.api("GET", "/api/system/ports/status")["valid"]
-    checked = daemon.cli("state", "check", "--state-dir", str(daemon.state_dir))
-    assert checked.returncode == 0 and "valid" in checked.stdout, checked.stderr
+    assert_survived(daemon)

@@ -51,7 +51,10 @@ class Target:
     def env(self) -> dict[str, str]:
         # `state restore` asks $PORTMETER_SOCKET whether a daemon runs: it does, so it refuses and
         # never replaces a state file; `state` without --state-dir looks at the daemon's own.
-        return {"PORTMETER_SOCKET": str(self.daemon.socket), "PORTMETER_STATE_DIR": str(self.daemon.state_dir)}
+        return {
+            "PORTMETER_SOCKET": str(self.daemon.socket),
+            "PORTMETER_STATE_DIR": str(self.daemon.state_dir),
+        }
 
 
 @pytest.fixture(scope="module")
@@ -77,34 +80,142 @@ def target() -> Iterator[Target]:
 
 # --- argv ------------------------------------------------------------------------------------
 
-WORDS = ["keys", "add", "list", "show", "rm", "set", "disable", "enable", "traffic", "reset", "ports",
-         "xray", "status", "sync", "validate", "migrate", "state", "check", "restore",
-         "--port", "--limit", "--expire", "--reset", "--note", "--qr", "--json", "--dry-run",
-         "--rollback", "--state-dir", "-h", "--help", "--", "-", "-x", "--x", "--json=1", "--port=1",
-         "-qr", "--socket"]
+WORDS = [
+    "keys",
+    "add",
+    "list",
+    "show",
+    "rm",
+    "set",
+    "disable",
+    "enable",
+    "traffic",
+    "reset",
+    "ports",
+    "xray",
+    "status",
+    "sync",
+    "validate",
+    "migrate",
+    "state",
+    "check",
+    "restore",
+    "--port",
+    "--limit",
+    "--expire",
+    "--reset",
+    "--note",
+    "--qr",
+    "--json",
+    "--dry-run",
+    "--rollback",
+    "--state-dir",
+    "-h",
+    "--help",
+    "--",
+    "-",
+    "-x",
+    "--x",
+    "--json=1",
+    "--port=1",
+    "-qr",
+    "--socket",
+]
 # argv cannot hold NUL, nor a surrogate that is not the decoding of a byte (see not_utf8 below)
 TEXT = st.characters(exclude_characters="\x00", exclude_categories=["Cs"])
 
 junk = st.one_of(
     st.text(TEXT, max_size=12),
     st.just(""),
-    st.sampled_from(["-x", "--", "-", "--x", "-1", "--port=5", "-h", " ", "\n", "a\nb", "é", "名前",
-                     "👍", "\u202e", "%2F", "../..", "/", "'", '"', "\\", "$(id)", "*"]),
+    st.sampled_from(
+        [
+            "-x",
+            "--",
+            "-",
+            "--x",
+            "-1",
+            "--port=5",
+            "-h",
+            " ",
+            "\n",
+            "a\nb",
+            "é",
+            "名前",
+            "👍",
+            "\u202e",
+            "%2F",
+            "../..",
+            "/",
+            "'",
+            '"',
+            "\\",
+            "$(id)",
+            "*",
+        ]
+    ),
     st.text(TEXT, min_size=60, max_size=300),
-    st.builds(lambda c, n: c * n, st.sampled_from(["a", "é", "/", "-", " ", "€", "👍"]),
-              st.integers(255, 30_000)),  # 4 bytes a char: under 128 KiB an arg
+    st.builds(
+        lambda c, n: c * n,
+        st.sampled_from(["a", "é", "/", "-", " ", "€", "👍"]),
+        st.integers(255, 30_000),  # 4 bytes a char: under 128 KiB an arg
+    ),
 )
 # Bytes that are not UTF-8 (a Latin-1 terminal), decoded the way Python decodes a real argv.
-not_utf8 = st.binary(min_size=1, max_size=12).filter(lambda b: b"\x00" not in b).map(
-    lambda b: os.fsdecode(b"caf\xe9" + b))
-sizes = st.sampled_from(["50GB", "1.5GiB", "500MB", "0", "none", "unlimited", "-1", "1e30", "GB",
-                         "99999999999999999999999999GB", "50 GB", "5XB", "nan", "inf"])
-moments = st.sampled_from(["+30d", "+0d", "+12h", "+2w", "2027-01-31", "2027-01-31T12:00:00+02:00",
-                           "2020-01-01", "never", "none", "+99999999999d", "2027-13-45", "+-1d",
-                           "9999-12-31T23:59:59", "0000-01-01", "tomorrow"])
+not_utf8 = (
+    st.binary(min_size=1, max_size=12)
+    .filter(lambda b: b"\x00" not in b)
+    .map(lambda b: os.fsdecode(b"caf\xe9" + b))
+)
+sizes = st.sampled_from(
+    [
+        "50GB",
+        "1.5GiB",
+        "500MB",
+        "0",
+        "none",
+        "unlimited",
+        "-1",
+        "1e30",
+        "GB",
+        "99999999999999999999999999GB",
+        "50 GB",
+        "5XB",
+        "nan",
+        "inf",
+    ]
+)
+moments = st.sampled_from(
+    [
+        "+30d",
+        "+0d",
+        "+12h",
+        "+2w",
+        "2027-01-31",
+        "2027-01-31T12:00:00+02:00",
+        "2020-01-01",
+        "never",
+        "none",
+        "+99999999999d",
+        "2027-13-45",
+        "+-1d",
+        "9999-12-31T23:59:59",
+        "0000-01-01",
+        "tomorrow",
+    ]
+)
 ports = st.one_of(st.integers(-1, 70000).map(str), st.sampled_from(["0x10", "1e3", " 1", "٣"]))
-paths = st.sampled_from(["/", "/nonexistent/config.json", "/etc/hostname", "/proc/self/status",
-                         "config.json", ".", "/" + "a" * 300, "/dev/null"])
+paths = st.sampled_from(
+    [
+        "/",
+        "/nonexistent/config.json",
+        "/etc/hostname",
+        "/proc/self/status",
+        "config.json",
+        ".",
+        "/" + "a" * 300,
+        "/dev/null",
+    ]
+)
 
 
 @st.composite
@@ -113,25 +224,50 @@ def argvs(draw: st.DrawFn, target: Target, raw: bool = False) -> list[str]:
     junk_ = st.one_of(not_utf8, not_utf8, junk) if raw else junk
     known = st.sampled_from(target.refs)
     key = st.one_of(known, known, junk_)
-    name = st.one_of(st.from_regex(r"[A-Za-z0-9][A-Za-z0-9 .@+_-]{0,20}[A-Za-z0-9]", fullmatch=True),
-                     st.sampled_from(SEED_NAMES), junk_)
+    name = st.one_of(
+        st.from_regex(r"[A-Za-z0-9][A-Za-z0-9 .@+_-]{0,20}[A-Za-z0-9]", fullmatch=True),
+        st.sampled_from(SEED_NAMES),
+        junk_,
+    )
 
     def some(strategy: st.SearchStrategy[str]) -> str:
         return draw(st.one_of(strategy, strategy, strategy, strategy, junk_))
 
     def limit_options() -> list[str]:
         options: list[str] = []
-        for flag, values in (("--port", ports), ("--limit", sizes), ("--expire", moments),
-                             ("--reset", st.sampled_from(["no_reset", "day", "week", "month"])),
-                             ("--note", st.text(TEXT, max_size=40))):
+        for flag, values in (
+            ("--port", ports),
+            ("--limit", sizes),
+            ("--expire", moments),
+            ("--reset", st.sampled_from(["no_reset", "day", "week", "month"])),
+            ("--note", st.text(TEXT, max_size=40)),
+        ):
             if draw(st.booleans()):
                 options += [flag, some(values)]
         return options
 
-    command = draw(st.sampled_from([
-        "add", "list", "show", "rm", "set", "disable", "enable", "traffic", "traffic key",
-        "traffic reset", "ports", "xray", "migrate", "rollback", "state check", "state restore",
-    ]))
+    command = draw(
+        st.sampled_from(
+            [
+                "add",
+                "list",
+                "show",
+                "rm",
+                "set",
+                "disable",
+                "enable",
+                "traffic",
+                "traffic key",
+                "traffic reset",
+                "ports",
+                "xray",
+                "migrate",
+                "rollback",
+                "state check",
+                "state restore",
+            ]
+        )
+    )
     words: list[str] = {
         "add": lambda: ["keys", "add", draw(name), *limit_options()],
         "list": lambda: ["keys", "list"],
@@ -145,17 +281,33 @@ def argvs(draw: st.DrawFn, target: Target, raw: bool = False) -> list[str]:
         "traffic reset": lambda: ["traffic", "reset", draw(key)],
         "ports": lambda: ["ports"],
         "xray": lambda: ["xray", some(st.sampled_from(["status", "sync", "validate"]))],
-        "migrate": lambda: ["migrate", some(paths), *(["--dry-run"] if draw(st.booleans()) else [])],
+        "migrate": lambda: [
+            "migrate",
+            some(paths),
+            *(["--dry-run"] if draw(st.booleans()) else []),
+        ],
         "rollback": lambda: ["migrate", "--rollback"],
-        "state check": lambda: ["state", "check",
-                                *(["--state-dir", some(st.sampled_from([str(target.daemon.state_dir),
-                                                                         "/nonexistent", "."]))]
-                                  if draw(st.booleans()) else [])],
+        "state check": lambda: [
+            "state",
+            "check",
+            *(
+                [
+                    "--state-dir",
+                    some(st.sampled_from([str(target.daemon.state_dir), "/nonexistent", "."])),
+                ]
+                if draw(st.booleans())
+                else []
+            ),
+        ],
         "state restore": lambda: ["state", "restore", "--state-dir", str(target.daemon.state_dir)],
     }[command]()
     # Mutations (insert, replace, drop a word), mostly after the command words so that most
     # argvs still reach the daemon; one in eight anywhere, the command words included.
-    first = 0 if draw(st.integers(0, 7)) == 0 else min(len(words), 2 if words[0] in ("keys", "traffic") else 1)
+    first = (
+        0
+        if draw(st.integers(0, 7)) == 0
+        else min(len(words), 2 if words[0] in ("keys", "traffic") else 1)
+    )
     for _ in range(draw(st.sampled_from([0, 0, 0, 0, 0, 1, 2, 3]))):
         how = draw(st.sampled_from(["insert", "replace", "drop"]))
         word = st.one_of(st.sampled_from(WORDS), junk_)
@@ -200,7 +352,9 @@ def judge(outcome: Outcome) -> None:
 def run_in_process(target: Target, argv: list[str]) -> Outcome:
     # Like a real process under a UTF-8 locale: stdout strict, stderr backslashreplace.
     out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict", write_through=True)
-    err = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="backslashreplace", write_through=True)
+    err = io.TextIOWrapper(
+        io.BytesIO(), encoding="utf-8", errors="backslashreplace", write_through=True
+    )
     crash = ""
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
@@ -217,20 +371,32 @@ def run_subprocess(target: Target, argv: list[str]) -> Outcome:
     env = {**target.daemon.env, **target.env, "PYTHONPATH": str(REPO)}
     result = subprocess.run(
         [sys.executable, "-m", "daemon", *[os.fsencode(word) for word in argv]],
-        cwd=target.cwd, env=env, capture_output=True, timeout=60, check=False,
+        cwd=target.cwd,
+        env=env,
+        capture_output=True,
+        timeout=60,
+        check=False,
     )
-    return Outcome(argv, result.returncode, result.stdout.decode("utf-8", errors="replace"),
-                   result.stderr.decode("utf-8", errors="replace"))
+    return Outcome(
+        argv,
+        result.returncode,
+        result.stdout.decode("utf-8", errors="replace"),
+        result.stderr.decode("utf-8", errors="replace"),
+    )
 
 
 @contextlib.contextmanager
 def client_environment(target: Target) -> Iterator[None]:
-    never_run = mock.patch.object(cli, "run_daemon_command", side_effect=AssertionError("started a daemon"))
+    never_run = mock.patch.object(
+        cli, "run_daemon_command", side_effect=AssertionError("started a daemon")
+    )
     with mock.patch.dict(os.environ, target.env), contextlib.chdir(target.cwd), never_run:
         yield
 
 
-FUZZ = settings(deadline=None, database=None, suppress_health_check=list(HealthCheck), print_blob=True)
+FUZZ = settings(
+    deadline=None, database=None, suppress_health_check=list(HealthCheck), print_blob=True
+)
 
 
 def test_cli_fuzz_in_process(target: Target) -> None:
@@ -250,13 +416,23 @@ def test_cli_fuzz_in_process(target: Target) -> None:
     assert seen.get(0, 0) > 0 and seen.get(1, 0) > 0 and seen.get(2, 0) > 0, seen
 
 
-@pytest.mark.parametrize("argv", [
-    ["ports", "--x\ny"],                                    # argparse echoes the newline raw
-    ["state", "check", "--state-dir", "a" * 300],           # a path component over NAME_MAX
-    ["keys", "show", os.fsdecode(b"\xff")],                 # not UTF-8: the key in the URL
-    ["keys", "add", "x", "--note", os.fsdecode(b"caf\xe9")],  # not UTF-8: the JSON body
-    ["keys", "show", "é" * 11000],                          # URL over httpx's 65536 limit
-], ids=["newline-in-unknown-option", "long-state-dir", "non-utf8-key", "non-utf8-note", "url-too-long"])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["ports", "--x\ny"],  # argparse echoes the newline raw
+        ["state", "check", "--state-dir", "a" * 300],  # a path component over NAME_MAX
+        ["keys", "show", os.fsdecode(b"\xff")],  # not UTF-8: the key in the URL
+        ["keys", "add", "x", "--note", os.fsdecode(b"caf\xe9")],  # not UTF-8: the JSON body
+        ["keys", "show", "é" * 11000],  # URL over httpx's 65536 limit
+    ],
+    ids=[
+        "newline-in-unknown-option",
+        "long-state-dir",
+        "non-utf8-key",
+        "non-utf8-note",
+        "url-too-long",
+    ],
+)
 def test_cli_inputs_the_fuzzer_found(target: Target, argv: list[str]) -> None:
     argv = ["--socket", str(target.daemon.socket), *argv]
     with client_environment(target):

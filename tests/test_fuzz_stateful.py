@@ -5,7 +5,7 @@ range and state dir) through creates, changes, resets, deletes and hostile bodie
 model of the keys that must exist. After every step the daemon must still answer, no answer may
 be a 5xx, and the key set must equal the model (a refused request changed nothing). At the end
 of every example `portmeter state check` must call the state valid and a restart (clean or
-`kill -9`) must come up with the same keys: the attack of issue 17 (one request poisons the
+`kill -9`) must come up with the same keys: the known attack (one request poisons the
 state and the daemon never starts again) is exactly what this searches for.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -32,20 +32,61 @@ EXAMPLES = 25
 STEPS = 20
 
 NAMES = st.one_of(
-    st.sampled_from(["alice", "Alice", "bob", "café", "cafe\u0301", "a\u200db", "аlice",
-                     "ｂｏｂ", "deadbeef", "0b5e9a9e-3f0a-4c55-9d0e-2b1b1f1d2c3e", "", " ", "x" * 200]),
+    st.sampled_from(
+        [
+            "alice",
+            "Alice",
+            "bob",
+            "café",
+            "cafe\u0301",
+            "a\u200db",
+            "аlice",
+            "ｂｏｂ",
+            "deadbeef",
+            "0b5e9a9e-3f0a-4c55-9d0e-2b1b1f1d2c3e",
+            "",
+            " ",
+            "x" * 200,
+        ]
+    ),
     st.text(min_size=1, max_size=12),
 )
 HUGE = [2**63 - 1, 2**63, 2**63 + 5, 2**64 - 1, 2**64, 10**30, -1]
 LIMITS = st.one_of(
-    st.none(), st.booleans(), st.sampled_from(HUGE), st.sampled_from(HUGE),
+    st.none(),
+    st.booleans(),
+    st.sampled_from(HUGE),
+    st.sampled_from(HUGE),
     st.integers(min_value=0, max_value=10**19),
-    st.sampled_from(["50GB", "1 GiB", "20000PB", "18446744073709551616", "٥GB", "1e3", "GB",
-                     "-5MB", "1.5 TB", "none"]),
+    st.sampled_from(
+        [
+            "50GB",
+            "1 GiB",
+            "20000PB",
+            "18446744073709551616",
+            "٥GB",
+            "1e3",
+            "GB",
+            "-5MB",
+            "1.5 TB",
+            "none",
+        ]
+    ),
 )
 MOMENTS = st.one_of(
-    st.none(), st.sampled_from(["+30d", "+99999999d", "2027-01-31", "0001-01-01", "9999-12-31",
-                                "yesterday", "+0d", "1970-01-01T00:00:00Z"]),
+    st.none(),
+    st.sampled_from(
+        [
+            "+30d",
+            "+99999999d",
+            "2027-01-31",
+            "0001-01-01",
+            "9999-12-31",
+            "yesterday",
+            "+0d",
+            "1970-01-01T00:00:00Z",
+        ]
+    ),
 )
 CHANGES = st.fixed_dictionaries(
     {},
@@ -57,8 +98,18 @@ CHANGES = st.fixed_dictionaries(
         "note": st.one_of(st.text(max_size=40), st.just("\x1b[31m\x07\x00")),
     },
 )
-HOSTILE = st.sampled_from([b"{", b"[]", b"null", b'{"name": 5}', b"\xff\xfe", b'{"name": "a"' * 40,
-                           b"[" * 40 + b"]" * 40, b'{"data_limit_bytes": 1e400}'])
+HOSTILE = st.sampled_from(
+    [
+        b"{",
+        b"[]",
+        b"null",
+        b'{"name": 5}',
+        b"\xff\xfe",
+        b'{"name": "a"' * 40,
+        b"[" * 40 + b"]" * 40,
+        b'{"data_limit_bytes": 1e400}',
+    ]
+)
 
 
 class Broken(Exception):
@@ -75,6 +126,8 @@ class DaemonMachine(RuleBasedStateMachine):
 
     daemon: Daemon  # set by the test before the machine runs
     failure: str | None = None
+    refused: ClassVar[set[str]] = set()  # distinct requests answered 4xx, for the closing figures
+    restarts = 0
     kill_on_restart = False
 
     keys = Bundle("keys")
@@ -108,6 +161,8 @@ class DaemonMachine(RuleBasedStateMachine):
             raise Broken(f"{method} {path} answered {response.status_code}")
         if response.status_code >= 400 and "detail" not in response.json():
             raise Broken(f"{method} {path} answered {response.status_code} without a detail")
+        if response.status_code >= 400:
+            DaemonMachine.refused.add(self.steps[-2])
         return response
 
     def _create(self, body: dict[str, Any]) -> str:
@@ -120,7 +175,9 @@ class DaemonMachine(RuleBasedStateMachine):
         return str(body["name"])
 
     def _on(self, key: str, method: str, tail: str = "", **kwargs: Any) -> None:
-        self._guarded(lambda: self._send(method, f"/api/keys/{quote(key, safe='')}{tail}", **kwargs))
+        self._guarded(
+            lambda: self._send(method, f"/api/keys/{quote(key, safe='')}{tail}", **kwargs)
+        )
 
     @initialize(target=seeds)
     def a_valid_key(self) -> str:
@@ -181,9 +238,21 @@ class DaemonMachine(RuleBasedStateMachine):
     def _check_and_restart(self) -> None:
         self.steps.append(f"state check, then restart (kill -9: {self.kill_on_restart})")
         check = subprocess.run(
-            [sys.executable, "-m", "daemon", "state", "check", "--state-dir",
-             str(self.daemon.state_dir)],
-            check=False, cwd=REPO, env=self.daemon.env, capture_output=True, text=True, timeout=60,
+            [
+                sys.executable,
+                "-m",
+                "daemon",
+                "state",
+                "check",
+                "--state-dir",
+                str(self.daemon.state_dir),
+            ],
+            check=False,
+            cwd=REPO,
+            env=self.daemon.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         if check.returncode != 0:
             raise Broken(f"state check failed: {check.stdout}{check.stderr}")
@@ -193,6 +262,7 @@ class DaemonMachine(RuleBasedStateMachine):
             raise Broken("the daemon did not stop cleanly")
         DaemonMachine.kill_on_restart = not self.kill_on_restart
         self.daemon.start()
+        DaemonMachine.restarts += 1
         self._check_model()
 
 
@@ -201,8 +271,16 @@ def test_no_sequence_of_requests_poisons_the_daemon(daemon: Daemon) -> None:
     DaemonMachine.failure = None
     machine = DaemonMachine.TestCase
     machine.settings = settings(
-        max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None, derandomize=True,
-        phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck),
+        max_examples=EXAMPLES,
+        stateful_step_count=STEPS,
+        deadline=None,
+        derandomize=True,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
     )
     machine().runTest()
+    print(
+        f"distinct refused requests: {len(DaemonMachine.refused)}, "
+        f"restarts verified: {DaemonMachine.restarts}"
+    )
     assert DaemonMachine.failure is None, f"{DaemonMachine.failure}\n{daemon.log()[-3000:]}"

@@ -1,4 +1,4 @@
-"""Tests for daemon.history: buckets, the stage/commit/rollback/recover protocol, retention,
+"""Tests for daemon.store.history: buckets, the stage/commit/rollback/recover protocol, retention,
 roll-ups, queries and fleet reports. Exact numbers throughout."""
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 from daemon.bounds import MAX_REPORT_BYTES, MAX_USAGE_BYTES
 from daemon.errors import StorageFull, StoreUnavailable
-from daemon.history import (
+from daemon.http.routes.usage import storage
+from daemon.store.history import (
     DAY,
     Bucket,
     FleetReport,
@@ -29,17 +30,20 @@ from daemon.history import (
     days_back,
     hours_back,
 )
-from daemon.state import StateError
-from daemon.usage import SinkError, UsageDelta
-from daemon.usage_api import _storage
+from daemon.store.state import StateError
+from daemon.store.usage import SinkError, UsageDelta
 
 T0 = datetime(2024, 5, 1, 12, 30, tzinfo=UTC)  # 12:30 UTC
 H = timedelta(hours=1)
 D = timedelta(days=1)
 
 
-def delta(key: str = "k1", epoch: int = 0, rx: int = 0, tx: int = 0, rxp: int = 0, txp: int = 0) -> UsageDelta:
-    return UsageDelta(key, f"name-{key}", f"uuid-{key}", 10000 + int(key[1:] or 0), epoch, rx, tx, rxp, txp)
+def delta(
+    key: str = "k1", epoch: int = 0, rx: int = 0, tx: int = 0, rxp: int = 0, txp: int = 0
+) -> UsageDelta:
+    return UsageDelta(
+        key, f"name-{key}", f"uuid-{key}", 10000 + int(key[1:] or 0), epoch, rx, tx, rxp, txp
+    )
 
 
 @pytest.fixture
@@ -146,7 +150,9 @@ def test_all_zero_deltas_leave_no_bucket(history: History) -> None:
 def test_rollback_takes_out_exactly_the_refused_generation(history: History) -> None:
     history.stage(1, T0, [delta(rx=100, tx=50, rxp=2, txp=1)])
     history.commit(1)
-    history.stage(2, T0 + timedelta(minutes=5), [delta(rx=7, tx=3, rxp=1, txp=1), delta("k2", rx=9, rxp=1)])
+    history.stage(
+        2, T0 + timedelta(minutes=5), [delta(rx=7, tx=3, rxp=1, txp=1), delta("k2", rx=9, rxp=1)]
+    )
     history.rollback(2)
     assert history.total("k1", 0) == Totals(100, 50, 2, 1)
     assert history.total("k2", 0) == Totals()
@@ -258,8 +264,15 @@ deltas_strategy = st.lists(
 steps = st.lists(
     st.tuples(
         st.sampled_from(
-            ["commit", "rollback", "rollback_fails", "crash_before_save", "crash_after_save",
-             "commit_fails", "cleanup"]
+            [
+                "commit",
+                "rollback",
+                "rollback_fails",
+                "crash_before_save",
+                "crash_after_save",
+                "commit_fails",
+                "cleanup",
+            ]
         ),
         deltas_strategy,
         st.integers(0, 6 * DAY),  # seconds after T0: hours and days apart, sometimes backwards
@@ -270,7 +283,9 @@ steps = st.lists(
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(steps)
-def test_buckets_equal_the_sum_of_committed_deltas(script: list[tuple[str, list[UsageDelta], int]]) -> None:
+def test_buckets_equal_the_sum_of_committed_deltas(
+    script: list[tuple[str, list[UsageDelta], int]],
+) -> None:
     """Whatever the order of saves, refusals and crashes, the history holds exactly the usage of
     the generations the state file reached: per key and epoch, and per UTC day."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -321,7 +336,12 @@ def test_buckets_equal_the_sum_of_committed_deltas(script: list[tuple[str, list[
         h.recover(generation)  # what the next start does
         for key in KEYS:
             for epoch in range(3):
-                expected = Totals(*(totals[(key, epoch, f)] for f in ("rx_bytes", "tx_bytes", "rx_packets", "tx_packets")))
+                expected = Totals(
+                    *(
+                        totals[(key, epoch, f)]
+                        for f in ("rx_bytes", "tx_bytes", "rx_packets", "tx_packets")
+                    )
+                )
                 assert h.total(key, epoch) == expected, (key, epoch)
             days = {b.start: (b.rx_bytes, b.tx_bytes) for b in h.daily(key, T0 - D, T0 + 8 * D)}
             wanted = {
@@ -340,7 +360,9 @@ def test_buckets_equal_the_sum_of_committed_deltas(script: list[tuple[str, list[
 def test_cleanup_moves_hours_older_than_48h_into_days_exactly(history: History) -> None:
     now = datetime(2024, 5, 10, 12, 20, tzinfo=UTC)
     this_hour = datetime(2024, 5, 10, 12, tzinfo=UTC)
-    for g, (hours_ago, rx) in enumerate(((0, 1), (47, 2), (48, 4), (49, 8), (60, 16), (72, 32)), start=1):
+    for g, (hours_ago, rx) in enumerate(
+        ((0, 1), (47, 2), (48, 4), (49, 8), (60, 16), (72, 32)), start=1
+    ):
         history.stage(g, this_hour - hours_ago * H + timedelta(minutes=5), [delta(rx=rx, rxp=1)])
         history.commit(g)
     counts = history.cleanup(now)
@@ -349,29 +371,47 @@ def test_cleanup_moves_hours_older_than_48h_into_days_exactly(history: History) 
     assert kept == [this_hour - 48 * H, this_hour - 47 * H, this_hour]
     # 48 h before 12:00 on May 10 is 12:00 on May 8: that hour stays hourly; older ones move.
     assert rows(history, "daily") == [
-        ("k1", 0, int(datetime(2024, 5, 7, tzinfo=UTC).timestamp()), 32, 0, 1, 0,
-         (this_hour - 72 * H + timedelta(minutes=5)).timestamp()),
-        ("k1", 0, int(datetime(2024, 5, 8, tzinfo=UTC).timestamp()), 8 + 16, 0, 2, 0,
-         (this_hour - 49 * H + timedelta(minutes=5)).timestamp()),
+        (
+            "k1",
+            0,
+            int(datetime(2024, 5, 7, tzinfo=UTC).timestamp()),
+            32,
+            0,
+            1,
+            0,
+            (this_hour - 72 * H + timedelta(minutes=5)).timestamp(),
+        ),
+        (
+            "k1",
+            0,
+            int(datetime(2024, 5, 8, tzinfo=UTC).timestamp()),
+            8 + 16,
+            0,
+            2,
+            0,
+            (this_hour - 49 * H + timedelta(minutes=5)).timestamp(),
+        ),
     ]
     assert history.total("k1", 0) == Totals(63, 0, 6, 0)
     assert [(b.start.day, b.rx_bytes) for b in history.daily("k1", now - 5 * D, now)] == [
-        (7, 32), (8, 16 + 8 + 4 + 2), (10, 1),  # May 8 holds rolled and hourly buckets
+        (7, 32),
+        (8, 16 + 8 + 4 + 2),  # May 8 holds rolled and hourly buckets
+        (10, 1),
     ]
     assert history.cleanup(now)["hourly_rolled_up"] == 0  # idempotent
     assert history.total("k1", 0) == Totals(63, 0, 6, 0)
 
 
 def test_retention_cleanup_removes_exactly_the_expired_buckets(tmp_path: Path) -> None:
-    """A bucket goes once its whole period ended `retention_days` or more ago: no sooner, no later."""
+    """A bucket goes once its whole period ended retention_days or more ago: no sooner, no later."""
     h = History(tmp_path / "history.sqlite3", retention_days=10)
     now = datetime(2024, 6, 30, 15, 0, 0, tzinfo=UTC)
     # The cutoff is now - 10 days: 2024-06-20 15:00.
     day = lambda y, m, d: int(datetime(y, m, d, tzinfo=UTC).timestamp())
     # Daily buckets (as if rolled up long ago), key k1; k9 is a deleted key.
     daily = {
-        ("k1", day(2024, 6, 18)): True,   # ended 06-19 00:00 < cutoff: expired
-        ("k1", day(2024, 6, 19)): True,   # ended 06-20 00:00 < cutoff: expired
+        ("k1", day(2024, 6, 18)): True,  # ended 06-19 00:00 < cutoff: expired
+        ("k1", day(2024, 6, 19)): True,  # ended 06-20 00:00 < cutoff: expired
         ("k1", day(2024, 6, 20)): False,  # ends 06-21 00:00 > cutoff: kept (partly in retention)
         ("k1", day(2024, 6, 25)): False,
         ("k9", day(2024, 5, 1)): True,
@@ -379,7 +419,9 @@ def test_retention_cleanup_removes_exactly_the_expired_buckets(tmp_path: Path) -
     }
     with h._write() as db:
         for key, start in daily:
-            db.execute("INSERT INTO daily VALUES (?, 0, ?, 100, 1, 1, 1, ?)", (key, start, start + 60))
+            db.execute(
+                "INSERT INTO daily VALUES (?, 0, ?, 100, 1, 1, 1, ?)", (key, start, start + 60)
+            )
         for hours_ago in (0, 1, 47):  # recent hours: never expired
             start = int((now - hours_ago * H).timestamp())
             db.execute("INSERT INTO hourly VALUES ('k1', 1, ?, 5, 5, 1, 1, ?)", (start, start + 1))
@@ -399,7 +441,9 @@ def test_retention_cleanup_removes_exactly_the_expired_buckets(tmp_path: Path) -
     assert h.cleanup(almost + timedelta(seconds=1))["daily_deleted"] == 1
     # Meanwhile the hour that started 06-28 16:00 became older than 48 h: moved into its day.
     assert {(r[0], r[2]) for r in rows(h, "daily")} == {
-        ("k1", day(2024, 6, 25)), ("k9", day(2024, 6, 26)), ("k1", day(2024, 6, 28)),
+        ("k1", day(2024, 6, 25)),
+        ("k9", day(2024, 6, 26)),
+        ("k1", day(2024, 6, 28)),
     }
     assert h.total("k1", 1) == Totals(15, 15, 3, 3)
     h.close()
@@ -417,7 +461,9 @@ def test_retention_shorter_than_the_hourly_window_deletes_hours(tmp_path: Path) 
     # The one that started 24 h ago ends at 16:00 the day before: 23.5 h ago, kept.
     assert counts["hourly_deleted"] == 2
     assert [b.start for b in h.hourly("k1", now - 3 * D, now + H)] == [
-        this_hour - 24 * H, this_hour - 23 * H, this_hour,
+        this_hour - 24 * H,
+        this_hour - 23 * H,
+        this_hour,
     ]
     h.close()
 
@@ -456,9 +502,14 @@ def test_hourly_and_daily_ranges(history: History) -> None:
         history.commit(g)
     assert [b.rx_bytes for b in history.hourly("k1", base + 5 * H, base + 24 * H)] == [6, 24]
     # `since` inside an hour includes that hour; `until` is exclusive.
-    assert [b.rx_bytes for b in history.hourly("k1", base + 5.5 * H, base + 24 * H + timedelta(seconds=1))] == [6, 24, 25]
+    assert [
+        b.rx_bytes
+        for b in history.hourly("k1", base + 5.5 * H, base + 24 * H + timedelta(seconds=1))
+    ] == [6, 24, 25]
     assert [(b.start, b.rx_bytes) for b in history.daily("k1", base, base + 3 * D)] == [
-        (base, 1 + 6 + 24), (base + D, 25), (base + 2 * D, 50),
+        (base, 1 + 6 + 24),
+        (base + D, 25),
+        (base + 2 * D, 50),
     ]
     assert history.daily("k1", base + D + H, base + 2 * D) == [Bucket(base + D, 25, 0, 0, 0)]
     assert history.hourly("nobody", base, base + 3 * D) == []
@@ -483,10 +534,13 @@ def test_stats_count_exactly(history: History) -> None:
     history.stage(2, T0 + 3 * D, [delta("k1", rx=1)])
     history.commit(2)
     history.cleanup(T0 + 3 * D)  # the first hour of each key moves into its day
-    history.record_reports([
-        FleetReport("r1", "anna", "s1", 443, "vless", 1, 2),
-        FleetReport("r2", "name-k1", "s2", 443, "vless", 1, 2),
-    ], received_at=T0)
+    history.record_reports(
+        [
+            FleetReport("r1", "anna", "s1", 443, "vless", 1, 2),
+            FleetReport("r2", "name-k1", "s2", 443, "vless", 1, 2),
+        ],
+        received_at=T0,
+    )
     stats = history.stats()
     assert stats["hourly_records"] == 1 and stats["daily_records"] == 2
     assert stats["report_records"] == 2 and stats["report_series_records"] == 2
@@ -506,14 +560,22 @@ def test_series_helpers() -> None:
     assert len(hours) == 24 and hours[-1] == datetime(2024, 5, 1, tzinfo=UTC)
     assert hours[0] == datetime(2024, 4, 30, 1, tzinfo=UTC)
     days = days_back(at, 30)
-    assert days[-1] == datetime(2024, 5, 1, tzinfo=UTC) and days[0] == datetime(2024, 4, 2, tzinfo=UTC)
+    assert days[-1] == datetime(2024, 5, 1, tzinfo=UTC) and days[0] == datetime(
+        2024, 4, 2, tzinfo=UTC
+    )
 
 
 # --- fleet reports -------------------------------------------------------------------------
 
 
-def report(rid: str, user: str = "anna", server: str = "s1", up: int = 0, down: int = 0,
-           at: datetime | None = None) -> FleetReport:
+def report(
+    rid: str,
+    user: str = "anna",
+    server: str = "s1",
+    up: int = 0,
+    down: int = 0,
+    at: datetime | None = None,
+) -> FleetReport:
     return FleetReport(rid, user, server, 443, "vless", up, down, at)
 
 
@@ -521,16 +583,30 @@ def test_reports_are_counted_once_per_report_id(history: History) -> None:
     assert history.record_report(report("a", up=100, down=1000, at=T0)) is True
     assert history.record_report(report("a", up=100, down=1000, at=T0)) is False
     assert history.record_report(report("b", server="s2", up=5, down=7, at=T0 + H)) is True
-    assert history.record_reports([report("c", up=1, down=2, at=T0), report("a", up=9, down=9)]) == [True, False]
+    assert history.record_reports(
+        [report("c", up=1, down=2, at=T0), report("a", up=9, down=9)]
+    ) == [True, False]
     by_server = {u.server: u for u in history.reported("anna")}
-    assert (by_server["s1"].bytes_uploaded, by_server["s1"].bytes_downloaded, by_server["s1"].reports) == (101, 1002, 2)
-    assert (by_server["s2"].bytes_uploaded, by_server["s2"].bytes_downloaded, by_server["s2"].reports) == (5, 7, 1)
+    assert (
+        by_server["s1"].bytes_uploaded,
+        by_server["s1"].bytes_downloaded,
+        by_server["s1"].reports,
+    ) == (101, 1002, 2)
+    assert (
+        by_server["s2"].bytes_uploaded,
+        by_server["s2"].bytes_downloaded,
+        by_server["s2"].reports,
+    ) == (5, 7, 1)
     assert by_server["s2"].last_seen == T0 + H
     assert history.reported("nobody") == []
     stats = history.reported_stats()
     assert stats == {
-        "records": 3, "unique_users": 1, "unique_servers": 2, "servers": ["s1", "s2"],
-        "bytes_uploaded": 106, "bytes_downloaded": 1009,
+        "records": 3,
+        "unique_users": 1,
+        "unique_servers": 2,
+        "servers": ["s1", "s2"],
+        "bytes_uploaded": 106,
+        "bytes_downloaded": 1009,
     }
     assert history.reported_users() == {"anna": (106, 1009, ["s1", "s2"])}
 
@@ -545,41 +621,66 @@ def test_a_batch_is_stored_all_or_nothing(history: History) -> None:
 
 def test_reported_series_hourly_and_daily(history: History) -> None:
     noon = datetime(2024, 5, 1, 12, tzinfo=UTC)
-    history.record_reports([
-        report("1", up=1, down=10, at=noon + timedelta(minutes=1)),
-        report("2", up=2, down=20, at=noon + timedelta(minutes=59)),
-        report("3", server="s2", up=4, down=40, at=noon + H),
-        report("4", up=8, down=80, at=noon + D),
-    ])
+    history.record_reports(
+        [
+            report("1", up=1, down=10, at=noon + timedelta(minutes=1)),
+            report("2", up=2, down=20, at=noon + timedelta(minutes=59)),
+            report("3", server="s2", up=4, down=40, at=noon + H),
+            report("4", up=8, down=80, at=noon + D),
+        ]
+    )
     assert history.reported_hourly("anna", noon, noon + 2 * H) == [
-        ReportBucket(noon, 3, 30, 2), ReportBucket(noon + H, 4, 40, 1),
+        ReportBucket(noon, 3, 30, 2),
+        ReportBucket(noon + H, 4, 40, 1),
     ]
-    assert history.reported_hourly("anna", noon, noon + 2 * H, server="s2") == [ReportBucket(noon + H, 4, 40, 1)]
+    assert history.reported_hourly("anna", noon, noon + 2 * H, server="s2") == [
+        ReportBucket(noon + H, 4, 40, 1)
+    ]
     day = datetime(2024, 5, 1, tzinfo=UTC)
     history.cleanup(noon + 4 * D)  # moves all into days
     assert history.reported_daily("anna", day, day + 3 * D) == [
-        ReportBucket(day, 7, 70, 3), ReportBucket(day + D, 8, 80, 1),
+        ReportBucket(day, 7, 70, 3),
+        ReportBucket(day + D, 8, 80, 1),
     ]
     assert history.reported_daily("anna", day, day + 3 * D, server="s1") == [
-        ReportBucket(day, 3, 30, 2), ReportBucket(day + D, 8, 80, 1),
+        ReportBucket(day, 3, 30, 2),
+        ReportBucket(day + D, 8, 80, 1),
     ]
 
 
 def test_reset_reports_zeroes_totals_and_keeps_history(history: History) -> None:
-    history.record_reports([report("1", up=10, down=100, at=T0), report("2", server="s2", up=1, down=2, at=T0)])
-    assert history.reset_reports("anna", at=T0 + H) == {"servers": 2, "bytes_uploaded": 11, "bytes_downloaded": 102}
-    assert [(u.server, u.bytes_uploaded, u.bytes_downloaded, u.reports) for u in history.reported("anna")] == [
-        ("s1", 0, 0, 0), ("s2", 0, 0, 0),
+    history.record_reports(
+        [report("1", up=10, down=100, at=T0), report("2", server="s2", up=1, down=2, at=T0)]
+    )
+    assert history.reset_reports("anna", at=T0 + H) == {
+        "servers": 2,
+        "bytes_uploaded": 11,
+        "bytes_downloaded": 102,
+    }
+    assert [
+        (u.server, u.bytes_uploaded, u.bytes_downloaded, u.reports)
+        for u in history.reported("anna")
+    ] == [
+        ("s1", 0, 0, 0),
+        ("s2", 0, 0, 0),
     ]
     assert history.reports_reset_at("anna") == T0 + H
     assert len(rows(history, "reports")) == 2  # nothing deleted
     assert sum(b.bytes_uploaded for b in history.reported_hourly("anna", T0 - D, T0 + D)) == 11
     history.record_report(report("3", up=5, down=6, at=T0 + 2 * H))
-    assert [(u.server, u.bytes_uploaded, u.bytes_downloaded, u.reports) for u in history.reported("anna")] == [
-        ("s1", 5, 6, 1), ("s2", 0, 0, 0),
+    assert [
+        (u.server, u.bytes_uploaded, u.bytes_downloaded, u.reports)
+        for u in history.reported("anna")
+    ] == [
+        ("s1", 5, 6, 1),
+        ("s2", 0, 0, 0),
     ]
     assert history.record_report(report("1", up=10, down=100, at=T0)) is False  # still a repeat
-    assert history.reset_reports("nobody") == {"servers": 0, "bytes_uploaded": 0, "bytes_downloaded": 0}
+    assert history.reset_reports("nobody") == {
+        "servers": 0,
+        "bytes_uploaded": 0,
+        "bytes_downloaded": 0,
+    }
     assert history.reports_reset_at("nobody") is None
 
 
@@ -598,19 +699,31 @@ def test_report_retention_forgets_old_reports_but_not_totals(history: History) -
 FULL = MAX_USAGE_BYTES // MAX_REPORT_BYTES  # reports at the report bound that fill a pair's day
 
 
-def fill(history: History, server: str, at: datetime, count: int = FULL, user: str = "anna") -> None:
+def fill(
+    history: History, server: str, at: datetime, count: int = FULL, user: str = "anna"
+) -> None:
     """`count` reports of MAX_REPORT_BYTES each way for (user, server), all at `at`."""
     history.record_reports(
-        report(f"{server}-{at.isoformat()}-{n}", user, server, MAX_REPORT_BYTES, MAX_REPORT_BYTES, at)
+        report(
+            f"{server}-{at.isoformat()}-{n}", user, server, MAX_REPORT_BYTES, MAX_REPORT_BYTES, at
+        )
         for n in range(count)
     )
 
 
 def assert_refused(history: History, r: FleetReport, because: str) -> None:
-    before = rows(history, "reports"), rows(history, "report_totals"), rows(history, "report_hourly")
+    before = (
+        rows(history, "reports"),
+        rows(history, "report_totals"),
+        rows(history, "report_hourly"),
+    )
     with pytest.raises(ReportRefused, match=because):
         history.record_reports([report("fine", "bob", "s1", 1, 1, r.timestamp), r])
-    assert (rows(history, "reports"), rows(history, "report_totals"), rows(history, "report_hourly")) == before
+    assert (
+        rows(history, "reports"),
+        rows(history, "report_totals"),
+        rows(history, "report_hourly"),
+    ) == before
 
 
 def test_totals_past_2_to_the_63_are_exact_integers(history: History) -> None:
@@ -622,46 +735,67 @@ def test_totals_past_2_to_the_63_are_exact_integers(history: History) -> None:
     total = 10 * MAX_USAGE_BYTES
     assert total > 2**63
     stats = history.reported_stats()
-    assert (stats["bytes_uploaded"], stats["bytes_downloaded"], stats["records"]) == (total, total, 10 * FULL)
+    assert (stats["bytes_uploaded"], stats["bytes_downloaded"], stats["records"]) == (
+        total,
+        total,
+        10 * FULL,
+    )
     assert type(stats["bytes_uploaded"]) is int
     assert history.reported_users() == {"anna": (total, total, servers)}
-    assert [(u.bytes_uploaded, u.reports) for u in history.reported("anna")] == [(MAX_USAGE_BYTES, FULL)] * 10
+    assert [(u.bytes_uploaded, u.reports) for u in history.reported("anna")] == [
+        (MAX_USAGE_BYTES, FULL)
+    ] * 10
     hour = T0.replace(minute=0)
-    assert history.reported_hourly("anna", T0 - D, T0 + D) == [ReportBucket(hour, total, total, 10 * FULL)]
+    assert history.reported_hourly("anna", T0 - D, T0 + D) == [
+        ReportBucket(hour, total, total, 10 * FULL)
+    ]
     history.cleanup(T0 + 3 * D)  # into days: the roll-up stays within the bound as well
     day = T0.replace(hour=0, minute=0)
-    assert history.reported_daily("anna", T0 - D, T0 + D) == [ReportBucket(day, total, total, 10 * FULL)]
-    assert history.reset_reports("anna") == {"servers": 10, "bytes_uploaded": total, "bytes_downloaded": total}
+    assert history.reported_daily("anna", T0 - D, T0 + D) == [
+        ReportBucket(day, total, total, 10 * FULL)
+    ]
+    assert history.reset_reports("anna") == {
+        "servers": 10,
+        "bytes_uploaded": total,
+        "bytes_downloaded": total,
+    }
 
 
 def test_a_report_past_a_pairs_bound_is_refused_and_nothing_is_stored(history: History) -> None:
     fill(history, "s1", T0, FULL // 2)
     fill(history, "s1", T0 + D, FULL // 2)  # two days, so the total is what is full
     late = report("late", "anna", "s1", 1, 0, T0 + 2 * D)
-    assert_refused(history, late, r"bytes_uploaded of user 'anna' from server 's1' since its last reset past")
+    assert_refused(
+        history, late, r"bytes_uploaded of user 'anna' from server 's1' since its last reset past"
+    )
     assert history.record_report(report("other", "anna", "s2", 1, 0, T0 + 2 * D)) is True
     history.reset_reports("anna")
     assert history.record_report(late) is True
-    assert [(u.server, u.bytes_uploaded) for u in history.reported("anna")] == [("s1", 1), ("s2", 0)]
+    assert [(u.server, u.bytes_uploaded) for u in history.reported("anna")] == [
+        ("s1", 1),
+        ("s2", 0),
+    ]
 
 
 def test_a_servers_day_is_bounded_too_across_resets(history: History) -> None:
     fill(history, "s1", T0)
     history.reset_reports("anna")  # the total is free again, the day is not
     same_day = report("again", "anna", "s1", 0, 1, T0 + H)
-    assert_refused(history, same_day, r"bytes_downloaded of user 'anna' from server 's1' on 2024-05-01")
+    assert_refused(
+        history, same_day, r"bytes_downloaded of user 'anna' from server 's1' on 2024-05-01"
+    )
     assert history.record_report(report("next", "anna", "s1", 0, 1, T0 + D)) is True
 
 
 def test_only_a_full_disk_is_507(history: History, tmp_path: Path) -> None:
     history.record_report(report("a", up=1, down=1, at=T0))
     history._db.execute("PRAGMA max_page_count = 1")  # SQLite's own "database or disk is full"
-    with pytest.raises(StorageFull, match="full"), _storage():
+    with pytest.raises(StorageFull, match="full"), storage():
         history.record_reports(report(f"x{n}", up=1, at=T0 + n * D) for n in range(200))
     read_only = History(history.path)
     read_only._db.execute("PRAGMA query_only = 1")  # any other failure: 503
     try:
-        with pytest.raises(StoreUnavailable, match="readonly"), _storage():
+        with pytest.raises(StoreUnavailable, match="readonly"), storage():
             read_only.record_report(report("b", up=1, at=T0))
     finally:
         read_only.close()

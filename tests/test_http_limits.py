@@ -18,10 +18,10 @@ import pytest
 import structlog
 
 from daemon import bounds
-from daemon.http_server import ConnectionGate, client_group, raw_answer, repeated_errors_logged
+from daemon.http.middleware.auth import MISSING_OR_WRONG, Refusal, credential
+from daemon.http.server import ConnectionGate, client_group, raw_answer, repeated_errors_logged
 from daemon.logs import RepeatedEvents
 from daemon.settings import SettingsError, load_settings
-from daemon.middleware import MISSING_OR_WRONG, Refusal, credential
 from tests.conftest import REPO
 
 KEY = b"k" * 20
@@ -107,7 +107,7 @@ HARD = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
 def test_the_soft_open_files_limit_is_raised_as_far_as_the_hard_one_allows(
     soft: int, hard: int, expected: tuple[int, int]
 ) -> None:
-    code = "from daemon.http_server import raise_open_files_limit as r; print(*r())"
+    code = "from daemon.http.server import raise_open_files_limit as r; print(*r())"
     result = subprocess.run(
         ["prlimit", f"--nofile={soft}:{hard}", sys.executable, "-c", code],
         cwd=REPO, capture_output=True, text=True, check=True,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from daemon import journal
+from daemon.logs import journald
 
 
 class FakeJournald:
@@ -64,7 +64,7 @@ def parse(data: bytes) -> dict[str, str]:
 
 
 @pytest.fixture
-def journald(tmp_path: Path) -> Iterator[FakeJournald]:
+def receiver(tmp_path: Path) -> Iterator[FakeJournald]:
     fake = FakeJournald(tmp_path / "journal.sock")
     yield fake
     fake.close()
@@ -92,12 +92,12 @@ def _reset_structlog() -> Iterator[None]:
     structlog.reset_defaults()
 
 
-def test_fields_are_upper_cased_and_message_is_the_logfmt_line(journald: FakeJournald) -> None:
+def test_fields_are_upper_cased_and_message_is_the_logfmt_line(receiver: FakeJournald) -> None:
     out = io.StringIO()
-    sender = journal.JournalSender(str(journald.path))
-    log = configured(journal.JournalRenderer(LOGFMT, sender), out)
+    sender = journald.JournalSender(str(receiver.path))
+    log = configured(journald.JournalRenderer(LOGFMT, sender), out)
     log.info("key_created", key_id="k1", name="alice", port=10001, limit=None, enabled=True)
-    fields = journald.receive()
+    fields = receiver.receive()
     assert out.getvalue() == ""  # sent, so not printed as well
     assert (
         fields["MESSAGE"]
@@ -113,23 +113,23 @@ def test_fields_are_upper_cased_and_message_is_the_logfmt_line(journald: FakeJou
     ("method", "priority"),
     [("debug", "7"), ("info", "6"), ("warning", "4"), ("error", "3"), ("critical", "2")],
 )
-def test_priority_follows_the_level(journald: FakeJournald, method: str, priority: str) -> None:
+def test_priority_follows_the_level(receiver: FakeJournald, method: str, priority: str) -> None:
     log = configured(
-        journal.JournalRenderer(LOGFMT, journal.JournalSender(str(journald.path))), io.StringIO()
+        journald.JournalRenderer(LOGFMT, journald.JournalSender(str(receiver.path))), io.StringIO()
     )
     getattr(log, method)("table_missing")
-    assert journald.receive()["PRIORITY"] == priority
+    assert receiver.receive()["PRIORITY"] == priority
 
 
-def test_multi_line_values_and_odd_names_survive(journald: FakeJournald) -> None:
+def test_multi_line_values_and_odd_names_survive(receiver: FakeJournald) -> None:
     log = configured(
-        journal.JournalRenderer(LOGFMT, journal.JournalSender(str(journald.path))), io.StringIO()
+        journald.JournalRenderer(LOGFMT, journald.JournalSender(str(receiver.path))), io.StringIO()
     )
     try:
         raise RuntimeError("boom")
     except RuntimeError:
         log.exception("poll_failed", **{"message": "x", "2fa": 1, "_private": "p", "a-b.c": "d"})
-    fields = journald.receive()
+    fields = receiver.receive()
     assert (
         "Traceback" in fields["EXCEPTION"] and "RuntimeError: boom\n" in fields["EXCEPTION"] + "\n"
     )
@@ -150,25 +150,25 @@ def test_field_names_are_valid_journal_names() -> None:
         "_source_realtime_timestamp",
         "syslog_pid",
     ):
-        name = journal.field_name(key)
+        name = journald.field_name(key)
         assert 0 < len(name) <= 64 and name.replace("_", "").isalnum() and name.isascii()
         assert not name.startswith("_") and not name[0].isdigit()
-        assert name not in journal.RESERVED
+        assert name not in journald.RESERVED
 
 
-def test_an_event_too_large_for_a_datagram_goes_through_a_memfd(journald: FakeJournald) -> None:
+def test_an_event_too_large_for_a_datagram_goes_through_a_memfd(receiver: FakeJournald) -> None:
     big = "x" * 400_000  # above the default datagram size limit
-    sender = journal.JournalSender(str(journald.path))
-    log = configured(journal.JournalRenderer(LOGFMT, sender), io.StringIO())
+    sender = journald.JournalSender(str(receiver.path))
+    log = configured(journald.JournalRenderer(LOGFMT, sender), io.StringIO())
     log.info("big", payload=big)
-    fields = journald.receive()
+    fields = receiver.receive()
     assert fields["PAYLOAD"] == big and fields["EVENT"] == "big"
 
 
 def test_without_a_journal_the_line_is_printed(tmp_path: Path) -> None:
     out = io.StringIO()
-    sender = journal.JournalSender(str(tmp_path / "no-such-socket"))
-    log = configured(journal.JournalRenderer(LOGFMT, sender), out)
+    sender = journald.JournalSender(str(tmp_path / "no-such-socket"))
+    log = configured(journald.JournalRenderer(LOGFMT, sender), out)
     log.error("table_missing", table="portmeter")
     assert out.getvalue() == "level=error event=table_missing table=portmeter\n"
 
@@ -177,12 +177,12 @@ def test_journal_stream_is_recognised_by_device_and_inode(tmp_path: Path) -> Non
     with open(tmp_path / "stream", "w") as stream:
         status = os.fstat(stream.fileno())
         mine = {"JOURNAL_STREAM": f"{status.st_dev}:{status.st_ino}"}
-        assert journal.stream_is_journal(mine, stream)
-        assert not journal.stream_is_journal(
+        assert journald.stream_is_journal(mine, stream)
+        assert not journald.stream_is_journal(
             {"JOURNAL_STREAM": f"{status.st_dev}:{status.st_ino + 1}"}, stream
         )
-        assert not journal.stream_is_journal({}, stream)
-        assert not journal.stream_is_journal({"JOURNAL_STREAM": "garbage"}, stream)
-        assert isinstance(journal.renderer(LOGFMT, mine, stream), journal.JournalRenderer)
-        assert journal.renderer(LOGFMT, {}, stream) is LOGFMT
-    assert not journal.stream_is_journal(mine, io.StringIO())  # no file descriptor
+        assert not journald.stream_is_journal({}, stream)
+        assert not journald.stream_is_journal({"JOURNAL_STREAM": "garbage"}, stream)
+        assert isinstance(journald.renderer(LOGFMT, mine, stream), journald.JournalRenderer)
+        assert journald.renderer(LOGFMT, {}, stream) is LOGFMT
+    assert not journald.stream_is_journal(mine, io.StringIO())  # no file descriptor

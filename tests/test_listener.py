@@ -23,14 +23,19 @@ def over_tcp(net: Lab, path: str, key: str | None) -> httpx.Response:
 
 
 def test_tcp_listener_requires_the_api_key(net: Lab, make_daemon: Any) -> None:
-    daemon: Daemon = make_daemon(PORTMETER_HTTP_LISTEN=f"{SERVER_V4}:{PORT}", PORTMETER_API_KEY=API_KEY)
+    daemon: Daemon = make_daemon(
+        PORTMETER_HTTP_LISTEN=f"{SERVER_V4}:{PORT}", PORTMETER_API_KEY=API_KEY
+    )
     key = daemon.create("remote")
     for supplied in (None, "", "wrong", API_KEY[:-1], API_KEY + "x"):
         refused = over_tcp(net, "/api/keys", supplied)
-        assert refused.status_code == 401 and refused.json() == {"detail": "missing or wrong X-API-Key header"}
+        assert refused.status_code == 401 and refused.json() == {
+            "detail": "missing or wrong X-API-Key header"
+        }
     allowed = over_tcp(net, "/api/keys", API_KEY)
     assert allowed.status_code == 200 and allowed.json()["keys"][0]["name"] == "remote"
-    sub = over_tcp(net, key["subscription_url"], None)  # VPN apps fetch subscriptions without headers
+    # VPN apps fetch subscriptions without headers
+    sub = over_tcp(net, key["subscription_url"], None)
     assert sub.status_code == 200 and base64.b64decode(sub.text).decode() == key["link"]
     assert over_tcp(net, "/sub/not-a-token", None).status_code == 404
 

@@ -59,7 +59,11 @@ def daemon_pid(daemon: Daemon) -> int:
             continue
         seen.add(pid)
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        if any(b"python" in part for part in cmdline[:1]) and b"daemon" in cmdline and b"run" in cmdline:
+        if (
+            any(b"python" in part for part in cmdline[:1])
+            and b"daemon" in cmdline
+            and b"run" in cmdline
+        ):
             return pid
         for task in os.listdir(f"/proc/{pid}/task"):
             children = Path(f"/proc/{pid}/task/{task}/children").read_text().split()
@@ -111,20 +115,26 @@ def client_loop(daemon: Daemon, ids: list[str], index: int, start: float, result
     interval = CLIENTS / REQUESTS_PER_SECOND
     slot = start + index * interval / CLIENTS  # the clients' slots interleave
     deadline = start + SECONDS
-    with httpx.Client(transport=httpx.HTTPTransport(uds=str(daemon.socket)), base_url="http://pm",
-                      timeout=10) as http:
+    with httpx.Client(
+        transport=httpx.HTTPTransport(uds=str(daemon.socket)), base_url="http://pm", timeout=10
+    ) as http:
         while slot < deadline and time.monotonic() < deadline:  # ends on time, kept up or not
             pause = slot - time.monotonic()
             if pause > 0:
                 time.sleep(pause)
             elif pause < -1:
                 results.late += 1  # behind schedule: sent at once, so a slow daemon is saturated
-            endpoint, path = rng.choice([
-                ("GET /api/keys", "/api/keys"),
-                ("GET /api/traffic/ports/exact", "/api/traffic/ports/exact"),
-                ("GET /api/keys/{id}/traffic/port/exact", f"/api/keys/{rng.choice(ids)}/traffic/port/exact"),
-                ("GET /api/system/ports/status", "/api/system/ports/status"),
-            ])
+            endpoint, path = rng.choice(
+                [
+                    ("GET /api/keys", "/api/keys"),
+                    ("GET /api/traffic/ports/exact", "/api/traffic/ports/exact"),
+                    (
+                        "GET /api/keys/{id}/traffic/port/exact",
+                        f"/api/keys/{rng.choice(ids)}/traffic/port/exact",
+                    ),
+                    ("GET /api/system/ports/status", "/api/system/ports/status"),
+                ]
+            )
             began = time.perf_counter()
             error = None
             try:
@@ -170,7 +180,9 @@ def traffic_loop(net: Lab, ports: list[int], stop: threading.Event, traffic: Tra
             sock.close()
 
 
-def rss_loop(pid: int, stop: threading.Event, samples: list[tuple[float, int]], start: float) -> None:
+def rss_loop(
+    pid: int, stop: threading.Event, samples: list[tuple[float, int]], start: float
+) -> None:
     while True:
         samples.append((time.monotonic() - start, rss_kb(pid)))
         if stop.wait(RSS_EVERY):
@@ -195,13 +207,20 @@ class Run:
 def report(run: Run) -> str:
     results = run.results
     everything = [s for values in results.latencies.values() for s in values]
-    lines = [(f"load: {results.count} requests in {run.elapsed:.1f}s ({results.count / run.elapsed:.0f}/s, "
-              f"target {REQUESTS_PER_SECOND:.0f}/s over {CLIENTS} clients), {len(results.errors)} errors, "
-              f"{results.late} late; {KEYS} keys, poll every 1s; "
-              f"daemon CPU {run.cpu:.1f}s ({100 * run.cpu / run.elapsed:.0f}% of one core)")]
+    lines = [
+        (
+            f"load: {results.count} requests in {run.elapsed:.1f}s "
+            f"({results.count / run.elapsed:.0f}/s, "
+            f"target {REQUESTS_PER_SECOND:.0f}/s over {CLIENTS} clients), "
+            f"{len(results.errors)} errors, {results.late} late; {KEYS} keys, poll every 1s; "
+            f"daemon CPU {run.cpu:.1f}s ({100 * run.cpu / run.elapsed:.0f}% of one core)"
+        )
+    ]
     for endpoint, values in sorted(results.latencies.items()) + [("overall", everything)]:
-        lines.append(f"  {endpoint:40} n={len(values):5}  p50={1000 * percentile(values, 0.50):6.1f} ms"
-                     f"  p99={1000 * percentile(values, 0.99):6.1f} ms  max={1000 * max(values):6.1f} ms")
+        lines.append(
+            f"  {endpoint:40} n={len(values):5}  p50={1000 * percentile(values, 0.50):6.1f} ms"
+            f"  p99={1000 * percentile(values, 0.99):6.1f} ms  max={1000 * max(values):6.1f} ms"
+        )
     lines.append("  RSS MB: " + " ".join(f"{t:.0f}s:{kb / 1024:.1f}" for t, kb in run.rss))
     lines.append(f"  UDP exchanges per key: {sorted(run.traffic.exchanges.values())}")
     return "\n".join(lines)
@@ -212,7 +231,9 @@ def run() -> Iterator[Run]:
     workdir = Path(tempfile.mkdtemp(prefix="pm-"))
     try:
         with lab() as net:
-            daemon = Daemon(net.server, workdir / "d", fresh_port_range(KEYS + 10), PORTMETER_POLL_INTERVAL="1")
+            daemon = Daemon(
+                net.server, workdir / "d", fresh_port_range(KEYS + 10), PORTMETER_POLL_INTERVAL="1"
+            )
             try:
                 daemon.start()
                 yield load(net, daemon)
@@ -227,7 +248,9 @@ def load(net: Lab, daemon: Daemon) -> Run:
 
     def create(i: int) -> dict[str, Any]:
         with httpx.Client(transport=httpx.HTTPTransport(uds=str(daemon.socket)), timeout=60) as c:
-            response = c.post("http://pm/api/keys", json={"name": f"load{i}", "data_limit_bytes": "10GB"})
+            response = c.post(
+                "http://pm/api/keys", json={"name": f"load{i}", "data_limit_bytes": "10GB"}
+            )
             assert response.status_code == 201, response.text
             return response.json()
 
@@ -241,8 +264,9 @@ def load(net: Lab, daemon: Daemon) -> Run:
     start = time.monotonic()
     cpu_before = cpu_seconds(pid)
     helpers = [
-        threading.Thread(target=traffic_loop,
-                         args=(net, [k["port"] for k in keys[:TRAFFIC_KEYS]], stop, traffic)),
+        threading.Thread(
+            target=traffic_loop, args=(net, [k["port"] for k in keys[:TRAFFIC_KEYS]], stop, traffic)
+        ),
         threading.Thread(target=rss_loop, args=(pid, stop, rss, start)),
     ]
     for helper in helpers:
@@ -254,8 +278,16 @@ def load(net: Lab, daemon: Daemon) -> Run:
         stop.set()
         for helper in helpers:
             helper.join(30)
-    made = Run(daemon, keys, results, traffic, rss, time.monotonic() - start, cpu_seconds(pid) - cpu_before,
-               polled_before)
+    made = Run(
+        daemon,
+        keys,
+        results,
+        traffic,
+        rss,
+        time.monotonic() - start,
+        cpu_seconds(pid) - cpu_before,
+        polled_before,
+    )
     print("\n" + report(made))
     return made
 
@@ -263,7 +295,9 @@ def load(net: Lab, daemon: Daemon) -> Run:
 def test_no_errors_and_the_daemon_lives(run: Run) -> None:
     assert run.daemon.process is not None and run.daemon.process.poll() is None, run.daemon.log()
     assert run.results.count > 0
-    assert not run.results.errors, f"{len(run.results.errors)} errors, e.g. {run.results.errors[:5]}"
+    assert not run.results.errors, (
+        f"{len(run.results.errors)} errors, e.g. {run.results.errors[:5]}"
+    )
     failed = [line[:300] for line in run.daemon.log().splitlines() if "request_failed" in line]
     assert not failed, failed
 
@@ -272,13 +306,16 @@ def test_rss_stays_flat(run: Run) -> None:
     after_warmup = [kb for t, kb in run.rss if t >= WARMUP]
     assert len(after_warmup) >= 2, run.rss
     assert after_warmup[-1] <= after_warmup[0] + RSS_SLACK_KB, (
-        f"RSS grew from {after_warmup[0]} kB to {after_warmup[-1]} kB under a steady read load")
+        f"RSS grew from {after_warmup[0]} kB to {after_warmup[-1]} kB under a steady read load"
+    )
 
 
 def test_poll_loop_ran_during_the_load(run: Run) -> None:
     last_poll = run.daemon.api("GET", "/api/system/traffic/summary")["last_poll"]
     assert last_poll is not None and last_poll > (run.polled_before or 0) + SECONDS / 2, (
-        run.polled_before, last_poll)
+        run.polled_before,
+        last_poll,
+    )
 
 
 def test_counting_stays_exact_under_load(run: Run) -> None:
@@ -288,8 +325,14 @@ def test_counting_stays_exact_under_load(run: Run) -> None:
         sent = run.traffic.exchanges[key["port"]]
         assert sent > 0
         counted = run.daemon.traffic(key["id"])
-        assert (counted["rx_packets"], counted["rx_bytes"]) == (sent, sent * WIRE), (key["name"], counted)
-        assert (counted["tx_packets"], counted["tx_bytes"]) == (sent, sent * WIRE), (key["name"], counted)
+        assert (counted["rx_packets"], counted["rx_bytes"]) == (sent, sent * WIRE), (
+            key["name"],
+            counted,
+        )
+        assert (counted["tx_packets"], counted["tx_bytes"]) == (sent, sent * WIRE), (
+            key["name"],
+            counted,
+        )
     quiet = run.daemon.traffic(run.keys[-1]["id"])
     assert quiet["rx_bytes"] == quiet["tx_bytes"] == 0
 
@@ -299,4 +342,5 @@ def test_the_daemon_keeps_the_rate(run: Run) -> None:
     achieved = run.results.count / run.elapsed
     assert achieved >= 0.95 * REQUESTS_PER_SECOND and run.results.late == 0, (
         f"{achieved:.0f} requests/s served of {REQUESTS_PER_SECOND:.0f}/s asked, "
-        f"{run.results.late} sent over 1 s late: each read lists the nft table ({KEYS} keys)")
+        f"{run.results.late} sent over 1 s late: each read lists the nft table ({KEYS} keys)"
+    )

@@ -14,7 +14,8 @@ import structlog
 from hypothesis import given
 from hypothesis import strategies as st
 
-from daemon import journal, logs
+from daemon import logs
+from daemon.logs import journald
 
 HOSTILE = "a\x1b[2J\x07\x00\x7f\x85\x9b\u2028\u2029\u202e\t\r\nz"
 ESCAPED = r"a\x1b[2J\x07\x00\x7f\x85\x9b\u2028\u2029\u202e\t\r\nz"
@@ -60,7 +61,7 @@ def test_a_line_holds_no_control_character() -> None:
 
 
 @pytest.fixture
-def journald(tmp_path: Path) -> Iterator[socket.socket]:
+def receiver(tmp_path: Path) -> Iterator[socket.socket]:
     """A datagram socket standing in for /run/systemd/journal/socket."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(tmp_path / "journal.sock"))
@@ -71,15 +72,15 @@ def journald(tmp_path: Path) -> Iterator[socket.socket]:
         sock.close()
 
 
-def test_journal_fields_hold_no_control_character(journald: socket.socket) -> None:
-    sender = journal.JournalSender(path=journald.getsockname())
-    renderer = journal.JournalRenderer(logs.line_renderer(), sender)
+def test_journal_fields_hold_no_control_character(receiver: socket.socket) -> None:
+    sender = journald.JournalSender(path=receiver.getsockname())
+    renderer = journald.JournalRenderer(logs.line_renderer(), sender)
     try:
         with pytest.raises(structlog.DropEvent):
             render(renderer, path=HOSTILE, note=HOSTILE)
     finally:
         sender.close()
-    datagram = journald.recv(65536)
+    datagram = receiver.recv(65536)
     fields = dict(line.split(b"=", 1) for line in datagram.split(b"\n") if line)
     assert fields[b"PATH"].decode() == ESCAPED and fields[b"NOTE"].decode() == ESCAPED
     assert fields[b"EVENT"] == b"api_call"

@@ -1,9 +1,10 @@
-"""Prometheus metrics of the real daemon: `GET /metrics` and the node_exporter textfile.
+"""Prometheus metrics: `GET /metrics` and the node_exporter textfile.
 
-Real traffic through the lab's namespaces; the metrics must equal the API's exact numbers, and
-`promtool check metrics` (Debian package `prometheus`) must accept them without a lint remark.
-A real Prometheus server (same package, our own process and config, never the system service)
-scrapes a daemon over its TCP listener the way a fleet is watched.
+The metrics must equal the API's exact numbers, and `promtool check metrics` (Debian package
+`prometheus`) must accept them without a lint remark. The in-process layer (tests/inprocess.py)
+scrapes the app over the in-memory kernel; the kernel layer keeps what needs the real daemon: the
+textfile its poll loop writes after real traffic, and a real Prometheus server (same package, our
+own process and config, never the system service) scraping its TCP listener as a fleet is watched.
 """
 
 from __future__ import annotations
@@ -22,19 +23,18 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Daemon
+from tests.inprocess import InProcessDaemon, inprocess_daemon
 from tests.netlab import SERVER_V4, Lab, inside
-from tests.test_counting import udp_exchange
-from tests.test_limits import WIRE, Receiver
-
-pytestmark = pytest.mark.kernel
+from tests.test_counting import UDP_OVERHEAD, udp_exchange
+from tests.test_limits import WIRE
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 STATUSES = ("active", "limited", "expired", "disabled")
-NO_XRAY = "/nonexistent/portmeter-test/xray"  # no binary: nothing runs `xray -test`
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+AnyDaemon = Daemon | InProcessDaemon
 
 
-def scrape(daemon: Daemon) -> str:
+def scrape(daemon: AnyDaemon) -> str:
     response = daemon.http.get("/metrics")
     assert response.status_code == 200, f"/metrics: {response.status_code} {response.text}"
     assert response.headers["content-type"] == CONTENT_TYPE
@@ -61,17 +61,21 @@ def value(found: Samples, name: str, **labels: str) -> float | None:
 def prometheus_tool(name: str) -> str:
     tool = shutil.which(name)
     if tool is None:
-        pytest.fail(f"{name} is missing: install the Debian package `prometheus` (scripts/setup.sh)")
+        pytest.fail(
+            f"{name} is missing: install the Debian package `prometheus` (scripts/setup.sh)"
+        )
     return tool
 
 
 def promtool(text: str) -> None:
     tool = prometheus_tool("promtool")
     result = subprocess.run(
-        [tool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60, check=False
+        [tool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60,
+        check=False,
     )
-    assert result.returncode == 0, f"promtool: exit {result.returncode}\n{result.stdout}{result.stderr}"
-    assert not (result.stdout + result.stderr).strip(), f"promtool:\n{result.stdout}{result.stderr}"
+    said = result.stdout + result.stderr
+    assert result.returncode == 0, f"promtool: exit {result.returncode}\n{said}"
+    assert not said.strip(), f"promtool:\n{said}"
 
 
 def labels_of(key: dict[str, Any]) -> dict[str, str]:
@@ -85,7 +89,7 @@ def assert_status(found: Samples, key: dict[str, Any], expected: str) -> None:
         assert got == want, (key["name"], status, got)
 
 
-def assert_equals_api(found: Samples, daemon: Daemon, key: dict[str, Any]) -> dict[str, Any]:
+def assert_equals_api(found: Samples, daemon: AnyDaemon, key: dict[str, Any]) -> dict[str, Any]:
     t = daemon.traffic(key["id"])
     labels = labels_of(key)
     assert value(found, "portmeter_key_rx_bytes_total", **labels) == t["rx_bytes"]
@@ -96,20 +100,16 @@ def assert_equals_api(found: Samples, daemon: Daemon, key: dict[str, Any]) -> di
     return t
 
 
-def test_metrics_equal_the_api_after_real_traffic_and_pass_promtool(net: Lab, daemon: Daemon) -> None:
-    alice = daemon.create("alice")
-    bob = daemon.create("bob smith")  # a label value with a space
-    capped = daemon.create("capped", data_limit_bytes=10 * WIRE)
-    udp_exchange(net, socket.AF_INET, alice["port"], 37, 700, echo=True)
-    udp_exchange(net, socket.AF_INET6, bob["port"], 5, 300, echo=False)
-    receiver = Receiver(net, capped["port"])
-    try:
-        assert receiver.blast(12) == 10  # the kernel drops the last two
-    finally:
-        receiver.close()
+def test_metrics_equal_the_api_after_traffic_and_pass_promtool(inproc: InProcessDaemon) -> None:
+    alice = inproc.create("alice")
+    bob = inproc.create("bob smith")  # a label value with a space
+    capped = inproc.create("capped", data_limit_bytes=10 * WIRE)
+    inproc.datagrams(alice["port"], 37, 700 + UDP_OVERHEAD[socket.AF_INET], echo=True)
+    inproc.datagrams(bob["port"], 5, 300 + UDP_OVERHEAD[socket.AF_INET6])
+    assert inproc.datagrams(capped["port"], 12, WIRE) == 10  # the kernel drops the last two
 
     before = time.time()
-    text = scrape(daemon)
+    text = scrape(inproc)
     after = time.time()
     promtool(text)
     types, found = parse(text)
@@ -125,12 +125,12 @@ def test_metrics_equal_the_api_after_real_traffic_and_pass_promtool(net: Lab, da
         "portmeter_xray_in_sync": "gauge",
     }
 
-    # The metrics are the API's numbers, and those are what went over the wire.
-    a = assert_equals_api(found, daemon, alice)
+    # The metrics are the API's numbers, and those are what the kernel counted.
+    a = assert_equals_api(found, inproc, alice)
     assert (a["rx_bytes"], a["tx_bytes"], a["dropped_bytes"]) == (37 * 728, 37 * 728, 0)
-    b = assert_equals_api(found, daemon, bob)
+    b = assert_equals_api(found, inproc, bob)
     assert (b["rx_bytes"], b["tx_bytes"]) == (5 * 348, 0)
-    c = assert_equals_api(found, daemon, capped)
+    c = assert_equals_api(found, inproc, capped)
     assert (c["rx_bytes"], c["dropped_bytes"], c["status"]) == (10 * WIRE, 2 * WIRE, "limited")
 
     # Only the limited key has a limit; each key has exactly one status set to 1.
@@ -149,45 +149,47 @@ def test_metrics_equal_the_api_after_real_traffic_and_pass_promtool(net: Lab, da
     assert value(found, "portmeter_xray_in_sync") == 1
 
     # A status change shows at the next scrape; the counters keep their values.
-    daemon.api("POST", f"/api/keys/{alice['id']}/disable")
-    _, found = parse(scrape(daemon))
+    inproc.api("POST", f"/api/keys/{alice['id']}/disable")
+    _, found = parse(scrape(inproc))
     assert_status(found, alice, "disabled")
     assert value(found, "portmeter_key_rx_bytes_total", **labels_of(alice)) == 37 * 728
 
 
-def test_xray_in_sync_follows_drift_and_repair(make_daemon: Any) -> None:
-    daemon: Daemon = make_daemon(PORTMETER_XRAY_BIN=NO_XRAY)
-    daemon.create("kept")
-    lost = daemon.create("lost")
-    _, found = parse(scrape(daemon))
+def test_xray_in_sync_follows_drift_and_repair(inproc: InProcessDaemon) -> None:
+    # No Xray binary (tests/inprocess.py): nothing runs `xray -test`.
+    inproc.create("kept")
+    lost = inproc.create("lost")
+    _, found = parse(scrape(inproc))
     assert value(found, "portmeter_xray_in_sync") == 1
 
-    config = json.loads(daemon.xray_config.read_text(encoding="utf-8"))
-    config["inbounds"] = [i for i in config["inbounds"] if i.get("tag") != f"inbound-{lost['uuid']}"]
-    daemon.xray_config.write_text(json.dumps(config), encoding="utf-8")
-    text = scrape(daemon)
+    xray_config = inproc.rig.xray_config
+    config = json.loads(xray_config.read_text(encoding="utf-8"))
+    lost_tag = f"inbound-{lost['uuid']}"
+    config["inbounds"] = [i for i in config["inbounds"] if i.get("tag") != lost_tag]
+    xray_config.write_text(json.dumps(config), encoding="utf-8")
+    text = scrape(inproc)
     promtool(text)
     assert value(parse(text)[1], "portmeter_xray_in_sync") == 0
 
-    daemon.xray_config.write_text("{ not json", encoding="utf-8")
-    assert value(parse(scrape(daemon))[1], "portmeter_xray_in_sync") == 0
+    xray_config.write_text("{ not json", encoding="utf-8")
+    assert value(parse(scrape(inproc))[1], "portmeter_xray_in_sync") == 0
 
-    daemon.xray_config.write_text(json.dumps(config), encoding="utf-8")
-    daemon.api("POST", "/api/system/xray/sync-config")
-    assert value(parse(scrape(daemon))[1], "portmeter_xray_in_sync") == 1
+    xray_config.write_text(json.dumps(config), encoding="utf-8")
+    inproc.api("POST", "/api/system/xray/sync-config")
+    assert value(parse(scrape(inproc))[1], "portmeter_xray_in_sync") == 1
 
 
-def test_without_xray_there_is_no_sync_metric(make_daemon: Any) -> None:
-    daemon: Daemon = make_daemon(PORTMETER_XRAY_CONFIG="")
-    text = scrape(daemon)  # no keys yet: still valid
-    promtool(text)
-    types, found = parse(text)
-    assert "portmeter_xray_in_sync" not in types
-    assert value(found, "portmeter_keys") == 0
-    daemon.create("solo")
-    types, found = parse(scrape(daemon))
-    assert "portmeter_xray_in_sync" not in types
-    assert value(found, "portmeter_keys") == 1
+def test_without_xray_there_is_no_sync_metric() -> None:
+    with inprocess_daemon(xray=False) as inproc:
+        text = scrape(inproc)  # no keys yet: still valid
+        promtool(text)
+        types, found = parse(text)
+        assert "portmeter_xray_in_sync" not in types
+        assert value(found, "portmeter_keys") == 0
+        inproc.create("solo")
+        types, found = parse(scrape(inproc))
+        assert "portmeter_xray_in_sync" not in types
+        assert value(found, "portmeter_keys") == 1
 
 
 def test_textfile_for_node_exporter_follows_the_poll_loop(
@@ -227,7 +229,9 @@ def test_textfile_for_node_exporter_follows_the_poll_loop(
     assert sorted(p.name for p in directory.iterdir()) == ["portmeter.prom"]
 
 
-def test_a_prometheus_server_scrapes_the_tcp_listener(net: Lab, make_daemon: Any, workdir: Path) -> None:
+def test_a_prometheus_server_scrapes_the_tcp_listener(
+    net: Lab, make_daemon: Any, workdir: Path
+) -> None:
     api_key, port, web = "m" * 24, 18081, "127.0.0.1:19090"
     daemon: Daemon = make_daemon(
         PORTMETER_HTTP_LISTEN=f"{SERVER_V4}:{port}", PORTMETER_API_KEY=api_key
@@ -273,12 +277,14 @@ def test_a_prometheus_server_scrapes_the_tcp_listener(net: Lab, make_daemon: Any
                 break
             time.sleep(0.3)
         else:
-            pytest.fail(f"Prometheus never scraped the daemon:\n{(workdir / 'prometheus.log').read_text()}")
+            said = (workdir / "prometheus.log").read_text()
+            pytest.fail(f"Prometheus never scraped the daemon:\n{said}")
         assert float(result[0]["value"][1]) == expected == daemon.traffic(key["id"])["rx_bytes"]
         assert result[0]["metric"]["port"] == str(key["port"])
         up = query('up{job="portmeter"}')
         assert [float(r["value"][1]) for r in up] == [1.0]
-        assert float(query('portmeter_key_status{key="watched",status="active"}')[0]["value"][1]) == 1
+        active = query('portmeter_key_status{key="watched",status="active"}')
+        assert float(active[0]["value"][1]) == 1
     finally:
         server.terminate()
         server.wait(15)

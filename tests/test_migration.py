@@ -25,20 +25,30 @@ def shared_config() -> dict[str, Any]:
     return {
         "log": {"loglevel": "warning"},
         "inbounds": [
-            {"tag": "socks-local", "port": 1080, "listen": "127.0.0.1", "protocol": "socks", "settings": {}},
+            {
+                "tag": "socks-local",
+                "port": 1080,
+                "listen": "127.0.0.1",
+                "protocol": "socks",
+                "settings": {},
+            },
             {
                 "tag": "vless-shared",
                 "port": 443,
                 "protocol": "vless",
                 "settings": {
-                    "clients": [{"id": u, "flow": "xtls-rprx-vision", "email": e} for u, e in CLIENTS],
+                    "clients": [
+                        {"id": u, "flow": "xtls-rprx-vision", "email": e} for u, e in CLIENTS
+                    ],
                     "decryption": "none",
                 },
                 "streamSettings": {
                     "network": "tcp",
                     "security": "reality",
                     "realitySettings": {
-                        "show": False, "dest": "www.example.org:443", "xver": 0,
+                        "show": False,
+                        "dest": "www.example.org:443",
+                        "xver": 0,
                         "serverNames": ["www.example.org"],
                         "privateKey": "MGz3NCoBZ2NOdjpLW0h1Ik51kW9zYb4G0xxHJ0ABvn0",
                         "shortIds": ["a1b2c3d4"],
@@ -74,18 +84,26 @@ def test_dry_run_then_migrate_then_noop_then_rollback(migrating: Daemon) -> None
     created = json.loads(done.stdout)["created"]
     assert sorted((k["uuid"], k["name"]) for k in created) == sorted(CLIENTS)
     ports = [k["port"] for k in created]
-    assert len(set(ports)) == 5 and all(p in range(daemon.port_range[0], daemon.port_range[1] + 1) for p in ports)
+    assert len(set(ports)) == 5 and all(
+        p in range(daemon.port_range[0], daemon.port_range[1] + 1) for p in ports
+    )
     config = json.loads(daemon.xray_config.read_text())
     tags = [i.get("tag") for i in config["inbounds"]]
     assert "vless-shared" not in tags and "socks-local" in tags
-    ours = {i["settings"]["clients"][0]["id"]: i for i in config["inbounds"] if i["protocol"] == "vless"}
+    ours = {
+        i["settings"]["clients"][0]["id"]: i for i in config["inbounds"] if i["protocol"] == "vless"
+    }
     assert set(ours) == {u for u, _ in CLIENTS}
-    for uuid, inbound in ours.items():
+    for inbound in ours.values():
         reality = inbound["streamSettings"]["realitySettings"]
-        assert reality["privateKey"] == "MGz3NCoBZ2NOdjpLW0h1Ik51kW9zYb4G0xxHJ0ABvn0"  # clients keep pbk
+        # clients keep pbk
+        assert reality["privateKey"] == "MGz3NCoBZ2NOdjpLW0h1Ik51kW9zYb4G0xxHJ0ABvn0"
         assert "a1b2c3d4" in reality["shortIds"]
         assert inbound["settings"]["clients"][0]["flow"] == "xtls-rprx-vision"
-    assert config["routing"] == shared_config()["routing"] and config["outbounds"] == shared_config()["outbounds"]
+    assert (
+        config["routing"] == shared_config()["routing"]
+        and config["outbounds"] == shared_config()["outbounds"]
+    )
     assert daemon.api("GET", "/api/system/ports/status")["valid"]
     assert daemon.api("GET", "/api/system/xray/validate-sync")["in_sync"]
 
@@ -129,7 +147,7 @@ def test_usage_and_watch_commands(daemon: Daemon) -> None:
     detailed = daemon.cli("usage", "watcher", "--detailed")
     assert detailed.returncode == 0 and "local" in detailed.stdout, detailed.stderr
     overall = daemon.cli("usage")
-    assert overall.returncode == 0 and "\"users\"" in overall.stdout, overall.stdout
+    assert overall.returncode == 0 and '"users"' in overall.stdout, overall.stdout
     watched = daemon.cli("traffic", "--watch", "--interval", "0.2", "--count", "2")
     assert watched.returncode == 0, watched.stderr
     assert "watcher" in watched.stdout and "rx/s" in watched.stdout

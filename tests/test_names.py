@@ -1,6 +1,6 @@
 """daemon/names.py without a daemon: which new names are taken, and when two names are one.
 
-Each attack of issue 17 on key names is an example here (alice/Alice, NFC and NFD café, a
+Each known attack on key names is an example here (alice/Alice, NFC and NFD café, a
 zero-width joiner, Cyrillic а in a Latin name, fullwidth letters, id- and uuid-shaped names);
 the properties say the same for every name hypothesis finds.
 """

@@ -10,24 +10,36 @@ from daemon import nlcodec as nl
 
 TABLE = "pmtest"
 names = st.builds(
-    lambda kind, port: f"{kind}_{port}", st.sampled_from(["rx", "tx", "drop", "q"]), st.integers(1, 65535)
+    lambda kind, port: f"{kind}_{port}",
+    st.sampled_from(["rx", "tx", "drop", "q"]),
+    st.integers(1, 65535),
 )
 u64 = st.integers(0, 2**64 - 1)
-objects = st.lists(st.tuples(names, st.integers(1, 2**40), u64, u64), max_size=40, unique_by=lambda o: o[0])
+objects = st.lists(
+    st.tuples(names, st.integers(1, 2**40), u64, u64), max_size=40, unique_by=lambda o: o[0]
+)
 
 
-def kernel_message(name: str, handle: int, first: int, second: int, seq: int, extra: bytes = b"") -> bytes:
+def kernel_message(
+    name: str, handle: int, first: int, second: int, seq: int, extra: bytes = b""
+) -> bytes:
     """An object as the kernel dumps it: its data nest carries no NLA_F_NESTED flag."""
     quota = name.startswith("q_")
     if quota:
         data = nl.attr(nl.QUOTA_BYTES, nl.be64(first)) + nl.attr(nl.QUOTA_FLAGS, nl.be32(1))
         data += nl.attr(nl.QUOTA_CONSUMED, nl.be64(second))
     else:
-        data = nl.attr(nl.COUNTER_BYTES, nl.be64(second)) + nl.attr(nl.COUNTER_PACKETS, nl.be64(first))
+        data = nl.attr(nl.COUNTER_BYTES, nl.be64(second)) + nl.attr(
+            nl.COUNTER_PACKETS, nl.be64(first)
+        )
     attrs = (
-        nl.attr(nl.OBJ_TABLE, nl.text(TABLE)) + nl.attr(nl.OBJ_NAME, nl.text(name))
+        nl.attr(nl.OBJ_TABLE, nl.text(TABLE))
+        + nl.attr(nl.OBJ_NAME, nl.text(name))
         + nl.attr(nl.OBJ_TYPE, nl.be32(nl.OBJECT_QUOTA if quota else nl.OBJECT_COUNTER))
-        + nl.attr(nl.OBJ_HANDLE, nl.be64(handle)) + nl.attr(5, nl.be32(1)) + nl.attr(nl.OBJ_DATA, data) + extra
+        + nl.attr(nl.OBJ_HANDLE, nl.be64(handle))
+        + nl.attr(5, nl.be32(1))
+        + nl.attr(nl.OBJ_DATA, data)
+        + extra
     )
     return nl.message(nl.NEWOBJ, nl.MULTI, seq, attrs)
 
@@ -47,16 +59,21 @@ def test_scanner_equals_general_decoder(found: list[tuple[str, int, int, int]]) 
 
 
 @given(objects.filter(bool), st.data())
-def test_unknown_layout_falls_back_to_the_general_decoder(found: list[tuple[str, int, int, int]], data: st.DataObject) -> None:
+def test_unknown_layout_falls_back_to_the_general_decoder(
+    found: list[tuple[str, int, int, int]], data: st.DataObject
+) -> None:
     odd = data.draw(st.integers(0, len(found) - 1))
     dump = b"".join(
-        kernel_message(*obj, seq=7, extra=nl.attr(8, b"note") if i == odd else b"") for i, obj in enumerate(found)
+        kernel_message(*obj, seq=7, extra=nl.attr(8, b"note") if i == odd else b"")
+        for i, obj in enumerate(found)
     )
     assert nl.ObjectScanner(TABLE).scan(dump) == general(dump)
 
 
 @given(objects, objects)
-def test_changed_objects_are_decoded_again(before: list[tuple[str, int, int, int]], after: list[tuple[str, int, int, int]]) -> None:
+def test_changed_objects_are_decoded_again(
+    before: list[tuple[str, int, int, int]], after: list[tuple[str, int, int, int]]
+) -> None:
     scanner = nl.ObjectScanner(TABLE)
     scanner.scan(b"".join(kernel_message(*obj, seq=1) for obj in before))
     dump = b"".join(kernel_message(*obj, seq=2) for obj in after)

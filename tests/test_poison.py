@@ -1,4 +1,4 @@
-"""Issue 17, the critical part, on the real daemon: a limit past what the kernel holds.
+"""State poisoning, on the real daemon: a limit past what the kernel holds.
 
 Before: `PATCH {"data_limit_bytes": "20000PB"}` answered 500 and left the key changed in memory;
 the next save of any other key wrote it to the state journal; datagrams to the key's port ended

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from daemon.allocator import PortRange
 from daemon.settings import Settings, SettingsError, load_settings
@@ -33,7 +34,9 @@ def test_reality_dest_is_required_unless_xray_is_off(monkeypatch: pytest.MonkeyP
 
 
 def test_server_names_are_a_comma_list(monkeypatch: pytest.MonkeyPatch) -> None:
-    names = load(monkeypatch, PORTMETER_REALITY_SERVER_NAMES="a.example, b.example").reality_server_names
+    names = load(
+        monkeypatch, PORTMETER_REALITY_SERVER_NAMES="a.example, b.example"
+    ).reality_server_names
     assert names == ("a.example", "b.example")
 
 
@@ -93,8 +96,9 @@ def test_simple_env_values(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     assert s.log_level == "debug"
 
 
-def test_relative_state_dir_becomes_absolute(monkeypatch: pytest.MonkeyPatch,
-                                             tmp_path: Path) -> None:
+def test_relative_state_dir_becomes_absolute(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.chdir(tmp_path)
     s = load(monkeypatch, PORTMETER_STATE_DIR="rel/state")
     assert s.state_dir == tmp_path / "rel" / "state"
@@ -103,18 +107,22 @@ def test_relative_state_dir_becomes_absolute(monkeypatch: pytest.MonkeyPatch,
 
 def test_settings_are_frozen(monkeypatch: pytest.MonkeyPatch) -> None:
     s = load(monkeypatch)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="Instance is frozen"):
         s.nft_table = "other"  # type: ignore[misc]
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("10001-20000", PortRange(10001, 20000)),
-    ("10001-10100", PortRange(10001, 10100)),
-    ("1-65535", PortRange(1, 65535)),
-    ("30000-30000", PortRange(30000, 30000)),
-])
-def test_port_range_from_env(monkeypatch: pytest.MonkeyPatch, text: str,
-                             expected: PortRange) -> None:
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("10001-20000", PortRange(10001, 20000)),
+        ("10001-10100", PortRange(10001, 10100)),
+        ("1-65535", PortRange(1, 65535)),
+        ("30000-30000", PortRange(30000, 30000)),
+    ],
+)
+def test_port_range_from_env(
+    monkeypatch: pytest.MonkeyPatch, text: str, expected: PortRange
+) -> None:
     s = load(monkeypatch, PORTMETER_PORT_RANGE=text)
     assert s.port_range == expected
 
@@ -128,12 +136,15 @@ def test_bad_port_range(monkeypatch: pytest.MonkeyPatch, text: str) -> None:
     assert "None" not in message
 
 
-@pytest.mark.parametrize(("value", "reason"), [
-    ("0", "greater than 0"),
-    ("-1", "greater than 0"),
-    ("x", "valid number"),
-    ("3601", "less than or equal to 3600"),
-])
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("0", "greater than 0"),
+        ("-1", "greater than 0"),
+        ("x", "valid number"),
+        ("3601", "less than or equal to 3600"),
+    ],
+)
 def test_bad_poll_interval(monkeypatch: pytest.MonkeyPatch, value: str, reason: str) -> None:
     with pytest.raises(SettingsError) as info:
         load(monkeypatch, PORTMETER_POLL_INTERVAL=value)
@@ -180,14 +191,17 @@ def write_toml(tmp_path: Path, text: str) -> Path:
 
 
 def test_config_file_applies(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    path = write_toml(tmp_path, f"""
-state_dir = "{tmp_path / 'st'}"
+    path = write_toml(
+        tmp_path,
+        f"""
+state_dir = "{tmp_path / "st"}"
 port_range = "20001-20050"
 nft_table = "from_file"
 poll_interval = 2.5
 xray_apply = "api"
 public_host = "file.example.net"
-""")
+""",
+    )
     s = load(monkeypatch, PORTMETER_CONFIG=str(path))
     assert s.state_dir == tmp_path / "st"
     assert s.port_range == PortRange(20001, 20050)
@@ -205,8 +219,9 @@ def test_env_overrides_config_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     assert s.poll_interval == 2.5
 
 
-def test_env_port_range_overrides_config_file(monkeypatch: pytest.MonkeyPatch,
-                                              tmp_path: Path) -> None:
+def test_env_port_range_overrides_config_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     path = write_toml(tmp_path, 'port_range = "20001-20050"\n')
     s = load(monkeypatch, PORTMETER_CONFIG=str(path), PORTMETER_PORT_RANGE="10001-20000")
     assert s.port_range == PortRange(10001, 20000)
@@ -239,10 +254,12 @@ def test_config_file_is_a_directory(monkeypatch: pytest.MonkeyPatch, tmp_path: P
         load(monkeypatch, PORTMETER_CONFIG=str(tmp_path))
 
 
-@pytest.mark.parametrize("text", ["port_range = \n", "nft_table = 'unterminated\n", "[[[\n",
-                                  "a = 1\na = 2\n"])
-def test_config_file_syntax_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                  text: str) -> None:
+@pytest.mark.parametrize(
+    "text", ["port_range = \n", "nft_table = 'unterminated\n", "[[[\n", "a = 1\na = 2\n"]
+)
+def test_config_file_syntax_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, text: str
+) -> None:
     path = write_toml(tmp_path, text)
     with pytest.raises(SettingsError) as info:
         load(monkeypatch, PORTMETER_CONFIG=str(path))

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from daemon.bounds import MAX_EPOCH, MAX_GENERATION, MAX_LIMIT_BYTES, MAX_U64, MAX_USAGE_BYTES
-from daemon.state import State, StateError, StateStore, snapshot_bytes
+from daemon.store.state import State, StateError, StateStore, snapshot_bytes
 from tests.test_state_store import count_traffic, many_keys, snapshotted
 
 # field path inside key k1 -> a value just past its bound, and the words of the refusal

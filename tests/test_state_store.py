@@ -1,4 +1,5 @@
-"""Tests for daemon.state: the state file, its journal, atomic writes, damaged files, backups."""
+"""Tests for daemon.store.state: the state file, its journal, atomic writes, damaged files,
+backups."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from hypothesis import strategies as st
 
 from daemon.accounting import Account, Reading, Usage
 from daemon.bounds import MAX_U64, MAX_USAGE_BYTES
-from daemon.state import (
+from daemon.store.state import (
     SCHEMA_VERSION,
     DirectionModel,
     KeyRecord,
@@ -69,15 +70,18 @@ def test_round_trip(tmp_path: Path) -> None:
     loaded = store.load()
     assert loaded == state
     assert loaded.schema_version == SCHEMA_VERSION == 1
-    assert loaded.keys["k1"].rx.account() == Account(
-        Usage(12, 3400), Reading(7, 3, 20, 5000))
+    assert loaded.keys["k1"].rx.account() == Account(Usage(12, 3400), Reading(7, 3, 20, 5000))
     assert loaded.keys["k1"].tx.account() == Account(Usage(5, 600), None)
     assert loaded.keys["k2"].rx.account() == Account()
     assert loaded.keys["k2"].enabled is False
     raw = json.loads((tmp_path / "state.json").read_text())
     assert raw["schema_version"] == 1
     assert raw["keys"]["k1"]["rx"]["reading"] == {
-        "table_handle": 7, "handle": 3, "packets": 20, "bytes": 5000}
+        "table_handle": 7,
+        "handle": 3,
+        "packets": 20,
+        "bytes": 5000,
+    }
 
 
 def test_save_replaces_previous(tmp_path: Path) -> None:
@@ -106,17 +110,29 @@ def test_missing_file_is_empty_state(tmp_path: Path) -> None:
 accounts = st.builds(
     Account,
     total=st.builds(Usage, st.integers(0, MAX_USAGE_BYTES), st.integers(0, MAX_USAGE_BYTES)),
-    reading=st.none() | st.builds(Reading, st.integers(0, 2**40), st.integers(0, 2**40),
-                                  st.integers(0, MAX_U64), st.integers(0, MAX_U64)),
+    reading=st.none()
+    | st.builds(
+        Reading,
+        st.integers(0, 2**40),
+        st.integers(0, 2**40),
+        st.integers(0, MAX_U64),
+        st.integers(0, MAX_U64),
+    ),
 )
 
 
 @given(accounts, accounts)
 @settings(max_examples=60, deadline=None)
 def test_accounts_round_trip_through_json(rx: Account, tx: Account) -> None:
-    key = KeyRecord(id="k", name="n", uuid=UUID(int=5), port=1,
-                    created_at=datetime(2024, 1, 1, tzinfo=UTC),
-                    rx=DirectionModel.of(rx), tx=DirectionModel.of(tx))
+    key = KeyRecord(
+        id="k",
+        name="n",
+        uuid=UUID(int=5),
+        port=1,
+        created_at=datetime(2024, 1, 1, tzinfo=UTC),
+        rx=DirectionModel.of(rx),
+        tx=DirectionModel.of(tx),
+    )
     state = State(keys={"k": key})
     again = State.model_validate(json.loads(state.model_dump_json(indent=1)))
     assert again == state
@@ -141,21 +157,29 @@ DAMAGED = {
     "keys_is_list": b'{"schema_version": 1, "keys": []}',
     "table_handle_string": b'{"schema_version": 1, "table_handle": "x"}',
     "unknown_field": b'{"schema_version": 1, "extra": 1}',
-    "bad_port": (b'{"schema_version": 1, "keys": {"k": {"id": "k", "name": "n", '
-                 b'"uuid": "00000000-0000-4000-8000-000000000001", "port": 70000, '
-                 b'"created_at": "2024-01-01T00:00:00Z"}}}'),
-    "negative_bytes": (b'{"schema_version": 1, "keys": {"k": {"id": "k", "name": "n", '
-                       b'"uuid": "00000000-0000-4000-8000-000000000001", "port": 10001, '
-                       b'"created_at": "2024-01-01T00:00:00Z", "rx": {"bytes": -1}}}}'),
-    "bad_uuid": (b'{"schema_version": 1, "keys": {"k": {"id": "k", "name": "n", '
-                 b'"uuid": "not-a-uuid", "port": 10001, "created_at": "2024-01-01T00:00:00Z"}}}'),
+    "bad_port": (
+        b'{"schema_version": 1, "keys": {"k": {"id": "k", "name": "n", '
+        b'"uuid": "00000000-0000-4000-8000-000000000001", "port": 70000, '
+        b'"created_at": "2024-01-01T00:00:00Z"}}}'
+    ),
+    "negative_bytes": (
+        b'{"schema_version": 1, "keys": {"k": {"id": "k", "name": "n", '
+        b'"uuid": "00000000-0000-4000-8000-000000000001", "port": 10001, '
+        b'"created_at": "2024-01-01T00:00:00Z", "rx": {"bytes": -1}}}}'
+    ),
+    "bad_uuid": (
+        b'{"schema_version": 1, "keys": {"k": {"id": "k", "name": "n", '
+        b'"uuid": "not-a-uuid", "port": 10001, "created_at": "2024-01-01T00:00:00Z"}}}'
+    ),
     "deeply_nested": b"[" * 200_000,
     "huge_number": b"9" * 5000,
     "version_true": b'{"schema_version": true, "keys": {}}',
     "version_float": b'{"schema_version": 1.0, "keys": {}}',
-    "id_mismatch": (b'{"schema_version": 1, "keys": {"a": {"id": "b", "name": "n", '
-                    b'"uuid": "00000000-0000-4000-8000-000000000001", "port": 10001, '
-                    b'"created_at": "2024-01-01T00:00:00Z"}}}'),
+    "id_mismatch": (
+        b'{"schema_version": 1, "keys": {"a": {"id": "b", "name": "n", '
+        b'"uuid": "00000000-0000-4000-8000-000000000001", "port": 10001, '
+        b'"created_at": "2024-01-01T00:00:00Z"}}}'
+    ),
 }
 
 
@@ -176,7 +200,10 @@ def test_damaged_file_raises_and_is_left_untouched(tmp_path: Path, name: str) ->
     assert path.read_bytes() == data
     after = path.stat()
     assert (after.st_ino, after.st_mode, after.st_mtime_ns) == (
-        before.st_ino, before.st_mode, before.st_mtime_ns)
+        before.st_ino,
+        before.st_mode,
+        before.st_mtime_ns,
+    )
     assert listing(tmp_path) == ["state.json"]
 
 
@@ -353,8 +380,13 @@ def test_backup_leaves_foreign_files_alone(tmp_path: Path) -> None:
 def many_keys(count: int = 8) -> State:
     """A state where one or two changed keys are few enough to be journalled, not snapshotted."""
     keys = {
-        f"k{i}": KeyRecord(id=f"k{i}", name=f"user{i}", uuid=UUID(int=i + 1), port=10001 + i,
-                           created_at=datetime(2024, 5, 1, tzinfo=UTC))
+        f"k{i}": KeyRecord(
+            id=f"k{i}",
+            name=f"user{i}",
+            uuid=UUID(int=i + 1),
+            port=10001 + i,
+            created_at=datetime(2024, 5, 1, tzinfo=UTC),
+        )
         for i in range(count)
     }
     return State(generation=1, instance="0a1b2c3d", table_handle=7, keys=keys)
@@ -474,20 +506,28 @@ JOURNAL_DAMAGE = {
     "not json": (b"{this is not json\n", "line 2 is not valid JSON ("),
     "nul bytes with a newline": (b"\0\0\0\n", "line 2 is not valid JSON ("),
     "unknown field": (
-        (b'{"generation": 5, "instance": "", "table_handle": null, "reality_private_key": null, '
-        b'"keys": {}, "extra": 1}\n'),
+        (
+            b'{"generation": 5, "instance": "", "table_handle": null, "reality_private_key": null, '
+            b'"keys": {}, "extra": 1}\n'
+        ),
         "line 2 does not match the schema (extra: ",
     ),
     "bad port": (
-        (b'{"generation": 5, "instance": "", "table_handle": null, "reality_private_key": null, '
-        b'"keys": {"k": {"id": "k", "name": "n", "uuid": "00000000-0000-4000-8000-000000000001", '
-        b'"port": 70000, "created_at": "2024-01-01T00:00:00Z"}}}\n'),
+        (
+            b'{"generation": 5, "instance": "", "table_handle": null, "reality_private_key": null, '
+            b'"keys": {"k": {"id": "k", "name": "n", '
+            b'"uuid": "00000000-0000-4000-8000-000000000001", '
+            b'"port": 70000, "created_at": "2024-01-01T00:00:00Z"}}}\n'
+        ),
         "line 2 does not match the schema (keys.k.port: ",
     ),
     "id mismatch": (
-        (b'{"generation": 5, "instance": "", "table_handle": null, "reality_private_key": null, '
-        b'"keys": {"a": {"id": "b", "name": "n", "uuid": "00000000-0000-4000-8000-000000000001", '
-        b'"port": 10001, "created_at": "2024-01-01T00:00:00Z"}}}\n'),
+        (
+            b'{"generation": 5, "instance": "", "table_handle": null, "reality_private_key": null, '
+            b'"keys": {"a": {"id": "b", "name": "n", '
+            b'"uuid": "00000000-0000-4000-8000-000000000001", '
+            b'"port": 10001, "created_at": "2024-01-01T00:00:00Z"}}}\n'
+        ),
         "line 2 does not match the schema (Value error, key stored under 'a' has id 'b'",
     ),
     "a list": (b"[1, 2]\n", "line 2 does not match the schema (Input should be an object)"),
@@ -499,7 +539,9 @@ JOURNAL_DAMAGE = {
 
 
 @pytest.mark.parametrize("name", sorted(JOURNAL_DAMAGE))
-def test_damaged_journal_line_raises_and_files_are_left_untouched(tmp_path: Path, name: str) -> None:
+def test_damaged_journal_line_raises_and_files_are_left_untouched(
+    tmp_path: Path, name: str
+) -> None:
     path, store, state = snapshotted(tmp_path)
     state.generation += 1
     store.save(state, {"k1"})
@@ -520,7 +562,8 @@ def test_damaged_journal_line_raises_and_files_are_left_untouched(tmp_path: Path
     assert (path.read_bytes(), store.journal.read_bytes()) == (snapshot, damaged)
     after = (path.stat(), store.journal.stat())
     assert [(s.st_ino, s.st_mtime_ns, s.st_size) for s in after] == [
-        (s.st_ino, s.st_mtime_ns, s.st_size) for s in before]
+        (s.st_ino, s.st_mtime_ns, s.st_size) for s in before
+    ]
     assert listing(tmp_path) == ["state.journal", "state.json"]
 
 
@@ -538,7 +581,9 @@ def test_journal_without_snapshot_is_refused(tmp_path: Path) -> None:
     state.generation += 1
     store.save(state, {"k1"})
     path.unlink()  # as if an operator moved only the snapshot away
-    with pytest.raises(StateError, match=r"^state journal .* holds changes to .*state\.json, which is gone"):
+    with pytest.raises(
+        StateError, match=r"^state journal .* holds changes to .*state\.json, which is gone"
+    ):
         StateStore(path).load()
 
 
@@ -632,7 +677,7 @@ def test_journal_mode_is_private(tmp_path: Path) -> None:
 FAILED_APPEND = """
 import json, resource, signal, sys
 from pathlib import Path
-from daemon.state import StateStore, StorageError
+from daemon.store.state import StateStore, StorageError
 
 path = Path(sys.argv[1])
 store = StateStore(path)
@@ -663,8 +708,13 @@ def test_failed_append_leaves_the_journal_byte_identical(tmp_path: Path) -> None
     count_traffic(state, "k1", 5)
     store.save(state, {"k1"})
     before = store.journal.read_bytes()
-    child = subprocess.run([sys.executable, "-c", FAILED_APPEND, str(path)], capture_output=True,
-                           text=True, check=True, cwd=Path(__file__).parent.parent)
+    child = subprocess.run(
+        [sys.executable, "-c", FAILED_APPEND, str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).parent.parent,
+    )
     result = json.loads(child.stdout)
     assert result["error"] == f"cannot write {store.journal}: File too large"
     assert result["identical"] is True
@@ -676,6 +726,7 @@ def test_failed_append_leaves_the_journal_byte_identical(tmp_path: Path) -> None
     assert loaded.generation == 3 and loaded.keys["k1"].note == "fits now"
 
 
+@pytest.mark.root  # mounts a small tmpfs
 def test_failed_append_on_a_full_file_system(tmp_path: Path) -> None:
     """ENOSPC as on a real full disk: a tiny tmpfs filled to its last block."""
     mount = tmp_path / "small"
@@ -761,19 +812,27 @@ def test_restore_after_a_crash_between_its_two_moves(tmp_path: Path) -> None:
 # journalled save of what changed or a full snapshot.
 operations = st.lists(
     st.tuples(
-        st.lists(st.tuples(st.sampled_from(["traffic", "note", "add", "delete"]),
-                           st.integers(0, 11), st.integers(0, 10**12)), max_size=4),
+        st.lists(
+            st.tuples(
+                st.sampled_from(["traffic", "note", "add", "delete"]),
+                st.integers(0, 11),
+                st.integers(0, 10**12),
+            ),
+            max_size=4,
+        ),
         st.booleans(),  # a full snapshot instead of a journal record
         st.none() | st.integers(0, 50),  # a new table handle
     ),
-    min_size=1, max_size=25,
+    min_size=1,
+    max_size=25,
 )
 
 
 @given(operations, st.sampled_from([0, 600, 3000, 1 << 20]))
 @settings(max_examples=100, deadline=None)
 def test_any_sequence_of_saves_loads_as_the_last_saved_state(
-    ops: list[tuple[list[tuple[str, int, int]], bool, int | None]], journal_min: int,
+    ops: list[tuple[list[tuple[str, int, int]], bool, int | None]],
+    journal_min: int,
 ) -> None:
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory) / "state.json"
@@ -788,8 +847,12 @@ def test_any_sequence_of_saves_loads_as_the_last_saved_state(
                     state.keys.pop(key_id, None)
                 elif kind == "add" or key_id not in state.keys:
                     state.keys[key_id] = KeyRecord(
-                        id=key_id, name=f"n{amount}", uuid=UUID(int=amount + 1), port=10001 + index,
-                        created_at=datetime(2024, 1, 1, tzinfo=UTC))
+                        id=key_id,
+                        name=f"n{amount}",
+                        uuid=UUID(int=amount + 1),
+                        port=10001 + index,
+                        created_at=datetime(2024, 1, 1, tzinfo=UTC),
+                    )
                 elif kind == "traffic":
                     count_traffic(state, key_id, amount)
                 else:

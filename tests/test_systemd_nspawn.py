@@ -284,7 +284,8 @@ class Container:
         )
         if check and result.returncode != 0:
             raise AssertionError(
-                f"in the container, `{script}` exited {result.returncode}:\n{result.stdout}{result.stderr}"
+                f"in the container, `{script}` exited {result.returncode}:\n"
+                f"{result.stdout}{result.stderr}"
             )
         return result
 
@@ -456,7 +457,8 @@ def _prepare(root: Path) -> None:
     )
     _write(
         root / "etc/systemd/system/portmeter.service.d/10-test.conf",
-        f"# The test's only change to the shipped unit: a short watchdog.\n[Service]\nWatchdogSec={WATCHDOG_SEC}\n",
+        "# The test's only change to the shipped unit: a short watchdog.\n"
+        f"[Service]\nWatchdogSec={WATCHDOG_SEC}\n",
     )
     # A stand-in for Xray, so the sandbox check can prove `systemctl restart xray` works.
     _write(
@@ -553,7 +555,10 @@ def _unusable_host() -> str | None:
         tool for tool in ("systemd-nspawn", "debootstrap", "nsenter") if shutil.which(tool) is None
     ]
     if missing:
-        return f"{', '.join(missing)} not installed (Debian packages systemd-container, debootstrap, util-linux)"
+        return (
+            f"{', '.join(missing)} not installed "
+            "(Debian packages systemd-container, debootstrap, util-linux)"
+        )
     if not Path("/proc/self/ns/pid").exists() or not Path("/sys/fs/cgroup").is_dir():
         return "no PID namespaces or no cgroup file system"
     return None
@@ -576,7 +581,10 @@ def _probe_nspawn() -> str | None:
         timeout=120,
     )
     if result.returncode != 0:
-        return f"systemd-nspawn cannot start a container here ({result.returncode}): {result.stderr.strip()[-500:]}"
+        return (
+            f"systemd-nspawn cannot start a container here ({result.returncode}): "
+            f"{result.stderr.strip()[-500:]}"
+        )
     return None
 
 
@@ -593,7 +601,7 @@ class Run:
     def state_rx(self) -> int:
         """The key's saved rx total, read as the daemon reads its state (snapshot and journal)."""
         load = (
-            "from pathlib import Path; from daemon.state import StateStore; "
+            "from pathlib import Path; from daemon.store.state import StateStore; "
             "state = StateStore(Path('/var/lib/portmeter/state.json')).load(); "
             f"print(state.keys[{self.key_id!r}].rx.bytes)"
         )
@@ -715,7 +723,8 @@ def test_start_returns_once_the_daemon_said_ready(run: Run) -> None:
     assert box.run("nft list table inet portmeter", check=False).returncode == 0
     run.figures["start_to_active_s"] = round((active_at - exec_start).total_seconds(), 2)
     log(
-        f"states seen: {seen}; ExecMainStart → daemon_ready {(ready_at - exec_start).total_seconds():.3f}s"
+        f"states seen: {seen}; "
+        f"ExecMainStart → daemon_ready {(ready_at - exec_start).total_seconds():.3f}s"
         f" → active {(active_at - ready_at).total_seconds() * 1000:.1f}ms later"
     )
 
@@ -741,11 +750,11 @@ def test_journal_carries_structured_fields(run: Run) -> None:
     lost = _only(entries, "table_missing")
     assert lost["logfmt"]["level"] == "error"
     assert f"{run.port}" in box.out("nft list map inet portmeter rx")
-    # The same fields as journal fields of their own (daemon/journal.py's native protocol).
+    # The same fields as journal fields of their own (daemon/logs/journald.py's native protocol).
     missing = [name for name in ("EVENT", "LEVEL", "KEY_ID", "PORT") if name not in key]
     assert not missing, (
         f"journal entry has no field(s) {missing}: events reach the journal as plain stdout lines, "
-        f"not through daemon/journal.py. Entry: {json.dumps(key, indent=1)[:1500]}"
+        f"not through daemon/logs/journald.py. Entry: {json.dumps(key, indent=1)[:1500]}"
     )
     assert (key["EVENT"], key["KEY_ID"], key["PORT"], key["NAME"]) == (
         "key_created",
@@ -794,7 +803,8 @@ def test_watchdog_kills_and_restarts_a_hung_daemon(run: Run) -> None:
     assert WATCHDOG_SEC / 2 + RESTART_SEC <= elapsed <= WATCHDOG_SEC + RESTART_SEC + 10, said
     run.figures["watchdog_restart_s"] = round(elapsed, 1)
     log(
-        f"SIGSTOP → new MainPID active in {elapsed:.1f}s (WatchdogSec={WATCHDOG_SEC}, RestartSec={RESTART_SEC:g})"
+        f"SIGSTOP → new MainPID active in {elapsed:.1f}s "
+        f"(WatchdogSec={WATCHDOG_SEC}, RestartSec={RESTART_SEC:g})"
     )
     assert json.loads(
         box.out(f"portmeter traffic {run.key_id} --json")
@@ -864,7 +874,8 @@ def test_power_cut_loses_at_most_one_poll_interval(run: Run) -> None:
     assert missing["logfmt"]["level"] == "error"
     run.figures["power_cut_lost_bytes"] = lost
     log(
-        f"power cut: {lost} of the {recent} bytes sent in the last poll interval lost; table_missing logged"
+        f"power cut: {lost} of the {recent} bytes sent in the last poll interval lost; "
+        "table_missing logged"
     )
     run.expected_rx = traffic["rx_bytes"]
 

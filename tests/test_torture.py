@@ -36,7 +36,9 @@ class Model:
     bytes_compared: int = 0
 
 
-def call(daemon: Daemon, method: str, path: str, body: dict[str, Any] | None, out: list[Any]) -> None:
+def call(
+    daemon: Daemon, method: str, path: str, body: dict[str, Any] | None, out: list[Any]
+) -> None:
     """One API call in its own connection; records the response if one arrived before the kill."""
     try:
         with httpx.Client(transport=httpx.HTTPTransport(uds=str(daemon.socket)), timeout=10) as c:
@@ -45,7 +47,9 @@ def call(daemon: Daemon, method: str, path: str, body: dict[str, Any] | None, ou
         pass
 
 
-def pick_operation(rng: random.Random, model: Model, counter: int) -> tuple[str, str, str, dict[str, Any] | None]:
+def pick_operation(
+    rng: random.Random, model: Model, counter: int
+) -> tuple[str, str, str, dict[str, Any] | None]:
     names = sorted(model.keys)
     choice = rng.choice(["create", "create", "delete", "reset", "limit"] if names else ["create"])
     if choice == "create":
@@ -59,9 +63,16 @@ def pick_operation(rng: random.Random, model: Model, counter: int) -> tuple[str,
     return choice, "PATCH", f"/api/keys/{key_id}", {"data_limit_bytes": rng.randint(10**7, 10**8)}
 
 
-def settle_interrupted(daemon: Daemon, model: Model, op: str, body: dict[str, Any] | None,
-                       path: str, answer: Any, before: dict[str, Any]) -> None:
-    """Fold the outcome of one operation into the model: acknowledged, or whatever the daemon kept."""
+def settle_interrupted(
+    daemon: Daemon,
+    model: Model,
+    op: str,
+    body: dict[str, Any] | None,
+    path: str,
+    answer: Any,
+    before: dict[str, Any],
+) -> None:
+    """Fold one operation's outcome into the model: acknowledged, or whatever the daemon kept."""
     listed = {k["name"]: k for k in daemon.api("GET", "/api/keys")["keys"]}
     acknowledged = answer is not None and answer.status_code < 300
     if op == "create":
@@ -79,7 +90,9 @@ def settle_interrupted(daemon: Daemon, model: Model, op: str, body: dict[str, An
             del model.keys[name]
             del model.sent[name]
     elif op == "reset":
-        name = next(n for n, k in model.keys.items() if path.endswith(f"{k['id']}/traffic/port/reset"))
+        name = next(
+            n for n, k in model.keys.items() if path.endswith(f"{k['id']}/traffic/port/reset")
+        )
         was_reset = listed[name]["last_reset_at"] != before[name]["last_reset_at"]
         if acknowledged:
             assert was_reset, f"acknowledged reset of {name} lost"
@@ -122,7 +135,9 @@ def verify(daemon: Daemon, model: Model) -> None:
         model.bytes_compared += counted["rx_bytes"]
 
 
-def test_kill9_at_random_moments_never_loses_or_half_does_anything(net: Lab, make_daemon: Any) -> None:
+def test_kill9_at_random_moments_never_loses_or_half_does_anything(
+    net: Lab, make_daemon: Any
+) -> None:
     rng = random.Random(20261123)
     daemon: Daemon = make_daemon(size=200, PORTMETER_POLL_INTERVAL="0.3")
     sender = net.udp(net.client)
@@ -143,7 +158,8 @@ def test_kill9_at_random_moments_never_loses_or_half_does_anything(net: Lab, mak
                 time.sleep(rng.uniform(0, 0.06))  # ... or somewhere in the middle of it
             daemon.kill9()
             worker.join(10)
-            while_down = send_traffic(sender, rng, model)  # the kernel counts while the daemon is down
+            # the kernel counts while the daemon is down
+            while_down = send_traffic(sender, rng, model)
             daemon.start()
             settle_interrupted(daemon, model, op, body, path, answer[0] if answer else None, before)
             add_sent(model, while_down)  # after any reset: these bytes came after it
@@ -151,7 +167,9 @@ def test_kill9_at_random_moments_never_loses_or_half_does_anything(net: Lab, mak
     finally:
         sender.close()
     elapsed = time.monotonic() - started
-    print(f"\ntorture: {ROUNDS} rounds survived in {elapsed:.0f} s, {model.ops_checked} operations "
-          f"checked, {model.bytes_compared} bytes compared, {len(model.keys)} keys at the end")
+    print(
+        f"\ntorture: {ROUNDS} rounds survived in {elapsed:.0f} s, {model.ops_checked} operations "
+        f"checked, {model.bytes_compared} bytes compared, {len(model.keys)} keys at the end"
+    )
     assert model.ops_checked == ROUNDS
     assert model.keys and model.bytes_compared > 0  # the run exercised keys and traffic

@@ -26,8 +26,8 @@ PB = KB**5
         (1023, "1023 B"),
         (1024, "1.0 KB"),
         (1536, "1.5 KB"),
-        (524288, "512.0 KB"),  # the seed's rx_formatted
-        (1048576, "1.0 MB"),  # the seed's total_formatted
+        (524288, "512.0 KB"),  # half a MiB stays in KB
+        (1048576, "1.0 MB"),  # the format scripts parse (README, "Limits")
         (10485760, "10.0 MB"),
         (MB + MB // 2, "1.5 MB"),
         (GB, "1.0 GB"),

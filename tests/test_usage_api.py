@@ -1,5 +1,11 @@
-"""Usage per user (seed 004) against the real daemon: real traffic, exact numbers, history that
-agrees with the state file across resets and kill -9, and fleet reports by webhook."""
+"""Usage per user (seed 004): exact numbers, history that agrees with the state file across
+resets and kill -9, and fleet reports by webhook.
+
+The in-process layer (tests/inprocess.py: the real service, history and app over the in-memory
+kernel) checks the API's numbers, resets, retention and the reports' validation; the kernel layer
+keeps what needs real datagrams and a real process: kill -9 and restart, and a node reporting to a
+collector over TCP.
+"""
 
 from __future__ import annotations
 
@@ -15,22 +21,23 @@ from urllib.parse import quote
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from daemon.bounds import MAX_REPORT_BYTES, MAX_USAGE_BYTES
-from daemon.history import History, Totals
-from daemon.usage import UsageDelta
+from daemon.store.history import History, Totals
+from daemon.store.usage import UsageDelta
 from tests.conftest import Daemon
+from tests.inprocess import InProcessDaemon, inprocess_daemon
 from tests.netlab import SERVER_V4, Lab
 from tests.test_counting import udp_exchange
 from tests.test_history import FULL, fill
 
-pytestmark = pytest.mark.kernel
-
 V4 = 28  # IPv4 + UDP header bytes per datagram
+AnyDaemon = Daemon | InProcessDaemon
 
 
 @contextmanager
-def history_of(daemon: Daemon) -> Iterator[History]:
+def history_of(daemon: AnyDaemon) -> Iterator[History]:
     """The daemon's history database, opened beside it (WAL: readers do not block it)."""
     history = History(daemon.state_dir / "history.sqlite3")
     try:
@@ -39,24 +46,25 @@ def history_of(daemon: Daemon) -> Iterator[History]:
         history.close()
 
 
-def saved_key(daemon: Daemon, key_id: str) -> dict[str, Any]:
-    return daemon.saved_state()["keys"][key_id]
+def saved_key(daemon: AnyDaemon, key_id: str) -> dict[str, Any]:
+    return dict(daemon.saved_state()["keys"][key_id])
 
 
-def usage(daemon: Daemon, name: str) -> dict[str, Any]:
-    return daemon.api("GET", f"/api/admin/usage/{name}")
+def usage(daemon: AnyDaemon, name: str) -> dict[str, Any]:
+    return dict(daemon.api("GET", f"/api/admin/usage/{name}"))
 
 
-def detailed(daemon: Daemon, name: str) -> dict[str, Any]:
+def detailed(daemon: AnyDaemon, name: str) -> dict[str, Any]:
     """The detailed view; answering it also saves, so the history holds every counted byte."""
-    return daemon.api("GET", f"/api/admin/usage/{name}/detailed")
+    return dict(daemon.api("GET", f"/api/admin/usage/{name}/detailed"))
 
 
-def assert_history_matches_state(daemon: Daemon, key_id: str, rx: int, tx: int, rxp: int, txp: int) -> None:
+def assert_history_matches_state(
+    daemon: AnyDaemon, key_id: str, rx: int, tx: int, rxp: int, txp: int
+) -> None:
     saved = saved_key(daemon, key_id)
-    assert (saved["rx"]["bytes"], saved["tx"]["bytes"], saved["rx"]["packets"], saved["tx"]["packets"]) == (
-        rx, tx, rxp, txp,
-    )
+    counted = (saved["rx"]["bytes"], saved["tx"]["bytes"])
+    assert (*counted, saved["rx"]["packets"], saved["tx"]["packets"]) == (rx, tx, rxp, txp)
     with history_of(daemon) as history:
         assert history.total(key_id, saved["epoch"]) == Totals(rx, tx, rxp, txp)
 
@@ -65,68 +73,73 @@ def series_sum(points: list[dict[str, Any]], field: str) -> int:
     return sum(p[field] for p in points)
 
 
-def test_usage_of_a_user_equals_the_kernel_counts_and_history_agrees(net: Lab, daemon: Daemon) -> None:
-    alice = daemon.create("alice")
-    bob = daemon.create("bob")
-    udp_exchange(net, socket.AF_INET, alice["port"], 20, 500, echo=True)
-    udp_exchange(net, socket.AF_INET, bob["port"], 7, 300, echo=False)
+def test_usage_of_a_user_equals_the_kernel_counts_and_history_agrees(
+    inproc: InProcessDaemon,
+) -> None:
+    alice = inproc.create("alice")
+    bob = inproc.create("bob")
+    inproc.datagrams(alice["port"], 20, 500 + V4, echo=True)
+    inproc.datagrams(bob["port"], 7, 300 + V4)
 
-    a = usage(daemon, "alice")
+    a = usage(inproc, "alice")
     assert (a["bytes_uploaded"], a["bytes_downloaded"]) == (20 * (500 + V4), 20 * (500 + V4))
     assert a["total_bytes"] == 40 * (500 + V4)
     assert a["username"] == "alice" and a["servers"] == 1 and a["reported"] == []
     assert a["local"]["keys"][0]["key_id"] == alice["id"]
-    assert a["local"]["keys"][0]["bytes_uploaded"] == daemon.traffic(alice["id"])["rx_bytes"]
-    b = usage(daemon, "bob")
+    assert a["local"]["keys"][0]["bytes_uploaded"] == inproc.traffic(alice["id"])["rx_bytes"]
+    b = usage(inproc, "bob")
     assert (b["bytes_uploaded"], b["bytes_downloaded"]) == (7 * (300 + V4), 0)
 
-    d = detailed(daemon, "alice")
+    d = detailed(inproc, "alice")
     assert d["total_bytes"] == a["total_bytes"]
     [local] = d["servers"]
-    assert local["source"] == "local" and local["port"] == alice["port"] and local["status"] == "active"
+    assert local["source"] == "local" and local["port"] == alice["port"]
+    assert local["status"] == "active"
     assert local["connections"] == 0 and local["last_used"] is not None
     assert len(local["hourly"]) == 24 and len(local["daily"]) == 30
     for series in (local["hourly"], local["daily"], d["hourly"], d["daily"]):
         assert series_sum(series, "bytes_uploaded") == 20 * (500 + V4)
         assert series_sum(series, "bytes_downloaded") == 20 * (500 + V4)
-    assert_history_matches_state(daemon, alice["id"], 20 * 528, 20 * 528, 20, 20)
-    detailed(daemon, "bob")
-    assert_history_matches_state(daemon, bob["id"], 7 * 328, 0, 7, 0)
+    assert_history_matches_state(inproc, alice["id"], 20 * 528, 20 * 528, 20, 20)
+    detailed(inproc, "bob")
+    assert_history_matches_state(inproc, bob["id"], 7 * 328, 0, 7, 0)
 
-    history_file = daemon.state_dir / "history.sqlite3"
+    history_file = inproc.state_dir / "history.sqlite3"
     assert stat.S_IMODE(history_file.stat().st_mode) == 0o600
-    missing = daemon.api("GET", "/api/admin/usage/nobody", expect=404)
+    missing = inproc.api("GET", "/api/admin/usage/nobody", expect=404)
     assert "nobody" in missing["detail"]
-    daemon.api("GET", "/api/admin/usage/nobody/detailed", expect=404)
-    daemon.api("GET", f"/api/admin/usage/{'x' * 129}", expect=422)
+    inproc.api("GET", "/api/admin/usage/nobody/detailed", expect=404)
+    inproc.api("GET", f"/api/admin/usage/{'x' * 129}", expect=422)
 
 
-def test_reset_zeroes_the_counters_and_keeps_history_under_the_old_epoch(net: Lab, daemon: Daemon) -> None:
-    alice = daemon.create("alice")
-    udp_exchange(net, socket.AF_INET, alice["port"], 10, 400, echo=True)
+def test_reset_zeroes_the_counters_and_keeps_history_under_the_old_epoch(
+    inproc: InProcessDaemon,
+) -> None:
+    alice = inproc.create("alice")
+    inproc.datagrams(alice["port"], 10, 400 + V4, echo=True)
     before = 10 * (400 + V4)
 
-    done = daemon.api("POST", "/api/admin/usage/reset/alice")
+    done = inproc.api("POST", "/api/admin/usage/reset/alice")
     assert done["local"] == [
         {"key_id": alice["id"], "port": alice["port"], "used_before_reset": 2 * before, "epoch": 1}
     ]
     assert done["history_kept"] is True
-    zero = usage(daemon, "alice")
+    zero = usage(inproc, "alice")
     assert (zero["bytes_uploaded"], zero["bytes_downloaded"]) == (0, 0)
-    assert daemon.traffic(alice["id"])["rx_bytes"] == 0
+    assert inproc.traffic(alice["id"])["rx_bytes"] == 0
 
-    udp_exchange(net, socket.AF_INET, alice["port"], 3, 100, echo=False)
-    after = usage(daemon, "alice")
+    inproc.datagrams(alice["port"], 3, 100 + V4)
+    after = usage(inproc, "alice")
     assert (after["bytes_uploaded"], after["bytes_downloaded"]) == (3 * 128, 0)
-    d = detailed(daemon, "alice")
+    d = detailed(inproc, "alice")
     assert d["servers"][0]["epoch"] == 1
     # The chart shows all traffic over time: before and after the reset.
     assert series_sum(d["hourly"], "bytes_uploaded") == before + 3 * 128
     assert series_sum(d["hourly"], "bytes_downloaded") == before
-    assert_history_matches_state(daemon, alice["id"], 3 * 128, 0, 3, 0)
-    with history_of(daemon) as history:
+    assert_history_matches_state(inproc, alice["id"], 3 * 128, 0, 3, 0)
+    with history_of(inproc) as history:
         assert history.total(alice["id"], 0) == Totals(before, before, 10, 10)
-    daemon.api("POST", "/api/admin/usage/reset/nobody", expect=404)
+    inproc.api("POST", "/api/admin/usage/reset/nobody", expect=404)
 
 
 def test_kill9_and_restart_neither_lose_nor_double_count(net: Lab, daemon: Daemon) -> None:
@@ -140,11 +153,11 @@ def test_kill9_and_restart_neither_lose_nor_double_count(net: Lab, daemon: Daemo
     # And as if the daemon had died between staging a save and writing the state file.
     saved = daemon.saved_state()
     key = saved["keys"][alice["id"]]
+    staged = UsageDelta(
+        alice["id"], "alice", key["uuid"], key["port"], key["epoch"], 999_999, 999_999, 9, 9
+    )
     with history_of(daemon) as history:
-        history.stage(
-            saved["generation"] + 1, datetime.now(UTC),
-            [UsageDelta(alice["id"], "alice", key["uuid"], key["port"], key["epoch"], 999_999, 999_999, 9, 9)],
-        )
+        history.stage(saved["generation"] + 1, datetime.now(UTC), [staged])
 
     daemon.start()
     rx = 5 * 1028 + 4 * 228 + 2 * 78
@@ -162,49 +175,58 @@ def test_kill9_and_restart_neither_lose_nor_double_count(net: Lab, daemon: Daemo
     assert_history_matches_state(daemon, alice["id"], rx, tx, 11, 9)
 
 
-def report(rid: str, user: str, server: str, up: int, down: int, **extra: Any) -> dict[str, Any]:
+def report(rid: str, user: str, server: str, up: Any, down: Any, **extra: Any) -> dict[str, Any]:
     return {
         "report_id": rid, "user_token": user, "server": server, "port": 443, "protocol": "vless",
         "bytes_uploaded": up, "bytes_downloaded": down, "timestamp": int(time.time()), **extra,
     }
 
 
-def test_fleet_reports_count_once_and_add_up_across_servers(net: Lab, daemon: Daemon) -> None:
-    first = daemon.api("POST", "/api/traffic/webhook", json=report("r1", "anna", "s1", 1000, 5000))
-    assert (first["received"], first["accepted"], first["duplicates"]) == (1, 1, 0)
-    batch = daemon.api("POST", "/api/traffic/webhook", json={"reports": [
-        report("r2", "anna", "s2", 300, 700), report("r1", "anna", "s1", 1000, 5000),
-    ]})
-    assert (batch["accepted"], batch["duplicates"], batch["duplicate_ids"]) == (1, 1, ["r1"])
-    again = daemon.api("POST", "/api/traffic/webhook", json=report("r1", "anna", "s1", 1000, 5000))
-    assert again["accepted"] == 0
-    daemon.api("POST", "/api/traffic/webhook", json=report("r3", "anna", "s1", 10, 20))
+def post_reports(daemon: AnyDaemon, *reports: dict[str, Any], expect: int = 200) -> Any:
+    """POST /api/traffic/webhook with these reports as one batch."""
+    return daemon.api("POST", "/api/traffic/webhook", expect=expect, json={"reports": [*reports]})
 
-    u = usage(daemon, "anna")
+
+def test_fleet_reports_count_once_and_add_up_across_servers(inproc: InProcessDaemon) -> None:
+    webhook = "/api/traffic/webhook"
+    first = inproc.api("POST", webhook, json=report("r1", "anna", "s1", 1000, 5000))
+    assert (first["received"], first["accepted"], first["duplicates"]) == (1, 1, 0)
+    batch = post_reports(
+        inproc, report("r2", "anna", "s2", 300, 700), report("r1", "anna", "s1", 1000, 5000)
+    )
+    assert (batch["accepted"], batch["duplicates"], batch["duplicate_ids"]) == (1, 1, ["r1"])
+    again = inproc.api("POST", webhook, json=report("r1", "anna", "s1", 1000, 5000))
+    assert again["accepted"] == 0
+    inproc.api("POST", webhook, json=report("r3", "anna", "s1", 10, 20))
+
+    u = usage(inproc, "anna")
     assert (u["bytes_uploaded"], u["bytes_downloaded"], u["servers"]) == (1310, 5720, 2)
     assert u["local"] is None
-    assert {r["server"]: (r["bytes_uploaded"], r["bytes_downloaded"], r["reports"]) for r in u["reported"]} == {
-        "s1": (1010, 5020, 2), "s2": (300, 700, 1),
-    }
+    assert {
+        r["server"]: (r["bytes_uploaded"], r["bytes_downloaded"], r["reports"])
+        for r in u["reported"]
+    } == {"s1": (1010, 5020, 2), "s2": (300, 700, 1)}
 
     # The same user with a key on this server: local and reported add up.
-    anna = daemon.create("anna")
-    udp_exchange(net, socket.AF_INET, anna["port"], 6, 100, echo=True)
+    anna = inproc.create("anna")
+    inproc.datagrams(anna["port"], 6, 100 + V4, echo=True)
     local = 6 * 128
-    u = usage(daemon, "anna")
+    u = usage(inproc, "anna")
     assert (u["bytes_uploaded"], u["bytes_downloaded"]) == (1310 + local, 5720 + local)
     assert u["servers"] == 3 and u["local"]["bytes_uploaded"] == local
-    d = detailed(daemon, "anna")
+    d = detailed(inproc, "anna")
     assert [s["source"] for s in d["servers"]] == ["local", "report", "report"]
     assert series_sum(d["hourly"], "bytes_uploaded") == 1310 + local
     assert series_sum(d["daily"], "bytes_downloaded") == 5720 + local
     s2 = d["servers"][2]
-    assert (s2["server"], series_sum(s2["hourly"], "bytes_uploaded"), s2["connections"]) == ("s2", 300, None)
+    s2_uploaded = series_sum(s2["hourly"], "bytes_uploaded")
+    assert (s2["server"], s2_uploaded, s2["connections"]) == ("s2", 300, None)
 
-    overview = daemon.api("GET", "/api/admin/usage")
+    overview = inproc.api("GET", "/api/admin/usage")
     assert overview["total_users"] == 1 and overview["total_servers"] == 3
     assert overview["traffic_used"] == 1310 + 5720 + 2 * local
-    assert overview["reported"]["servers"] == ["s1", "s2"] and overview["reported"]["reports"] == 3
+    assert overview["reported"]["servers"] == ["s1", "s2"]
+    assert overview["reported"]["reports"] == 3
     assert overview["database"]["report_records"] == 3
     assert overview["database"]["unique_users"] == 1
     assert overview["database"]["unique_servers"] == 3
@@ -216,24 +238,28 @@ def test_fleet_reports_count_once_and_add_up_across_servers(net: Lab, daemon: Da
         "total_formatted": overview["users"][0]["total_formatted"], "servers": 3,
     }]
 
-    reset = daemon.api("POST", "/api/admin/usage/reset/anna")
+    reset = inproc.api("POST", "/api/admin/usage/reset/anna")
     assert reset["reported"] == {"servers": 2, "bytes_uploaded": 1310, "bytes_downloaded": 5720}
     assert reset["local"][0]["used_before_reset"] == 2 * local
-    u = usage(daemon, "anna")
+    u = usage(inproc, "anna")
     assert (u["bytes_uploaded"], u["bytes_downloaded"], u["servers"]) == (0, 0, 3)
-    d = detailed(daemon, "anna")
+    d = detailed(inproc, "anna")
     assert series_sum(d["hourly"], "bytes_uploaded") == 1310 + local  # history kept
     assert d["reports_reset_at"] is not None
-    daemon.api("POST", "/api/traffic/webhook", json=report("r1", "anna", "s1", 1000, 5000))
-    assert usage(daemon, "anna")["bytes_uploaded"] == 0  # a repeat after the reset: still once
+    inproc.api("POST", webhook, json=report("r1", "anna", "s1", 1000, 5000))
+    assert usage(inproc, "anna")["bytes_uploaded"] == 0  # a repeat after the reset: still once
+
+
+def without(body: dict[str, Any], field: str) -> dict[str, Any]:
+    return {k: v for k, v in body.items() if k != field}
 
 
 @pytest.mark.parametrize(
     ("body", "complaint"),
     [
         (report("b1", "anna", "s1", -1, 5), "bytes_uploaded"),
-        ({k: v for k, v in report("b2", "anna", "s1", 1, 5).items() if k != "bytes_downloaded"}, "bytes_downloaded"),
-        ({k: v for k, v in report("b3", "anna", "s1", 1, 5).items() if k != "report_id"}, "report_id"),
+        (without(report("b2", "anna", "s1", 1, 5), "bytes_downloaded"), "bytes_downloaded"),
+        (without(report("b3", "anna", "s1", 1, 5), "report_id"), "report_id"),
         (report("b4", "anna", "s1", "100", 5), "bytes_uploaded"),
         (report("b5", "anna", "s1", True, 5), "bytes_uploaded"),
         (report("b6", "anna", "s1", 1.5, 5), "bytes_uploaded"),
@@ -244,75 +270,88 @@ def test_fleet_reports_count_once_and_add_up_across_servers(net: Lab, daemon: Da
         (report("b11", "anna", "s1", 1, 5, timestamp=int(time.time()) + 3 * 86400), "timestamp"),
         (report("b12\x00", "anna", "s1", 1, 5), "report_id"),
         ({"reports": []}, "reports"),
-        ({"reports": [report("b13", "anna", "s1", 1, 5), report("b14", "anna", "s1", -5, 5)]}, "reports.1.bytes_uploaded"),
+        (
+            {"reports": [report("b13", "anna", "s1", 1, 5), report("b14", "anna", "s1", -5, 5)]},
+            "reports.1.bytes_uploaded",
+        ),
         ([report("b15", "anna", "s1", 1, 5)], "report object"),
-        (report("b16", "anna", "s1", 2**62, 5), "bytes_uploaded: Input should be less than or equal to 1000000000000000"),
+        (
+            report("b16", "anna", "s1", 2**62, 5),
+            "bytes_uploaded: Input should be less than or equal to 1000000000000000",
+        ),
         (report("b17", "anna", "s1", 1, MAX_REPORT_BYTES + 1), "bytes_downloaded"),
-        (report("b18", "anna", "s1", 1, 5, bytes_total=6), "bytes_total: Extra inputs are not permitted"),
+        (
+            report("b18", "anna", "s1", 1, 5, bytes_total=6),
+            "bytes_total: Extra inputs are not permitted",
+        ),
         ("hello", "report object"),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )
-def test_bad_reports_are_refused_and_nothing_is_stored(daemon: Daemon, body: Any, complaint: str) -> None:
-    answer = daemon.api("POST", "/api/traffic/webhook", expect=422, json=body)
+def test_bad_reports_are_refused_and_nothing_is_stored(
+    inproc: InProcessDaemon, body: Any, complaint: str
+) -> None:
+    answer = inproc.api("POST", "/api/traffic/webhook", expect=422, json=body)
     assert complaint in answer["detail"]
-    daemon.api("GET", "/api/admin/usage/anna", expect=404)
-    overview = daemon.api("GET", "/api/admin/usage")
+    inproc.api("GET", "/api/admin/usage/anna", expect=404)
+    overview = inproc.api("GET", "/api/admin/usage")
     assert overview["database"]["report_records"] == 0 and overview["reported"]["reports"] == 0
 
 
-def test_webhook_rejects_bodies_that_are_not_json(daemon: Daemon) -> None:
-    assert daemon.api("POST", "/api/traffic/webhook", expect=400, content=b"{nope")["detail"]
-    assert daemon.api("POST", "/api/traffic/webhook", expect=422)["detail"]
+def test_webhook_rejects_bodies_that_are_not_json(inproc: InProcessDaemon) -> None:
+    assert inproc.api("POST", "/api/traffic/webhook", expect=400, content=b"{nope")["detail"]
+    assert inproc.api("POST", "/api/traffic/webhook", expect=422)["detail"]
 
 
-def test_cleanup_applies_the_configured_retention_exactly(make_daemon: Any) -> None:
-    daemon = make_daemon(PORTMETER_HISTORY_RETENTION_DAYS="30")
-    now = int(time.time())
-    old = report("old", "anna", "s1", 7, 7, timestamp=now - 40 * 86400)
-    kept = report("kept", "anna", "s1", 5, 5, timestamp=now - 20 * 86400)
-    fresh = report("fresh", "anna", "s1", 3, 3)
-    daemon.api("POST", "/api/traffic/webhook", json={"reports": [old, kept, fresh]})
+def test_cleanup_applies_the_configured_retention_exactly() -> None:
+    with inprocess_daemon(history_retention_days=30) as inproc:
+        now = int(time.time())
+        old = report("old", "anna", "s1", 7, 7, timestamp=now - 40 * 86400)
+        kept = report("kept", "anna", "s1", 5, 5, timestamp=now - 20 * 86400)
+        fresh = report("fresh", "anna", "s1", 3, 3)
+        post_reports(inproc, old, kept, fresh)
 
-    counts = daemon.api("POST", "/api/admin/usage/cleanup")
-    assert counts["retention_days"] == 30
-    assert counts["report_hourly_rolled_up"] == 2  # the two old hours became days
-    assert counts["report_daily_deleted"] == 1  # only the 40-day-old one expired
-    assert counts["removed"] == 1
-    assert daemon.api("POST", "/api/admin/usage/cleanup")["removed"] == 0
-    d = detailed(daemon, "anna")
-    assert series_sum(d["daily"], "bytes_uploaded") == 5 + 3
-    assert series_sum(d["hourly"], "bytes_uploaded") == 3
-    # Totals are not history: what was reported since the last reset still counts.
-    assert usage(daemon, "anna")["bytes_uploaded"] == 7 + 5 + 3
-    assert daemon.api("GET", "/api/admin/usage")["database"]["retention_days"] == 30
+        counts = inproc.api("POST", "/api/admin/usage/cleanup")
+        assert counts["retention_days"] == 30
+        assert counts["report_hourly_rolled_up"] == 2  # the two old hours became days
+        assert counts["report_daily_deleted"] == 1  # only the 40-day-old one expired
+        assert counts["removed"] == 1
+        assert inproc.api("POST", "/api/admin/usage/cleanup")["removed"] == 0
+        d = detailed(inproc, "anna")
+        assert series_sum(d["daily"], "bytes_uploaded") == 5 + 3
+        assert series_sum(d["hourly"], "bytes_uploaded") == 3
+        # Totals are not history: what was reported since the last reset still counts.
+        assert usage(inproc, "anna")["bytes_uploaded"] == 7 + 5 + 3
+        assert inproc.api("GET", "/api/admin/usage")["database"]["retention_days"] == 30
 
 
-def test_deleted_keys_keep_their_history(net: Lab, daemon: Daemon) -> None:
-    gone = daemon.create("gone")
-    udp_exchange(net, socket.AF_INET, gone["port"], 4, 60, echo=False)
-    daemon.api("DELETE", f"/api/keys/{gone['id']}")
-    daemon.api("GET", "/api/admin/usage/gone", expect=404)  # no key and no reports any more
-    with history_of(daemon) as history:
+def test_deleted_keys_keep_their_history(inproc: InProcessDaemon) -> None:
+    gone = inproc.create("gone")
+    inproc.datagrams(gone["port"], 4, 60 + V4)
+    inproc.api("DELETE", f"/api/keys/{gone['id']}")
+    inproc.api("GET", "/api/admin/usage/gone", expect=404)  # no key and no reports any more
+    with history_of(inproc) as history:
         assert history.total(gone["id"], 0) == Totals(4 * 88, 0, 4, 0)
         assert history.known_keys()[gone["id"]]["name"] == "gone"
-    overview = daemon.api("GET", "/api/admin/usage")
-    assert overview["database"]["hourly_records"] == 1 and overview["database"]["unique_users"] == 1
+    overview = inproc.api("GET", "/api/admin/usage")
+    database = overview["database"]
+    assert database["hourly_records"] == 1 and database["unique_users"] == 1
     assert overview["total_users"] == 0
-    assert timedelta(0) <= datetime.now(UTC) - datetime.fromisoformat(overview["database"]["newest"]) < timedelta(hours=1)
+    newest = datetime.fromisoformat(database["newest"])
+    assert timedelta(0) <= datetime.now(UTC) - newest < timedelta(hours=1)
 
 
-def test_reset_all_users(net: Lab, daemon: Daemon) -> None:
-    alice, bob = daemon.create("alice"), daemon.create("bob")
-    udp_exchange(net, socket.AF_INET, alice["port"], 2, 100, echo=False)
-    udp_exchange(net, socket.AF_INET, bob["port"], 3, 100, echo=False)
-    daemon.api("POST", "/api/traffic/webhook", json=report("r1", "carol", "s1", 10, 20))
-    done = daemon.api("POST", "/api/admin/usage/reset")
+def test_reset_all_users(inproc: InProcessDaemon) -> None:
+    alice, bob = inproc.create("alice"), inproc.create("bob")
+    inproc.datagrams(alice["port"], 2, 100 + V4)
+    inproc.datagrams(bob["port"], 3, 100 + V4)
+    inproc.api("POST", "/api/traffic/webhook", json=report("r1", "carol", "s1", 10, 20))
+    done = inproc.api("POST", "/api/admin/usage/reset")
     assert done["users_reset"] == ["alice", "bob", "carol"] and done["keys_reset"] == 2
-    overview = daemon.api("GET", "/api/admin/usage")
+    overview = inproc.api("GET", "/api/admin/usage")
     assert overview["traffic_used"] == 0 and overview["total_users"] == 3
-    detailed(daemon, "bob")
-    with history_of(daemon) as history:
+    detailed(inproc, "bob")
+    with history_of(inproc) as history:
         assert history.total(alice["id"], 0) == Totals(2 * 128, 0, 2, 0)  # history kept
         assert history.total(bob["id"], 0) == Totals(3 * 128, 0, 3, 0)
 
@@ -321,20 +360,25 @@ FLEET_KEY = "fleet-key-" + "f" * 16
 FLEET_PORT = 18081
 
 
-def wait_for_reported(collector: Daemon, user: str, server: str, up: int, down: int) -> dict[str, Any]:
+def wait_for_reported(
+    collector: Daemon, user: str, server: str, up: int, down: int
+) -> dict[str, Any]:
     deadline = time.monotonic() + 20
     seen: Any = None
     while time.monotonic() < deadline:
         answer = collector.http.get(f"/api/admin/usage/{user}")
         if answer.status_code == 200:
-            seen = {r["server"]: (r["bytes_uploaded"], r["bytes_downloaded"]) for r in answer.json()["reported"]}
+            reported = answer.json()["reported"]
+            seen = {r["server"]: (r["bytes_uploaded"], r["bytes_downloaded"]) for r in reported}
             if seen == {server: (up, down)}:
-                return answer.json()
+                return dict(answer.json())
         time.sleep(0.2)
     raise AssertionError(f"collector has {seen}, wanted {server}: {(up, down)}")
 
 
-def test_a_node_reports_its_exact_counts_to_a_collector_across_kill9(net: Lab, make_daemon: Any) -> None:
+def test_a_node_reports_its_exact_counts_to_a_collector_across_kill9(
+    net: Lab, make_daemon: Any
+) -> None:
     collector = make_daemon(
         PORTMETER_HTTP_LISTEN=f"{SERVER_V4}:{FLEET_PORT}", PORTMETER_API_KEY=FLEET_KEY,
         PORTMETER_SERVER_NAME="collector",
@@ -365,9 +409,10 @@ def test_a_node_reports_its_exact_counts_to_a_collector_across_kill9(net: Lab, m
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=40),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=5),
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.text(max_size=12), inner, max_size=5),
     max_leaves=15,
 )
 near_reports = st.dictionaries(
@@ -378,57 +423,81 @@ near_reports = st.dictionaries(
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
-@given(body=st.one_of(json_values, near_reports, st.builds(lambda r: {"reports": [r]}, near_reports)),
-       name=st.text(min_size=1, max_size=140).filter(lambda s: "/" not in s and s not in (".", "..")))
-def test_odd_input_never_gets_a_500(daemon: Daemon, body: Any, name: str) -> None:
-    answer = daemon.http.post("/api/traffic/webhook", json=body)
-    assert answer.status_code in (200, 400, 422), (body, answer.status_code, answer.text)
-    assert "detail" in answer.json() or answer.status_code == 200
-    for path in (f"/api/admin/usage/{quote(name)}", f"/api/admin/usage/{quote(name)}/detailed"):
-        got = daemon.http.get(path)
-        assert got.status_code in (200, 404, 422), (path, got.status_code, got.text)
-    assert "request_failed" not in daemon.log()
+@given(
+    body=st.one_of(json_values, near_reports, st.builds(lambda r: {"reports": [r]}, near_reports)),
+    name=st.text(min_size=1, max_size=140).filter(lambda s: "/" not in s and s not in (".", "..")),
+)
+def test_odd_input_never_gets_a_500(inproc: InProcessDaemon, body: Any, name: str) -> None:
+    with capture_logs() as logged:
+        answer = inproc.http.post("/api/traffic/webhook", json=body)
+        assert answer.status_code in (200, 400, 422), (body, answer.status_code, answer.text)
+        assert "detail" in answer.json() or answer.status_code == 200
+        for path in (f"/api/admin/usage/{quote(name)}", f"/api/admin/usage/{quote(name)}/detailed"):
+            got = inproc.http.get(path)
+            assert got.status_code in (200, 404, 422), (path, got.status_code, got.text)
+    assert "request_failed" not in [event["event"] for event in logged]
 
 
-def test_reported_sums_past_2_to_the_63_are_exact_and_a_full_pair_refuses_more(make_daemon: Any) -> None:
+def test_reported_sums_past_2_to_the_63_are_exact_and_a_full_pair_refuses_more(
+    inproc: InProcessDaemon,
+) -> None:
     # Ten servers at the bound for anna: 10^19 bytes each way. Old code answered 507
     # "integer overflow" here (and accepted 2^62 per report, so two reports got there).
-    daemon = make_daemon(start=False)
-    with history_of(daemon) as history:
+    with history_of(inproc) as history:
         for n in range(10):
             fill(history, f"s{n}", datetime.now(UTC))
-    daemon.start()
     total = 10 * MAX_USAGE_BYTES
-    overview = daemon.api("GET", "/api/admin/usage")
+    overview = inproc.api("GET", "/api/admin/usage")
+    reported = overview["reported"]
     assert (overview["bytes_uploaded"], overview["traffic_used"]) == (total, 2 * total)
-    assert (overview["reported"]["bytes_downloaded"], overview["reported"]["reports"]) == (total, 10 * FULL)
-    assert [(u["username"], u["total_bytes"], u["servers"]) for u in overview["users"]] == [("anna", 2 * total, 10)]
-    assert usage(daemon, "anna")["bytes_downloaded"] == total
-    d = detailed(daemon, "anna")
-    assert series_sum(d["hourly"], "bytes_uploaded") == series_sum(d["daily"], "bytes_downloaded") == total
+    assert (reported["bytes_downloaded"], reported["reports"]) == (total, 10 * FULL)
+    users = [(u["username"], u["total_bytes"], u["servers"]) for u in overview["users"]]
+    assert users == [("anna", 2 * total, 10)]
+    assert usage(inproc, "anna")["bytes_downloaded"] == total
+    d = detailed(inproc, "anna")
+    assert series_sum(d["hourly"], "bytes_uploaded") == total
+    assert series_sum(d["daily"], "bytes_downloaded") == total
 
-    full = daemon.api("POST", "/api/traffic/webhook", expect=422, json={"reports": [
-        report("new-1", "anna", "s10", 1, 1), report("more", "anna", "s3", MAX_REPORT_BYTES, 0),
-    ]})
-    assert "'anna' from server 's3'" in full["detail"] and f"past {MAX_USAGE_BYTES} bytes" in full["detail"]
-    assert daemon.api("GET", "/api/admin/usage")["reported"]["reports"] == 10 * FULL  # nothing stored
-    daemon.api("POST", "/api/traffic/webhook", json=report("new-2", "anna", "s10", MAX_REPORT_BYTES, 0))
-    assert daemon.api("GET", "/api/admin/usage")["bytes_uploaded"] == total + MAX_REPORT_BYTES
+    full = post_reports(
+        inproc,
+        report("new-1", "anna", "s10", 1, 1),
+        report("more", "anna", "s3", MAX_REPORT_BYTES, 0),
+        expect=422,
+    )
+    assert "'anna' from server 's3'" in full["detail"]
+    assert f"past {MAX_USAGE_BYTES} bytes" in full["detail"]
+    # Nothing stored.
+    assert inproc.api("GET", "/api/admin/usage")["reported"]["reports"] == 10 * FULL
+    fits = report("new-2", "anna", "s10", MAX_REPORT_BYTES, 0)
+    inproc.api("POST", "/api/traffic/webhook", json=fits)
+    assert inproc.api("GET", "/api/admin/usage")["bytes_uploaded"] == total + MAX_REPORT_BYTES
 
 
-def test_a_report_may_not_claim_to_come_from_this_server(make_daemon: Any) -> None:
-    named = make_daemon(PORTMETER_SERVER_NAME="collector")
-    unnamed = make_daemon()  # its label is PORTMETER_PUBLIC_HOST, its reports' name the host name
-    named.create("anna")
-    for daemon, names in ((named, ["collector", "Collector"]), (unnamed, ["vpn.example.net", socket.gethostname()])):
-        for name in names:
-            single = daemon.api("POST", "/api/traffic/webhook", expect=422, json=report("f1", "anna", name, 10, 20))
-            assert single["detail"].startswith("server: ") and "is this server's own name" in single["detail"]
-            batch = daemon.api("POST", "/api/traffic/webhook", expect=422, json={"reports": [
-                report("f2", "anna", "elsewhere", 1, 2), report("f3", "anna", name, 10, 20),
-            ]})
-            assert batch["detail"].startswith("reports.1.server: ")
-        overview = daemon.api("GET", "/api/admin/usage")
-        assert overview["reported"]["reports"] == 0 and overview["traffic_used"] == 0
-    anna = usage(named, "anna")
-    assert (anna["bytes_uploaded"], anna["servers"], anna["reported"]) == (0, 1, [])
+def test_a_report_may_not_claim_to_come_from_this_server() -> None:
+    # The unnamed one's label is its public host, its reports' name the host name.
+    with (
+        inprocess_daemon(server_name="collector") as named,
+        inprocess_daemon() as unnamed,
+    ):
+        named.create("anna")
+        own_names = ((named, ["collector", "Collector"]),
+                     (unnamed, ["vpn.example.net", socket.gethostname()]))
+        for daemon, names in own_names:
+            for name in names:
+                single = daemon.api(
+                    "POST", "/api/traffic/webhook", expect=422,
+                    json=report("f1", "anna", name, 10, 20),
+                )
+                assert single["detail"].startswith("server: ")
+                assert "is this server's own name" in single["detail"]
+                batch = post_reports(
+                    daemon,
+                    report("f2", "anna", "elsewhere", 1, 2),
+                    report("f3", "anna", name, 10, 20),
+                    expect=422,
+                )
+                assert batch["detail"].startswith("reports.1.server: ")
+            overview = daemon.api("GET", "/api/admin/usage")
+            assert overview["reported"]["reports"] == 0 and overview["traffic_used"] == 0
+        anna = usage(named, "anna")
+        assert (anna["bytes_uploaded"], anna["servers"], anna["reported"]) == (0, 1, [])

@@ -1,11 +1,13 @@
-"""The Traffic Manager page in a real headless browser (Debian's chromium + chromium-driver, driven
-by selenium with the system binaries: nothing is downloaded).
+"""The Traffic Manager page: its files and the JSON it reads in the in-process layer
+(tests/inprocess.py, the app as the Unix socket serves it), and in the kernel layer the TCP
+listener serving it without a key and the page in a real headless browser (Debian's chromium +
+chromium-driver, driven by selenium with the system binaries: nothing is downloaded).
 
-The daemon runs in the server namespace with its TCP listener; the browser runs in the client
-namespace (another host, as a person would use it) and reaches the listener over the veth pair.
-chromedriver is started through `ip netns exec`, and the test process talks to it from inside the
-client namespace too (its sockets are made there). The page's numbers are compared with the API's,
-read over the Unix socket at the same moment.
+For the browser the daemon runs in the server namespace with its TCP listener; the browser runs
+in the client namespace (another host, as a person would use it) and reaches the listener over
+the veth pair. chromedriver is started through `ip netns exec`, and the test process talks to it
+from inside the client namespace too (its sockets are made there). The page's numbers are
+compared with the API's, read over the Unix socket at the same moment.
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ import pytest
 
 from daemon.units import display_bytes
 from tests.conftest import REPO, Daemon
+from tests.inprocess import InProcessDaemon
 from tests.netlab import SERVER_V4, Lab, inside
 from tests.test_counting import UDP_OVERHEAD, udp_exchange
 
-pytestmark = pytest.mark.kernel
 API_KEY = "page-key-" + "k" * 16
 PORT = 18080
 PAGE = f"http://{SERVER_V4}:{PORT}/"
@@ -36,34 +38,103 @@ CHROMEDRIVER = Path("/usr/bin/chromedriver")
 SCREENSHOT = REPO / "docs" / "traffic-manager.png"
 LOCAL_SERVER = "vpn.example.net"  # PORTMETER_PUBLIC_HOST of the test daemon
 WIRE = 1000 + UDP_OVERHEAD[socket.AF_INET]
+STATIC = (("app.js", "javascript"), ("api.js", "javascript"), ("style.css", "text/css"))
 T = TypeVar("T")
+Get = Callable[[str], httpx.Response]
 
 
 def listening_daemon(make_daemon: Any) -> Daemon:
     return make_daemon(PORTMETER_HTTP_LISTEN=f"{SERVER_V4}:{PORT}", PORTMETER_API_KEY=API_KEY)
 
 
-def test_page_and_static_files_are_served_without_a_key(net: Lab, make_daemon: Any) -> None:
-    daemon = listening_daemon(make_daemon)
-    page = daemon.http.get("/")  # the Unix socket: no key anywhere
+def assert_static_files(get: Get) -> None:
+    """The page's files as `get` fetches them: each with its type and `no-cache`, and no other."""
+    for name, kind in STATIC:
+        served = get(f"/static/{name}")
+        assert served.status_code == 200 and kind in served.headers["content-type"], name
+        assert served.headers["cache-control"] == "no-cache"
+    assert get("/static/missing.js").status_code == 404
+
+
+def test_page_and_static_files_are_served_without_a_key(inproc: InProcessDaemon) -> None:
+    page = inproc.http.get("/")  # as the Unix socket serves it: no key anywhere
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "Traffic Manager" in page.text
     assert "default-src 'none'" in page.headers["content-security-policy"]
-    with inside(net.client), httpx.Client(base_url=PAGE, timeout=10) as tcp:
-        assert tcp.get("/").text == page.text
-        for name, kind in (("app.js", "javascript"), ("api.js", "javascript"), ("style.css", "text/css")):
-            served = tcp.get(f"/static/{name}")
-            assert served.status_code == 200 and kind in served.headers["content-type"], name
-            assert served.headers["cache-control"] == "no-cache"
-        assert tcp.get("/static/missing.js").status_code == 404
-        assert tcp.get("/api/keys").status_code == 401
-        assert tcp.get("/api/admin/usage", headers={"X-API-Key": API_KEY}).status_code == 200
+    assert_static_files(inproc.http.get)
     # Offline by construction: nothing the page loads comes from another host.
     for name in ("index.html", "app.js", "api.js", "style.css"):
         text = (REPO / "daemon" / "web" / name).read_text()
-        assert not re.search(r"(src|href)=\"(https?:)?//|url\(\s*['\"]?(https?:)?//|@import", text), name
+        remote = r"(src|href)=\"(https?:)?//|url\(\s*['\"]?(https?:)?//|@import"
+        assert not re.search(remote, text), name
     total = sum(p.stat().st_size for p in (REPO / "daemon" / "web").iterdir())
     assert total < 40 * 1024
+
+
+def test_the_tcp_listener_serves_the_page_without_a_key(net: Lab, make_daemon: Any) -> None:
+    daemon = listening_daemon(make_daemon)
+    page = daemon.http.get("/")
+    with inside(net.client), httpx.Client(base_url=PAGE, timeout=10) as tcp:
+        assert tcp.get("/").text == page.text
+        assert_static_files(tcp.get)
+        assert tcp.get("/api/keys").status_code == 401
+        assert tcp.get("/api/admin/usage", headers={"X-API-Key": API_KEY}).status_code == 200
+
+
+def test_the_api_answers_every_field_the_page_reads(inproc: InProcessDaemon) -> None:
+    """daemon/web/api.js names every field the page reads: each is there, with the numbers."""
+    alice = inproc.create("alice", data_limit_bytes=100_000)
+    inproc.datagrams(alice["port"], 40, WIRE, echo=True)  # 82% of her limit
+    up, down = 123_456, 654_321
+    report(inproc, "r1", "dave", "vpn2.example.net", up, down)
+    local = 40 * WIRE
+
+    [key] = inproc.api("GET", "/api/keys")["keys"]
+    fields = ("id", "name", "port", "status", "rx_bytes", "tx_bytes", "used_bytes")
+    assert [key[f] for f in (*fields, "data_limit_bytes")] == [
+        alice["id"], "alice", alice["port"], "active", local, local, 2 * local, 100_000
+    ]
+    summary = inproc.api("GET", "/api/traffic/ports/exact")["ports_traffic"]
+    [t] = [entry["traffic"] for entry in summary["ports_traffic"].values()]
+    assert (t["name"], t["connections"], t["rx_bytes"], t["tx_bytes"]) == ("alice", 0, local, local)
+    assert (summary["total_traffic"], summary["total_connections"]) == (2 * local, 0)
+
+    detailed = inproc.api("GET", "/api/admin/usage/alice/detailed")  # saves the history too
+    [server] = detailed["servers"]
+    assert [server[f] for f in ("server", "source", "port", "connections")] == [
+        LOCAL_SERVER, "local", alice["port"], 0
+    ]
+    totals = ("bytes_uploaded", "bytes_downloaded", "total_bytes")
+    assert [server[f] for f in totals] == [local, local, 2 * local]
+    for series, points in (("hourly", 24), ("daily", 30)):
+        assert len(detailed[series]) == points
+        assert sum(p["bytes_uploaded"] for p in detailed[series]) == local
+        assert sum(p["bytes_downloaded"] for p in detailed[series]) == local
+        assert all(datetime.fromisoformat(p["start"]) for p in detailed[series])
+    used = inproc.api("GET", "/api/admin/usage/alice")["local"]["keys"][0]["last_used"]
+    assert used == server["last_used"] is not None
+    [reported] = inproc.api("GET", "/api/admin/usage/dave")["reported"]
+    assert datetime.now(UTC) - datetime.fromisoformat(reported["last_used"]) < timedelta(hours=1)
+
+    overview = inproc.api("GET", "/api/admin/usage")
+    numbers = ("total_users", "total_servers", "traffic_used", "bytes_uploaded",
+               "bytes_downloaded", "total_connections")
+    assert [overview[f] for f in numbers] == [
+        2, 2, 2 * local + up + down, local + up, local + down, 0
+    ]
+    assert [
+        (u["username"], u["bytes_uploaded"], u["bytes_downloaded"], u["total_bytes"], u["servers"])
+        for u in overview["users"]
+    ] == [("alice", local, local, 2 * local, 1), ("dave", up, down, up + down, 1)]
+    db = overview["database"]
+    assert (db["unique_users"], db["unique_servers"], db["retention_days"]) == (2, 2, 90)
+    cleaned = inproc.api("POST", "/api/admin/usage/cleanup")
+    assert (cleaned["removed"], cleaned["retention_days"]) == (0, 90)
+    assert cleaned["records"] == db["records"] > 0  # nothing was old enough to go
+    after = inproc.api("GET", "/api/admin/usage")["database"]
+    assert cleaned["size_bytes"] == after["size_bytes"] >= db["size_bytes"] > 0
+    reset = inproc.api("POST", "/api/admin/usage/reset")
+    assert reset["users_reset"] == ["alice", "dave"]
 
 
 # --- the browser ---------------------------------------------------------------------------
@@ -74,7 +145,9 @@ def browser(net: Lab, workdir: Path) -> Iterator[Any]:
     """Chromium in the client namespace, driven by chromedriver in the same namespace."""
     for binary, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
         if not binary.exists():
-            pytest.fail(f"{binary} is missing: scripts/setup.sh installs the Debian package {package}")
+            pytest.fail(
+                f"{binary} is missing: scripts/setup.sh installs the Debian package {package}"
+            )
     try:
         from selenium import webdriver
     except ImportError:
@@ -221,8 +294,8 @@ def expect_users(driver: Any, daemon: Daemon, overview: dict[str, Any]) -> None:
     assert len(driver.find_elements("css selector", "tr.user")) == len(overview["users"])
 
 
-def report(daemon: Daemon, report_id: str, user: str, server: str, up: int, down: int,
-           at: datetime | None = None) -> None:
+def report(daemon: Daemon | InProcessDaemon, report_id: str, user: str, server: str, up: int,
+           down: int, at: datetime | None = None) -> None:
     body = {
         "report_id": report_id, "user_token": user, "server": server, "port": 443,
         "protocol": "vless", "bytes_uploaded": up, "bytes_downloaded": down,
@@ -248,7 +321,8 @@ def test_traffic_manager_page(net: Lab, make_daemon: Any, browser: Any) -> None:
     # 100 days ago, past the retention, for the cleanup to remove).
     report(daemon, "r1", "alice", "vpn2.example.net", 3 * 2**20, 7 * 2**20)
     report(daemon, "r2", "dave", "vpn2.example.net", 123_456, 654_321)
-    report(daemon, "r3", "dave", "vpn3.example.net", 5_000, 6_000, at=datetime.now(UTC) - timedelta(days=100))
+    long_ago = datetime.now(UTC) - timedelta(days=100)
+    report(daemon, "r3", "dave", "vpn3.example.net", 5_000, 6_000, at=long_ago)
 
     # Over TCP without a key the page says what is missing instead of showing nothing.
     driver.get(PAGE)
@@ -280,11 +354,14 @@ def test_traffic_manager_page(net: Lab, make_daemon: Any, browser: Any) -> None:
 
     # Per-server details and the usage chart of alice.
     click(driver, 'button[aria-label="details of alice"]')
-    wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, 'tr[data-details="alice"] table.servers'), "details")
+    servers_table = 'tr[data-details="alice"] table.servers'
+    wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, servers_table), "details")
     detailed = daemon.api("GET", "/api/admin/usage/alice/detailed")
     for server in detailed["servers"]:
-        tr = driver.find_element(By.CSS_SELECTOR, f'tr[data-details="alice"] tr[data-server="{server["server"]}"]')
-        assert [tr.find_element(By.CSS_SELECTOR, f".s-{c}").text for c in ("up", "down", "total")] == [
+        where = f'tr[data-details="alice"] tr[data-server="{server["server"]}"]'
+        tr = driver.find_element(By.CSS_SELECTOR, where)
+        cells = ("up", "down", "total")
+        assert [tr.find_element(By.CSS_SELECTOR, f".s-{c}").text for c in cells] == [
             display_bytes(server["bytes_uploaded"]), display_bytes(server["bytes_downloaded"]),
             display_bytes(server["total_bytes"]),
         ]
@@ -299,7 +376,8 @@ def test_traffic_manager_page(net: Lab, make_daemon: Any, browser: Any) -> None:
                 for p in points]
 
     hourly = bars("hourly")
-    assert len(hourly) == 24 and [t.split("  ", 1)[1] for t in hourly] == expected(detailed["hourly"])
+    assert len(hourly) == 24
+    assert [t.split("  ", 1)[1] for t in hourly] == expected(detailed["hourly"])
     assert sum(p["total_bytes"] for p in detailed["hourly"]) == detailed["total_bytes"]
     driver.save_screenshot(str(shot := Path(daemon.workdir) / "page.png"))
     click(driver, 'tr[data-details="alice"] .switch button[value="daily"]')
@@ -316,16 +394,20 @@ def test_traffic_manager_page(net: Lab, make_daemon: Any, browser: Any) -> None:
     assert row(driver, "bob")["up"] == display_bytes(55 * WIRE)
 
     # Reset all asks first; Cancel changes nothing.
+    def dialog_open() -> bool:
+        return driver.find_element(By.ID, "confirm").get_attribute("open") is not None
+
     click(driver, "#reset-all")
-    wait_for(lambda: driver.find_element(By.ID, "confirm").get_attribute("open") is not None, "the dialog")
+    wait_for(dialog_open, "the dialog")
     assert "all 4 users" in text(driver, "#confirm-text")
     click(driver, "#confirm-cancel")
-    wait_for(lambda: driver.find_element(By.ID, "confirm").get_attribute("open") is None, "the dialog to close")
+    wait_for(lambda: not dialog_open(), "the dialog to close")
     assert daemon.api("GET", "/api/admin/usage")["traffic_used"] == overview["traffic_used"] > 0
     click(driver, "#reset-all")
-    wait_for(lambda: driver.find_element(By.ID, "confirm").get_attribute("open") is not None, "the dialog")
+    wait_for(dialog_open, "the dialog")
     click(driver, "#confirm-ok")
-    wait_for(lambda: message(driver) == ("info", "Reset the traffic of 4 users."), "the reset message")
+    done_message = ("info", "Reset the traffic of 4 users.")
+    wait_for(lambda: message(driver) == done_message, "the reset message")
     after = daemon.api("GET", "/api/admin/usage")
     assert after["traffic_used"] == 0 and all(u["total_bytes"] == 0 for u in after["users"])
     assert all(k["rx_bytes"] == k["tx_bytes"] == 0 for k in daemon.api("GET", "/api/keys")["keys"])
@@ -340,7 +422,8 @@ def test_traffic_manager_page(net: Lab, make_daemon: Any, browser: Any) -> None:
         message(driver)[1]), "the cleanup message")
     db = daemon.api("GET", "/api/admin/usage")["database"]
     removed, days, left = (int(done.group(i)) for i in (1, 2, 3))
-    assert removed >= 1 and days == db["retention_days"] and left == db["records"] < before["records"]
+    assert removed >= 1 and days == db["retention_days"]
+    assert left == db["records"] < before["records"]
     assert re.search(r"method=POST path=/api/admin/usage/cleanup status=200", daemon.log())
 
     severe = [e for e in console(driver) if e["level"] in ("SEVERE", "WARNING")]

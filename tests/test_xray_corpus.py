@@ -1,4 +1,4 @@
-"""Operators' own Xray configs migrate with nothing of theirs dropped (issue 16), end to end.
+"""Operators' own Xray configs migrate with nothing of theirs dropped, end to end.
 
 Each config of tests/xray_corpus (written for these tests in the styles operators use: `#`,
 `//` and `/* */` comments, REALITY over raw, gRPC and XHTTP, `target` for `dest`, ids that are

@@ -1,4 +1,4 @@
-"""The real daemon owns the per-key part of Xray's config (issue 4), end to end.
+"""The real daemon owns the per-key part of Xray's config, end to end.
 
 Every test runs `portmeter run` in its own network namespace (the `make_daemon` fixture) and
 checks what it writes and answers: one inbound per key, share links and subscriptions, drift
@@ -24,7 +24,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
 
-from daemon.xray_sync import decode_key, public_key
+from daemon.xray.reality import decode_key, public_key
 from tests.conftest import Daemon
 from tests.netlab import SERVER_V4, Lab
 from tests.xray_harness import (

@@ -24,19 +24,14 @@ from hypothesis import strategies as st
 
 from daemon import xray_sync as xs
 from daemon.errors import XrayRefused
+from daemon.service.xray_side import XraySide
 from daemon.settings import Settings
-from daemon.state import KeyRecord, State
-from daemon.xray_bridge import XrayBridge
-from daemon.xray_sync import (
-    LiveConfig,
-    XrayConfigError,
-    XrayFiles,
-    XrayKey,
-    check_config,
-    inbound_changes,
-    render_config,
-    serialize,
-)
+from daemon.store.state import KeyRecord, State
+from daemon.xray import render
+from daemon.xray.drift import check_config
+from daemon.xray.model import XrayConfigError, XrayKey
+from daemon.xray.render import inbound_changes, render_config
+from daemon.xray_sync import LiveConfig, XrayFiles, serialize
 from tests.test_xray_sync import REALITY, U1, U2, U3, base_configs, key, opts_for
 
 
@@ -53,7 +48,9 @@ def full_render(files: XrayFiles, keys: list[XrayKey]) -> tuple[bytes | None, st
 
 operations = st.lists(
     st.tuples(
-        st.sampled_from(["add", "add", "remove", "port", "name", "short_id", "flow", "undo", "touch"]),
+        st.sampled_from(
+            ["add", "add", "remove", "port", "name", "short_id", "flow", "undo", "touch"]
+        ),
         st.integers(0, 1000),
     ),
     min_size=1,
@@ -91,15 +88,22 @@ def test_incremental_pushes_write_exactly_the_full_render(
                 data = files.path.read_bytes()
                 if n % 2:
                     config = json.loads(data)
-                    config.setdefault("inbounds", []).append({"port": 1000 + n, "protocol": "socks"})
+                    config.setdefault("inbounds", []).append(
+                        {"port": 1000 + n, "protocol": "socks"}
+                    )
                     data = serialize(config)
                 files.path.with_name("other").write_bytes(data)
                 os.replace(files.path.with_name("other"), files.path)
                 history.clear()
                 continue
             if op == "add" or not keys:
-                new = XrayKey(f"k{step}", f"key {n}", f"00000000-0000-4000-8000-{n % 9:012d}",
-                              ports[n % len(ports)], short_id="ab")
+                new = XrayKey(
+                    f"k{step}",
+                    f"key {n}",
+                    f"00000000-0000-4000-8000-{n % 9:012d}",
+                    ports[n % len(ports)],
+                    short_id="ab",
+                )
                 keys = [*keys, new]
             else:
                 at = n % len(keys)
@@ -107,8 +111,12 @@ def test_incremental_pushes_write_exactly_the_full_render(
                 if op == "remove":
                     keys = keys[:at] + keys[at + 1 :]
                 else:
-                    value = {"port": ports[n % len(ports)], "name": f"renamed {n}",
-                             "short_id": "cd" * (n % 3), "flow": ["", None, "x"][n % 3]}[op]
+                    value = {
+                        "port": ports[n % len(ports)],
+                        "name": f"renamed {n}",
+                        "short_id": "cd" * (n % 3),
+                        "flow": ["", None, "x"][n % 3],
+                    }[op]
                     keys = [*keys[:at], dataclasses.replace(old, **{op: value}), *keys[at + 1 :]]
             previous = files.read_bytes()
             old_config = files.read()
@@ -140,8 +148,8 @@ def test_one_changed_key_is_rendered_alone(tmp_path: Path, monkeypatch: pytest.M
     keys = three_keys()
     live.push(keys, REALITY)
     rendered: list[XrayKey] = []
-    real = xs.render_inbound
-    monkeypatch.setattr(xs, "render_inbound", lambda k, *a: rendered.append(k) or real(k, *a))
+    real = render.render_inbound
+    monkeypatch.setattr(render, "render_inbound", lambda k, *a: rendered.append(k) or real(k, *a))
     monkeypatch.setattr(xs.XrayFiles, "read_signed", None)  # the file is not even read
     moved = dataclasses.replace(keys[1], port=10009)
     written = live.push([keys[0], moved, keys[2]], REALITY)
@@ -226,13 +234,15 @@ def test_undo_restores_bytes_backups_and_model(tmp_path: Path) -> None:
     assert written.reverse().added[0]["tag"] == keys[0].tag
     # Pushing again after the undo splices on the restored file.
     live.push(keys[1:], REALITY)
-    assert files.read_bytes() == serialize(render_config(files.parse(before), keys[1:], files.opts, REALITY))
+    assert files.read_bytes() == serialize(
+        render_config(files.parse(before), keys[1:], files.opts, REALITY)
+    )
 
 
 # --- through the bridge --------------------------------------------------------------------
 
 
-def bridge_for(tmp_path: Path, **overrides: Any) -> XrayBridge:
+def bridge_for(tmp_path: Path, **overrides: Any) -> XraySide:
     values: dict[str, Any] = {
         "state_dir": tmp_path / "state",
         "xray_config": tmp_path / "xray" / "config.json",
@@ -240,12 +250,17 @@ def bridge_for(tmp_path: Path, **overrides: Any) -> XrayBridge:
         "reality_dest": "dest.example:443",
         "public_host": "vpn.example.net",
     }
-    return XrayBridge(Settings(**{**values, **overrides}), structlog.get_logger())
+    return XraySide(Settings(**{**values, **overrides}), structlog.get_logger())
 
 
-def add_key(bridge: XrayBridge, state: State, n: int) -> KeyRecord:
-    record = KeyRecord(id=f"k{n}", name=f"key{n}", uuid=f"00000000-0000-4000-8000-{n:012d}",
-                       port=10001 + n, created_at=datetime.now(UTC))
+def add_key(bridge: XraySide, state: State, n: int) -> KeyRecord:
+    record = KeyRecord(
+        id=f"k{n}",
+        name=f"key{n}",
+        uuid=f"00000000-0000-4000-8000-{n:012d}",
+        port=10001 + n,
+        created_at=datetime.now(UTC),
+    )
     bridge.prepare(state, record)
     state.keys[record.id] = record
     return record

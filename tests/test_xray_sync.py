@@ -20,45 +20,45 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from daemon.allocator import PortRange
-from daemon.xray_sync import (
-    InboundChanges,
-    LiveConfig,
-    MigrationPlan,
+from daemon.xray.drift import check_config, drift, drift_report
+from daemon.xray.links import subscription, url_host, vless_link
+from daemon.xray.migration import MigrationPlan, apply_migration, plan_migration
+from daemon.xray.model import (
     Reality,
-    XrayApplier,
     XrayApplyError,
     XrayConfigError,
-    XrayFiles,
     XrayKey,
     XrayOptions,
-    api_add_command,
-    api_problems,
-    api_remove_command,
-    apply_migration,
-    check_config,
-    config_status,
-    decode_key,
-    drift,
-    drift_report,
-    failure_line,
-    generate_reality,
-    inbound_changes,
     is_portmeter_inbound,
-    minimal_base,
-    new_short_id,
     parse_keys,
-    plan_migration,
+    tag_uuid,
+    xray_uuid,
+)
+from daemon.xray.reality import (
+    decode_key,
+    generate_reality,
+    new_short_id,
     public_key,
     reality_from_private,
+)
+from daemon.xray.render import (
+    InboundChanges,
+    api_problems,
+    inbound_changes,
+    minimal_base,
     render_config,
     render_inbound,
-    subscription,
-    tag_uuid,
-    url_host,
-    validate_command,
-    vless_link,
     with_api,
-    xray_uuid,
+)
+from daemon.xray_sync import (
+    LiveConfig,
+    XrayApplier,
+    XrayFiles,
+    api_add_command,
+    api_remove_command,
+    config_status,
+    failure_line,
+    validate_command,
 )
 from tests.xray_harness import link_fields
 
@@ -526,7 +526,8 @@ def fake_bin(
     script = directory / name
     script.write_text(
         "#!/bin/sh\n"
-        f'{{ for a in "$@"; do printf "%s\\t" "$a"; done; printf "\\n"; }} >> {shlex.quote(str(record))}\n'
+        f'{{ for a in "$@"; do printf "%s\\t" "$a"; done; printf "\\n"; }} '
+        f">> {shlex.quote(str(record))}\n"
         'for a in "$@"; do case "$a" in *.json) '
         f'cat "$a" >> {shlex.quote(str(record))}.files;; esac; done\n'
         + (f"sleep {sleep}\n" if sleep else "")
@@ -681,7 +682,10 @@ def test_binary_rejection_keeps_the_live_file(tmp_path: Path) -> None:
         tmp_path,
         "xray",
         exit_code=23,
-        stdout="Xray 1.8.24\n[Info] reading config\nFailed to start: main: failed to load config files: bad thing",
+        stdout=(
+            "Xray 1.8.24\n[Info] reading config\n"
+            "Failed to start: main: failed to load config files: bad thing"
+        ),
     )
     files = XrayFiles(opts_for(tmp_path, xray_bin=xray))
     with pytest.raises(
@@ -1062,12 +1066,18 @@ def test_dry_run_lines_describe_the_plan() -> None:
     assert lines[0] == f"move {CLIENTS[0][0]} (anna) from vless-reality port 443 to port 10001"
     assert lines[5] == "remove inbound #1: all its clients moved"
     assert lines[6:] == [
-        "skip inbound 'api' (dokodemo-door, port 62789): protocol 'dokodemo-door'; "
-        "only VLESS clients get keys; left as it is",
-        "skip inbound 'vmess-old' (vmess, port 8443): protocol 'vmess'; only VLESS clients get "
-        "keys; left as it is",
-        f"note: client {CLIENTS[2][0]} of inbound 'vless-reality' (vless, port 443): the name "
-        "'anna' is taken (another key or client), so its key is named 'anna-2'",
+        (
+            "skip inbound 'api' (dokodemo-door, port 62789): protocol 'dokodemo-door'; "
+            "only VLESS clients get keys; left as it is"
+        ),
+        (
+            "skip inbound 'vmess-old' (vmess, port 8443): protocol 'vmess'; only VLESS clients get "
+            "keys; left as it is"
+        ),
+        (
+            f"note: client {CLIENTS[2][0]} of inbound 'vless-reality' (vless, port 443): the name "
+            "'anna' is taken (another key or client), so its key is named 'anna-2'"
+        ),
     ]
 
 
@@ -1117,7 +1127,7 @@ def test_apply_migration_refuses_a_changed_config() -> None:
         apply_migration({"inbounds": []}, plan)
 
 
-# --- issue 16: ids, templates, links for every transport ------------------------------------
+# --- ids, templates, links for every transport ------------------------------------------------
 
 
 def test_client_ids_are_read_as_xray_reads_them() -> None:
@@ -1131,9 +1141,13 @@ def test_client_ids_are_read_as_xray_reads_them() -> None:
 
 def template_key(stream: dict[str, Any], client_id: str = "alice-phone", **client: Any) -> XrayKey:
     inbound = {
-        "listen": "0.0.0.0", "port": 443, "protocol": "vless", "tag": "shared",
+        "listen": "0.0.0.0",
+        "port": 443,
+        "protocol": "vless",
+        "tag": "shared",
         "settings": {"clients": [{"id": client_id, **client}], "decryption": "none"},
-        "streamSettings": stream, "sniffing": {"enabled": True, "routeOnly": True},
+        "streamSettings": stream,
+        "sniffing": {"enabled": True, "routeOnly": True},
     }
     return XrayKey("k1", "alice", str(xray_uuid(client_id)), 10001, template=json.dumps(inbound))
 
@@ -1141,8 +1155,11 @@ def template_key(stream: dict[str, Any], client_id: str = "alice-phone", **clien
 REALITY_STREAM = {
     "security": "reality",
     "realitySettings": {
-        "target": "www.example.org:443", "serverNames": ["www.example.org", "example.org"],
-        "privateKey": RFC7748[1][2], "shortIds": ["", "ab12"], "spiderX": "/a b",
+        "target": "www.example.org:443",
+        "serverNames": ["www.example.org", "example.org"],
+        "privateKey": RFC7748[1][2],
+        "shortIds": ["", "ab12"],
+        "spiderX": "/a b",
     },
 }
 
@@ -1165,26 +1182,61 @@ def test_a_template_key_renders_its_source_inbound_with_port_and_tag() -> None:
     [
         ({"network": "raw"}, {"type": "tcp", "headerType": "none"}),
         (
-            {"network": "tcp", "tcpSettings": {"header": {"type": "http", "request": {
-                "path": ["/index.html", "/x"], "headers": {"Host": ["a.example.com", "b.example"]}
-            }}}},
-            {"type": "tcp", "headerType": "http", "host": "a.example.com,b.example",
-             "path": "/index.html"},
+            {
+                "network": "tcp",
+                "tcpSettings": {
+                    "header": {
+                        "type": "http",
+                        "request": {
+                            "path": ["/index.html", "/x"],
+                            "headers": {"Host": ["a.example.com", "b.example"]},
+                        },
+                    }
+                },
+            },
+            {
+                "type": "tcp",
+                "headerType": "http",
+                "host": "a.example.com,b.example",
+                "path": "/index.html",
+            },
         ),
-        ({"network": "grpc", "grpcSettings": {"serviceName": "svc.Name"}},
-         {"type": "grpc", "serviceName": "svc.Name", "mode": "gun"}),
-        ({"network": "grpc",
-          "grpcSettings": {"serviceName": "s", "multiMode": True, "authority": "a.example"}},
-         {"type": "grpc", "serviceName": "s", "mode": "multi", "authority": "a.example"}),
-        ({"network": "xhttp",
-          "xhttpSettings": {"path": "/up", "mode": "stream-one", "host": "h.example.com"}},
-         {"type": "xhttp", "path": "/up", "mode": "stream-one", "host": "h.example.com"}),
-        ({"network": "splithttp", "splithttpSettings": {"extra": {"noGRPCHeader": True}}},
-         {"type": "xhttp", "path": "/", "mode": "auto", "extra": '{"noGRPCHeader":true}'}),
-        ({"network": "ws", "wsSettings": {"path": "/ws?ed=2048", "headers": {"Host": "w.example"}}},
-         {"type": "ws", "path": "/ws?ed=2048", "host": "w.example"}),
-        ({"network": "httpupgrade", "httpupgradeSettings": {"path": "/u", "host": "u.example.com"}},
-         {"type": "httpupgrade", "path": "/u", "host": "u.example.com"}),
+        (
+            {"network": "grpc", "grpcSettings": {"serviceName": "svc.Name"}},
+            {"type": "grpc", "serviceName": "svc.Name", "mode": "gun"},
+        ),
+        (
+            {
+                "network": "grpc",
+                "grpcSettings": {"serviceName": "s", "multiMode": True, "authority": "a.example"},
+            },
+            {"type": "grpc", "serviceName": "s", "mode": "multi", "authority": "a.example"},
+        ),
+        (
+            {
+                "network": "xhttp",
+                "xhttpSettings": {"path": "/up", "mode": "stream-one", "host": "h.example.com"},
+            },
+            {"type": "xhttp", "path": "/up", "mode": "stream-one", "host": "h.example.com"},
+        ),
+        (
+            {"network": "splithttp", "splithttpSettings": {"extra": {"noGRPCHeader": True}}},
+            {"type": "xhttp", "path": "/", "mode": "auto", "extra": '{"noGRPCHeader":true}'},
+        ),
+        (
+            {
+                "network": "ws",
+                "wsSettings": {"path": "/ws?ed=2048", "headers": {"Host": "w.example"}},
+            },
+            {"type": "ws", "path": "/ws?ed=2048", "host": "w.example"},
+        ),
+        (
+            {
+                "network": "httpupgrade",
+                "httpupgradeSettings": {"path": "/u", "host": "u.example.com"},
+            },
+            {"type": "httpupgrade", "path": "/u", "host": "u.example.com"},
+        ),
     ],
     ids=["raw", "tcp-http", "grpc-gun", "grpc-multi", "xhttp", "splithttp", "ws", "httpupgrade"],
 )
@@ -1194,15 +1246,29 @@ def test_links_read_back_into_the_inbounds_fields(
     flow = {"flow": "xtls-rprx-vision"} if stream["network"] in ("raw", "tcp") else {}
     k = template_key({**stream, **REALITY_STREAM}, client_id="bob laptop", email="b@x", **flow)
     assert link_fields(vless_link(k, opts_for(fingerprint="safari"), REALITY)) == {
-        "id": "bob laptop", "host": "vpn.example.net", "port": "10001", "name": "alice",
-        **transport, "encryption": "none", "security": "reality",
-        "pbk": RFC7748[1][3], "fp": "safari", "sni": "www.example.org", "sid": "ab12",
-        "spx": "/a b", **flow,
+        "id": "bob laptop",
+        "host": "vpn.example.net",
+        "port": "10001",
+        "name": "alice",
+        **transport,
+        "encryption": "none",
+        "security": "reality",
+        "pbk": RFC7748[1][3],
+        "fp": "safari",
+        "sni": "www.example.org",
+        "sid": "ab12",
+        "spx": "/a b",
+        **flow,
     }
     plain = template_key({**stream, "security": "none"}, client_id=U2)
     assert link_fields(vless_link(plain, opts_for(security="none"))) == {
-        "id": U2, "host": "vpn.example.net", "port": "10001", "name": "alice",
-        **transport, "encryption": "none", "security": "none",
+        "id": U2,
+        "host": "vpn.example.net",
+        "port": "10001",
+        "name": "alice",
+        **transport,
+        "encryption": "none",
+        "security": "none",
     }
 
 
@@ -1228,8 +1294,9 @@ def test_migration_keeps_ids_names_and_every_field(tmp_path: Path) -> None:
         ("мама", xray_uuid("мама"), "мама"),
         (U3, U3, "anna-2"),  # a uuid in another spelling is written canonically
     ]
-    assert "the name 'anna' is taken (another key or client), so its key is named 'anna-2'" in (
-        plan.notes[0]
+    assert (
+        "the name 'anna' is taken (another key or client), so its key is named 'anna-2'"
+        in (plan.notes[0])
     )
     config, keys = migrate(source, plan, opts_for())
     for move, k in zip(plan.moves, keys, strict=True):

@@ -1,4 +1,4 @@
-"""Reading Xray configs as Xray does: comments, strings, positions of errors, size (issue 16).
+"""Reading Xray configs as Xray does: comments, strings, positions of errors, size.
 
 The reference is a transliteration of Xray's own comment filter (the state machine of
 infra/conf/json/reader.go in Xray-core), one character at a time; portmeter's reader is a
@@ -16,7 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from daemon.bounds import MAX_XRAY_CONFIG_BYTES
-from daemon.xray_sync import XrayConfigError, XrayFiles, XrayOptions, read_config_text
+from daemon.xray.model import XrayConfigError, XrayOptions
+from daemon.xray.text import read_config_text
+from daemon.xray_sync import XrayFiles
 
 CORPUS = Path(__file__).parent / "xray_corpus"
 
@@ -44,7 +46,7 @@ def xray_reader(text: str) -> tuple[str, str, bool]:
             out.append("\\" + x)
             state = "content"
         elif state in ("dq", "sq"):
-            if x == ("\"" if state == "dq" else "'"):
+            if x == ('"' if state == "dq" else "'"):
                 state = "content"
                 out.append(x)
             elif x == "\\":
@@ -204,7 +206,7 @@ def test_errors_name_line_and_column(text: str, message: str) -> None:
 
 def test_bytes_that_are_not_utf8_are_refused_with_their_position() -> None:
     with pytest.raises(XrayConfigError, match=r"not UTF-8 text \(line 2, column 10\)"):
-        read_config_text('{\n"ключ": "\xff"}'.encode("utf-8").replace(b"\xc3\xbf", b"\xff"), "x")
+        read_config_text('{\n"ключ": "\xff"}'.encode().replace(b"\xc3\xbf", b"\xff"), "x")
 
 
 def test_a_config_over_the_bound_is_refused_unread(tmp_path: Path) -> None:

@@ -21,14 +21,10 @@ from typing import Any
 
 import pytest
 
-from daemon.xray_sync import (
-    XrayConfigError,
-    XrayFiles,
-    XrayKey,
-    XrayOptions,
-    render_config,
-    vless_link,
-)
+from daemon.xray.links import vless_link
+from daemon.xray.model import XrayConfigError, XrayKey, XrayOptions
+from daemon.xray.render import render_config
+from daemon.xray_sync import XrayFiles
 from tests.netlab import SERVER_V4, Lab, wait_for
 from tests.test_xray_corpus import (
     CORPUS,
@@ -149,7 +145,7 @@ def test_namespace_is_removed_even_when_the_test_fails(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "bad.json").read_text()) == {"inbounds": "not a list"}
 
 
-# --- the corpus's inbounds, migrated and served (issue 16) ---------------------------------
+# --- the corpus's inbounds, migrated and served ------------------------------------------
 
 NFT_V2RAY_TEST_PORTS = range(31001, 31100)  # the converted shared inbounds' own ports
 Counts = dict[int, tuple[int, int]]  # port -> (bytes to it, bytes from it)

@@ -164,7 +164,7 @@ class ClientRoute:
 
     @classmethod
     def from_link(cls, link: str, socks_port: int) -> ClientRoute:
-        """A route from a vless:// share link (security none only: the test proxy has no REALITY)."""
+        """A route from a vless:// share link (security none only: the test proxy lacks REALITY)."""
         parts = urlsplit(link)
         query = {k: v[0] for k, v in parse_qs(parts.query).items()}
         if parts.scheme != "vless" or query.get("security", "none") != "none":

@@ -1,7 +1,7 @@
-"""ASGI layers around the API app: HEAD answers, the audit log, and the TCP listener's key check.
+"""The TCP listener's key check: who may call what (README "TCP listener").
 
-Kept apart from the routes (api.py) and from the sockets (http_server.py): each layer is a plain
-ASGI app wrapping another, so the Unix socket and the TCP listener stack the ones they need.
+The Unix socket needs none: its file permissions are its guard (daemon.http.server stacks this
+layer on the TCP listener alone).
 """
 
 from __future__ import annotations
@@ -11,12 +11,11 @@ import hmac
 import logging
 from collections.abc import Iterable
 from enum import Enum
-from typing import Any
 
-import structlog
-from starlette.responses import JSONResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from daemon.http.middleware import refuse
+from daemon.http.middleware.audit import peer_name
 from daemon.logs import RepeatedEvents
 
 # The report intake routes: the only ones a report key (PORTMETER_REPORT_API_KEYS) opens.
@@ -24,60 +23,6 @@ INTAKE_ROUTES = frozenset(
     {("POST", "/api/traffic/webhook"), ("POST", "/api/xpert/traffic-webhook")}
 )
 MISSING_OR_WRONG = "missing or wrong X-API-Key header"
-
-
-class HeadAsGet:
-    """HEAD wherever GET is served (RFC 9110, section 9.3.2): the route answers as for GET, and
-    the answer goes out with the same status and headers (Content-Length included), no body."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "HEAD":
-            await self.app(scope, receive, send)
-            return
-
-        async def without_body(message: Message) -> None:
-            if message["type"] == "http.response.body":
-                message = {**message, "body": b""}
-            await send(message)
-
-        await self.app({**scope, "method": "GET"}, receive, without_body)
-
-
-class AuditLog:
-    """Logs every call that changes something, with the caller's pid/uid and the answer's status."""
-
-    def __init__(self, app: ASGIApp, log: structlog.typing.FilteringBoundLogger) -> None:
-        self.app = app
-        self.log = log
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
-            await self.app(scope, receive, send)
-            return
-        status = 500
-
-        async def remember(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, remember)
-        finally:
-            self.log.info(
-                "api_call", method=scope["method"], path=scope["path"], status=status,
-                peer=peer_name(scope.get("client")),
-            )
-
-
-def peer_name(client: Any) -> str:
-    """A client as logged: `pid=… uid=…` on the Unix socket, `host:port` over TCP."""
-    host, port = client or ("unknown", 0)
-    return f"{host}:{port}" if port else str(host)
 
 
 class Role(Enum):
@@ -160,15 +105,16 @@ class ApiKeyGuard:
 
     async def _refuse(self, scope: Scope, send: Send, refusal: Refusal) -> None:
         self.events.happened(
-            "request_refused", level=logging.WARNING, status=refusal.status,
-            reason=refusal.detail, method=scope["method"], path=scope["path"],
+            "request_refused",
+            level=logging.WARNING,
+            status=refusal.status,
+            reason=refusal.detail,
+            method=scope["method"],
+            path=scope["path"],
             peer=peer_name(scope.get("client")),
         )
         headers = {"www-authenticate": 'Bearer realm="portmeter"'} if refusal.status == 401 else {}
-        answer = JSONResponse(
-            {"detail": refusal.detail}, status_code=refusal.status, headers=headers
-        )
-        await answer(scope, _disconnected, send)
+        await refuse(scope, send, refusal.status, refusal.detail, headers)
 
     def _open(self, path: str) -> bool:
         return path == "/" or path.startswith(self.OPEN_PREFIXES)
@@ -176,7 +122,3 @@ class ApiKeyGuard:
 
 def _digest(key: bytes) -> bytes:
     return hashlib.sha256(key).digest()
-
-
-async def _disconnected() -> Message:
-    return {"type": "http.disconnect"}

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import APIRouter
 from starlette.responses import FileResponse, Response
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
-WEB_DIR = Path(__file__).resolve().parent / "web"
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 
 # The page loads nothing from elsewhere and is never framed; browsers revalidate (ETag) so an
 # upgraded daemon's files are picked up at once.
@@ -29,6 +29,8 @@ HEADERS = {
 
 
 class _StaticFiles(StaticFiles):
+    """Starlette's static files with the page's headers on every answer."""
+
     async def get_response(self, path: str, scope: Scope) -> Response:
         response = await super().get_response(path, scope)
         for name, value in HEADERS.items():
@@ -36,11 +38,17 @@ class _StaticFiles(StaticFiles):
         return response
 
 
-def register(app: FastAPI) -> None:
-    """Serve the page at `/` and its files at `/static/`."""
+router = APIRouter()
 
-    @app.get("/", include_in_schema=False)
-    async def traffic_manager() -> FileResponse:
-        return FileResponse(WEB_DIR / "index.html", media_type="text/html; charset=utf-8", headers=HEADERS)
 
-    app.mount("/static", _StaticFiles(directory=WEB_DIR), name="static")
+@router.get("/", include_in_schema=False)
+async def traffic_manager() -> FileResponse:
+    """The page itself; it loads its script and style from /static/."""
+    return FileResponse(
+        WEB_DIR / "index.html", media_type="text/html; charset=utf-8", headers=HEADERS
+    )
+
+
+def static_files() -> StaticFiles:
+    """The page's files, for `app.mount("/static", ...)`; each answer carries HEADERS."""
+    return _StaticFiles(directory=WEB_DIR)

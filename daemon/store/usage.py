@@ -39,9 +39,15 @@ class UsageDelta:
 
     def plus(self, rx_bytes: int, tx_bytes: int, rx_packets: int, tx_packets: int) -> UsageDelta:
         return UsageDelta(
-            self.key_id, self.name, self.uuid, self.port, self.epoch,
-            self.rx_bytes + rx_bytes, self.tx_bytes + tx_bytes,
-            self.rx_packets + rx_packets, self.tx_packets + tx_packets,
+            self.key_id,
+            self.name,
+            self.uuid,
+            self.port,
+            self.epoch,
+            self.rx_bytes + rx_bytes,
+            self.tx_bytes + tx_bytes,
+            self.rx_packets + rx_packets,
+            self.tx_packets + tx_packets,
         )
 
 

@@ -1,7 +1,7 @@
 """Usage history in SQLite: per key per hour, rolled up per day, kept for a retention period.
 
 The state file stays the source of truth for current totals; the history agrees with it exactly,
-because it is written as a usage sink (daemon.usage) in the same step as each state save:
+because it is written as a usage sink (daemon.store.usage) in the same step as each state save:
 `stage(g)` adds the deltas to the buckets and remembers them under generation g, `commit(g)`
 forgets that memory once state generation g is on disk, and `rollback`/`recover` subtract
 whatever was staged for a generation the state file never reached. So for every key, the
@@ -12,9 +12,10 @@ the page charts the last 24 h), then moved into days [d, d+1d). Moving is exact:
 gains exactly what the hourly rows held. A bucket is deleted once its whole period ended at least
 `retention_days` ago. Deleting or resetting a key keeps its history; only retention removes it.
 
-Fleet reports (usage other servers push, seed 004's webhook format) are kept beside it: each
-report once (by report id; a repeat is ignored), running totals per user and server (a reset
-zeroes them; the reports and the series stay) and an hourly/daily series with the same retention.
+Fleet reports (usage other servers push to the report intake, README "A fleet") are kept beside
+it: each report once (by report id; a repeat is ignored), running totals per user and server (a
+reset zeroes them; the reports and the series stay) and an hourly/daily series with the same
+retention.
 
 No stored number can overflow SQLite's signed 64-bit integers: a report carries at most
 MAX_REPORT_BYTES per direction (checked at the API), and a report is refused (ReportRefused,
@@ -45,8 +46,8 @@ import structlog
 
 from daemon.atomic import disk_full, failure_reason, make_dirs
 from daemon.bounds import MAX_USAGE_BYTES
-from daemon.state import StateError, now
-from daemon.usage import SinkError, UsageDelta
+from daemon.store.state import StateError, now
+from daemon.store.usage import SinkError, UsageDelta
 
 SCHEMA_VERSION = 1
 HOUR = 3600
@@ -54,6 +55,34 @@ DAY = 86400
 HOURLY_HOURS = 48  # hourly buckets older than this are moved into daily ones
 DEFAULT_RETENTION_DAYS = 90
 CLEANUP_INTERVAL = 3600.0
+# Every table of buckets: its name, the column of a bucket's start, and a bucket's length.
+BUCKET_TABLES = (
+    ("hourly", "hour_start", HOUR),
+    ("report_hourly", "hour_start", HOUR),
+    ("daily", "day_start", DAY),
+    ("report_daily", "day_start", DAY),
+)
+# The end of an INSERT into a bucket table: a bucket that is there already gets the counts added.
+ADD_TRAFFIC = (
+    "ON CONFLICT DO UPDATE SET rx_bytes = rx_bytes + excluded.rx_bytes, "
+    "tx_bytes = tx_bytes + excluded.tx_bytes, rx_packets = rx_packets + excluded.rx_packets, "
+    "tx_packets = tx_packets + excluded.tx_packets"
+)
+# Adding the hours that start before `?` into their days, for keys and for reports.
+ROLL_UP_TRAFFIC = (
+    "INSERT INTO daily SELECT key_id, epoch, hour_start - hour_start % 86400 AS day, "
+    "sum(rx_bytes), sum(tx_bytes), sum(rx_packets), sum(tx_packets), max(last_at) "
+    f"FROM hourly WHERE hour_start < ? GROUP BY key_id, epoch, day {ADD_TRAFFIC}, "
+    "last_at = max(last_at, excluded.last_at)"
+)
+ROLL_UP_REPORTS = (
+    "INSERT INTO report_daily SELECT user_token, server, "
+    "hour_start - hour_start % 86400 AS day, sum(uploaded), sum(downloaded), sum(reports) "
+    "FROM report_hourly WHERE hour_start < ? GROUP BY user_token, server, day "
+    "ON CONFLICT DO UPDATE SET uploaded = uploaded + excluded.uploaded, "
+    "downloaded = downloaded + excluded.downloaded, reports = reports + excluded.reports"
+)
+ROLL_UPS = (("hourly", ROLL_UP_TRAFFIC), ("report_hourly", ROLL_UP_REPORTS))
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -159,7 +188,7 @@ class ReportBucket:
 
 @dataclass(frozen=True, slots=True)
 class FleetReport:
-    """One usage report from a server: seed 004's webhook fields plus an id and a time."""
+    """One usage report from a server: the report intake's fields plus an id and a time."""
 
     report_id: str
     user_token: str
@@ -282,7 +311,9 @@ class History:
     def _failure(self, exc: sqlite3.Error) -> SinkError:
         """SQLite's error as a SinkError; only SQLITE_FULL (no space) counts as a full disk."""
         code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
-        return SinkError(f"history database {self.path}: {exc}", disk_full=code == sqlite3.SQLITE_FULL)
+        return SinkError(
+            f"history database {self.path}: {exc}", disk_full=code == sqlite3.SQLITE_FULL
+        )
 
     # --- the UsageSink protocol ----------------------------------------------------------
 
@@ -300,7 +331,10 @@ class History:
             db.execute("DELETE FROM temp.incoming")
             db.executemany(
                 "INSERT INTO temp.incoming VALUES (?, ?, ?, ?, ?, ?)",
-                [(d.key_id, d.epoch, d.rx_bytes, d.tx_bytes, d.rx_packets, d.tx_packets) for d in moved],
+                [
+                    (d.key_id, d.epoch, d.rx_bytes, d.tx_bytes, d.rx_packets, d.tx_packets)
+                    for d in moved
+                ],
             )
             db.executemany(
                 "INSERT INTO keys VALUES (?, ?, ?, ?, ?) ON CONFLICT (key_id) DO UPDATE SET "
@@ -309,21 +343,16 @@ class History:
             )
             # What undoing needs: the deltas, and each bucket's last_at before this generation.
             db.execute(
-                "INSERT INTO staged SELECT ?, i.key_id, i.epoch, ?, sum(i.rx), sum(i.tx), sum(i.rxp),"
-                " sum(i.txp), h.last_at FROM temp.incoming AS i LEFT JOIN hourly AS h"
+                "INSERT INTO staged SELECT ?, i.key_id, i.epoch, ?, sum(i.rx), sum(i.tx),"
+                " sum(i.rxp), sum(i.txp), h.last_at FROM temp.incoming AS i LEFT JOIN hourly AS h"
                 " ON h.key_id = i.key_id AND h.epoch = i.epoch AND h.hour_start = ?"
-                " WHERE true GROUP BY i.key_id, i.epoch "
-                "ON CONFLICT DO UPDATE SET rx_bytes = rx_bytes + excluded.rx_bytes, "
-                "tx_bytes = tx_bytes + excluded.tx_bytes, rx_packets = rx_packets + excluded.rx_packets, "
-                "tx_packets = tx_packets + excluded.tx_packets",
+                f" WHERE true GROUP BY i.key_id, i.epoch {ADD_TRAFFIC}",
                 (generation, hour, hour),
             )
             db.execute(
-                "INSERT INTO hourly SELECT key_id, epoch, ?, sum(rx), sum(tx), sum(rxp), sum(txp), ?"
-                " FROM temp.incoming WHERE true GROUP BY key_id, epoch "
-                "ON CONFLICT DO UPDATE SET rx_bytes = rx_bytes + excluded.rx_bytes, "
-                "tx_bytes = tx_bytes + excluded.tx_bytes, rx_packets = rx_packets + excluded.rx_packets, "
-                "tx_packets = tx_packets + excluded.tx_packets, last_at = max(last_at, excluded.last_at)",
+                "INSERT INTO hourly SELECT key_id, epoch, ?, sum(rx), sum(tx), sum(rxp), sum(txp),"
+                f" ? FROM temp.incoming WHERE true GROUP BY key_id, epoch {ADD_TRAFFIC},"
+                " last_at = max(last_at, excluded.last_at)",
                 (hour, moment),
             )
             db.execute("DELETE FROM temp.incoming")
@@ -411,43 +440,16 @@ class History:
     def _cleanup(self, roll_before: int, cutoff: float) -> dict[str, int]:
         counts: dict[str, int] = {}
         with self._write() as db:
-            counts["hourly_rolled_up"] = db.execute(
-                "SELECT count(*) FROM hourly WHERE hour_start < ?", (roll_before,)
-            ).fetchone()[0]
-            db.execute(
-                "INSERT INTO daily SELECT key_id, epoch, hour_start - hour_start % 86400 AS day, "
-                "sum(rx_bytes), sum(tx_bytes), sum(rx_packets), sum(tx_packets), max(last_at) "
-                "FROM hourly WHERE hour_start < ? GROUP BY key_id, epoch, day "
-                "ON CONFLICT DO UPDATE SET rx_bytes = rx_bytes + excluded.rx_bytes, "
-                "tx_bytes = tx_bytes + excluded.tx_bytes, rx_packets = rx_packets + excluded.rx_packets, "
-                "tx_packets = tx_packets + excluded.tx_packets, last_at = max(last_at, excluded.last_at)",
-                (roll_before,),
-            )
-            db.execute("DELETE FROM hourly WHERE hour_start < ?", (roll_before,))
-            counts["report_hourly_rolled_up"] = db.execute(
-                "SELECT count(*) FROM report_hourly WHERE hour_start < ?", (roll_before,)
-            ).fetchone()[0]
-            db.execute(
-                "INSERT INTO report_daily SELECT user_token, server, hour_start - hour_start % 86400 "
-                "AS day, sum(uploaded), sum(downloaded), sum(reports) FROM report_hourly "
-                "WHERE hour_start < ? GROUP BY user_token, server, day "
-                "ON CONFLICT DO UPDATE SET uploaded = uploaded + excluded.uploaded, "
-                "downloaded = downloaded + excluded.downloaded, reports = reports + excluded.reports",
-                (roll_before,),
-            )
-            db.execute("DELETE FROM report_hourly WHERE hour_start < ?", (roll_before,))
-            counts["hourly_deleted"] = db.execute(
-                "DELETE FROM hourly WHERE hour_start + ? <= ?", (HOUR, cutoff)
-            ).rowcount
-            counts["report_hourly_deleted"] = db.execute(
-                "DELETE FROM report_hourly WHERE hour_start + ? <= ?", (HOUR, cutoff)
-            ).rowcount
-            counts["daily_deleted"] = db.execute(
-                "DELETE FROM daily WHERE day_start + ? <= ?", (DAY, cutoff)
-            ).rowcount
-            counts["report_daily_deleted"] = db.execute(
-                "DELETE FROM report_daily WHERE day_start + ? <= ?", (DAY, cutoff)
-            ).rowcount
+            for hours, into_days in ROLL_UPS:
+                counts[f"{hours}_rolled_up"] = db.execute(
+                    f"SELECT count(*) FROM {hours} WHERE hour_start < ?", (roll_before,)
+                ).fetchone()[0]
+                db.execute(into_days, (roll_before,))
+                db.execute(f"DELETE FROM {hours} WHERE hour_start < ?", (roll_before,))
+            for table, start, length in BUCKET_TABLES:
+                counts[f"{table}_deleted"] = db.execute(
+                    f"DELETE FROM {table} WHERE {start} + ? <= ?", (length, cutoff)
+                ).rowcount
             # A report id is remembered (repeats ignored) for the retention period.
             counts["reports_deleted"] = db.execute(
                 "DELETE FROM reports WHERE received_at <= ?", (cutoff,)
@@ -489,7 +491,7 @@ class History:
         return [Bucket(_moment(r[0]), *r[1:]) for r in rows]
 
     def total(self, key_id: str, epoch: int) -> Totals:
-        """Everything kept for one epoch of a key: its totals since that reset (within retention)."""
+        """Everything kept for one epoch of a key: its totals since that reset, within retention."""
         row = self._read(
             "SELECT coalesce(sum(rx), 0), coalesce(sum(tx), 0), coalesce(sum(rxp), 0), "
             "coalesce(sum(txp), 0) FROM ("
@@ -514,17 +516,20 @@ class History:
         """Every key with history, deleted ones included: id -> name, uuid, port, first_seen."""
         rows = self._read("SELECT key_id, name, uuid, port, first_seen FROM keys")
         return {
-            r[0]: {"name": r[1], "uuid": r[2], "port": r[3], "first_seen": _moment(r[4])} for r in rows
+            r[0]: {"name": r[1], "uuid": r[2], "port": r[3], "first_seen": _moment(r[4])}
+            for r in rows
         }
 
     def stats(self) -> dict[str, Any]:
         """Database information: rows, users, servers, size, retention, oldest/newest bucket."""
         hourly, daily, keys, oldest, newest = self._read(
             "SELECT (SELECT count(*) FROM hourly), (SELECT count(*) FROM daily),"
-            " (SELECT count(DISTINCT key_id) FROM (SELECT key_id FROM hourly UNION SELECT key_id FROM daily)),"
-            " min(s), max(s) FROM (SELECT min(hour_start) AS s FROM hourly UNION ALL"
-            " SELECT max(hour_start) FROM hourly UNION ALL SELECT min(day_start) FROM daily UNION ALL"
-            " SELECT max(day_start) FROM daily)"
+            " (SELECT count(DISTINCT key_id) FROM"
+            "   (SELECT key_id FROM hourly UNION SELECT key_id FROM daily)),"
+            " min(s), max(s) FROM (SELECT min(hour_start) AS s FROM hourly"
+            " UNION ALL SELECT max(hour_start) FROM hourly"
+            " UNION ALL SELECT min(day_start) FROM daily"
+            " UNION ALL SELECT max(day_start) FROM daily)"
         )[0]
         reports, report_series, servers, users = self._read(
             "SELECT (SELECT count(*) FROM reports),"
@@ -575,10 +580,11 @@ class History:
         with self._write() as db:
             for r in reports:
                 at = received if r.timestamp is None else _seconds(r.timestamp)
+                fields = (r.user_token, r.server, r.port, r.protocol)
+                sent = (r.bytes_uploaded, r.bytes_downloaded)
                 inserted = db.execute(
                     "INSERT INTO reports VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                    (r.report_id, r.user_token, r.server, r.port, r.protocol,
-                     r.bytes_uploaded, r.bytes_downloaded, at, received),
+                    (r.report_id, *fields, *sent, at, received),
                 ).rowcount
                 fresh.append(bool(inserted))
                 if not inserted:
@@ -586,34 +592,37 @@ class History:
                 _check_room(db, r, at)
                 db.execute(
                     "INSERT INTO report_totals (user_token, server, port, protocol, uploaded, "
-                    "downloaded, reports, first_seen, last_seen) VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?) "
+                    "downloaded, reports, first_seen, last_seen) "
+                    "VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?) "
                     "ON CONFLICT DO UPDATE SET uploaded = uploaded + excluded.uploaded, "
                     "downloaded = downloaded + excluded.downloaded, reports = reports + 1, "
-                    "port = CASE WHEN excluded.last_seen >= last_seen THEN excluded.port ELSE port END, "
-                    "protocol = CASE WHEN excluded.last_seen >= last_seen THEN excluded.protocol "
-                    "ELSE protocol END, first_seen = min(first_seen, excluded.first_seen), "
+                    "port = CASE WHEN excluded.last_seen >= last_seen "
+                    "THEN excluded.port ELSE port END, "
+                    "protocol = CASE WHEN excluded.last_seen >= last_seen "
+                    "THEN excluded.protocol ELSE protocol END, "
+                    "first_seen = min(first_seen, excluded.first_seen), "
                     "last_seen = max(last_seen, excluded.last_seen)",
-                    (r.user_token, r.server, r.port, r.protocol, r.bytes_uploaded,
-                     r.bytes_downloaded, at, at),
+                    (*fields, *sent, at, at),
                 )
                 db.execute(
                     "INSERT INTO report_hourly VALUES (?, ?, ?, ?, ?, 1) "
                     "ON CONFLICT DO UPDATE SET uploaded = uploaded + excluded.uploaded, "
                     "downloaded = downloaded + excluded.downloaded, reports = reports + 1",
-                    (r.user_token, r.server, _floor(at, HOUR), r.bytes_uploaded, r.bytes_downloaded),
+                    (r.user_token, r.server, _floor(at, HOUR), *sent),
                 )
         return fresh
 
     def reported(self, user_token: str) -> list[ServerUsage]:
         """Per server, what was reported for `user_token` since its last reset (by server name)."""
         rows = self._read(
-            "SELECT server, port, protocol, uploaded - offset_uploaded, downloaded - offset_downloaded,"
-            " reports - offset_reports, first_seen, last_seen FROM report_totals"
-            " WHERE user_token = ? ORDER BY server",
+            "SELECT server, port, protocol, uploaded - offset_uploaded,"
+            " downloaded - offset_downloaded, reports - offset_reports, first_seen, last_seen"
+            " FROM report_totals WHERE user_token = ? ORDER BY server",
             (user_token,),
         )
         return [
-            ServerUsage(r[0], r[1], r[2], r[3], r[4], r[5], _moment(r[6]), _moment(r[7])) for r in rows
+            ServerUsage(r[0], r[1], r[2], r[3], r[4], r[5], _moment(r[6]), _moment(r[7]))
+            for r in rows
         ]
 
     def reported_users(self) -> dict[str, tuple[int, int, list[str]]]:
@@ -632,7 +641,8 @@ class History:
     ) -> list[ReportBucket]:
         rows = self._read(
             "SELECT hour_start, uploaded, downloaded, reports FROM report_hourly"
-            " WHERE user_token = ? AND (? IS NULL OR server = ?) AND hour_start >= ? AND hour_start < ?",
+            " WHERE user_token = ? AND (? IS NULL OR server = ?)"
+            " AND hour_start >= ? AND hour_start < ?",
             (user_token, server, server, _floor(_seconds(since), HOUR), _seconds(until)),
         )
         return _report_buckets(rows)
@@ -644,8 +654,8 @@ class History:
             "SELECT day, up, down, n FROM ("
             " SELECT day_start AS day, uploaded AS up, downloaded AS down, reports AS n, server"
             "  FROM report_daily WHERE user_token = ?"
-            " UNION ALL SELECT hour_start - hour_start % 86400, uploaded, downloaded, reports, server"
-            "  FROM report_hourly WHERE user_token = ?"
+            " UNION ALL SELECT hour_start - hour_start % 86400, uploaded, downloaded, reports,"
+            "  server FROM report_hourly WHERE user_token = ?"
             ") WHERE (? IS NULL OR server = ?) AND day >= ? AND day < ?",
             (user_token, user_token, server, server, _floor(_seconds(since), DAY), _seconds(until)),
         )
@@ -654,8 +664,8 @@ class History:
     def reported_stats(self) -> dict[str, Any]:
         """Reports kept, users and servers that reported, and the totals since each reset."""
         reports, users, servers = self._read(
-            "SELECT (SELECT count(*) FROM reports), count(DISTINCT user_token), count(DISTINCT server)"
-            " FROM report_totals"
+            "SELECT (SELECT count(*) FROM reports), count(DISTINCT user_token),"
+            " count(DISTINCT server) FROM report_totals"
         )[0]
         names = [r[0] for r in self._read("SELECT DISTINCT server FROM report_totals ORDER BY 1")]
         totals = self._read(
@@ -696,12 +706,15 @@ class History:
         return {"servers": servers, "bytes_uploaded": up, "bytes_downloaded": down}
 
     def reports_reset_at(self, user_token: str) -> datetime | None:
-        rows = self._read("SELECT last_reset_at FROM report_users WHERE user_token = ?", (user_token,))
+        rows = self._read(
+            "SELECT last_reset_at FROM report_users WHERE user_token = ?", (user_token,)
+        )
         return _moment(rows[0][0]) if rows else None
 
 
-async def cleanup_loop(history: History, log: structlog.typing.FilteringBoundLogger,
-                       interval: float = CLEANUP_INTERVAL) -> None:
+async def cleanup_loop(
+    history: History, log: structlog.typing.FilteringBoundLogger, interval: float = CLEANUP_INTERVAL
+) -> None:
     """Apply retention at start and then every `interval` seconds, in a worker thread."""
     while True:
         try:
@@ -773,7 +786,15 @@ def days_back(at: datetime, days: int) -> list[datetime]:
 
 
 __all__ = [
-    "Bucket", "FleetReport", "History", "HistoryError", "ReportBucket", "ReportRefused",
-    "ServerUsage", "Totals",
-    "cleanup_loop", "days_back", "hours_back",
+    "Bucket",
+    "FleetReport",
+    "History",
+    "HistoryError",
+    "ReportBucket",
+    "ReportRefused",
+    "ServerUsage",
+    "Totals",
+    "cleanup_loop",
+    "days_back",
+    "hours_back",
 ]

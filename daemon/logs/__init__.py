@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 
-from daemon import journal
+from daemon.logs import journald
 
 Processor = Callable[[Any, str, MutableMapping[str, Any]], Any]
 Scheduler = Callable[[float, Callable[[], None]], object]
@@ -75,7 +75,7 @@ def configure(level: str = "info") -> None:
     structlog.configure(
         # Under systemd, straight to the journal, each field a journal field of its own
         # (journalctl -u portmeter EVENT=table_missing); otherwise key=value lines on stdout.
-        processors=processors(journal.renderer(line_renderer())),
+        processors=processors(journald.renderer(line_renderer())),
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         logger_factory=structlog.PrintLoggerFactory(sys.stdout),
         cache_logger_on_first_use=False,

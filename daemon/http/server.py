@@ -29,6 +29,7 @@ from typing import Any
 
 import anyio
 import h11
+import structlog
 import uvicorn
 from anyio.abc import TaskStatus
 from starlette.types import ASGIApp
@@ -36,10 +37,11 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import ServerState
 
 from daemon import bounds
-from daemon.api import create_app
 from daemon.atomic import make_dirs
+from daemon.http.app import served_app
+from daemon.http.middleware.audit import peer_name
+from daemon.http.middleware.auth import ApiKeyGuard
 from daemon.logs import RepeatedEvents, RepeatedRecords
-from daemon.middleware import ApiKeyGuard, AuditLog, HeadAsGet, peer_name
 from daemon.service import Service
 from daemon.settings import Settings
 
@@ -336,8 +338,11 @@ def repeated_errors_logged(events: RepeatedEvents) -> Iterator[None]:
         error = context.get("exception")
         message = str(context.get("message", "event loop error"))
         events.happened(
-            "loop_error", f"{message}|{type(error).__name__}", logging.ERROR,
-            message=message, error=repr(error),
+            "loop_error",
+            f"{message}|{type(error).__name__}",
+            logging.ERROR,
+            message=message,
+            error=repr(error),
         )
 
     loop.set_exception_handler(loop_error)
@@ -365,7 +370,8 @@ def listeners(settings: Settings, app: ASGIApp, events: RepeatedEvents) -> list[
     timeouts = (settings.http_head_timeout, settings.http_body_timeout)
     bound = [
         Listener(
-            bind_unix_socket(settings.socket, settings.socket_group), app,
+            bind_unix_socket(settings.socket, settings.socket_group),
+            app,
             ListenerLimits(*timeouts, events),
         )
     ]
@@ -386,33 +392,43 @@ def listeners(settings: Settings, app: ASGIApp, events: RepeatedEvents) -> list[
 
 def uvicorn_server(listener: Listener) -> _QuietServer:
     config = ListenerConfig(
-        listener.app, listener.limits, http=ListenerProtocol, log_config=None, access_log=False,
-        lifespan="off", timeout_graceful_shutdown=3, backlog=ACCEPT_BATCH,
+        listener.app,
+        listener.limits,
+        http=ListenerProtocol,
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=3,
+        backlog=ACCEPT_BATCH,
     )
     return _QuietServer(config)
 
 
 async def serve(
+    settings: Settings,
+    log: structlog.typing.FilteringBoundLogger,
     service: Service,
     stop: anyio.Event,
     *,
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Answer on the Unix socket (and the TCP listener, if set) until `stop`, then finish
-    requests in flight."""
-    settings, log = service.settings, service.log
+    """Answer for `service` on the Unix socket (and the TCP listener, if set) until `stop`, then
+    finish requests in flight. The daemon's wiring passes `settings` and `log` first
+    (functools.partial), so it starts this as `serve(service, stop)`."""
     soft, hard = raise_open_files_limit()
     log.info("open_files_limit", soft=soft, hard=hard)
     loop = asyncio.get_running_loop()
     events = RepeatedEvents(log, settings.log_repeat_interval, loop.call_later)
-    app = HeadAsGet(AuditLog(create_app(service), log))
+    app = served_app(service, log)
     bound = listeners(settings, app, events)
     if settings.http_listen:
         log.info(
-            "http_listener", address=settings.http_listen,
+            "http_listener",
+            address=settings.http_listen,
             max_connections=settings.http_max_connections,
             max_connections_per_client=settings.http_max_connections_per_client,
-            head_timeout=settings.http_head_timeout, body_timeout=settings.http_body_timeout,
+            head_timeout=settings.http_head_timeout,
+            body_timeout=settings.http_body_timeout,
         )
     servers = [uvicorn_server(listener) for listener in bound]
     try:

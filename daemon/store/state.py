@@ -18,18 +18,20 @@ import secrets
 from collections.abc import Collection, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 from uuid import UUID
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from daemon.accounting import Account, Reading, Usage
 from daemon.atomic import (
+    backup_stamp,
     disk_full,
     failure_reason,
     fsync_directory,
     own_dir,
     refuse_link,
+    rotate,
     write_atomic,
 )
 from daemon.bounds import (
@@ -45,8 +47,7 @@ from daemon.bounds import (
 )
 from daemon.limits import ResetStrategy, Status
 
-SCHEMA_VERSION = 1
-BACKUP_STAMP = "%Y%m%dT%H%M%S%fZ"
+SCHEMA_VERSION: Final = 1
 TOP_LEVEL_GENERATION = re.compile(rb'^ "generation": \d+,$', re.MULTILINE)
 
 
@@ -93,12 +94,16 @@ class DirectionModel(BaseModel):
         return cls.model_construct(
             packets=account.total.packets,
             bytes=account.total.bytes,
-            reading=None if reading is None else ReadingModel.model_construct(**_reading_fields(reading)),
+            reading=None if reading is None else _reading_model(reading),
         )
 
     def account(self) -> Account:
         saved = self.reading
-        reading = None if saved is None else Reading(saved.table_handle, saved.handle, saved.packets, saved.bytes)
+        reading = (
+            None
+            if saved is None
+            else Reading(saved.table_handle, saved.handle, saved.packets, saved.bytes)
+        )
         return Account(Usage(self.packets, self.bytes), reading)
 
 
@@ -207,13 +212,13 @@ def _check_shared(keys: Mapping[str, KeyRecord]) -> None:
             raise ValueError(f"keys {other!r} and {key_id!r} have the same port {key.port}")
 
 
-def _reading_fields(reading: Reading) -> dict[str, int]:
-    return {
-        "table_handle": reading.table_handle,
-        "handle": reading.handle,
-        "packets": reading.packets,
-        "bytes": reading.bytes,
-    }
+def _reading_model(reading: Reading) -> ReadingModel:
+    return ReadingModel.model_construct(
+        table_handle=reading.table_handle,
+        handle=reading.handle,
+        packets=reading.packets,
+        bytes=reading.bytes,
+    )
 
 
 def _same_state(path: Path, data: bytes) -> bool:
@@ -282,8 +287,10 @@ class StateStore:
         journal would, or its cost is spread over the many appends before it."""
         if changed is not None and 2 * len(changed) <= len(state.keys):
             record = JournalRecord(
-                generation=state.generation, instance=state.instance,
-                table_handle=state.table_handle, reality_private_key=state.reality_private_key,
+                generation=state.generation,
+                instance=state.instance,
+                table_handle=state.table_handle,
+                reality_private_key=state.reality_private_key,
                 keys={key_id: state.keys.get(key_id) for key_id in changed},
             )
             data = record.model_dump_json().encode() + b"\n"
@@ -307,14 +314,15 @@ class StateStore:
         newest = max(self.backup_dir.glob("state-*.json"), default=None)
         if newest is not None and _same_state(newest, data):
             return None
-        target = self.backup_dir / f"state-{now().strftime(BACKUP_STAMP)}.json"
+        target = self.backup_dir / f"state-{backup_stamp()}.json"
         try:
             own_dir(self.backup_dir)
             write_atomic(target, data)
         except OSError as exc:
-            raise StorageError(f"cannot write {target}: {failure_reason(exc)}", disk_full=disk_full(exc)) from None
-        for old in sorted(self.backup_dir.glob("state-*.json"))[: -self.backups]:
-            old.unlink(missing_ok=True)
+            raise StorageError(
+                f"cannot write {target}: {failure_reason(exc)}", disk_full=disk_full(exc)
+            ) from None
+        rotate(sorted(self.backup_dir.glob("state-*.json")), self.backups)
         return target
 
     def valid_backups(self) -> list[Path]:
@@ -336,7 +344,7 @@ class StateStore:
         backups = self.valid_backups()
         if not backups:
             raise StateError(f"no valid backup in {self.backup_dir}/ to restore {self.path} from")
-        stamp = now().strftime(BACKUP_STAMP)
+        stamp = backup_stamp()
         aside = []
         # Snapshot first: a crash in between leaves a journal without a snapshot, which load
         # refuses, rather than a snapshot that silently lost its journal.
@@ -364,18 +372,24 @@ class StateStore:
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise StateError(self._damaged(f"is not valid JSON ({exc.msg} at line {exc.lineno})")) from None
+            raise StateError(
+                self._damaged(f"is not valid JSON ({exc.msg} at line {exc.lineno})")
+            ) from None
         except (ValueError, RecursionError) as exc:  # absurd numbers or nesting
             raise StateError(self._damaged(f"is not valid JSON ({type(exc).__name__})")) from None
         version = raw.get("schema_version") if isinstance(raw, dict) else None
         if type(version) is not int or version != SCHEMA_VERSION:
             raise StateError(
-                self._damaged(f"has schema version {version!r}, this portmeter reads {SCHEMA_VERSION}")
+                self._damaged(
+                    f"has schema version {version!r}, this portmeter reads {SCHEMA_VERSION}"
+                )
             )
         try:
             state = State.model_validate(raw)
         except ValidationError as exc:
-            raise StateError(self._damaged(f"does not match the schema ({_first_error(exc)})")) from None
+            raise StateError(
+                self._damaged(f"does not match the schema ({_first_error(exc)})")
+            ) from None
         self._snapshot_size = len(data)
         return state
 
@@ -388,7 +402,9 @@ class StateStore:
             self._journal_end = 0
             return False
         except OSError as exc:
-            raise StateError(self._damaged_journal(f"cannot be read ({failure_reason(exc)})")) from None
+            raise StateError(
+                self._damaged_journal(f"cannot be read ({failure_reason(exc)})")
+            ) from None
         end = data.rfind(b"\n") + 1
         if end and not self.path.exists():
             raise StateError(self._damaged_journal(f"holds changes to {self.path}, which is gone"))
@@ -425,22 +441,28 @@ class StateStore:
         """Write one record after the whole ones and fdatasync it; on failure cut it back off."""
         try:
             refuse_link(self.journal)
-            fd = os.open(self.journal, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            fd = os.open(
+                self.journal, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+            )
         except OSError as exc:
-            raise StorageError(f"cannot write {self.journal}: {failure_reason(exc)}", disk_full=disk_full(exc)) from None
+            raise StorageError(
+                f"cannot write {self.journal}: {failure_reason(exc)}", disk_full=disk_full(exc)
+            ) from None
         try:
             if os.fstat(fd).st_size != end:
                 os.ftruncate(fd, end)  # the torn tail of a crash mid-append
             view = memoryview(data)
             while view:
-                view = view[os.pwrite(fd, view, end + len(data) - len(view)):]
+                view = view[os.pwrite(fd, view, end + len(data) - len(view)) :]
             os.fdatasync(fd)
             if end == 0:  # the file may be new: its directory entry must be on disk too
                 fsync_directory(self.journal.parent)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, end)
-            raise StorageError(f"cannot write {self.journal}: {failure_reason(exc)}", disk_full=disk_full(exc)) from None
+            raise StorageError(
+                f"cannot write {self.journal}: {failure_reason(exc)}", disk_full=disk_full(exc)
+            ) from None
         finally:
             os.close(fd)
         self._journal_end = end + len(data)
@@ -452,7 +474,9 @@ class StateStore:
             write_atomic(self.path, data)
         except OSError as exc:
             self._snapshot_size = None  # it may be in place anyway: only a snapshot may follow it
-            raise StorageError(f"cannot write {self.path}: {failure_reason(exc)}", disk_full=disk_full(exc)) from None
+            raise StorageError(
+                f"cannot write {self.path}: {failure_reason(exc)}", disk_full=disk_full(exc)
+            ) from None
         self._snapshot_size = len(data)
         try:
             self.journal.unlink(missing_ok=True)

@@ -1,18 +1,20 @@
-"""Between the service's keys and xray_sync: which keys Xray must serve and how a change reaches it.
+"""The service's Xray side: which keys Xray must serve, and how a change reaches it.
 
-All Xray file and process work happens in xray_sync (in a worker thread where it blocks); this
-module turns state records into XrayKeys and packages "write, apply, and how to undo it".
+All Xray file and process work happens in daemon/xray_sync.py (in a worker thread where it
+blocks); this module turns state records into XrayKeys, packages "write, apply, and how to undo
+it", and remembers which keys changed since the last push (the ledger's marks reach it through
+`follow`), so a push after one key operation looks at that key alone.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import json
 import secrets
 import shlex
 import socket
+import uuid
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,14 +23,28 @@ from typing import Any
 import anyio
 import structlog
 
-from daemon import xray_sync as xs
-from daemon.errors import Invalid, NotFound, StorageFull, XrayRefused
+from daemon.errors import Invalid, NotFound, OperationError, StorageFull, XrayRefused
 from daemon.limits import Status
 from daemon.settings import Settings
-from daemon.state import KeyRecord, State
+from daemon.store.state import KeyRecord, State, now
+from daemon.xray.drift import DriftProblem, drift_report
+from daemon.xray.links import vless_link
+from daemon.xray.migration import MigrationMove, MigrationPlan, plan_migration
+from daemon.xray.model import (
+    Reality,
+    XrayError,
+    XrayKey,
+    XrayOptions,
+    XrayStorageError,
+)
+from daemon.xray.reality import generate_reality, new_short_id, reality_from_private
+from daemon.xray.render import inbound_changes
+from daemon.xray.text import ConfigText
+from daemon.xray_sync import LiveConfig, XrayApplier, XrayFiles, config_status, read_source
 
 Undo = Callable[[], Awaitable[None]]
 MIGRATION_LABEL = "pre-migration"
+DRIFT_LINES = 20  # drift problems logged one by one at start; the rest as a count
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,18 +59,21 @@ class Pushed:
 
 
 @functools.lru_cache(maxsize=1024)
-def _reality(private_key: str) -> xs.Reality:
+def _reality(private_key: str) -> Reality:
     """Deriving the public half is an X25519 operation: once per key pair, not once per link."""
-    return xs.reality_from_private(private_key)
+    return reality_from_private(private_key)
 
 
-class XrayBridge:
+class XraySide:
+    """Xray's view of the keys: the inbounds they need, pushed and applied, and the marks of
+    which keys changed since the last push."""
+
     def __init__(self, settings: Settings, log: structlog.typing.FilteringBoundLogger) -> None:
         assert settings.xray_config is not None
         self.settings = settings
         self.log = log
         host = settings.public_host or socket.getfqdn()
-        self.options = xs.XrayOptions(
+        self.options = XrayOptions(
             config_path=settings.xray_config,
             xray_bin=settings.xray_bin,
             apply=settings.xray_apply,
@@ -68,40 +87,55 @@ class XrayBridge:
             public_host=host,
             file_group=settings.xray_gid,
         )
-        self.files = xs.XrayFiles(self.options)
-        self.live = xs.LiveConfig(self.files)
-        self.applier = xs.XrayApplier(self.options)
+        self.files = XrayFiles(self.options)
+        self.live = LiveConfig(self.files)
+        self.applier = XrayApplier(self.options)
         # key id -> (the record's fields an XrayKey is made of, that XrayKey); see `served`.
-        self._xray_keys: dict[str, tuple[tuple[Any, ...], xs.XrayKey]] = {}
-        self._served: list[xs.XrayKey] | None = None  # as the last call found them
+        self._xray_keys: dict[str, tuple[tuple[Any, ...], XrayKey]] = {}
+        self._served: list[XrayKey] | None = None  # as the last call found them
+        # Ids of keys changed since the last push (None: not known, look at every key).
+        self.stale: set[str] | None = None
+        self.statuses_moved = False  # a key's status changed since the last push
+
+    def follow(self, key_id: str, status: bool) -> None:
+        """A key changed (or went), its status too if `status`: the next push looks at it."""
+        if self.stale is not None:
+            self.stale.add(key_id)
+        self.statuses_moved = self.statuses_moved or status
 
     # --- keys ----------------------------------------------------------------------------
 
     def prepare(self, state: State, key: KeyRecord) -> None:
         """Give a new key its REALITY short id, subscription token (and key pair if per key)."""
         if not key.short_id:
-            key.short_id = xs.new_short_id()
+            key.short_id = new_short_id()
         if not key.sub_token:
             key.sub_token = secrets.token_urlsafe(24)
         if self.settings.reality_keys == "key" and key.reality_private_key is None:
-            key.reality_private_key = xs.generate_reality().private_key
+            key.reality_private_key = generate_reality().private_key
         self.server_reality(state)
 
-    def server_reality(self, state: State) -> xs.Reality:
+    def server_reality(self, state: State) -> Reality:
         if state.reality_private_key is None:
-            state.reality_private_key = xs.generate_reality().private_key
+            state.reality_private_key = generate_reality().private_key
         return _reality(state.reality_private_key)
 
-    def xray_key(self, key: KeyRecord) -> xs.XrayKey:
+    def xray_key(self, key: KeyRecord) -> XrayKey:
         pair = None if key.reality_private_key is None else _reality(key.reality_private_key)
         inbound = key.xray_inbound
-        return xs.XrayKey(
-            id=key.id, name=key.name, uuid=str(key.uuid), port=key.port, short_id=key.short_id,
-            reality=pair, flow=key.flow, extra_short_ids=tuple(key.extra_short_ids),
+        return XrayKey(
+            id=key.id,
+            name=key.name,
+            uuid=str(key.uuid),
+            port=key.port,
+            short_id=key.short_id,
+            reality=pair,
+            flow=key.flow,
+            extra_short_ids=tuple(key.extra_short_ids),
             template="" if inbound is None else json.dumps(inbound, ensure_ascii=False),
         )
 
-    def served(self, state: State, changed: Collection[str] | None = None) -> list[xs.XrayKey]:
+    def served(self, state: State, changed: Collection[str] | None = None) -> list[XrayKey]:
         """The keys Xray must have an inbound for.
 
         Every push needs this for all keys, and building an XrayKey parses and checks its uuid
@@ -128,19 +162,26 @@ class XrayBridge:
     def _serves(self, key: KeyRecord) -> bool:
         return key.status is Status.ACTIVE or not self.settings.xray_remove_inactive
 
-    def _cached_key(self, key: KeyRecord) -> xs.XrayKey:
+    def _cached_key(self, key: KeyRecord) -> XrayKey:
         fields = (
-            key.name, key.uuid, key.port, key.short_id, key.reality_private_key, key.flow,
-            key.xray_inbound, key.extra_short_ids,
+            key.name,
+            key.uuid,
+            key.port,
+            key.short_id,
+            key.reality_private_key,
+            key.flow,
+            key.xray_inbound,
+            key.extra_short_ids,
         )
         hit = self._xray_keys.get(key.id)
         if hit is None or hit[0] != fields:
             # A copy of the list: the record's own list may be changed in place.
-            hit = self._xray_keys[key.id] = ((*fields[:-1], list(key.extra_short_ids)), self.xray_key(key))
+            kept = (*fields[:-1], list(key.extra_short_ids))
+            hit = self._xray_keys[key.id] = (kept, self.xray_key(key))
         return hit[1]
 
     def link(self, state: State, key: KeyRecord) -> str:
-        return xs.vless_link(self.xray_key(key), self.options, self.server_reality(state))
+        return vless_link(self.xray_key(key), self.options, self.server_reality(state))
 
     # --- pushing changes -----------------------------------------------------------------
 
@@ -163,9 +204,9 @@ class XrayBridge:
         reality = self.server_reality(state)
         try:
             written = await anyio.to_thread.run_sync(self.live.push, keys, reality, base)
-        except xs.XrayStorageError as exc:
+        except XrayStorageError as exc:
             raise StorageFull(f"{exc}; nothing was changed") from None
-        except (xs.XrayError, ValueError) as exc:
+        except (XrayError, ValueError) as exc:
             raise XrayRefused(str(exc)) from None
         changes, backup = written.changes, written.backup
         if written.comments_dropped:
@@ -173,18 +214,21 @@ class XrayBridge:
 
         async def undo() -> None:
             await anyio.to_thread.run_sync(self.live.undo, written)
-            with contextlib.suppress(xs.XrayError):
+            with contextlib.suppress(XrayError):
                 await self.applier.apply(written.reverse())
 
         try:
             result = await self.applier.apply(changes, force_restart=force_restart)
-        except xs.XrayError as exc:
+        except XrayError as exc:
             await undo()
             raise XrayRefused(f"{exc}; the previous Xray config was restored") from None
         if changes or result.seconds:
             self.log.info(
-                "xray_applied", mode=result.mode, seconds=round(result.seconds, 3),
-                added=len(changes.added), removed=len(changes.removed),
+                "xray_applied",
+                mode=result.mode,
+                seconds=round(result.seconds, 3),
+                added=len(changes.added),
+                removed=len(changes.removed),
             )
         return Pushed(
             undo=undo,
@@ -194,38 +238,80 @@ class XrayBridge:
             backup=None if backup is None else str(backup),
         )
 
+    async def push_changes(self, state: State, **options: Any) -> Pushed:
+        """`push`, looking only at the keys marked stale since the last push."""
+        pushed = await self.push(state, changed=self.stale, **options)
+        self.stale, self.statuses_moved = set(), False
+        return pushed
+
+    async def take_back(self, pushed: Pushed) -> None:
+        """Undo a push; what Xray has then is the file before it, so the next push looks at
+        every key."""
+        self.stale = None
+        await pushed.undo()
+
+    async def sync(self, state: State, force_restart: bool = False) -> Pushed:
+        """Render the config from every key and apply it (repairs drift)."""
+        self.stale = None
+        return await self.push_changes(state, force_restart=force_restart)
+
+    async def follow_statuses(self, state: State) -> None:
+        """With PORTMETER_XRAY_REMOVE_INACTIVE, keep Xray's inbounds in step with statuses; a
+        failure is logged and tried again after the next poll."""
+        if not self.settings.xray_remove_inactive or not self.statuses_moved:
+            return
+        try:
+            await self.push_changes(state)
+        except OperationError as exc:
+            self.log.error("xray_sync_failed", error=exc.detail)
+
     # --- migration from a shared inbound -------------------------------------------------
 
-    async def read_source(self, path: Path) -> xs.ConfigText:
+    def migrated_key(self, state: State, move: MigrationMove, key_id: str) -> KeyRecord:
+        """The key a migration makes of one client: its uuid, name and Xray fields kept."""
+        wanted = move.key(key_id)
+        key = KeyRecord(
+            id=wanted.id,
+            name=wanted.name,
+            uuid=uuid.UUID(wanted.uuid),
+            port=wanted.port,
+            created_at=now(),
+            flow=wanted.flow or None,
+            migrated=True,
+            short_id=wanted.short_id,
+            extra_short_ids=list(wanted.extra_short_ids),
+            xray_inbound=move.inbound,
+            reality_private_key=None if wanted.reality is None else wanted.reality.private_key,
+        )
+        self.prepare(state, key)
+        return key
+
+    async def read_source(self, path: Path) -> ConfigText:
         """A migration source, read as Xray reads it (comments allowed); Invalid in one line."""
-        files = xs.XrayFiles(dataclasses.replace(self.options, config_path=path))
         try:
-            if path.is_dir():
-                raise xs.XrayConfigError(f"{path} is a directory, not an Xray config file")
-            if path.exists() and not path.is_file():  # a FIFO would block the read for ever
-                raise xs.XrayConfigError(f"{path} is not a regular file")
-            data = await anyio.to_thread.run_sync(files.read_bytes)
-            if data is None:
-                raise xs.XrayConfigError(f"{path}: no such file")
-            return await anyio.to_thread.run_sync(files.parse_text, data)
-        except xs.XrayError as exc:
+            return await anyio.to_thread.run_sync(read_source, self.options, path)
+        except XrayError as exc:
             raise Invalid(str(exc)) from None
         except (OSError, ValueError) as exc:  # e.g. a name too long for the file system
             raise Invalid(f"{path}: {getattr(exc, 'strerror', None) or exc}") from None
 
-    def plan(self, source: xs.ConfigText, state: State, busy: set[int]) -> xs.MigrationPlan:
+    def plan(self, source: ConfigText, state: State, busy: set[int]) -> MigrationPlan:
         """The migration of `source` onto the live config; says which files lose comments."""
-        return xs.plan_migration(
-            source.config, self.settings.port_range, busy | {k.port for k in state.keys.values()},
-            self.options, known_uuids=[str(k.uuid) for k in state.keys.values()],
-            taken_names=[k.name for k in state.keys.values()], commented=self._commented(source),
+        return plan_migration(
+            source.config,
+            self.settings.port_range,
+            busy | {k.port for k in state.keys.values()},
+            self.options,
+            known_uuids=[str(k.uuid) for k in state.keys.values()],
+            taken_names=[k.name for k in state.keys.values()],
+            commented=self._commented(source),
         )
 
-    def _commented(self, source: xs.ConfigText) -> list[str]:
+    def _commented(self, source: ConfigText) -> list[str]:
         """The files with comments a migration of `source` rewrites or replaces: the live one."""
         found = [source.where] if source.comments else []
         if source.where != str(self.files.path):
-            with contextlib.suppress(xs.XrayError):
+            with contextlib.suppress(XrayError):
                 if self.files.parse_text(self.files.read_bytes()).comments:
                     found.append(str(self.files.path))
         return found
@@ -236,7 +322,7 @@ class XrayBridge:
             return None
         try:
             return str(await anyio.to_thread.run_sync(self.files.keep_copy, MIGRATION_LABEL))
-        except xs.XrayStorageError as exc:
+        except XrayStorageError as exc:
             raise StorageFull(str(exc)) from None
 
     async def restore_original(self) -> Path:
@@ -248,8 +334,8 @@ class XrayBridge:
         try:
             await anyio.to_thread.run_sync(self.files.restore_from, copy)
             new = await anyio.to_thread.run_sync(self.files.read)
-            await self.applier.apply(xs.inbound_changes(old, new))
-        except xs.XrayError as exc:
+            await self.applier.apply(inbound_changes(old, new))
+        except XrayError as exc:
             raise XrayRefused(str(exc)) from None
         return copy
 
@@ -257,7 +343,7 @@ class XrayBridge:
 
     async def status(self, state: State) -> dict[str, Any]:
         keys = self.served(state)
-        report = await anyio.to_thread.run_sync(xs.config_status, self.files, keys)
+        report = await anyio.to_thread.run_sync(config_status, self.files, keys)
         report["xray_reachable"] = await self.applier.reachable()
         report["expected_inbounds"] = len(keys)
         report["reality_public_key"] = (
@@ -265,8 +351,35 @@ class XrayBridge:
         )
         return report
 
-    async def drift(self, state: State) -> list[xs.DriftProblem]:
+    async def report_drift(self, state: State) -> list[DriftProblem] | None:
+        """At start: log the drift between the keys and Xray's config (None: it is unreadable)."""
+        if not self.settings.public_host:
+            self.log.warning(
+                "public_host_unset",
+                using=self.options.public_host,
+                hint="set PORTMETER_PUBLIC_HOST for share links",
+            )
+        try:
+            problems = await self.drift(state)
+        except XrayError as exc:
+            self.log.error("xray_config_unreadable", error=str(exc))
+            return None
+        for problem in problems[:DRIFT_LINES]:
+            self.log.warning(
+                "xray_drift", kind=problem.kind, problem=problem.message, port=problem.port
+            )
+        if len(problems) > DRIFT_LINES:
+            self.log.warning(
+                "xray_drift_more", more=len(problems) - DRIFT_LINES, hint="portmeter xray status"
+            )
+        return problems
+
+    async def drift(self, state: State) -> list[DriftProblem]:
         config = await anyio.to_thread.run_sync(self.files.read)
-        return xs.drift_report(
-            config, self.served(state), self.options, self.settings.port_range, self.server_reality(state)
+        return drift_report(
+            config,
+            self.served(state),
+            self.options,
+            self.settings.port_range,
+            self.server_reality(state),
         )

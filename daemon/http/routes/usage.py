@@ -1,0 +1,412 @@
+"""Usage per user across servers (the paths panels such as Marzban call): local keys plus what
+other servers reported.
+
+A user is a key name here, and the `user_token` of fleet reports. bytes_uploaded is client ->
+server (a key's rx), bytes_downloaded server -> client (tx). Local totals are the key's current
+totals (since its last reset) read from the kernel at request time; reported totals are the sums
+of the reports received since the user's last reset. History (series, last used) comes from
+daemon.store.history. Thin, like the other routes: validate, call, shape; errors are JSON
+{"detail"} 4xx.
+
+Authentication: on the Unix socket, its file permissions are the authentication; on the TCP
+listener every route needs an API key, and a report key opens the webhook alone
+(daemon.http.middleware.auth).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Annotated, Any
+
+import anyio
+from fastapi import APIRouter, Body, Depends
+
+from daemon.errors import Invalid, NotFound, StorageFull, StoreUnavailable
+from daemon.http.routes import HistoryDep, ServiceDep
+from daemon.http.schemas import ERROR_RESPONSES, Username, parse_reports
+from daemon.service import Service
+from daemon.store.history import History, ReportRefused, ServerUsage, days_back, hours_back
+from daemon.store.state import KeyRecord, now
+from daemon.store.usage import SinkError
+from daemon.units import human_bytes, iso
+
+HOURS = 24  # hourly series of the detailed view
+DAYS = 30  # daily series of the detailed view
+Points = dict[datetime, tuple[int, int]]  # (up, down) per hour or day
+
+router = APIRouter(responses=ERROR_RESPONSES)
+
+
+@contextlib.contextmanager
+def storage() -> Iterator[None]:
+    """History failures as answers: 507 only for a full disk, 503 otherwise, 422 for a report
+    past its bound."""
+    try:
+        yield
+    except SinkError as exc:
+        raise (StorageFull if exc.disk_full else StoreUnavailable)(str(exc)) from None
+    except ReportRefused as exc:
+        raise Invalid(str(exc)) from None
+
+
+def _sums(up: int, down: int) -> dict[str, Any]:
+    return {
+        "bytes_uploaded": up,
+        "bytes_downloaded": down,
+        "total_bytes": up + down,
+        "total_formatted": human_bytes(up + down),
+    }
+
+
+def _series(starts: list[datetime], found: Points) -> list[dict[str, Any]]:
+    """One point per hour/day in `starts`, zeros where nothing was used."""
+    return [{"start": start.isoformat(), **_sums(*found.get(start, (0, 0)))} for start in starts]
+
+
+def _add(points: Points, into: Points) -> None:
+    """Sum `points` into `into`, hour by hour (or day by day)."""
+    for start, (up, down) in points.items():
+        have = into.get(start, (0, 0))
+        into[start] = (have[0] + up, have[1] + down)
+
+
+def _reported_entry(usage: ServerUsage) -> dict[str, Any]:
+    """What another server reported for a user."""
+    return {
+        "server": usage.server,
+        "source": "report",
+        "port": usage.port,
+        "protocol": usage.protocol,
+        **_sums(usage.bytes_uploaded, usage.bytes_downloaded),
+        "reports": usage.reports,
+        "connections": None,
+        "last_used": iso(usage.last_seen),
+        "first_seen": iso(usage.first_seen),
+        "status": None,
+        "data_limit_bytes": None,
+    }
+
+
+@dataclass(frozen=True)
+class Users:
+    """Users as the answers see them: local keys (the service) and reports (the history), with
+    this server's name in usage answers."""
+
+    service: Service
+    history: History
+    server: str
+
+    def lookup(self, username: str) -> tuple[list[KeyRecord], list[ServerUsage]]:
+        """The user's keys here (by port) and reports from elsewhere; 404 if neither exists."""
+        keys = [k for k in self.service.keys_by_port() if k.name == username]
+        with storage():
+            reported = self.history.reported(username)
+        if not keys and not reported:
+            raise NotFound(f"no key named {username!r} and no reports for user {username!r}")
+        return keys, reported
+
+    def server_count(self, keys: list[KeyRecord], reported: list[ServerUsage]) -> int:
+        return len(({self.server} if keys else set()) | {r.server for r in reported})
+
+    def local_entry(self, key: KeyRecord, connections: dict[int, int]) -> dict[str, Any]:
+        """One of the user's keys here."""
+        limit = key.data_limit_bytes
+        with storage():
+            last_used = self.history.last_used(key.id)
+        return {
+            "server": self.server,
+            "source": "local",
+            "key_id": key.id,
+            "name": key.name,
+            "port": key.port,
+            "protocol": "vless",
+            **_sums(key.rx.bytes, key.tx.bytes),
+            "connections": connections.get(key.port, 0),
+            "last_used": iso(last_used),
+            "status": key.status.value,
+            "data_limit_bytes": limit,
+            "used_bytes": key.used_bytes,
+            "limit_used_percent": None if not limit else round(100 * key.used_bytes / limit, 2),
+            "epoch": key.epoch,
+            "last_reset_at": iso(key.last_reset_at),
+        }
+
+
+async def users_of(service: ServiceDep, history: HistoryDep) -> Users:
+    return Users(service, history, service.server_label())
+
+
+UsersDep = Annotated[Users, Depends(users_of)]
+
+
+@dataclass(frozen=True)
+class Window:
+    """The hours and days the detailed view shows, up to the current hour."""
+
+    hours: list[datetime]
+    days: list[datetime]
+    until: datetime
+
+    @classmethod
+    def ending(cls, moment: datetime) -> Window:
+        return cls(hours_back(moment, HOURS), days_back(moment, DAYS), moment + timedelta(hours=1))
+
+    def entry(
+        self, base: dict[str, Any], hourly: Points, daily: Points, totals: tuple[Points, Points]
+    ) -> dict[str, Any]:
+        """`base` with its series; the series are added to `totals` (hourly, daily)."""
+        _add(hourly, totals[0])
+        _add(daily, totals[1])
+        return {**base, "hourly": _series(self.hours, hourly), "daily": _series(self.days, daily)}
+
+
+def _local_series(
+    users: Users,
+    window: Window,
+    key: KeyRecord,
+    connections: dict[int, int],
+    totals: tuple[Points, Points],
+) -> dict[str, Any]:
+    history, until = users.history, window.until
+    hourly = {
+        b.start: (b.rx_bytes, b.tx_bytes) for b in history.hourly(key.id, window.hours[0], until)
+    }
+    daily = {
+        b.start: (b.rx_bytes, b.tx_bytes) for b in history.daily(key.id, window.days[0], until)
+    }
+    return window.entry(users.local_entry(key, connections), hourly, daily, totals)
+
+
+def _reported_series(
+    history: History,
+    window: Window,
+    username: str,
+    usage: ServerUsage,
+    totals: tuple[Points, Points],
+) -> dict[str, Any]:
+    hourly = {
+        b.start: (b.bytes_uploaded, b.bytes_downloaded)
+        for b in history.reported_hourly(username, window.hours[0], window.until, usage.server)
+    }
+    daily = {
+        b.start: (b.bytes_uploaded, b.bytes_downloaded)
+        for b in history.reported_daily(username, window.days[0], window.until, usage.server)
+    }
+    return window.entry(_reported_entry(usage), hourly, daily, totals)
+
+
+@router.get("/api/admin/usage/{username}")
+async def user_usage(username: Username, service: ServiceDep, users: UsersDep) -> dict[str, Any]:
+    await service.refresh()
+    keys, reported = users.lookup(username)
+    connections = await service.connections() if keys else {}
+    local_up = sum(k.rx.bytes for k in keys)
+    local_down = sum(k.tx.bytes for k in keys)
+    up = local_up + sum(r.bytes_uploaded for r in reported)
+    down = local_down + sum(r.bytes_downloaded for r in reported)
+    return {
+        "username": username,
+        **_sums(up, down),
+        "servers": users.server_count(keys, reported),
+        "local": None
+        if not keys
+        else {
+            "server": users.server,
+            **_sums(local_up, local_down),
+            "keys": [users.local_entry(k, connections) for k in keys],
+        },
+        "reported": [_reported_entry(r) for r in reported],
+        "timestamp": int(time.time()),
+    }
+
+
+@router.get("/api/admin/usage/{username}/detailed")
+async def user_usage_detailed(
+    username: Username, service: ServiceDep, users: UsersDep
+) -> dict[str, Any]:
+    # poll_once also saves, so the history (series, last used) holds every byte counted so far.
+    await service.poll_once()
+    keys, reported = users.lookup(username)
+    connections = await service.connections() if keys else {}
+    window = Window.ending(now())
+    totals: tuple[Points, Points] = ({}, {})
+    history = users.history
+    with storage():
+        servers = [_local_series(users, window, k, connections, totals) for k in keys]
+        servers += [_reported_series(history, window, username, r, totals) for r in reported]
+        reports_reset_at = history.reports_reset_at(username)
+    up = sum(s["bytes_uploaded"] for s in servers)
+    down = sum(s["bytes_downloaded"] for s in servers)
+    return {
+        "username": username,
+        **_sums(up, down),
+        "server_count": users.server_count(keys, reported),
+        "connections": sum(connections.get(k.port, 0) for k in keys),
+        "servers": servers,
+        "hourly": _series(window.hours, totals[0]),
+        "daily": _series(window.days, totals[1]),
+        "reports_reset_at": iso(reports_reset_at),
+        "timestamp": int(time.time()),
+    }
+
+
+@router.post("/api/admin/usage/reset/{username}")
+async def user_usage_reset(
+    username: Username, service: ServiceDep, users: UsersDep
+) -> dict[str, Any]:
+    keys, _ = users.lookup(username)
+    local = []
+    for key in keys:
+        done = await service.reset_traffic(key.id)
+        local.append(
+            {
+                "key_id": done.id,
+                "port": done.port,
+                "used_before_reset": done.used_before_reset,
+                "epoch": done.epoch,
+            }
+        )
+    with storage():
+        reported = users.history.reset_reports(username)
+    return {
+        "username": username,
+        "local": local,
+        "reported": reported,
+        "history_kept": True,
+        "timestamp": int(time.time()),
+    }
+
+
+@router.post("/api/admin/usage/reset")
+async def usage_reset_all(service: ServiceDep, history: HistoryDep) -> dict[str, Any]:
+    """Every user: local counters and reported totals to zero; the history is kept."""
+    keys = service.keys_by_port()
+    for key in keys:
+        await service.reset_traffic(key.id)
+    with storage():
+        reported_users = history.reported_users()
+        for name in reported_users:
+            history.reset_reports(name)
+    users = sorted({k.name for k in keys} | set(reported_users))
+    return {
+        "users_reset": users,
+        "keys_reset": len(keys),
+        "history_kept": True,
+        "timestamp": int(time.time()),
+    }
+
+
+def _per_user(
+    keys: Iterable[KeyRecord], server: str, reported: dict[str, tuple[int, int, list[str]]]
+) -> list[dict[str, Any]]:
+    """Every user's totals (local keys and reports) and on how many servers, by name."""
+    users: dict[str, dict[str, Any]] = {}
+    for key in keys:
+        entry = users.setdefault(key.name, {"up": 0, "down": 0, "servers": set()})
+        entry["up"] += key.rx.bytes
+        entry["down"] += key.tx.bytes
+        entry["servers"].add(server)
+    for name, (up, down, servers) in reported.items():
+        entry = users.setdefault(name, {"up": 0, "down": 0, "servers": set()})
+        entry["up"] += up
+        entry["down"] += down
+        entry["servers"].update(servers)
+    return [
+        {"username": name, **_sums(e["up"], e["down"]), "servers": len(e["servers"])}
+        for name, e in sorted(users.items())
+    ]
+
+
+def _database(database: dict[str, Any], server: str, reported_servers: list[str]) -> dict[str, Any]:
+    """The history's own figures; this server counts among its servers once it holds any."""
+    local_has_history = database["hourly_records"] + database["daily_records"] > 0
+    return {
+        "records": database["records"],
+        "hourly_records": database["hourly_records"],
+        "daily_records": database["daily_records"],
+        "report_records": database["report_records"],
+        "unique_users": database["unique_users"],
+        "unique_servers": database["unique_servers"]
+        + (1 if local_has_history and server not in reported_servers else 0),
+        "size_bytes": database["size_bytes"],
+        "size_formatted": human_bytes(database["size_bytes"]),
+        "retention_days": database["retention_days"],
+        "hourly_hours": database["hourly_hours"],
+        "oldest": iso(database["oldest"]),
+        "newest": iso(database["newest"]),
+    }
+
+
+@router.get("/api/admin/usage")
+async def usage_overview(service: ServiceDep, users: UsersDep) -> dict[str, Any]:
+    await service.refresh()
+    connections = await service.connections()
+    keys = service.keys_by_port()
+    history = users.history
+    with storage():
+        reported_users = history.reported_users()
+        reported = history.reported_stats()
+        database = history.stats()
+    local_up = sum(k.rx.bytes for k in keys)
+    local_down = sum(k.tx.bytes for k in keys)
+    up, down = local_up + reported["bytes_uploaded"], local_down + reported["bytes_downloaded"]
+    per_user = _per_user(keys, users.server, reported_users)
+    return {
+        "total_users": len(per_user),
+        "total_servers": len({users.server, *reported["servers"]}),
+        "traffic_used": up + down,
+        "traffic_used_formatted": human_bytes(up + down),
+        "bytes_uploaded": up,
+        "bytes_downloaded": down,
+        "total_connections": sum(connections.get(k.port, 0) for k in keys),
+        "local": {
+            "server": users.server,
+            "keys": len(keys),
+            **_sums(local_up, local_down),
+        },
+        "reported": {
+            "servers": reported["servers"],
+            "users": reported["unique_users"],
+            "reports": reported["records"],
+            **_sums(reported["bytes_uploaded"], reported["bytes_downloaded"]),
+        },
+        "users": per_user,
+        "database": _database(database, users.server, reported["servers"]),
+        "timestamp": int(time.time()),
+    }
+
+
+@router.post("/api/admin/usage/cleanup")
+async def usage_cleanup(history: HistoryDep) -> dict[str, Any]:
+    with storage():
+        counts = await anyio.to_thread.run_sync(history.cleanup)
+        database = history.stats()
+    removed = sum(n for name, n in counts.items() if name.endswith("_deleted"))
+    return {
+        **counts,
+        "removed": removed,
+        "retention_days": history.retention_days,
+        "records": database["records"],
+        "size_bytes": database["size_bytes"],
+        "timestamp": int(time.time()),
+    }
+
+
+@router.post("/api/traffic/webhook")
+async def traffic_webhook(
+    body: Annotated[Any, Body()], service: ServiceDep, history: HistoryDep
+) -> dict[str, Any]:
+    reports = parse_reports(body, service.own_server_names())
+    with storage():
+        fresh = history.record_reports(r.fleet_report() for r in reports)
+    return {
+        "received": len(reports),
+        "accepted": sum(fresh),
+        "duplicates": len(fresh) - sum(fresh),
+        "duplicate_ids": [r.report_id for r, new in zip(reports, fresh, strict=True) if not new],
+        "timestamp": int(time.time()),
+    }

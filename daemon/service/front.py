@@ -1,0 +1,608 @@
+"""The service's front: every operation on keys under the one lock, key lookups, and the reads the
+HTTP layer uses (it never reaches into the owners behind the front).
+
+Every operation follows one pattern (`_all_or_nothing`): it builds the changed key as a new,
+validated record (bounds.py), does the kernel part, pushes Xray and saves the state before it
+answers. If any step fails, whatever the error, the steps done are undone newest first and the
+memory is put back as it was, so an acknowledged operation is on disk and a refused one left
+nothing behind, in the kernel, in Xray, on disk or in memory. A crash between the steps leaves at
+most objects that no key owns, which the start-up reconciliation removes.
+
+Behind the front, each owning its part: kernel_side.py (readings, settling each key, the
+table), ledger.py (saving, usage for the sinks, status events), xray_side.py (what Xray serves).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import anyio
+import structlog
+from pydantic import ValidationError
+
+from daemon import allocator, limits, names
+from daemon.allocator import PortRange
+from daemon.counters import NftError
+from daemon.errors import Conflict, Invalid, NotFound, OperationError, OperationFailed
+from daemon.kernel import Host, Kernel
+from daemon.limits import Quota, ResetStrategy
+from daemon.service.kernel_side import (
+    Connections,
+    Failures,
+    KernelSide,
+    Refresh,
+    Settler,
+    describe,
+    desired_quota,
+    kernel_refusal,
+    status_of,
+    zero,
+)
+from daemon.service.ledger import Ledger, StatusEvents
+from daemon.service.xray_side import Pushed, XraySide
+from daemon.settings import Settings
+from daemon.store.history import History
+from daemon.store.outbox import Outbox
+from daemon.store.state import KeyRecord, State, StateStore, now
+from daemon.store.usage import UsageSink
+from daemon.units import iso
+from daemon.xray.drift import DriftProblem
+from daemon.xray.migration import apply_migration
+
+Log = structlog.typing.FilteringBoundLogger
+SETTABLE = frozenset({"note", "enabled", "data_limit_bytes", "expire_at", "reset_strategy"})
+Undo = Callable[[], Awaitable[object]]
+
+
+@dataclass(slots=True)
+class Memory:
+    """What an operation may change in memory, as it was before it: put back if a step fails.
+
+    Operations never change a key record in place (they build a new one), so the mapping of ids
+    to the very same record objects is the keys as they were."""
+
+    keys: dict[str, KeyRecord]
+    top: dict[str, Any]  # the state's own fields: generation, REALITY key, table handle ...
+    kernel_quotas: dict[int, Quota | None]
+    failures: dict[str, str]
+    statuses_moved: bool
+    settle_everything: bool
+    next_deadline: datetime | None
+
+
+class Service:
+    """The daemon's one entry for operations and reads: one lock makes them take turns, so each
+    sees the keys, the kernel and the files as the one before left them."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: StateStore,
+        state: State,
+        kernel: Kernel,
+        outbox: Outbox,
+        log: Log,
+        *,
+        host: Host,
+        xray: XraySide | None = None,
+        sinks: Sequence[UsageSink] = (),
+        history: History | None = None,
+    ) -> None:
+        self.settings = settings
+        self.state = state
+        self.log = log
+        self.xray = xray
+        self.history = history
+        self.host = host
+        self.zone = ZoneInfo(settings.timezone)
+        self.lock = anyio.Lock()
+        self.ledger = Ledger(store, state, sinks, log)
+        self.events = StatusEvents(outbox, log)
+        self.failures = Failures(log)
+        self.settler = Settler(kernel, state, self.ledger, self.events, self.zone, self.failures)
+        self.kernel = KernelSide(kernel, state, self.ledger, self.settler, self.failures, log)
+        self._connections = Connections(host, settings.port_range)
+        if xray is not None:
+            self.ledger.followers.append(xray.follow)
+
+    # --- lookups -----------------------------------------------------------------------------
+
+    def find(self, ref: str) -> KeyRecord:
+        """A key by id, uuid or name (in that order)."""
+        keys = self.state.keys
+        if ref in keys:
+            return keys[ref]
+        lowered = ref.lower()
+        for key in keys.values():
+            if str(key.uuid) == lowered:
+                return key
+        named = names.find(ref, keys.values(), lambda key: key.name)  # the same name: names.fold
+        if named is not None:
+            return named
+        raise NotFound(f"no key with id, uuid or name {ref!r}")
+
+    def assigned_ports(self) -> dict[str, int]:
+        return {key.id: key.port for key in self.state.keys.values()}
+
+    # --- operations --------------------------------------------------------------------------
+
+    async def create_key(
+        self, name: str, port: int | None = None, settings: dict[str, Any] | None = None
+    ) -> KeyRecord:
+        async with self.lock:
+            keys = self.state.keys.values()
+            if (same := names.same_as(name, (key.name for key in keys))) is not None:
+                raise Conflict(f"a key named {same!r} already exists (the same name: {names.SAME})")
+            assigned = {key.port for key in keys}
+            busy = await self._bound_ports()
+            try:
+                chosen = allocator.allocate(self.settings.port_range, assigned, busy, port)
+            except allocator.PortUnavailable as exc:
+                raise Conflict(str(exc)) from None
+            async with self._all_or_nothing("create key") as undo:
+                moment = now()
+                key = KeyRecord(
+                    id=new_id(self.state.keys),
+                    name=name,
+                    uuid=uuid.uuid4(),
+                    port=chosen,
+                    created_at=moment,
+                    **(settings or {}),
+                )
+                key.next_reset_at = limits.next_boundary(moment, key.reset_strategy, self.zone)
+                key.status = status_of(key, moment, kernel_over=False)
+                self.settler.watch(key, moment)
+                if self.xray is not None:
+                    self.xray.prepare(self.state, key)
+                await self._install(checked(key), undo)
+                await self._commit(undo)
+            self.log.info(
+                "key_created",
+                key_id=key.id,
+                name=key.name,
+                port=key.port,
+                limit=key.data_limit_bytes,
+                expire_at=iso(key.expire_at),
+                status=key.status.value,
+            )
+            return key
+
+    async def delete_key(self, ref: str) -> KeyRecord:
+        async with self.lock:
+            key = self.find(ref)
+            await self.kernel.refresh_keys([key])  # the final totals, reported and logged: exact
+            async with self._all_or_nothing("delete key") as undo:
+                del self.state.keys[key.id]
+                self._forget(key.id)
+                await self._commit(undo)
+            await self.kernel.uninstall_quietly([key])
+            self.log.info(
+                "key_deleted",
+                key_id=key.id,
+                name=key.name,
+                port=key.port,
+                rx_bytes=key.rx.bytes,
+                tx_bytes=key.tx.bytes,
+            )
+            return key
+
+    async def reset_traffic(self, ref: str) -> KeyRecord:
+        """Zero a key's totals; what the kernel counts from now on is its new usage."""
+        async with self.lock:
+            key = self.find(ref)
+            await self.kernel.refresh_keys([key])
+            async with self._all_or_nothing("reset traffic") as undo:
+                fresh = key.model_copy(deep=True)
+                zero(fresh, now())
+                await self._replace(key, fresh, undo, force_quota=True)
+            self.log.info(
+                "traffic_reset",
+                key_id=fresh.id,
+                port=fresh.port,
+                used_before_reset=fresh.used_before_reset,
+                status=fresh.status.value,
+            )
+            return fresh
+
+    async def update_key(self, ref: str, changes: dict[str, Any]) -> KeyRecord:
+        """Change a key's limit, expiry, reset strategy, note or enabled flag; applied at once."""
+        unknown = set(changes) - SETTABLE
+        if unknown:
+            raise Invalid(f"not settable: {', '.join(sorted(unknown))}")
+        async with self.lock:
+            key = self.find(ref)
+            await self.kernel.refresh_keys([key])
+            async with self._all_or_nothing("change key") as undo:
+                changed = KeyRecord.model_validate({**key.model_dump(), **changes})
+                if changed.reset_strategy != key.reset_strategy:
+                    changed.next_reset_at = limits.next_boundary(
+                        now(), changed.reset_strategy, self.zone
+                    )
+                await self._replace(key, changed, undo)
+            self.log.info(
+                "key_updated",
+                key_id=changed.id,
+                port=changed.port,
+                status=changed.status.value,
+                **{name: _loggable(value) for name, value in changes.items()},
+            )
+            return changed
+
+    async def refresh(self) -> Refresh:
+        """Read the kernel now, so answers are exact to this moment.
+
+        Requests that queue up behind one reading share the next: a reading that started after a
+        request arrived is as exact for it as one of its own."""
+        arrived = time.monotonic()
+        async with self.lock:
+            if self.kernel.read_started > arrived:
+                return Refresh()
+            return await self.kernel.refresh()
+
+    async def refresh_keys(
+        self, refs: Sequence[str], *, skip_missing: bool = False
+    ) -> list[KeyRecord]:
+        """Read just these keys' counters now: the cost does not grow with the number of keys.
+        With `skip_missing`, keys deleted meanwhile are left out instead of refused."""
+        async with self.lock:
+            keys = (
+                [self.state.keys[r] for r in refs if r in self.state.keys]
+                if skip_missing
+                else [self.find(ref) for ref in refs]
+            )
+            if keys:
+                await self.kernel.refresh_keys(keys)
+            return keys
+
+    async def poll_once(self, *, final: bool = False) -> Refresh:
+        """Read the kernel, settle every key and persist the totals if anything moved.
+
+        `final`: the last save before exit, always written as a full snapshot, so the next
+        start reads one file and no journal."""
+        async with self.lock:
+            result = await self.kernel.refresh()
+            if self.xray is not None:
+                await self.xray.follow_statuses(self.state)
+            if self.ledger.unsaved or final:
+                self.ledger.save_quietly(compact=final)
+            return result
+
+    async def reconcile(self) -> Refresh:
+        """Make the kernel table match the state: rebuild a damaged table, fix missing entries."""
+        async with self.lock:
+            result = await self.kernel.refresh(check_elements=True)
+            self.ledger.save_quietly()
+            return result
+
+    async def backup(self) -> None:
+        """Copy the state into backups/ (none if the newest backup holds it); failures logged."""
+        async with self.lock:
+            self.ledger.backup()
+
+    async def start_xray(self) -> None:
+        """At start: give older keys their Xray fields, report drift, repair it if configured."""
+        if self.xray is None:
+            return
+        async with self.lock:
+            for key in self.state.keys.values():
+                self.xray.prepare(self.state, key)
+                self.ledger.mark(key.id)
+            # Once per start, any key may have changed: a snapshot, which also folds in the
+            # journal of the previous run.
+            self.ledger.save_quietly(compact=True)
+        problems = await self.xray.report_drift(self.state)
+        if problems is None or not self.settings.xray_autosync or not (problems or self.state.keys):
+            return
+        try:
+            # Without drift this writes nothing, but leaves the rendered config in memory, so
+            # the first key operation does not pay for rendering every key.
+            await self.sync_xray()
+            if problems:
+                self.log.info("xray_drift_repaired", problems=len(problems))
+        except OperationError as exc:
+            self.log.error("xray_sync_failed", error=exc.detail)
+
+    async def connections(self) -> dict[int, int]:
+        """Established connections per port, counted now (queued requests share one count)."""
+        return await self._connections.count()
+
+    async def interface_bytes(self) -> dict[str, dict[str, int]]:
+        """rx/tx byte counters of every interface of this host's network namespace."""
+        return await anyio.to_thread.run_sync(self.host.interface_bytes)
+
+    async def check(self) -> list[str]:
+        """Every disagreement between state, kernel table and allocator, as readable lines."""
+        async with self.lock:
+            found = allocator.problems(self.settings.port_range, self.assigned_ports())
+            return found + await self.kernel.problems()
+
+    async def sync_xray(self, force_restart: bool = False) -> Pushed:
+        """Re-render Xray's config from the state and apply it (repairs drift)."""
+        xray = self._require_xray()
+        async with self.lock:
+            pushed = await xray.sync(self.state, force_restart=force_restart)
+            self.ledger.save_quietly()
+            return pushed
+
+    async def migrate(self, source_path: Path, dry_run: bool) -> tuple[list[str], list[KeyRecord]]:
+        """Give every client of a shared VLESS inbound its own key, port and inbound.
+
+        uuid and name (email) are kept, so clients only change port. Idempotent: a second run
+        finds nothing to move. The live config is kept as a pre-migration copy first.
+        """
+        xray = self._require_xray()
+        async with self.lock:
+            source = await xray.read_source(source_path)
+            plan = xray.plan(source, self.state, await self._bound_ports())
+            if dry_run or plan.is_empty:
+                return plan.lines(), []
+            copy = await xray.keep_original()
+            async with self._all_or_nothing("migrate") as undo:
+                created = [
+                    checked(xray.migrated_key(self.state, move, new_id(self.state.keys)))
+                    for move in plan.moves
+                ]
+                for key in created:
+                    await self._install(key, undo)
+                await self._commit(undo, base=apply_migration(source.config, plan))
+            self.settler.everything = True
+            self.log.info(
+                "xray_migrated", source=str(source_path), keys=len(created), original_copy=copy
+            )
+            return plan.lines(), created
+
+    async def rollback_migration(self) -> tuple[str, list[KeyRecord]]:
+        """Restore the pre-migration config byte for byte and delete the keys migration made."""
+        xray = self._require_xray()
+        async with self.lock:
+            await self.kernel.refresh()
+            migrated = [key for key in self.state.keys.values() if key.migrated]
+            async with self._all_or_nothing("roll back the migration"):
+                for key in migrated:
+                    del self.state.keys[key.id]
+                    self._forget(key.id)
+                copy = await xray.restore_original()
+                self.ledger.save()
+            await self.kernel.uninstall_quietly(migrated)
+            self.log.info(
+                "xray_migration_rolled_back", restored=str(copy), keys_removed=len(migrated)
+            )
+            return str(copy), migrated
+
+    # --- the steps of an operation -------------------------------------------------------------
+
+    async def _replace(
+        self, before: KeyRecord, after: KeyRecord, undo: list[Undo], force_quota: bool = False
+    ) -> None:
+        """Put `after` in the place of `before`: settle it, set its quota, push Xray, save."""
+        moment, epoch = now(), after.epoch
+        settler = self.settler
+        settler.settle_status(after, moment, kernel_over=False)
+        self.state.keys[after.id] = checked(after)
+        self.ledger.mark(after.id)
+        failing = self.failures.errors.pop(after.id, None) is not None  # put back if this fails
+        held = settler.quotas.get(after.port, desired_quota(before))  # as the kernel has it
+        if await settler.enforce(after, force_quota or failing or after.epoch != epoch):
+            undo.append(lambda: settler.put(after.port, held))
+        settler.watch(after, moment)
+        await self._commit(undo)
+
+    async def _install(self, key: KeyRecord, undo: list[Undo]) -> None:
+        """Install a new key's counters and add it to the state."""
+        await self.kernel.install(key.port, desired_quota(key))
+        undo.append(lambda: self.kernel.uninstall(key.port))
+        self.state.keys[key.id] = key
+        self.ledger.mark(key.id)
+
+    async def _commit(self, undo: list[Undo], base: dict[str, Any] | None = None) -> None:
+        """Push the keys to Xray (its undo joins the others), then save the state."""
+        xray = self.xray
+        if xray is not None:
+            pushed = await xray.push_changes(self.state, base=base)
+            undo.append(lambda: xray.take_back(pushed))
+        self.ledger.save()
+
+    def _forget(self, key_id: str) -> None:
+        """The key was deleted: the next save drops it, and its failure (if any) goes with it."""
+        self.failures.errors.pop(key_id, None)
+        self.ledger.mark(key_id)
+
+    # --- all or nothing ------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _all_or_nothing(self, what: str) -> AsyncIterator[list[Undo]]:
+        """One operation: each kernel or Xray step it takes adds its undo to the yielded list.
+
+        If anything fails (a refusal, or an error nobody foresaw such as an OverflowError), the
+        memory is put back exactly as it was and the undos run newest first; the error becomes
+        an OperationError (4xx/503/507), never a 500. Status events wait for success."""
+        memory = self._remember()
+        undo: list[Undo] = []
+        succeeded = False
+        self.events.hold()
+        try:
+            yield undo
+            succeeded = True
+        except BaseException as exc:
+            self._restore(memory)
+            with anyio.CancelScope(shield=True):  # a cancelled operation is undone all the same
+                await self._undo(what, undo)
+            if not isinstance(exc, Exception):
+                raise
+            raise self._refusal(what, exc) from None
+        finally:
+            self.events.release(emit=succeeded)
+
+    def _remember(self) -> Memory:
+        state, settler = self.state, self.settler
+        return Memory(
+            keys=dict(state.keys),
+            top={name: getattr(state, name) for name in State.model_fields if name != "keys"},
+            kernel_quotas=dict(settler.quotas),
+            failures=dict(self.failures.errors),
+            statuses_moved=self.xray is not None and self.xray.statuses_moved,
+            settle_everything=settler.everything,
+            next_deadline=settler.next_deadline,
+        )
+
+    def _restore(self, memory: Memory) -> None:
+        self.state.keys.clear()
+        self.state.keys.update(memory.keys)
+        for name, value in memory.top.items():
+            setattr(self.state, name, value)
+        settler = self.settler
+        settler.quotas, self.failures.errors = memory.kernel_quotas, memory.failures
+        settler.everything, settler.next_deadline = memory.settle_everything, memory.next_deadline
+        if self.xray is not None:
+            self.xray.statuses_moved = memory.statuses_moved
+
+    async def _undo(self, what: str, undo: list[Undo]) -> None:
+        """Run the undos newest first. One that fails is logged and the rest still run; the next
+        poll settles every key again, which puts the kernel's quotas right."""
+        for step in reversed(undo):
+            try:
+                await step()
+            except Exception as exc:  # noqa: BLE001 (every undo must get its chance)
+                self.log.error("undo_failed", operation=what, error=describe(exc))
+                self.settler.everything = True
+
+    def _refusal(self, what: str, exc: Exception) -> OperationError:
+        """The error an operation answers with; logged here, once."""
+        if isinstance(exc, NftError):
+            exc = kernel_refusal(what, exc)
+        if isinstance(exc, ValidationError):
+            exc = Invalid(f"{_validation_detail(exc)}; nothing was changed")
+        if isinstance(exc, OperationError):
+            self.log.warning(
+                "operation_refused", operation=what, status=exc.status, error=exc.detail
+            )
+            return exc
+        self.log.error("operation_failed", operation=what, error=describe(exc), exc_info=exc)
+        return OperationFailed(
+            f"{what} failed unexpectedly ({describe(exc)}); nothing was changed. "
+            "The daemon log has the details (event=operation_failed)"
+        )
+
+    # --- reads for the HTTP layer ----------------------------------------------------------------
+
+    def keys_by_port(self) -> list[KeyRecord]:
+        """Every key, ordered by port (a new list)."""
+        return sorted(self.state.keys.values(), key=lambda k: k.port)
+
+    def has_key(self, key_id: str) -> bool:
+        return key_id in self.state.keys
+
+    def key_count(self) -> int:
+        return len(self.state.keys)
+
+    def key_error(self, key_id: str) -> str | None:
+        """This key's failed kernel step, if any."""
+        return self.failures.errors.get(key_id)
+
+    def timezone(self) -> ZoneInfo:
+        """The zone dates like "+30d" and reset boundaries are read in."""
+        return self.zone
+
+    def polled_at(self) -> float | None:
+        """Unix time the last kernel reading finished."""
+        return self.kernel.last_poll_at
+
+    def poll_seconds(self) -> float | None:
+        return self.kernel.last_poll_seconds
+
+    def port_range(self) -> PortRange:
+        return self.settings.port_range
+
+    def nft_table(self) -> str:
+        return self.settings.nft_table
+
+    def xray_enabled(self) -> bool:
+        return self.xray is not None
+
+    def xray_apply_mode(self) -> str:
+        return self.settings.xray_apply
+
+    def xray_removes_inactive(self) -> bool:
+        return self.settings.xray_remove_inactive
+
+    def link(self, key: KeyRecord) -> str | None:
+        """The key's vless:// link; None when Xray is off (XrayError when it cannot be built)."""
+        return None if self.xray is None else self.xray.link(self.state, key)
+
+    async def xray_status(self) -> dict[str, Any] | None:
+        return None if self.xray is None else await self.xray.status(self.state)
+
+    async def xray_drift(self) -> list[DriftProblem]:
+        """Drift problems (XrayError when the config cannot be read)."""
+        return await self._require_xray().drift(self.state)
+
+    def xray_expected_inbounds(self) -> int:
+        return 0 if self.xray is None else len(self.xray.served(self.state))
+
+    def usage_history(self) -> History | None:
+        return self.history
+
+    def server_label(self) -> str:
+        """This server's name in usage answers: PORTMETER_SERVER_NAME when set (the name its fleet
+        reports carry), else PORTMETER_PUBLIC_HOST, else the host name."""
+        settings = self.settings
+        explicit = "server_name" in settings.model_fields_set
+        name = settings.server_name
+        return (name if explicit else "") or settings.public_host or name or socket.gethostname()
+
+    def own_server_names(self) -> frozenset[str]:
+        """Case-folded names fleet reports may not carry: they are this server's own."""
+        return frozenset({self.server_label().casefold(), self.settings.server_name.casefold()})
+
+    # --- helpers ---------------------------------------------------------------------------------
+
+    def _require_xray(self) -> XraySide:
+        if self.xray is None:
+            raise Invalid("the Xray integration is off (PORTMETER_XRAY_CONFIG is empty)")
+        return self.xray
+
+    async def _bound_ports(self) -> set[int]:
+        """Ports of the range other processes hold (blocking netlink: in a worker thread)."""
+        return await anyio.to_thread.run_sync(self.host.bound_ports, self.settings.port_range)
+
+
+def new_id(keys: Mapping[str, KeyRecord]) -> str:
+    """A fresh key id; never the name of a key saved before names were checked, which it would
+    shadow in lookups."""
+    while True:
+        candidate = secrets.token_hex(4)
+        if candidate not in keys and not any(key.name == candidate for key in keys.values()):
+            return candidate
+
+
+def checked(key: KeyRecord) -> KeyRecord:
+    """`key` if every field is within its bounds (bounds.py): a record built or changed in memory
+    is validated again before any kernel step, so no out-of-bounds value can reach the kernel,
+    the state file or a restart."""
+    KeyRecord.model_validate(key.model_dump())
+    return key
+
+
+def _validation_detail(exc: ValidationError) -> str:
+    """The first problem pydantic found, as `field: message`."""
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    return f"{where}: {first['msg']}" if where else first["msg"]
+
+
+def _loggable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, ResetStrategy):
+        return value.value
+    return value

@@ -1,0 +1,275 @@
+"""Checks: what would make Xray refuse a config or lose a key, and how a config drifted from the
+keys it should serve.
+
+Config dicts and keys in, problems out (one line each an operator can act on); nothing is
+fixed here. `check_config` guards every write, `drift_report` answers the drift endpoint and
+`security_problems` / `listens_overlap` are the pieces a one-key change re-checks alone.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from daemon.allocator import PortRange
+from daemon.xray.model import (
+    SHORT_ID,
+    Reality,
+    XrayConfigError,
+    XrayKey,
+    XrayOptions,
+    clients,
+    inbound_port,
+    inbounds_of,
+    is_portmeter_inbound,
+    portmeter_inbounds,
+    reality_settings,
+    tag_uuid,
+)
+from daemon.xray.reality import decode_key
+from daemon.xray.render import api_problems, render_inbound
+
+
+def check_config(
+    config: object, opts: XrayOptions, expected: Collection[XrayKey] | None = None
+) -> list[str]:
+    """Structural problems that would make Xray refuse the config or lose a key (empty: none)."""
+    if not isinstance(config, Mapping):
+        return ["the config is not a JSON object"]
+    inbounds = config.get("inbounds", [])
+    if not isinstance(inbounds, list):
+        return ["'inbounds' is not a list"]
+    found = [
+        f"inbound #{n} is not an object"
+        for n, i in enumerate(inbounds)
+        if not isinstance(i, Mapping)
+    ]
+    if found:
+        return found
+    found += _duplicate_problems(inbounds)
+    for inbound in portmeter_inbounds(config):
+        found += [f"inbound {inbound['tag']}: {p}" for p in security_problems(inbound, opts)]
+    if expected is not None:
+        present = {i["tag"]: inbound_port(i) for i in portmeter_inbounds(config)}
+        for key in sorted(expected, key=lambda k: k.port):
+            if key.tag not in present:
+                found.append(f"key {key.id} ({key.name}) has no inbound {key.tag}")
+            elif present[key.tag] != key.port:
+                found.append(
+                    f"key {key.id} ({key.name}) has port {key.port}, its inbound {present[key.tag]}"
+                )
+    try:
+        json.dumps(config)
+    except (TypeError, ValueError) as exc:
+        found.append(f"the config cannot be written as JSON ({exc})")
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class DriftProblem:
+    """One disagreement between the keys and the config; `key_id` when it concerns a key."""
+
+    kind: Literal[
+        "missing",
+        "port_mismatch",
+        "uuid_mismatch",
+        "foreign",
+        "stale",
+        "security",
+        "outdated",
+        "duplicate",
+        "api",
+    ]
+    message: str
+    key_id: str | None = None
+    port: int | None = None
+
+
+def drift_report(
+    config: Mapping[str, Any],
+    keys: Iterable[XrayKey],
+    opts: XrayOptions,
+    port_range: PortRange | None = None,
+    reality: Reality | None = None,
+) -> list[DriftProblem]:
+    """Every way the config differs from what the keys need, key problems first, by port."""
+    keys = sorted(keys, key=lambda k: k.port)
+    inbounds = [i for i in inbounds_of(config) if isinstance(i, Mapping)]
+    by_tag = {i.get("tag"): i for i in inbounds if i.get("tag")}
+    found: list[DriftProblem] = []
+    for key in keys:
+        found += _key_drift(key, by_tag.get(key.tag), inbounds, opts, reality)
+    wanted = {key.uuid for key in keys}
+    key_ports = {key.port for key in keys}
+    for inbound in inbounds:
+        port = inbound_port(inbound)
+        if is_portmeter_inbound(inbound):
+            if tag_uuid(inbound["tag"]) not in wanted:
+                found.append(
+                    DriftProblem(
+                        "stale",
+                        f"inbound {inbound['tag']} on port {port} has no key (stale)",
+                        port=port,
+                    )
+                )
+        elif port_range is not None and port in port_range and port not in key_ports:
+            found.append(
+                DriftProblem(
+                    "foreign",
+                    f"inbound {_describe(inbound)} on port {port} is not portmeter's "
+                    f"but uses a port of its range {port_range}",
+                    port=port,
+                )
+            )
+    found += [DriftProblem("duplicate", p) for p in _duplicate_problems(inbounds)]
+    if opts.apply == "api":
+        found += [DriftProblem("api", p) for p in api_problems(config, opts)]
+    return found
+
+
+def drift(
+    config: Mapping[str, Any],
+    keys: Iterable[XrayKey],
+    opts: XrayOptions,
+    port_range: PortRange | None = None,
+    reality: Reality | None = None,
+) -> list[str]:
+    """The messages of `drift_report`, one line each."""
+    return [problem.message for problem in drift_report(config, keys, opts, port_range, reality)]
+
+
+def security_problems(inbound: Mapping[str, Any], opts: XrayOptions) -> list[str]:
+    """Why the inbound's security is not what the options ask for, or its REALITY incomplete."""
+    stream = inbound.get("streamSettings")
+    security = stream.get("security", "none") if isinstance(stream, Mapping) else "none"
+    if opts.security == "reality" and security != "reality":
+        return [f"security is {security!r}, REALITY is configured"]
+    if security != "reality":
+        return []
+    return reality_problems(reality_settings(inbound))
+
+
+def reality_problems(settings: Mapping[str, Any]) -> list[str]:
+    """What Xray needs of a REALITY server and `settings` lacks (`target` is `dest`'s new name)."""
+    if not settings:
+        return ["REALITY fields missing (no realitySettings)"]
+    found = []
+    if not (settings.get("dest") or settings.get("target")):
+        found.append("REALITY field dest (or target) missing")
+    names = settings.get("serverNames")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        found.append("REALITY field serverNames missing or empty")
+    try:
+        decode_key(settings.get("privateKey"))  # type: ignore[arg-type]
+    except ValueError:
+        found.append("REALITY field privateKey missing or not a 32-byte base64url key")
+    short_ids = settings.get("shortIds")
+    if not isinstance(short_ids, list) or not short_ids:
+        found.append("REALITY field shortIds missing or empty")
+    elif not all(isinstance(s, str) and SHORT_ID.match(s) for s in short_ids):
+        found.append("REALITY shortIds must be even-length hex of at most 16 digits")
+    return found
+
+
+def listens_overlap(listen: str, other: str) -> bool:
+    """Whether two inbounds on one port would clash: same address, or either is a wildcard."""
+    return listen == other or _wildcard(listen) or _wildcard(other)
+
+
+def _key_drift(
+    key: XrayKey,
+    inbound: Mapping[str, Any] | None,
+    inbounds: Sequence[Mapping[str, Any]],
+    opts: XrayOptions,
+    reality: Reality | None,
+) -> list[DriftProblem]:
+    who = f"key {key.id} ({key.name}, port {key.port})"
+    if inbound is None:
+        other = next((i for i in inbounds if inbound_port(i) == key.port), None)
+        if other is None:
+            return [DriftProblem("missing", f"{who}: no inbound in the config", key.id, key.port)]
+        if is_portmeter_inbound(other):
+            message = f"{who}: its port serves uuid {tag_uuid(other['tag'])}, not {key.uuid}"
+            return [DriftProblem("uuid_mismatch", message, key.id, key.port)]
+        message = f"{who}: no inbound of its own; port {key.port} is taken by {_describe(other)}"
+        return [DriftProblem("foreign", message, key.id, key.port)]
+    if not is_portmeter_inbound(inbound):
+        ids = [c.get("id") for c in clients(inbound)]
+        message = f"{who}: inbound {key.tag} has clients {ids}, expected only {key.uuid}"
+        return [DriftProblem("uuid_mismatch", message, key.id, key.port)]
+    found = []
+    port = inbound_port(inbound)
+    if port != key.port:
+        message = f"{who}: its inbound listens on port {inbound.get('port')}"
+        found.append(DriftProblem("port_mismatch", message, key.id, key.port))
+    for problem in security_problems(inbound, opts):
+        found.append(DriftProblem("security", f"{who}: {problem}", key.id, key.port))
+    if not found:
+        found += _outdated(key, inbound, opts, reality, who)
+    return found
+
+
+def _outdated(
+    key: XrayKey, inbound: Mapping[str, Any], opts: XrayOptions, reality: Reality | None, who: str
+) -> list[DriftProblem]:
+    """A difference from what rendering gives now (changed settings, keys, flow, short id)."""
+    if opts.security == "reality" and (key.reality or reality) is None:
+        return []  # cannot render without a key pair; nothing to compare with
+    try:
+        wanted = render_inbound(key, opts, reality)
+    except XrayConfigError:
+        return []
+    fields = _differences(wanted, inbound)
+    if not fields:
+        return []
+    message = f"{who}: inbound differs from the rendered one in {', '.join(fields)}"
+    return [DriftProblem("outdated", message, key.id, key.port)]
+
+
+def _differences(wanted: object, present: object, path: str = "") -> list[str]:
+    """Dotted paths where `present` differs from `wanted`."""
+    if isinstance(wanted, Mapping) and isinstance(present, Mapping):
+        found = []
+        for name in [*wanted, *(k for k in present if k not in wanted)]:
+            where = f"{path}.{name}" if path else str(name)
+            if name not in present or name not in wanted:
+                found.append(where)
+            else:
+                found += _differences(wanted[name], present[name], where)
+        return found
+    if isinstance(wanted, list) and isinstance(present, list) and len(wanted) == len(present):
+        return [
+            f
+            for n, (w, h) in enumerate(zip(wanted, present, strict=True))
+            for f in _differences(w, h, f"{path}[{n}]")
+        ]
+    return [] if wanted == present else [path]
+
+
+def _duplicate_problems(inbounds: Sequence[Mapping[str, Any]]) -> list[str]:
+    found = []
+    tags = Counter(i.get("tag") for i in inbounds if i.get("tag"))
+    found += [f"tag {tag!r} is used by {n} inbounds" for tag, n in sorted(tags.items()) if n > 1]
+    seen: dict[int, list[str]] = {}
+    for inbound in inbounds:
+        port = inbound_port(inbound)
+        if port is None:
+            continue
+        listen = str(inbound.get("listen") or "")
+        if any(listens_overlap(listen, other) for other in seen.get(port, [])):
+            found.append(f"port {port} is used by more than one inbound")
+        seen.setdefault(port, []).append(listen)
+    return sorted(set(found), key=found.index)
+
+
+def _wildcard(listen: str) -> bool:
+    return listen in ("", "0.0.0.0", "::", "[::]")
+
+
+def _describe(inbound: Mapping[str, Any]) -> str:
+    tag = inbound.get("tag")
+    name = repr(tag) if tag else "(untagged)"
+    return f"{name} ({inbound.get('protocol', '?')})"
