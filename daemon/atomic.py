@@ -19,9 +19,10 @@ import os
 import re
 import secrets
 import stat
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import BinaryIO
 
 CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 BACKUP_STAMP = "%Y%m%dT%H%M%S%fZ"  # UTC to the microsecond: backup names sort as they were made
@@ -135,8 +136,17 @@ def refuse_link(path: Path) -> None:
             raise LinkRefused(path)
 
 
-def read_regular(path: Path) -> bytes:
-    """The bytes of `path`, which must be a regular file, never read through a symbolic link."""
+class NotRegular(OSError):
+    """A path portmeter reads is a FIFO, a device or a socket (errno EINVAL)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(errno.EINVAL, f"{path} is not a regular file", str(path))
+
+
+@contextlib.contextmanager
+def open_regular(path: Path) -> Iterator[BinaryIO]:
+    """`path` open for reading if it is a regular file: never through a symbolic link
+    (LinkRefused), never blocking on a FIFO (NotRegular); IsADirectoryError for a directory."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
@@ -144,8 +154,17 @@ def read_regular(path: Path) -> bytes:
             raise LinkRefused(path) from None
         raise
     with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-            raise OSError(errno.EINVAL, f"{path} is not a regular file", str(path))
+        mode = os.fstat(handle.fileno()).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, f"{path} is a directory", str(path))
+        if not stat.S_ISREG(mode):
+            raise NotRegular(path)
+        yield handle
+
+
+def read_regular(path: Path) -> bytes:
+    """The bytes of `path`, which must be a regular file, never read through a symbolic link."""
+    with open_regular(path) as handle:
         return handle.read()
 
 

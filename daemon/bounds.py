@@ -100,11 +100,12 @@ def moment(value: datetime) -> datetime:
 # before it is read.
 MAX_XRAY_CONFIG_BYTES: Final = 40 * 10**6
 
-# The TCP listener (README "TCP listener"): connections held at once, in total and per client
-# address (an IPv6 client counts by its /64), and how long a request's head and body may take to
-# arrive. OPEN_FILES is the daemon's open-file budget (the unit's LimitNOFILE=, and the soft limit
-# raised at start when the hard one allows): the largest listener cap plus room for the Unix
-# socket's clients, state, history and netlink sockets.
+# The TCP listener (README "Usage history, the Traffic Manager page, a fleet, Prometheus"):
+# connections held at once, in total and per client address (an IPv6 client counts by its /64),
+# and how long a request's head and body may take to arrive. OPEN_FILES is the daemon's open-file
+# budget (the unit's LimitNOFILE=, and the soft limit raised at start when the hard one allows):
+# the largest listener cap plus room for the Unix socket's clients, state, history and netlink
+# sockets.
 MAX_HTTP_CONNECTIONS: Final = 10_000
 MIN_HTTP_TIMEOUT: Final = 0.1
 MAX_HTTP_TIMEOUT: Final = 600.0

@@ -8,8 +8,8 @@ an id or a uuid. The rule, as README "Bounds and names" states it:
   (`alice`, `Alice`, `ALICE` and fullwidth `ａｌｉｃｅ`; `café` in NFC and in NFD);
 - a name is 1 to 64 characters; after NFKC each is a letter, a combining mark, a digit 0-9, a
   space or one of `_ . @ + -`; it starts with a letter, a digit or `_` and does not end with a
-  space; control, format (such as the zero-width joiner) and invisible space characters are
-  refused;
+  space; control, format (such as the zero-width joiner), invisible space and
+  default-ignorable characters (variation selectors, Hangul fillers) are refused;
 - its letters come from one script (Latin with Cyrillic or Greek is refused: Cyrillic `а` looks
   like Latin `a`); Han ideographs may join Hiragana and Katakana, Hangul or Bopomofo. A letter's
   script is the first word of its Unicode name (LATIN, CYRILLIC, GREEK, ARABIC, ...);
@@ -37,6 +37,28 @@ PUNCTUATION: Final = frozenset("_.@+- ")
 # Invisible or control: control, format, surrogate, private use, unassigned, line and paragraph
 # separators. Spaces other than U+0020 are refused too.
 INVISIBLE: Final = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs"})
+# Unicode's Default_Ignorable_Code_Point ranges: drawn as nothing, whatever their category (the
+# combining grapheme joiner, variation selectors, Hangul fillers, ...). A name may not hold them
+# and the "same name" key drops them, so `alice` with one is still `alice`.
+IGNORABLE: Final = (
+    (0x00AD, 0x00AD),
+    (0x034F, 0x034F),
+    (0x061C, 0x061C),
+    (0x115F, 0x1160),
+    (0x17B4, 0x17B5),
+    (0x180B, 0x180F),
+    (0x200B, 0x200F),
+    (0x202A, 0x202E),
+    (0x2060, 0x206F),
+    (0x3164, 0x3164),
+    (0xFE00, 0xFE0F),
+    (0xFEFF, 0xFEFF),
+    (0xFFA0, 0xFFA0),
+    (0xFFF0, 0xFFF8),
+    (0x1BCA0, 0x1BCA3),
+    (0x1D173, 0x1D17A),
+    (0xE0000, 0xE0FFF),
+)
 # Scripts a letter's Unicode name gives under another first word.
 SCRIPT_ALIASES: Final = {"CJK": "HAN", "IDEOGRAPHIC": "HAN", "KATAKANA-HIRAGANA": "KATAKANA"}
 # Scripts written together: Japanese, Korean, Chinese with Bopomofo.
@@ -61,8 +83,10 @@ def normalise(name: str) -> str:
 
 
 def fold(name: str) -> str:
-    """The "same name" key: NFKC, case folded, NFKC again (folding can undo normalisation)."""
-    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold())
+    """The "same name" key: without default-ignorable characters, NFKC, case folded, NFKC again
+    (folding can undo normalisation). No character's NFKC or case fold is default-ignorable."""
+    visible = "".join(char for char in name if not _ignorable(char))
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", visible).casefold())
 
 
 def validate(name: str) -> str:
@@ -71,7 +95,7 @@ def validate(name: str) -> str:
     if not 1 <= len(kept) <= MAX_NAME_CHARS:
         raise NameRefused(f"must be 1-{MAX_NAME_CHARS} characters, not {len(kept)}")
     for char in kept:
-        if unicodedata.category(char) in INVISIBLE and char != " ":
+        if _invisible(char):
             raise NameRefused(f"may not contain invisible or control characters ({_code(char)})")
     compatible = unicodedata.normalize("NFKC", kept)
     for char in compatible:
@@ -103,7 +127,16 @@ def _allowed(char: str) -> bool:
             _check_character(part)
     except NameRefused:
         return False
-    return unicodedata.category(char) not in INVISIBLE or char == " "
+    return not _invisible(char)
+
+
+def _invisible(char: str) -> bool:
+    """Control, format, a space other than U+0020, or default-ignorable."""
+    return (unicodedata.category(char) in INVISIBLE and char != " ") or _ignorable(char)
+
+
+def _ignorable(char: str) -> bool:
+    return any(first <= ord(char) <= last for first, last in IGNORABLE)
 
 
 def same_as(name: str, existing: Iterable[str]) -> str | None:

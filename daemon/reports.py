@@ -117,8 +117,8 @@ def webhook_outbox(
 
 class FleetReports:
     """A usage sink that sends each saved generation's per-key deltas to the collector in the
-    report intake's format (README, "A fleet"): {user_token, server, port, protocol,
-    bytes_uploaded, bytes_downloaded}."""
+    report intake's format (README "Usage history, the Traffic Manager page, a fleet,
+    Prometheus"): {user_token, server, port, protocol, bytes_uploaded, bytes_downloaded}."""
 
     def __init__(self, outbox: Outbox, server: str, instance: str) -> None:
         self.outbox = outbox

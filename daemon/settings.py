@@ -95,7 +95,8 @@ class Settings(BaseSettings):
     report_api_keys: Annotated[tuple[str, ...], NoDecode, BeforeValidator(_split_names)] = Field(
         default=(), repr=False
     )
-    # What one client, or all of them, may hold of the TCP listener (README "TCP listener").
+    # What one client, or all of them, may hold of the TCP listener (README "Usage history, the
+    # Traffic Manager page, a fleet, Prometheus").
     http_max_connections: int = Field(default=512, ge=1, le=bounds.MAX_HTTP_CONNECTIONS)
     http_max_connections_per_client: int = Field(default=32, ge=1, le=bounds.MAX_HTTP_CONNECTIONS)
     http_head_timeout: float = Field(

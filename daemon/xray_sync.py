@@ -30,8 +30,10 @@ import anyio
 
 from daemon.atomic import (
     LinkRefused,
+    NotRegular,
     backup_stamp,
     failure_reason,
+    open_regular,
     own_dir,
     refuse_link,
     rotate,
@@ -109,15 +111,20 @@ class XrayFiles:
         return self.read_signed()[0]
 
     def read_signed(self) -> tuple[bytes | None, Signature | None]:
-        """The live file's bytes and the signature of that very file (None, None: no file)."""
+        """The live file's bytes and the signature of that very file (None, None: no file). Read
+        as `open_regular` reads: never through a symbolic link, never blocking on a FIFO."""
         try:
-            with self.path.open("rb") as handle:
+            with open_regular(self.path) as handle:
                 info = os.fstat(handle.fileno())
                 if info.st_size > MAX_XRAY_CONFIG_BYTES:
                     raise XrayConfigError(too_large(str(self.path), info.st_size))
                 data = handle.read(MAX_XRAY_CONFIG_BYTES + 1)
         except FileNotFoundError:
             return None, None
+        except IsADirectoryError:
+            raise XrayConfigError(f"{self.path} is a directory, not an Xray config file") from None
+        except (NotRegular, LinkRefused) as exc:
+            raise XrayConfigError(failure_reason(exc)) from None
         except OSError as exc:
             reason = failure_reason(exc)
             raise XrayConfigError(f"cannot read Xray config {self.path}: {reason}") from None
@@ -330,12 +337,9 @@ def _seal(backup: Path | None) -> None:
 
 def read_source(opts: XrayOptions, path: Path) -> ConfigText:
     """A migration source at `path`, read as Xray reads it (comments allowed) with the live
-    file's size bound. XrayConfigError when it is missing, a directory or not a regular file;
-    OSError or ValueError when the system refuses the name (too long, a NUL byte)."""
-    if path.is_dir():
-        raise XrayConfigError(f"{path} is a directory, not an Xray config file")
-    if path.exists() and not path.is_file():  # a FIFO would block the read for ever
-        raise XrayConfigError(f"{path} is not a regular file")
+    file's size bound. XrayConfigError when it is missing, a directory, a symbolic link or not a
+    regular file (checked on the file opened, so nothing can swap it in between); ValueError
+    when the system refuses the name (a NUL byte)."""
     files = XrayFiles(dataclasses.replace(opts, config_path=path))
     data = files.read_bytes()
     if data is None:

@@ -34,8 +34,10 @@ from daemon.limits import Quota
 from daemon.service import Service
 from daemon.service.kernel_side import desired_quota
 from daemon.service.loops import poll_loop
-from daemon.service.xray_side import Pushed, XraySide
+from daemon.service.xray_side import MIGRATION_LABEL, Pushed, XraySide
 from daemon.store.state import State, StateStore, StorageError
+from daemon.xray.render import InboundChanges
+from daemon.xray_sync import ApplyResult, XrayApplier
 from tests.inprocess import started
 from tests.test_migration import shared_config
 
@@ -55,14 +57,32 @@ class FailingStore(StateStore):
 
 
 class FailingBridge(XraySide):
-    """The real Xray side; `refuse` makes pushes raise it before anything is written."""
+    """The real Xray side; `refuse` makes pushes raise it before anything is written, and makes
+    Xray refuse what a rollback wrote (the step after the file was replaced)."""
 
     refuse: Exception | None = None
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.applier = FailingApplier(self)
 
     async def push(self, state: State, **options: Any) -> Pushed:
         if self.refuse is not None:
             raise self.refuse
         return await super().push(state, **options)
+
+
+class FailingApplier(XrayApplier):
+    """The real applier (mode "none"), raising its bridge's `refuse` instead of applying."""
+
+    def __init__(self, bridge: FailingBridge) -> None:
+        super().__init__(bridge.options)
+        self.bridge = bridge
+
+    async def apply(self, changes: InboundChanges, *, force_restart: bool = False) -> ApplyResult:
+        if self.bridge.refuse is not None:
+            raise self.bridge.refuse
+        return await super().apply(changes, force_restart=force_restart)
 
 
 @dataclass
@@ -78,12 +98,15 @@ class Rig:
     def xray_config(self) -> Path:
         return self.directory / "xray" / "config.json"
 
-    def files(self) -> tuple[bytes, bytes, bytes]:
+    def files(self) -> tuple[bytes, bytes, bytes, list[str]]:
+        """State file, journal, Xray config and the pre-migration copies a rollback restores."""
         journal = self.store.journal
+        kept = self.xray_config.parent.glob(f"backups/*{MIGRATION_LABEL}*")
         return (
             self.store.path.read_bytes(),
             journal.read_bytes() if journal.exists() else b"",
             self.xray_config.read_bytes(),
+            sorted(path.name for path in kept),
         )
 
     def memory(self) -> tuple[Any, ...]:
@@ -145,7 +168,12 @@ OPERATIONS: dict[str, Operation] = {
     "reset": lambda r: r.service.reset_traffic(r.keys["limited"]),
     "delete": lambda r: r.service.delete_key(r.keys["limited"]),
     "migrate": lambda r: r.service.migrate(r.xray_config, dry_run=False),
+    "rollback": lambda r: r.service.rollback_migration(),
 }
+# What an operation needs done first (unarmed, as earlier steps are).
+PREPARE: dict[str, Operation] = {"rollback": OPERATIONS["migrate"]}
+# Operations whose kernel step comes after the save: its failure is logged, the operation stands.
+KERNEL_LAST = ("delete", "rollback")
 FAILURES: dict[str, list[Exception]] = {
     "kernel": [
         NftError("create quota q_20001: Value too large for defined data type", errno.EOVERFLOW),
@@ -195,6 +223,8 @@ def test_a_failed_step_leaves_everything_as_it_was(
         async with rig() as r:
             for earlier_name in earlier:
                 await beforehand(r, earlier_name, traffic)
+            if name in PREPARE:
+                await PREPARE[name](r)
             await r.service.poll_once()  # what the kernel counted is in, as an operation reads it
             before = r.everything()
             r.arm(step, error)
@@ -209,7 +239,7 @@ def test_a_failed_step_leaves_everything_as_it_was(
             r.disarm()
             # Every operation pushes Xray and saves; one whose kernel step failed must fail too
             # (a deletion removes its counters only once it is saved: that failure is logged).
-            hit = step != "kernel" or (r.table.refused > 0 and name != "delete")
+            hit = step != "kernel" or (r.table.refused > 0 and name not in KERNEL_LAST)
             assert refused or not hit, f"{name} went through although its {step} step failed"
             events = [e["event"] for e in logs]
             if refused:
@@ -220,6 +250,33 @@ def test_a_failed_step_leaves_everything_as_it_was(
             await r.service.create_key("afterwards")
             await r.service.poll_once()
             assert_table_matches(r)
+
+    anyio.run(run)
+
+
+def test_a_rollback_the_state_store_refuses_leaves_the_migrated_config_live() -> None:
+    """The reproduced case: the save of a rollback fails (507). The migrated keys stay, so Xray
+    must keep serving their config, not the pre-migration copy; the rollback works later."""
+
+    async def run() -> None:
+        async with rig(with_keys=False) as r:
+            original = r.xray_config.read_bytes()
+            _, created = await r.service.migrate(r.xray_config, dry_run=False)
+            migrated = r.xray_config.read_bytes()
+            assert created and migrated != original
+            await r.service.poll_once()  # what the kernel counted is in, as an operation reads it
+            before = r.everything()
+            r.store.refuse = StorageError("state.json: No space left on device", disk_full=True)
+            with pytest.raises(OperationError) as refused:
+                await r.service.rollback_migration()
+            assert refused.value.status == 507
+            r.disarm()
+            assert r.xray_config.read_bytes() == migrated
+            assert r.everything() == before
+            _, removed = await r.service.rollback_migration()
+            assert [key.id for key in removed] == [key.id for key in created]
+            assert r.xray_config.read_bytes() == original
+            assert r.service.state.keys == {}
 
     anyio.run(run)
 

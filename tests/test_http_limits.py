@@ -16,10 +16,20 @@ from typing import Any
 
 import pytest
 import structlog
+from starlette.types import Message, Receive, Scope, Send
 
 from daemon import bounds
-from daemon.http.middleware.auth import MISSING_OR_WRONG, Refusal, credential
-from daemon.http.server import ConnectionGate, client_group, raw_answer, repeated_errors_logged
+from daemon.http.middleware.auth import MISSING_OR_WRONG, ApiKeyGuard, Refusal, credential
+from daemon.http.server import (
+    ConnectionGate,
+    Listener,
+    ListenerLimits,
+    bind_tcp_socket,
+    client_group,
+    raw_answer,
+    repeated_errors_logged,
+    uvicorn_server,
+)
 from daemon.logs import RepeatedEvents
 from daemon.settings import SettingsError, load_settings
 from tests.conftest import REPO
@@ -194,3 +204,67 @@ def test_report_keys_are_a_comma_list(environ: pytest.MonkeyPatch) -> None:
     settings = load_settings()
     assert settings.report_api_keys == ("node-key-0123456789", "other-key-0123456789")
     assert "node-key" not in repr(settings)
+
+
+def test_a_websocket_upgrade_gives_its_connection_slot_back() -> None:
+    """uvicorn's WebSocket protocol took such a connection over, so the slot was never released;
+    now the upgrade is answered as plain HTTP (through the key check) and the slot comes back."""
+
+    async def run() -> tuple[int, int, bytes]:
+        gate = ConnectionGate(total=4, per_client=4)
+        events = RepeatedEvents(structlog.get_logger(), 60, asyncio.get_running_loop().call_later)
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+        sock = bind_tcp_socket("127.0.0.1:0")
+        port = sock.getsockname()[1]
+        guarded = ApiKeyGuard(app, "admin-key-0123456789", (), events)
+        server = uvicorn_server(Listener(sock, guarded, ListenerLimits(5, 5, events, gate)))
+        serving = asyncio.create_task(server.serve([sock]))
+        while not server.started:
+            await asyncio.sleep(0.01)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"GET /ws HTTP/1.1\r\nHost: p\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+            b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        head = await reader.readuntil(b"\r\n\r\n")
+        held = gate.count
+        writer.close()
+        await writer.wait_closed()
+        for _ in range(100):
+            if not gate.count:
+                break
+            await asyncio.sleep(0.01)
+        server.should_exit = True
+        await serving
+        return held, gate.count, head.split(b"\r\n", 1)[0]
+
+    held, after, status = asyncio.run(run())
+    assert (held, after, status) == (1, 0, b"HTTP/1.1 401 Unauthorized")
+
+
+def test_the_key_check_lets_no_other_scope_through() -> None:
+    """A WebSocket scope is closed unread (the app never runs), whatever its path."""
+    called: list[Scope] = []
+    sent: list[Message] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        called.append(scope)
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    async def receive() -> Message:
+        return {"type": "websocket.connect"}
+
+    async def run() -> None:
+        events = RepeatedEvents(structlog.get_logger(), 60, asyncio.get_running_loop().call_later)
+        guard = ApiKeyGuard(app, "admin-key-0123456789", (), events)
+        for path in ("/api/keys", "/static/x", "/"):
+            await guard({"type": "websocket", "path": path, "headers": []}, receive, send)
+
+    asyncio.run(run())
+    assert called == [] and sent == [{"type": "websocket.close", "code": 1008}] * 3

@@ -30,7 +30,8 @@ INSIDE = "0123456789 _.@+-"
 HOMOGLYPHS = {"a": "\u0430", "e": "\u0435", "o": "\u043e", "p": "\u0440", "c": "\u0441",
               "x": "\u0445", "v": "\u03bd"}
 INVISIBLE = ["\u200d", "\u200c", "\u200b", "\u2060", "\ufeff", "\u00ad", "\x00", "\x1b", "\x07",
-             "\x7f", "\u202e", "\u00a0", "\u3000", "\u2028"]
+             "\x7f", "\u202e", "\u00a0", "\u3000", "\u2028", "\u034f", "\ufe0f", "\u3164",
+             "\u180b", "\U0001d173"]
 
 
 @st.composite
@@ -63,6 +64,16 @@ def test_the_attacks_of_issue_17() -> None:
         validate("6ba7b810-9dad-11d1-80b4-00c04fd430c8")
     with pytest.raises(NameRefused, match=r"digits must be 0-9, not '٥'"):
         validate("alice٥")
+
+
+@pytest.mark.parametrize("char", ["\u034f", "\ufe0f", "\u3164", "\uffa0", "\U000e0100"])
+def test_default_ignorable_characters_make_no_other_name(char: str) -> None:
+    """Drawn as nothing, though some are marks or letters: `alice` with one is `alice`."""
+    assert same_as("alice" + char, ["alice"]) == "alice"
+    assert fold("al" + char + "ice") == "alice"
+    for name in ("alice" + char, char, "\u3164" + char):
+        with pytest.raises(NameRefused, match=r"invisible or control characters \(U\+"):
+            validate(name)
 
 
 @pytest.mark.parametrize(

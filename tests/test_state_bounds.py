@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import pytest
 
 from daemon.bounds import MAX_EPOCH, MAX_GENERATION, MAX_LIMIT_BYTES, MAX_U64, MAX_USAGE_BYTES
 from daemon.store.state import State, StateError, StateStore, snapshot_bytes
+from daemon.xray.reality import generate_reality
 from tests.test_state_store import count_traffic, many_keys, snapshotted
 
 # field path inside key k1 -> a value just past its bound, and the words of the refusal
@@ -145,3 +147,93 @@ def test_a_backup_out_of_bounds_is_not_offered_for_restore(tmp_path: Path) -> No
     poisoned_key(raw, "data_limit_bytes=2^64")
     newest.write_text(json.dumps(raw))
     assert store.valid_backups() == [good]
+
+
+GOOD_KEY = generate_reality().private_key
+K1 = UUID(int=2)  # key k1's uuid in many_keys
+XRAY_KEY_FIELDS: dict[str, tuple[str, Any, str]] = {
+    # case -> (field, bad value, the location and words of the refusal)
+    "short_id": ("short_id", "zz", "short_id: Value error, short id 'zz' must be 0-16"),
+    "short_id odd": ("short_id", "abc", "short_id: Value error, short id 'abc' must be 0-16"),
+    "short_id newline": ("short_id", "ab\n", "short_id: Value error, short id 'ab\\n' must be"),
+    "extra_short_ids": (
+        "extra_short_ids",
+        ["ab", "0123456789abcdef01"],
+        "extra_short_ids.1: Value error, short id '0123456789abcdef01' must be 0-16",
+    ),
+    "reality_private_key": (
+        "reality_private_key",
+        GOOD_KEY[:-1],
+        "reality_private_key: Value error, an X25519 key must be 32 bytes",
+    ),
+    "xray_inbound": (
+        "xray_inbound",
+        {"protocol": "vless", "settings": {"clients": [{"id": str(UUID(int=99))}]}},
+        (
+            "xray_inbound: Value error, key k1: its inbound template must hold one client, "
+            f"of uuid {K1}"
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(XRAY_KEY_FIELDS))
+def test_a_key_xray_field_xray_would_refuse_is_refused_at_load(tmp_path: Path, case: str) -> None:
+    """Accepted, it would stop Xray's start and every later create or update of any key."""
+    path, _, state = snapshotted(tmp_path)
+    raw = json.loads(snapshot_bytes(state))
+    field, value, words = XRAY_KEY_FIELDS[case]
+    raw["keys"]["k1"][field] = value
+    path.write_text(json.dumps(raw))
+    with pytest.raises(StateError) as refused:
+        StateStore(path).load()
+    assert str(refused.value).startswith(
+        f"state file {path} does not match the schema (keys.k1.{words}"
+    )
+
+
+def test_a_bad_server_private_key_is_refused_in_the_snapshot_and_the_journal(
+    tmp_path: Path,
+) -> None:
+    path, store, state = snapshotted(tmp_path)
+    raw = json.loads(snapshot_bytes(state))
+    raw["reality_private_key"] = "not a key"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(StateError) as refused:
+        StateStore(path).load()
+    assert str(refused.value).startswith(
+        f"state file {path} does not match the schema (reality_private_key: Value error, an "
+        "X25519 key must be 32 bytes"
+    )
+
+    path, store, state = snapshotted(tmp_path / "journal")
+    state.generation += 1
+    store.save(state, {"k1"})
+    record = json.loads(store.journal.read_bytes())
+    record["reality_private_key"] = GOOD_KEY + "A"
+    store.journal.write_text(json.dumps(record) + "\n")
+    with pytest.raises(StateError) as refused:
+        StateStore(path).load()
+    assert str(refused.value).startswith(
+        f"state journal {store.journal} line 1 does not match the schema (reality_private_key: "
+    )
+
+
+def test_good_xray_fields_load(tmp_path: Path) -> None:
+    path, _, state = snapshotted(tmp_path)
+    raw = json.loads(snapshot_bytes(state))
+    uuid = raw["keys"]["k1"]["uuid"]
+    inbound = {"protocol": "vless", "settings": {"clients": [{"id": uuid, "flow": ""}]}}
+    raw["reality_private_key"] = GOOD_KEY
+    raw["keys"]["k1"].update(
+        short_id="0123456789abcdef",
+        extra_short_ids=["", "ab"],
+        reality_private_key=GOOD_KEY + "=",
+        xray_inbound=inbound,
+    )
+    path.write_text(json.dumps(raw))
+    loaded = StateStore(path).load()
+    key = loaded.keys["k1"]
+    assert (key.short_id, key.extra_short_ids) == ("0123456789abcdef", ["", "ab"])
+    assert (key.reality_private_key, loaded.reality_private_key) == (GOOD_KEY + "=", GOOD_KEY)
+    assert key.xray_inbound == inbound

@@ -30,6 +30,7 @@ from daemon.store.state import (
     StorageError,
     write_atomic,
 )
+from daemon.xray.reality import generate_reality
 
 
 def sample_state() -> State:
@@ -442,7 +443,8 @@ def test_journal_records_replay_in_order(tmp_path: Path) -> None:
 
 def test_journal_top_level_fields_replay(tmp_path: Path) -> None:
     path, store, state = snapshotted(tmp_path)
-    state.generation, state.reality_private_key, state.instance = 2, "server-private", "ffffffff"
+    server_key = generate_reality().private_key
+    state.generation, state.reality_private_key, state.instance = 2, server_key, "ffffffff"
     store.save(state, set())
     assert journal_lines(store)[0]["keys"] == {}
     assert reloaded(path) == state

@@ -58,6 +58,7 @@ from daemon.xray_sync import (
     api_remove_command,
     config_status,
     failure_line,
+    read_source,
     validate_command,
 )
 from tests.xray_harness import link_fields
@@ -1323,3 +1324,44 @@ def test_rewriting_a_file_with_comments_says_so_and_backs_it_up(tmp_path: Path) 
     assert written.comments_dropped and written.backup is not None
     assert written.backup.read_bytes() == original
     assert live.push([key(), key(U2, 10002)], REALITY).comments_dropped is False
+
+
+def test_sources_and_the_live_file_are_read_only_as_regular_files(tmp_path: Path) -> None:
+    """A symbolic link is refused, not followed; a FIFO is refused at once, not read for ever."""
+    real = tmp_path / "real.json"
+    real.write_bytes(b"{}")
+    link, fifo = tmp_path / "link.json", tmp_path / "fifo.json"
+    link.symlink_to(real)
+    os.mkfifo(fifo)
+    opts = opts_for(tmp_path)
+    with pytest.raises(XrayConfigError, match=f"^{link} is a symbolic link; portmeter never"):
+        read_source(opts, link)
+    with pytest.raises(XrayConfigError, match=f"^{fifo} is not a regular file$"):
+        XrayFiles(opts_for(tmp_path, config_path=fifo)).read_signed()
+    assert read_source(opts, real).config == {}
+
+
+def test_a_client_in_two_reality_inbounds_keeps_the_second_one() -> None:
+    """One key serves one inbound: the user's second inbound (gRPC on 8443) stays as it was,
+    its client is not dropped, and a second run leaves it alone too."""
+    opts = opts_for()
+    source = shared_config()
+    grpc = copy.deepcopy(source["inbounds"][1])
+    grpc.update(tag="vless-grpc", port=8444)
+    grpc["settings"]["clients"] = [{"id": CLIENTS[0][0], "email": "anna-grpc"}]
+    grpc["streamSettings"]["network"] = "grpc"
+    source["inbounds"].append(grpc)
+    plan = plan_migration(source, PortRange(10001, 10100), set(), opts)
+    assert [m.uuid for m in plan.moves] == [u for u, _, _ in CLIENTS]
+    assert plan.emptied == (1,) and plan.dropped == ()
+    assert plan.skipped[-1] == (
+        f"skip client {CLIENTS[0][0]} of inbound 'vless-grpc' (vless, port 8444): uuid "
+        f"{CLIENTS[0][0]} is already migrated from inbound #1; a key serves one inbound: "
+        "left as it was"
+    )
+    config, _ = migrate(source, plan, opts)
+    assert [i for i in config["inbounds"] if i.get("tag") == "vless-grpc"] == [grpc]
+    again = plan_migration(config, PortRange(10001, 10100), set(), opts)
+    assert again.is_empty and again.skipped[-1] == plan.skipped[-1].replace(
+        "inbound #1", "another inbound"
+    )

@@ -168,8 +168,8 @@ Bytes = Annotated[StrictInt, Field(ge=0, le=bounds.MAX_REPORT_BYTES)]
 
 
 class Report(BaseModel):
-    """One usage report from a server: the report intake's fields (README, "A fleet"), a report
-    id and a time.
+    """One usage report from a server: the report intake's fields (README "Usage history, the
+    Traffic Manager page, a fleet, Prometheus"), a report id and a time.
     Each direction carries at most MAX_REPORT_BYTES; an unknown field is refused."""
 
     model_config = ConfigDict(extra="forbid")

@@ -5,7 +5,8 @@ Both listeners share one event loop, so nothing a TCP client does may hold the l
 daemon's open files: a request head and a request body must arrive within their timeouts (408
 and close), the TCP listener holds at most so many connections in total and per client address
 (503 and close at once, before anything is read), the open-file soft limit is raised at start,
-and repeated failures are logged once per interval with a count. README "TCP listener".
+and repeated failures are logged once per interval with a count. README "Usage history, the
+Traffic Manager page, a fleet, Prometheus" (its TCP listener).
 """
 
 from __future__ import annotations
@@ -395,6 +396,9 @@ def uvicorn_server(listener: Listener) -> _QuietServer:
         listener.app,
         listener.limits,
         http=ListenerProtocol,
+        # No WebSocket protocol: it would take over the connection from ListenerProtocol, whose
+        # connection_lost then never runs to give the connection's slot back to the gate.
+        ws="none",
         log_config=None,
         access_log=False,
         lifespan="off",

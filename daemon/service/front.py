@@ -346,8 +346,9 @@ class Service:
             plan = xray.plan(source, self.state, await self._bound_ports())
             if dry_run or plan.is_empty:
                 return plan.lines(), []
-            copy = await xray.keep_original()
             async with self._all_or_nothing("migrate") as undo:
+                copy = await xray.keep_original()
+                undo.append(lambda: xray.discard_original(copy))
                 created = [
                     checked(xray.migrated_key(self.state, move, new_id(self.state.keys)))
                     for move in plan.moves
@@ -357,7 +358,10 @@ class Service:
                 await self._commit(undo, base=apply_migration(source.config, plan))
             self.settler.everything = True
             self.log.info(
-                "xray_migrated", source=str(source_path), keys=len(created), original_copy=copy
+                "xray_migrated",
+                source=str(source_path),
+                keys=len(created),
+                original_copy=None if copy is None else str(copy),
             )
             return plan.lines(), created
 
@@ -367,17 +371,17 @@ class Service:
         async with self.lock:
             await self.kernel.refresh()
             migrated = [key for key in self.state.keys.values() if key.migrated]
-            async with self._all_or_nothing("roll back the migration"):
+            async with self._all_or_nothing("roll back the migration") as undo:
                 for key in migrated:
                     del self.state.keys[key.id]
                     self._forget(key.id)
-                copy = await xray.restore_original()
+                restored = await xray.restore_original()
+                undo.append(restored.undo)
                 self.ledger.save()
             await self.kernel.uninstall_quietly(migrated)
-            self.log.info(
-                "xray_migration_rolled_back", restored=str(copy), keys_removed=len(migrated)
-            )
-            return str(copy), migrated
+            copy = str(restored.copy)
+            self.log.info("xray_migration_rolled_back", restored=copy, keys_removed=len(migrated))
+            return copy, migrated
 
     # --- the steps of an operation -------------------------------------------------------------
 

@@ -58,6 +58,14 @@ class Pushed:
     backup: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Restored:
+    """The pre-migration copy now live, and how to put back the config it replaced."""
+
+    copy: Path
+    undo: Undo
+
+
 @functools.lru_cache(maxsize=1024)
 def _reality(private_key: str) -> Reality:
     """Deriving the public half is an X25519 operation: once per key pair, not once per link."""
@@ -316,28 +324,50 @@ class XraySide:
                     found.append(str(self.files.path))
         return found
 
-    async def keep_original(self) -> str | None:
+    async def keep_original(self) -> Path | None:
         """A copy of the live config that rotation never deletes, for `migrate --rollback`."""
         if not self.files.path.exists():
             return None
         try:
-            return str(await anyio.to_thread.run_sync(self.files.keep_copy, MIGRATION_LABEL))
+            return await anyio.to_thread.run_sync(self.files.keep_copy, MIGRATION_LABEL)
         except XrayStorageError as exc:
             raise StorageFull(str(exc)) from None
 
-    async def restore_original(self) -> Path:
-        """Put the pre-migration config back byte for byte and apply it."""
+    async def discard_original(self, copy: Path | None) -> None:
+        """Drop the copy `keep_original` made for a migration that is being undone, so a later
+        rollback does not restore it."""
+        await anyio.to_thread.run_sync(self.files.discard_backup, copy)
+
+    async def restore_original(self) -> Restored:
+        """Put the pre-migration config back byte for byte and apply it; what it returns undoes
+        that (a failed apply is undone here already)."""
         copy = self.files.latest_copy(MIGRATION_LABEL)
         if copy is None:
             raise NotFound(f"no pre-migration copy of {self.files.path} to roll back to")
-        old = await anyio.to_thread.run_sync(self.files.read)
         try:
-            await anyio.to_thread.run_sync(self.files.restore_from, copy)
-            new = await anyio.to_thread.run_sync(self.files.read)
-            await self.applier.apply(inbound_changes(old, new))
+            previous = await anyio.to_thread.run_sync(self.files.read_bytes)
+            old = new = self.files.parse(previous)
+            saved = await anyio.to_thread.run_sync(self.files.restore_from, copy)
         except XrayError as exc:
             raise XrayRefused(str(exc)) from None
-        return copy
+
+        async def undo() -> None:
+            await anyio.to_thread.run_sync(self.files.restore, previous)
+            await anyio.to_thread.run_sync(self.files.discard_backup, saved)
+            self.stale = None  # Xray has the file before the rollback: look at every key
+            with contextlib.suppress(XrayError):
+                await self.applier.apply(inbound_changes(new, old))
+
+        try:
+            new = await anyio.to_thread.run_sync(self.files.read)
+            await self.applier.apply(inbound_changes(old, new))
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await undo()
+            if isinstance(exc, XrayError):
+                raise XrayRefused(f"{exc}; the previous Xray config was restored") from None
+            raise
+        return Restored(copy, undo)
 
     # --- reports -------------------------------------------------------------------------
 

@@ -12,10 +12,10 @@ the page charts the last 24 h), then moved into days [d, d+1d). Moving is exact:
 gains exactly what the hourly rows held. A bucket is deleted once its whole period ended at least
 `retention_days` ago. Deleting or resetting a key keeps its history; only retention removes it.
 
-Fleet reports (usage other servers push to the report intake, README "A fleet") are kept beside
-it: each report once (by report id; a repeat is ignored), running totals per user and server (a
-reset zeroes them; the reports and the series stay) and an hourly/daily series with the same
-retention.
+Fleet reports (usage other servers push to the report intake, README "Usage history, the
+Traffic Manager page, a fleet, Prometheus") are kept beside it: each report once (by report
+id; a repeat is ignored), running totals per user and server (a reset zeroes them; the reports
+and the series stay) and an hourly/daily series with the same retention.
 
 No stored number can overflow SQLite's signed 64-bit integers: a report carries at most
 MAX_REPORT_BYTES per direction (checked at the API), and a report is refused (ReportRefused,

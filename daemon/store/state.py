@@ -21,7 +21,17 @@ from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 from uuid import UUID
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from daemon.accounting import Account, Reading, Usage
 from daemon.atomic import (
@@ -46,6 +56,8 @@ from daemon.bounds import (
     MIN_PORT,
 )
 from daemon.limits import ResetStrategy, Status
+from daemon.xray.model import check_inbound, check_short_id
+from daemon.xray.reality import decode_key
 
 SCHEMA_VERSION: Final = 1
 TOP_LEVEL_GENERATION = re.compile(rb'^ "generation": \d+,$', re.MULTILINE)
@@ -70,6 +82,16 @@ class StorageError(Exception):
 KernelNumber = Annotated[int, Field(ge=0, le=MAX_U64)]
 UsageBytes = Annotated[int, Field(ge=0, le=MAX_USAGE_BYTES)]
 Moment = Annotated[AwareDatetime, Field(ge=EARLIEST_MOMENT, le=LATEST_MOMENT)]
+
+
+def _private_key(text: str) -> str:
+    decode_key(text)
+    return text
+
+
+# Xray's own rules (daemon/xray), so a value Xray would refuse stops the load, not Xray's start.
+ShortId = Annotated[str, AfterValidator(check_short_id)]
+PrivateKey = Annotated[str, AfterValidator(_private_key)]
 
 
 class ReadingModel(BaseModel):
@@ -129,15 +151,26 @@ class KeyRecord(BaseModel):
     dropped: DirectionModel = Field(default_factory=DirectionModel)
     # Xray: REALITY short id(s), a per-key key pair when configured or migrated, the flow a
     # migrated client used, the unguessable subscription token, and where the key came from.
-    short_id: str = ""
-    extra_short_ids: list[str] = Field(default_factory=list)
-    reality_private_key: str | None = Field(default=None, repr=False)
+    short_id: ShortId = ""
+    extra_short_ids: list[ShortId] = Field(default_factory=list)
+    reality_private_key: PrivateKey | None = Field(default=None, repr=False)
     flow: str | None = None
     sub_token: str = Field(default="", repr=False)
     migrated: bool = False
     # A migrated key's source inbound with its client alone (the id as the client had it):
     # the key's inbound repeats it except port and tag (README, section Xray).
     xray_inbound: dict[str, Any] | None = Field(default=None, repr=False)
+
+    @field_validator("xray_inbound")
+    @classmethod
+    def _one_client(
+        cls, inbound: dict[str, Any] | None, info: ValidationInfo
+    ) -> dict[str, Any] | None:
+        """The inbound must hold this key's client alone, as rendering it requires."""
+        uuid = info.data.get("uuid")
+        if inbound is not None and uuid is not None:  # a bad uuid is reported by itself
+            check_inbound(inbound, str(uuid), info.data.get("id", "?"))
+        return inbound
 
     @property
     def used_bytes(self) -> int:
@@ -154,7 +187,8 @@ class State(BaseModel):
     # report ids must never repeat (the collector drops an id it has seen).
     instance: str = Field(default="", pattern=r"^([0-9a-f]{8})?$")
     table_handle: KernelNumber | None = None
-    reality_private_key: str | None = Field(default=None, repr=False)  # the server's REALITY key
+    # The server's REALITY key.
+    reality_private_key: PrivateKey | None = Field(default=None, repr=False)
     keys: dict[str, KeyRecord] = Field(default_factory=dict)
 
     def ensure_instance(self) -> str:
@@ -176,7 +210,7 @@ class JournalRecord(BaseModel):
     generation: int = Field(ge=0, le=MAX_GENERATION)
     instance: str = Field(pattern=r"^([0-9a-f]{8})?$")
     table_handle: KernelNumber | None
-    reality_private_key: str | None = Field(repr=False)
+    reality_private_key: PrivateKey | None = Field(repr=False)
     keys: dict[str, KeyRecord | None]
 
     @model_validator(mode="after")

@@ -32,7 +32,9 @@ from daemon.xray.model import (
     is_portmeter_inbound,
     mapping,
     parse_keys,
+    portmeter_inbounds,
     reality_settings,
+    tag_uuid,
     xray_uuid,
 )
 from daemon.xray.reality import reality_from_private
@@ -138,10 +140,11 @@ def plan_migration(
     other inbound is listed as skipped and left exactly as it is. A client keeps its id, flow,
     level and email, and its key's inbound everything of the shared one but port, tag and the
     other clients. A client whose uuid already has a portmeter inbound or is in `known_uuids`
-    is not moved but dropped from the shared inbound. Ports come from `port_range`, lowest
-    first, skipping `taken_ports` and every port an inbound of the config uses. `commented`:
-    the files with comments that carrying out the plan rewrites. Running the plan's result
-    through `plan_migration` again gives an empty plan.
+    is not moved but dropped from the shared inbound; one this run moves from another inbound
+    stays where it is, so its connection there keeps working (a key serves one inbound). Ports
+    come from `port_range`, lowest first, skipping `taken_ports` and every port an inbound of
+    the config uses. `commented`: the files with comments that carrying out the plan rewrites.
+    Running the plan's result through `plan_migration` again gives an empty plan.
     """
     inbounds = inbounds_of(config)
     have = {xray_uuid(u) or u for u in known_uuids} | set(parse_keys(config))
@@ -149,6 +152,9 @@ def plan_migration(
         p for i in inbounds if isinstance(i, Mapping) if (p := inbound_port(i))
     }
     names = {fold(name) for name in taken_names}
+    moving: dict[str, int] = {}  # uuid -> the inbound it is moved from in this run
+    # uuid -> its key's inbound: a key migrated earlier from another inbound of the same user
+    ours = {tag_uuid(i.get("tag")): i for i in portmeter_inbounds(config)}
     moves: list[MigrationMove] = []
     dropped: list[tuple[int, str]] = []
     emptied: list[int] = []
@@ -177,7 +183,15 @@ def plan_migration(
                     "of 1-30 bytes; left in place"
                 )
                 continue
-            if uuid in have:
+            earlier = moving.get(uuid, index)
+            if earlier != index or _served_elsewhere(ours.get(uuid), inbound):
+                source = "another inbound" if earlier == index else f"inbound #{earlier}"
+                skipped.append(
+                    f"skip client {client_id} of inbound {_where(inbound, index)}: uuid {uuid} "
+                    f"is already migrated from {source}; a key serves one inbound: left as it was"
+                )
+                continue
+            if uuid in have or uuid in moving:
                 dropped.append((index, uuid))
                 leaving += 1
                 continue
@@ -186,7 +200,7 @@ def plan_migration(
                 unplaced.append(uuid)
                 continue
             used.add(port)
-            have.add(uuid)
+            moving[uuid] = index
             own_id = str(client_id) if is_client_of(client_id, uuid) else uuid
             email = str(client.get("email") or "")
             name, note = _key_name(email, own_id, uuid, names)
@@ -279,6 +293,17 @@ def _not_shared(
     if not clients(inbound):
         return "no clients"
     return None
+
+
+def _served_elsewhere(own: Mapping[str, Any] | None, inbound: Mapping[str, Any]) -> bool:
+    """The key's inbound `own` is not a copy of `inbound` (it repeats its source but port, tag
+    and the other clients): the key was migrated from another inbound of its user."""
+    return own is not None and _shape(own) != _shape(inbound)
+
+
+def _shape(inbound: Mapping[str, Any]) -> dict[str, Any]:
+    settings = {k: v for k, v in mapping(inbound.get("settings")).items() if k != "clients"}
+    return {k: v for k, v in inbound.items() if k not in ("port", "tag")} | {"settings": settings}
 
 
 def _key_name(email: str, own_id: str, uuid: str, taken: set[str]) -> tuple[str, str]:

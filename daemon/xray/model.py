@@ -24,7 +24,7 @@ Security = Literal["reality", "none"]
 Config = dict[str, Any]
 
 TAG_PREFIX = "inbound-"
-SHORT_ID = re.compile(r"^(?:[0-9a-f]{2}){0,8}$")
+SHORT_ID = re.compile(r"^(?:[0-9a-f]{2}){0,8}\Z")  # \Z: no trailing newline
 HEX_GROUP = re.compile(rb"[0-9a-fA-F]+")
 
 
@@ -121,11 +121,10 @@ class XrayKey:
         if not 1 <= self.port <= 65535:
             raise ValueError(f"key {self.id}: port {self.port} is not in 1-65535")
         for short_id in (self.short_id, *self.extra_short_ids):
-            if not SHORT_ID.match(short_id):
-                raise ValueError(
-                    f"key {self.id}: short id {short_id!r} must be 0-16 lowercase hex digits, "
-                    "even length"
-                )
+            try:
+                check_short_id(short_id)
+            except ValueError as exc:
+                raise ValueError(f"key {self.id}: {exc}") from None
 
     @property
     def tag(self) -> str:
@@ -136,12 +135,24 @@ class XrayKey:
         return [self.short_id, *self.extra_short_ids]
 
 
+def check_short_id(short_id: str) -> str:
+    """A REALITY short id as Xray takes it; ValueError otherwise."""
+    if not SHORT_ID.match(short_id):
+        raise ValueError(f"short id {short_id!r} must be 0-16 lowercase hex digits, even length")
+    return short_id
+
+
 def _check_template(template: str, uuid: str, key_id: str) -> None:
     """A key's template is an inbound object with one client, whose id Xray reads as `uuid`."""
     try:
         inbound = json.loads(template)
     except ValueError:
         raise ValueError(f"key {key_id}: its inbound template is not JSON") from None
+    check_inbound(inbound, uuid, key_id)
+
+
+def check_inbound(inbound: object, uuid: str, key_id: str) -> None:
+    """A migrated key's inbound (parsed template): one client, whose id Xray reads as `uuid`."""
     found = clients(inbound) if isinstance(inbound, dict) else []
     if len(found) != 1 or not is_client_of(found[0].get("id"), uuid):
         raise ValueError(f"key {key_id}: its inbound template must hold one client, of uuid {uuid}")

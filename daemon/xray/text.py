@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from daemon.bounds import MAX_XRAY_CONFIG_BYTES
 from daemon.xray.model import Config, XrayConfigError
 
-# What Xray's config reader (infra/conf/json/reader.go in Xray-core) does outside JSON strings:
+# What Xray's own config reader does outside JSON strings:
 # `//` and `#` comments run to the end of the line, `/* ... */` comments keep their newlines,
 # strings (double or single quotes) and backslash escapes pass unchanged, and a `/` followed by
 # anything else passes with that character. A block comment ends at the first `/` that follows

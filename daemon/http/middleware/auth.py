@@ -1,4 +1,5 @@
-"""The TCP listener's key check: who may call what (README "TCP listener").
+"""The TCP listener's key check: who may call what (README "Usage history, the Traffic Manager
+page, a fleet, Prometheus", its TCP listener).
 
 The Unix socket needs none: its file permissions are its guard (daemon.http.server stacks this
 layer on the TCP listener alone).
@@ -42,7 +43,7 @@ class Refusal(Exception):
 def credential(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
     """The one key a request presents, from `X-API-Key: KEY` or `Authorization: Bearer KEY`.
 
-    RFC 9110, section 11: the scheme is case-insensitive and followed by one or more spaces; any
+    HTTP's rule: the auth scheme is case-insensitive and followed by one or more spaces; any
     other scheme, or a bare `Authorization: KEY`, is refused. An empty X-API-Key counts as not
     sent (some clients send the header empty), and two headers naming different keys are refused
     rather than one of them chosen.
@@ -83,7 +84,12 @@ class ApiKeyGuard:
         ]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not self._open(scope["path"]):
+        if scope["type"] != "http":
+            # Plain HTTP only: a WebSocket (or any other) scope would pass unchecked.
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+            return
+        if not self._open(scope["path"]):
             try:
                 self._check(scope)
             except Refusal as refusal:

@@ -1,4 +1,4 @@
-"""HEAD wherever GET is served (RFC 9110, section 9.3.2)."""
+"""HEAD wherever GET is served, as HTTP requires of every server that serves GET."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 class HeadAsGet:
-    """HEAD wherever GET is served (RFC 9110, section 9.3.2): the route answers as for GET, and
+    """HEAD wherever GET is served (HTTP requires it): the route answers as for GET, and
     the answer goes out with the same status and headers (Content-Length included), no body."""
 
     def __init__(self, app: ASGIApp) -> None:
