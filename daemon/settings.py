@@ -132,6 +132,15 @@ class Settings(BaseSettings):
         return value
 
     @property
+    def socket_gid(self) -> int | None:
+        """PORTMETER_SOCKET_GROUP's id, None where the group does not exist (a development
+        machine): the socket is then root's alone."""
+        try:
+            return grp.getgrnam(self.socket_group).gr_gid
+        except KeyError:
+            return None
+
+    @property
     def xray_gid(self) -> int | None:
         """PORTMETER_XRAY_GROUP's id, None when unset."""
         return grp.getgrnam(self.xray_group).gr_gid if self.xray_group else None

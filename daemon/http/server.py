@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import grp
 import ipaddress
 import json
 import logging
@@ -58,17 +57,9 @@ class SocketBusy(Exception):
     """Another daemon already answers on the socket path."""
 
 
-def _group_id(group: str) -> int | None:
-    """The operators' group, or None where it does not exist (a development machine)."""
-    try:
-        return grp.getgrnam(group).gr_gid
-    except KeyError:
-        return None
-
-
-def bind_unix_socket(path: Path, group: str) -> socket.socket:
-    """Listen on `path` with mode 0660 and the operators' group, replacing a stale socket file."""
-    gid = _group_id(group)
+def bind_unix_socket(path: Path, gid: int | None) -> socket.socket:
+    """Listen on `path` with mode 0660 and the operators' group `gid` (None: root's group only),
+    replacing a stale socket file."""
     make_dirs(path.parent, 0o750, gid)
     if path.exists():
         if _answers(path):
@@ -371,7 +362,7 @@ def listeners(settings: Settings, app: ASGIApp, events: RepeatedEvents) -> list[
     timeouts = (settings.http_head_timeout, settings.http_body_timeout)
     bound = [
         Listener(
-            bind_unix_socket(settings.socket, settings.socket_group),
+            bind_unix_socket(settings.socket, settings.socket_gid),
             app,
             ListenerLimits(*timeouts, events),
         )
