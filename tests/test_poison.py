@@ -202,11 +202,12 @@ def test_the_kernel_layer_refuses_a_quota_it_cannot_hold_and_changes_nothing(net
 def test_missing_privileges_and_only_they_say_root_or_cap_net_admin(
     net: Lab, workdir: Path
 ) -> None:
-    """EPERM from the kernel: the one case where the remedy is root or CAP_NET_ADMIN."""
-    os.chmod(workdir, 0o755)
+    """EPERM from the kernel: the one case where the remedy is root or CAP_NET_ADMIN.
+
+    The daemon runs as root with every capability dropped, not as another user: the checkout may
+    sit in a directory only root can read (a clone under `mktemp -d`)."""
     state = workdir / "unprivileged"
     state.mkdir()
-    os.chown(state, 65534, 65534)
     env = {
         **os.environ, "PORTMETER_STATE_DIR": str(state / "state"),
         "PORTMETER_SOCKET": str(state / "pm.sock"), "PORTMETER_NFT_TABLE": "pmeperm",
@@ -214,8 +215,8 @@ def test_missing_privileges_and_only_they_say_root_or_cap_net_admin(
     }
     started = time.monotonic()
     result = subprocess.run(
-        ["ip", "netns", "exec", net.server, "setpriv", "--reuid=65534", "--regid=65534",
-         "--clear-groups", "--inh-caps=-all", sys.executable, "-m", "daemon", "run"],
+        ["ip", "netns", "exec", net.server, "setpriv", "--inh-caps=-all", "--bounding-set=-all",
+         sys.executable, "-m", "daemon", "run"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False,
     )
     assert result.returncode == 1 and time.monotonic() - started < 60
