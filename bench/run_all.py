@@ -16,16 +16,34 @@ import time
 import traceback
 from collections.abc import Callable
 
-from bench import api, datapath, idle, memory, ops, polling, startup
+from bench import (
+    api,
+    connections,
+    datapath,
+    fleet_ingest,
+    fleet_keys,
+    fleet_reads,
+    idle,
+    limits,
+    memory,
+    ops,
+    polling,
+    startup,
+)
 from bench.common import interruptible, parse_quick
 
 BENCHMARKS: list[tuple[str, Callable[[bool], None]]] = [
     ("create/delete", ops.main),
     ("data path", datapath.main),
+    ("kernel limits", limits.main),
     ("polling", polling.main),
     ("memory", memory.main),
     ("API latency", api.main),
+    ("connections per poll", connections.main),
     ("start-up", startup.main),
+    ("fleet ingest", fleet_ingest.main),
+    ("fleet reads", fleet_reads.main),
+    ("fleet keys", fleet_keys.main),
 ]
 
 

@@ -48,15 +48,21 @@ def write_atomic(
     mode: int = 0o600,
     owner: tuple[int, int] | None = None,
     dir_mode: int = 0o700,
+    sweep: bool = True,
+    durable: bool = True,
 ) -> None:
     """Replace `path` by a file holding `data`, with exactly `mode` (and `owner` when root).
 
     A missing directory is created with `dir_mode` (and the owner's group). Raises OSError,
-    LinkRefused when `path` is a symbolic link.
+    LinkRefused when `path` is a symbolic link. `sweep=False` skips looking for temporaries a
+    crash left, which reads the whole directory: for a directory of thousands of files whose
+    owner sweeps them itself (`remove_stale_temporaries`). `durable=False` skips the fsyncs:
+    for a batch of thousands of files made durable at once afterwards (`os.sync`).
     """
     make_dirs(path.parent, dir_mode, None if owner is None else owner[1])
     refuse_link(path)
-    _remove_stale_temporaries(path)
+    if sweep:
+        remove_stale_temporaries(path.parent, re.escape(path.name))
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     fd = os.open(tmp, CREATE_FLAGS, 0o600)
     try:
@@ -66,25 +72,28 @@ def write_atomic(
             os.fchmod(handle.fileno(), mode)
             handle.write(data)
             handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_directory(path.parent)
+    if durable:
+        fsync_directory(path.parent)
 
 
-def _remove_stale_temporaries(path: Path) -> None:
-    """Temporary files of `path` left by a crash (or the fixed name older versions used).
+def remove_stale_temporaries(directory: Path, name: str) -> None:
+    """Temporary files a crash left in `directory` (or the fixed name older versions used) of
+    the files whose names match `name`, a regular expression.
 
     Unlinking removes a planted link itself, never what it points to.
     """
-    shape = re.compile(rf"\.{re.escape(path.name)}(\.[0-9a-f]{{16}})?\.tmp")
-    with os.scandir(path.parent) as entries:
+    shape = re.compile(rf"\.({name})(\.[0-9a-f]{{16}})?\.tmp")
+    with os.scandir(directory) as entries:
         stale = [entry.name for entry in entries if shape.fullmatch(entry.name)]
-    for name in stale:
+    for found in stale:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(path.parent / name)
+            os.unlink(directory / found)
 
 
 def backup_stamp() -> str:

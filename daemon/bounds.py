@@ -119,3 +119,31 @@ MAX_LOG_REPEAT_INTERVAL: Final = 3600.0
 # An API key (PORTMETER_API_KEY, PORTMETER_REPORT_API_KEYS): long enough not to be guessed.
 MIN_API_KEY_CHARS: Final = 16
 MAX_API_KEY_CHARS: Final = 256
+
+# Kernel limits of one key (README "Speed, connection and device limits"): a speed in bits per
+# second per direction (the kernel's rate is in bytes, so a multiple of 8 is exact), concurrent
+# TCP connections, distinct client addresses within PORTMETER_IP_WINDOW seconds.
+MIN_SPEED_BPS: Final = 8_000
+MAX_SPEED_BPS: Final = 100 * 10**9
+MAX_CONNECTIONS: Final = 100_000
+MAX_IPS: Final = 1000
+MIN_IP_WINDOW: Final = 1
+MAX_IP_WINDOW: Final = 7 * 24 * 3600
+
+
+def speed_bps(value: int) -> int:
+    """`value` if it is a speed limit within the bounds; ValueError saying which one otherwise."""
+    if not MIN_SPEED_BPS <= value <= MAX_SPEED_BPS:
+        raise ValueError(
+            f"a speed of {value} bit/s is outside {MIN_SPEED_BPS}..{MAX_SPEED_BPS} (100 Gbit)"
+        )
+    return value
+
+
+# Fleet groups (README "Keys created once"): PORTMETER_SERVER_GROUPS and a key's `groups`, short
+# lower-case words, a handful per key.
+MAX_GROUPS: Final = 16
+GROUP_PATTERN: Final = r"^[a-z0-9][a-z0-9_.-]{0,31}$"
+# At start a node waits at most this long for the fleet database before it follows the keys
+# there and declares itself ready; a database that is down never holds start-up longer.
+FLEET_START_WAIT: Final = 3.0

@@ -18,7 +18,7 @@ import httpx
 import segno
 
 from daemon import bounds
-from daemon.limits import parse_limit
+from daemon.limits import parse_limit, parse_rate
 from daemon.units import display_bytes
 
 if TYPE_CHECKING:
@@ -149,10 +149,31 @@ def print_key(key: dict[str, Any]) -> None:
         rows.append(("last reset", f"{key['last_reset_at']} ({before} before)"))
     if key.get("note"):
         rows.append(("note", key["note"]))
+    rows += _kernel_limit_rows(key)
     if key.get("link"):
         rows.append(("link", key["link"]))
+    if key.get("groups"):
+        rows.append(("groups", ", ".join(key["groups"])))
+    for server in key.get("servers") or ():
+        rows.append(("server", f"{server['server']} port {server['port']} {server['status']}"))
     for label, value in rows:
         print(f"{label + ':':12} {value}")
+
+
+def _kernel_limit_rows(key: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Speed, connection and device limits (README "Speed, connection and device limits")."""
+    speed, conns, ips = key.get("speed_limit_bps"), key.get("max_connections"), key.get("max_ips")
+    if speed is None and conns is None and ips is None:
+        return []
+    rows: list[tuple[str, Any]] = [
+        ("speed", "unlimited" if speed is None else f"{speed / 1e6:g} Mbit/s each way"),
+        ("max conns", "unlimited" if conns is None else conns),
+        ("max ips", "unlimited" if ips is None else ips),
+        ("refused", key.get("refused_connections", 0)),
+    ]
+    for seen in key.get("client_ips") or ():
+        rows.append(("client ip", f"{seen['address']} last seen {seen['last_seen']}"))
+    return rows
 
 
 def key_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -167,7 +188,42 @@ def key_settings(args: argparse.Namespace) -> dict[str, Any]:
         body["reset_strategy"] = args.reset
     if args.note is not None:
         body["note"] = args.note
+    if args.speed is not None:
+        body["speed_limit_bps"] = None if _cleared(args.speed) else _checked_speed(args.speed)
+    if args.max_conns is not None:
+        body["max_connections"] = _count("--max-conns", args.max_conns, bounds.MAX_CONNECTIONS)
+    if args.max_ips is not None:
+        body["max_ips"] = _count("--max-ips", args.max_ips, bounds.MAX_IPS)
+    if args.groups is not None:
+        body["groups"] = [group.strip() for group in args.groups.split(",") if group.strip()]
     return body
+
+
+def _scope(args: argparse.Namespace) -> str:
+    """`?local=true` for --local: this server alone, not the fleet (README "Keys created once")."""
+    return "?local=true" if args.local else ""
+
+
+def _cleared(text: str) -> bool:
+    """'none' (or 'unlimited'): the option clears its limit."""
+    return text.strip().lower() in ("none", "unlimited")
+
+
+def _checked_speed(text: str) -> int:
+    """--speed as bits/s, refused here (one line, exit 1) as the daemon would refuse it."""
+    try:
+        return parse_rate(text)
+    except ValueError as exc:
+        raise CliError(f"--speed: {exc}") from None
+
+
+def _count(option: str, text: str, most: int) -> int | None:
+    """--max-conns / --max-ips: a whole number from 1 to `most`, or None for 'none'."""
+    if _cleared(text):
+        return None
+    if not text.strip().isdecimal() or not 1 <= int(text) <= most:
+        raise CliError(f"{option}: {text!r} is not a whole number from 1 to {most} (or 'none')")
+    return int(text)
 
 
 def _checked_limit(text: str) -> str:
@@ -183,20 +239,24 @@ def keys_add(client: Client, args: argparse.Namespace) -> Any:
     body: dict[str, Any] = {"name": args.name, **key_settings(args)}
     if args.port is not None:
         body["port"] = args.port
-    key = client.call("POST", "/api/keys", body)
+    key = client.call("POST", f"/api/keys{_scope(args)}", body)
     return key, lambda: print_key(key)
 
 
 def keys_set(client: Client, args: argparse.Namespace) -> Any:
     body = key_settings(args)
     if not body:
-        raise CliError("nothing to change: give --limit, --expire, --reset or --note")
-    key = client.call("PATCH", f"/api/keys/{_path_segment(args.key)}", body)
+        raise CliError(
+            "nothing to change: give --limit, --expire, --reset, --note, --speed, --max-conns,"
+            " --max-ips or --groups"
+        )
+    key = client.call("PATCH", f"/api/keys/{_path_segment(args.key)}{_scope(args)}", body)
     return key, lambda: print_key(key)
 
 
 def keys_switch(client: Client, args: argparse.Namespace) -> Any:
-    key = client.call("POST", f"/api/keys/{_path_segment(args.key)}/{args.keys_command}")
+    where = f"/api/keys/{_path_segment(args.key)}/{args.keys_command}{_scope(args)}"
+    key = client.call("POST", where)
     return key, lambda: print(f"key {key['name']} (port {key['port']}) is now {key['status']}")
 
 
@@ -269,6 +329,7 @@ def _xray_status_lines(s: dict[str, Any]) -> list[str]:
             f"inbounds:   {s['portmeter_inbound_count']} of portmeter for "
             f"{s['expected_inbounds']} keys, {s['inbound_count']} in all; {sync}"
         ),
+        *([f"confdir:    {s['confdir']} ({s['key_files']} key files)"] if s.get("confdir") else []),
         f"backups:    {s['backup_count']} in {s['backup_dir']}",
         f"apply:      {s['apply_mode']}; xray binary {s['xray_bin']} {found}{api}",
         *([f"error:      {s['error']}"] if s.get("error") else []),
@@ -291,8 +352,32 @@ def migrate(client: Client, args: argparse.Namespace) -> Any:
     return r, lambda: print("\n".join([prefix, *(f"  {line}" for line in r["plan"])]))
 
 
+def fleet_status(client: Client, _: argparse.Namespace) -> Any:
+    s = client.call("GET", "/api/fleet/status")
+    return s, lambda: print("\n".join(_fleet_status_lines(s)))
+
+
+def _fleet_status_lines(s: dict[str, Any]) -> list[str]:
+    """`fleet status`: the database, why it is not in use, what waits (README "A fleet in
+    PostgreSQL")."""
+    if not s["configured"]:
+        return ["fleet database: not configured (PORTMETER_FLEET_DSN is unset)"]
+    backlog = s["backlog"]
+    state = "reachable" if s["reachable"] else "NOT reachable"
+    return [
+        f"database:   {state}, schema version {s['schema_version'] or '-'}",
+        *([f"error:      {s['error']}"] if s["error"] else []),
+        f"server:     {s['server']}",
+        f"delivered:  {s['last_delivered_at'] or 'nothing yet since start'}",
+        (
+            f"backlog:    {backlog['messages']} messages, {backlog['rows']} rows, "
+            f"{display_bytes(backlog['bytes'])}, oldest {backlog['oldest_at'] or '-'}"
+        ),
+    ]
+
+
 def keys_rm(client: Client, args: argparse.Namespace) -> Any:
-    key = client.call("DELETE", f"/api/keys/{_path_segment(args.key)}")
+    key = client.call("DELETE", f"/api/keys/{_path_segment(args.key)}{_scope(args)}")
     return key, lambda: print(
         f"deleted key {key['id']} ({key['name']}), port {key['port']} is free"
     )
@@ -454,6 +539,30 @@ def add_limit_options(parser: argparse.ArgumentParser) -> None:
         help="zero the usage every day/week/month (PORTMETER_TIMEZONE)",
     )
     parser.add_argument("--note", help="free text for the operator")
+    parser.add_argument(
+        "--speed", metavar="RATE", help="per direction: 20Mbit, 500kbit, 1Gbit, bits/s; 'none'"
+    )
+    parser.add_argument(
+        "--max-conns", metavar="N", help="concurrent TCP connections (1-100000); 'none'"
+    )
+    parser.add_argument(
+        "--max-ips",
+        metavar="N",
+        help="client addresses within PORTMETER_IP_WINDOW (1-1000); 'none'",
+    )
+
+
+def add_fleet_options(parser: argparse.ArgumentParser, groups: bool = False) -> None:
+    """--local (and --groups) of key operations (README "Keys created once")."""
+    parser.add_argument(
+        "--local",
+        action="store_true",
+        help="with a fleet database: this server alone (also when the database is down)",
+    )
+    if groups:
+        parser.add_argument(
+            "--groups", help="fleet groups that serve the key, e.g. eu,premium ('' for all)"
+        )
 
 
 def state_command(args: argparse.Namespace) -> int:
@@ -539,12 +648,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="a specific port of the range (default: lowest free)",
     )
     add_limit_options(add)
+    add_fleet_options(add, groups=True)
     add.set_defaults(handler=keys_add)
     change = keys_sub.add_parser(
         "set", help="change limit, expiry, reset or note", parents=[common]
     )
     change.add_argument("key", help="key id, uuid or name")
     add_limit_options(change)
+    add_fleet_options(change, groups=True)
     change.set_defaults(handler=keys_set)
     for verb, text in (
         ("disable", "stop a key's traffic in the kernel"),
@@ -552,6 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = keys_sub.add_parser(verb, help=text, parents=[common])
         p.add_argument("key", help="key id, uuid or name")
+        add_fleet_options(p)
         p.set_defaults(handler=keys_switch)
     keys_sub.add_parser("list", help="all keys with their traffic", parents=[common]).set_defaults(
         handler=keys_list
@@ -566,6 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(handler=keys_show)
     rm = keys_sub.add_parser("rm", help="delete a key", parents=[common])
     rm.add_argument("key", help="key id, uuid or name")
+    add_fleet_options(rm)
     rm.set_defaults(handler=keys_rm)
 
     tr = sub.add_parser(
@@ -609,6 +722,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--rollback", action="store_true", help="restore the config from before migrating"
     )
     mg.set_defaults(handler=migrate)
+    fl = sub.add_parser("fleet", help="the fleet database: reachable?, backlog", parents=[common])
+    fl.add_argument("action", choices=("status",))
+    fl.set_defaults(handler=fleet_status)
     st = sub.add_parser("state", help="check the state file, or restore the newest valid backup")
     st.add_argument("action", choices=("check", "restore"))
     st.add_argument("--state-dir", help="default: $PORTMETER_STATE_DIR or /var/lib/portmeter")

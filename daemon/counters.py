@@ -13,6 +13,10 @@ so a packet over the quota is counted as dropped and never reaches the usage cou
 what got through, dropped bytes are reported separately. (The quota's own `used` also grows with
 dropped packets; that is why a changed limit replaces the quota object with the usage from state.)
 
+A key with speed, connection or address limits (README "Speed, connection and device limits") also
+has `limit` objects `sr_<port>` / `st_<port>` behind the maps speed_rx / speed_tx, and a chain of
+its own reached through the verdict map `guard`; their rules come before the quota's.
+
 Installing, changing or removing a port is one nf_tables transaction sent over netlink, and
 reading every counter and quota is one netlink dump (nlcodec.py says why not libnftables there).
 libnftables builds the table and repairs it, and checks its layout in full once; after that a
@@ -41,22 +45,47 @@ import nftables
 from daemon import nlcodec as nl
 from daemon.accounting import Reading
 from daemon.atomic import failure_reason
-from daemon.bounds import MAX_KERNEL_QUOTA
-from daemon.limits import Quota
+from daemon.bounds import MAX_KERNEL_QUOTA, MAX_U64
+from daemon.limits import Guard, Quota
 
 T = TypeVar("T")
 
 FAMILY = "inet"
 DIRECTIONS = ("rx", "tx")
-OBJECT_NAME = re.compile(r"^(rx|tx|drop|q)_(\d{1,5})$")
+OBJECT_NAME = re.compile(r"^(rx|tx|drop|q|refused|ipref)_(\d{1,5})$")
 # Priority "mangle" (-150): before filter tables, so ports count even when a later chain drops.
 HOOK_PRIORITY = -150
 MATCH_TCP_UDP: dict[str, Any] = {
     "match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": {"set": ["tcp", "udp"]}}
 }
 CHAINS = {"rx": ("input", "dport"), "tx": ("output", "sport")}
+# First in the output chain: the reset the kernel sends when portmeter closes a stopped key's
+# connection (README "Limits, expiry and resets") leaves even when the key's limits drop all else,
+# so the client learns at once; it is counted as usage like every packet that leaves.
+RESET_LEAVES: list[dict[str, Any]] = [
+    {
+        "match": {
+            "op": "==",
+            "left": {"&": [{"payload": {"protocol": "tcp", "field": "flags"}}, "rst"]},
+            "right": "rst",
+        }
+    },
+    {
+        "counter": {
+            "map": {"key": {"payload": {"protocol": "tcp", "field": "sport"}}, "data": "@tx"}
+        }
+    },
+    {"accept": None},
+]
 MAPS = {"rx": "counter", "tx": "counter", "quota": "quota", "dropped": "counter"}
 MAP_PREFIX = {"rx": "rx", "tx": "tx", "quota": "q", "dropped": "drop"}
+# Kernel limits beyond the quota (README "Speed, connection and device limits"): a named `limit`
+# object per direction behind a map, and a verdict map to a chain of the port's own.
+SPEED_MAPS = {"rx": "speed_rx", "tx": "speed_tx"}
+SPEED_PREFIX = {"rx": "sr", "tx": "st"}
+GUARD_MAP = "guard"
+GUARD_CHAIN = re.compile(r"^g_(\d{1,5})_(\d+)_(\d+)_(\d+)$")
+LIMIT_UNITS = {"bytes": 1, "kbytes": 1024, "mbytes": 1024**2}
 NETLINK_NETFILTER = 12
 RECEIVE_BUFFER = 1 << 20
 GET_SLICE = 256  # get requests per write
@@ -111,6 +140,8 @@ class PortReading:
     tx: Reading
     dropped: Reading | None = None
     quota: KernelQuota | None = None
+    refused: Reading | None = None  # new connections over max_connections, refused
+    ip_refused: Reading | None = None  # packets from addresses over max_ips, refused
 
     @property
     def over(self) -> bool:
@@ -126,6 +157,7 @@ class TableView:
     ports: dict[int, PortReading] = field(default_factory=dict)
     stray: set[int] = field(default_factory=set)
     problems: list[str] = field(default_factory=list)
+    guards: dict[int, Guard] | None = None  # known from a full listing only
 
 
 def port_gaps(
@@ -161,8 +193,14 @@ def _lookup(port_field: str, map_name: str) -> dict[str, Any]:
 
 
 def rule_exprs(direction: str) -> list[list[dict[str, Any]]]:
-    """The two rules of a chain, in order: enforce the quota, then count."""
+    """The rules of a chain, in order: the guards (input only), the speed limit, the quota, the
+    count. A packet a limit drops is neither charged to the quota nor counted as usage."""
     _, port_field = CHAINS[direction]
+    guard = [
+        MATCH_TCP_UDP,
+        {"vmap": {"key": {"payload": {"protocol": "th", "field": port_field}}, "data": "@guard"}},
+    ]
+    speed = [MATCH_TCP_UDP, {"limit": _lookup(port_field, SPEED_MAPS[direction])}, {"drop": None}]
     enforce = [
         MATCH_TCP_UDP,
         {"quota": _lookup(port_field, "quota")},
@@ -170,7 +208,41 @@ def rule_exprs(direction: str) -> list[list[dict[str, Any]]]:
         {"drop": None},
     ]
     count = [MATCH_TCP_UDP, {"counter": _lookup(port_field, direction)}]
-    return [enforce, count]
+    if direction == "rx":
+        return [guard, speed, enforce, count]
+    return [RESET_LEAVES, speed, enforce, count]
+
+
+def guard_chain(port: int, guard: Guard) -> str:
+    """The port's chain, named with its limits so a listing shows what the kernel holds."""
+    return f"g_{port}_{guard.connections or 0}_{guard.addresses or 0}_{guard.window}"
+
+
+def guard_rules(port: int, guard: Guard) -> list[list[dict[str, Any]]]:
+    """The rules of a port's guard chain: a new TCP connection over the limit is reset; a packet
+    from an address that finds no place left in the port's address sets is refused (TCP reset,
+    UDP dropped). They count in `refused_<port>` and `ipref_<port>`."""
+    reset = {"reject": {"type": "tcp reset"}}
+    tcp = {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}}
+    rules: list[list[dict[str, Any]]] = []
+    if guard.connections is not None:
+        new = {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "new"}}
+        over = {"ct count": {"val": guard.connections, "inv": True}}
+        rules.append([tcp, new, over, {"counter": object_name("refused", port)}, reset])
+    if guard.addresses is not None:
+        for family, field_ in (("ip", "a4"), ("ip6", "a6")):
+            key = {"payload": {"protocol": family, "field": "saddr"}}
+            update = {"set": {"op": "update", "elem": key, "set": f"@{field_}_{port}"}}
+            nfproto = {
+                "match": {
+                    "op": "==",
+                    "left": {"meta": {"key": "nfproto"}},
+                    "right": ("ipv4" if family == "ip" else "ipv6"),
+                }
+            }
+            rules.append([nfproto, update, {"return": None}])
+        rules += [[{"counter": object_name("ipref", port)}], [tcp, reset], [{"drop": None}]]
+    return rules
 
 
 class Counters:
@@ -188,6 +260,7 @@ class Counters:
         self._last_view: TableView | None = None
         self._lock = anyio.Lock()
         self._enforced: set[int] = set()  # ports with a quota installed, as last seen or set
+        self._guarded: dict[int, Guard] = {}  # ports with a guard, as last listed or set
 
     # --- reading -------------------------------------------------------------------------
 
@@ -204,6 +277,7 @@ class Counters:
         if objects is None:
             return self._seen(None)
         view = _view(objects)
+        self._guarded = dict(view.guards or {})
         if not view.problems:
             self._layout = await self._blocking(self._netlink_layout)
             if self._layout is not None and self._layout.handle != view.handle:
@@ -238,7 +312,8 @@ class Counters:
         return self._ports.view(handle, self._scanner.scan(dump))
 
     def _read_ports_blocking(self, ports: list[int]) -> TableView | None:
-        names = [object_name(kind, port) for port in ports for kind in ("rx", "tx", "drop", "q")]
+        kinds = ("rx", "tx", "drop", "q", "refused", "ipref")
+        names = [object_name(kind, port) for port in ports for kind in kinds]
         handle, objects = self._netlink.objects(self.table, names)
         if handle is None:
             return None
@@ -251,7 +326,7 @@ class Counters:
     async def map_elements(self) -> dict[str, dict[int, str]]:
         """Port -> object name for every map (not part of `read`: costly and rarely needed)."""
         result: dict[str, dict[int, str]] = {}
-        for name in MAPS:
+        for name in {**MAPS, **GUARD_MAPS}:
             objects = await self._list({"map": {**self._ref(), "name": name}})
             elements: dict[int, str] = {}
             for obj in objects or []:
@@ -262,8 +337,11 @@ class Counters:
 
     # --- changing ------------------------------------------------------------------------
 
-    async def build(self, ports: Mapping[int, Quota | None]) -> None:
-        """(Re)create the whole table with fresh counters and quotas for `ports`, atomically."""
+    async def build(
+        self, ports: Mapping[int, Quota | None], guards: Mapping[int, Guard] | None = None
+    ) -> None:
+        """(Re)create the whole table with fresh counters and quotas for `ports`, and the guards
+        of those that have one, atomically."""
         table = {"family": FAMILY, "name": self.table}
         commands: list[dict[str, Any]] = [
             {"add": {"table": table}},
@@ -271,6 +349,10 @@ class Counters:
             {"add": {"table": table}},
         ]
         for name, kind in MAPS.items():
+            commands.append(
+                {"add": {"map": {**self._ref(), "name": name, "type": "inet_service", "map": kind}}}
+            )
+        for name, kind in GUARD_MAPS.items():
             commands.append(
                 {"add": {"map": {**self._ref(), "name": name, "type": "inet_service", "map": kind}}}
             )
@@ -288,9 +370,61 @@ class Counters:
                 commands.append({"add": {"rule": {**self._ref(), "chain": hook, "expr": expr}}})
         for port, quota in sorted(ports.items()):
             commands += self._port_commands(port, quota)
+        held = {port: g for port, g in (guards or {}).items() if port in ports}
+        for port, guard in sorted(held.items()):
+            commands += self._guard_commands(port, guard)
         await self._run(commands)
         self._layout = None
         self._enforced = {port for port, quota in ports.items() if quota is not None}
+        self._guarded = held
+
+    def guard_of(self, port: int) -> Guard | None:
+        """The guard the table holds for `port`, as last listed or set."""
+        return self._guarded.get(port)
+
+    async def guard(self, port: int, guard: Guard | None) -> None:
+        """Install, replace or lift the guard of `port`. The part that changed is replaced in
+        one transaction each: the speed over netlink (the frequent change, fast at any number
+        of keys), the chain of connection and address limits through libnftables. A replaced
+        part starts afresh: its rate bucket full, no connection or address counted yet."""
+        old = self._guarded.get(port)
+        old_rate, rate = _rate_of(old), _rate_of(guard)
+        old_chain, chain = _chain_part(old), _chain_part(guard)
+        if old_chain != chain:
+            edit = Transaction(self.table)
+            edit.guard_chain(port, old_chain, chain)
+            await self._commit(edit)
+            self._hold(port, old_rate, chain)
+        if old_rate != rate:
+            edit = Transaction(self.table)
+            for direction in DIRECTIONS:
+                name = object_name(SPEED_PREFIX[direction], port)
+                if old_rate is not None:
+                    edit.element(SPEED_MAPS[direction], port, None)
+                    edit.delete_object(nl.OBJECT_LIMIT, name)
+                if rate is not None:
+                    edit.new_limit(name, rate)
+                    edit.element(SPEED_MAPS[direction], port, name)
+            await self._commit(edit)
+            self._hold(port, rate, chain)
+
+    def _hold(self, port: int, rate: int | None, chain: Guard | None) -> None:
+        """Remember what the table holds for `port` now."""
+        if rate is None and chain is None:
+            self._guarded.pop(port, None)
+            return
+        held = chain or Guard(None, None, None, 0)
+        self._guarded[port] = Guard(rate, held.connections, held.addresses, held.window)
+
+    async def client_addresses(self, port: int) -> list[tuple[str, int]]:
+        """(address, seconds until it expires) of each client address the port's guard holds."""
+        found: list[tuple[str, int]] = []
+        for name in (f"a4_{port}", f"a6_{port}"):
+            for obj in await self._list({"set": {**self._ref(), "name": name}}) or []:
+                for elem in obj.get("set", {}).get("elem", []):
+                    value = elem.get("elem", {}) if isinstance(elem, dict) else {"val": elem}
+                    found.append((str(value.get("val")), int(value.get("expires", 0))))
+        return found
 
     async def install(self, port: int, quota: Quota | None = None) -> None:
         """Add fresh counters (and the quota) for `port` in one transaction.
@@ -312,6 +446,7 @@ class Counters:
 
     async def remove(self, port: int) -> None:
         """Remove the map entries, counters and quota of `port` in one transaction."""
+        await self.guard(port, None)
         enforced = port in self._enforced
         edit = Transaction(self.table)
         for name in MAPS if enforced else DIRECTIONS:
@@ -362,12 +497,14 @@ class Counters:
             present = sorted(wanted & set(elements.get(name, {})))
             if present:
                 commands.append(self._elements_command("delete", name, present, kind))
+        commands += _guard_leftovers(self._ref(), objects, elements, wanted)
         for obj in objects:
             for kind in ("counter", "quota"):
                 if kind in obj and port_of(obj[kind]["name"]) in wanted:
                     commands.append({"delete": {kind: {**self._ref(), "name": obj[kind]["name"]}}})
         await self._run(commands)
         self._enforced -= wanted
+        self._guarded = {port: g for port, g in self._guarded.items() if port not in wanted}
 
     # --- commands ------------------------------------------------------------------------
 
@@ -391,6 +528,48 @@ class Counters:
             commands.append({"add": {"quota": {**self._ref(), **spec}}})
         maps = MAPS if quota is not None else DIRECTIONS
         return commands + [self._elements_command("add", name, [port], MAPS[name]) for name in maps]
+
+    def _guard_commands(self, port: int, guard: Guard) -> list[dict[str, Any]]:
+        """What `build` adds for a port's guard (a change later goes over netlink: `guard`)."""
+        ref = self._ref()
+        objects: list[dict[str, Any]] = []
+        elements: list[dict[str, Any]] = []
+        if guard.rate is not None:
+            for direction in DIRECTIONS:
+                name = object_name(SPEED_PREFIX[direction], port)
+                spec = {"rate": guard.rate, "per": "second", "rate_unit": "bytes", "inv": True}
+                objects.append({"limit": {**ref, "name": name, **spec}})
+                elements.append(
+                    {"element": {**ref, "name": SPEED_MAPS[direction], "elem": [[port, name]]}}
+                )
+        if guard.chain:
+            chain = guard_chain(port, guard)
+            if guard.connections is not None:
+                objects.append({"counter": {**ref, "name": object_name("refused", port)}})
+            if guard.addresses is not None:
+                objects.append({"counter": {**ref, "name": object_name("ipref", port)}})
+                for name, kind in ((f"a4_{port}", "ipv4_addr"), (f"a6_{port}", "ipv6_addr")):
+                    spec = {
+                        "type": kind,
+                        "flags": ["timeout"],
+                        "size": guard.addresses,
+                        "timeout": guard.window,
+                    }
+                    objects.append({"set": {**ref, "name": name, **spec}})
+            objects.append({"chain": {**ref, "name": chain}})
+            objects += [
+                {"rule": {**ref, "chain": chain, "expr": expr}} for expr in guard_rules(port, guard)
+            ]
+            elements.append(
+                {
+                    "element": {
+                        **ref,
+                        "name": GUARD_MAP,
+                        "elem": [[port, {"jump": {"target": chain}}]],
+                    }
+                }
+            )
+        return [{"add": item} for item in objects + elements]
 
     def _elements_command(
         self, verb: str, map_name: str, ports: Sequence[int], kind: str
@@ -436,6 +615,62 @@ class Counters:
 
 
 QUOTA_MAPS = ("quota", "dropped")
+OBJECT_KINDS = {nl.OBJECT_COUNTER: "counter", nl.OBJECT_QUOTA: "quota", nl.OBJECT_LIMIT: "limit"}
+GUARD_MAPS = {SPEED_MAPS["rx"]: "limit", SPEED_MAPS["tx"]: "limit", GUARD_MAP: "verdict"}
+
+
+def _address_sets(port: int, guard: Guard) -> list[tuple[str, int]]:
+    """(name, IP version) of the address sets a guard has."""
+    return [] if guard.addresses is None else [(f"a4_{port}", 4), (f"a6_{port}", 6)]
+
+
+def _refusal_counters(port: int, guard: Guard) -> list[str]:
+    kinds = [("refused", guard.connections), ("ipref", guard.addresses)]
+    return [object_name(kind, port) for kind, limit in kinds if limit is not None]
+
+
+def _rate_of(guard: Guard | None) -> int | None:
+    return None if guard is None else guard.rate
+
+
+def _chain_part(guard: Guard | None) -> Guard | None:
+    """A guard's connection and address limits alone (what its chain holds), or None."""
+    if guard is None or not guard.chain:
+        return None
+    return Guard(None, guard.connections, guard.addresses, guard.window)
+
+
+def _guard_leftovers(
+    ref: dict[str, str],
+    objects: Sequence[dict[str, Any]],
+    elements: Mapping[str, Mapping[int, str]],
+    wanted: AbstractSet[int],
+) -> list[dict[str, Any]]:
+    """Deletions of whatever a listing shows of the guards of `wanted` ports: map elements
+    first (a chain or object in use cannot go), then chains, sets and limit objects. The
+    `refused_` counters go with the other counters."""
+    deletions: list[dict[str, Any]] = []
+    for name in GUARD_MAPS:
+        present = sorted(wanted & set(elements.get(name, {})))
+        if present:
+            deletions.append({"delete": {"element": {**ref, "name": name, "elem": present}}})
+    found = [
+        (kind, obj[kind]["name"])
+        for kind in ("chain", "set", "limit")
+        for obj in objects
+        if kind in obj and _guard_port(kind, obj[kind]["name"]) in wanted
+    ]
+    deletions += [{"flush": {"chain": {**ref, "name": n}}} for kind, n in found if kind == "chain"]
+    return deletions + [{"delete": {kind: {**ref, "name": name}}} for kind, name in found]
+
+
+def _guard_port(kind: str, name: str) -> int | None:
+    """The port a guard's chain, address set or limit object belongs to, by its name."""
+    if kind == "chain":
+        match = GUARD_CHAIN.match(name)
+        return int(match.group(1)) if match else None
+    match = re.match(r"^(a4|a6|sr|st)_(\d{1,5})$", name)
+    return int(match.group(2)) if match else None
 
 
 def _errno_in(message: str) -> int | None:
@@ -453,6 +688,7 @@ def _view(objects: Sequence[dict[str, Any]]) -> TableView:
     rules: dict[str, list[list[Any]]] = {}
     maps: dict[str, dict[str, Any]] = {}
     chains: dict[str, dict[str, Any]] = {}
+    rates: dict[str, int] = {}
     for obj in objects:
         if "counter" in obj or "quota" in obj:
             kind = "counter" if "counter" in obj else "quota"
@@ -472,15 +708,45 @@ def _view(objects: Sequence[dict[str, Any]]) -> TableView:
             maps[obj["map"]["name"]] = obj["map"]
         elif "chain" in obj:
             chains[obj["chain"]["name"]] = obj["chain"]
+        elif "limit" in obj:
+            rates[obj["limit"]["name"]] = _rate(obj["limit"])
+    view.guards = _guards(chains, rates)
     for port, parts in found.items():
         if "rx" in parts and "tx" in parts:
             view.ports[port] = PortReading(
-                parts["rx"], parts["tx"], parts.get("drop"), parts.get("q")
+                parts["rx"],
+                parts["tx"],
+                parts.get("drop"),
+                parts.get("q"),
+                parts.get("refused"),
+                parts.get("ipref"),
             )
         else:
             view.stray.add(port)
     view.problems = _layout_problems(maps, chains, rules)
     return view
+
+
+def _rate(spec: Mapping[str, Any]) -> int:
+    """A limit object's rate in bytes per second, as nft lists it (in its own unit)."""
+    return int(spec["rate"]) * LIMIT_UNITS.get(str(spec.get("rate_unit", "bytes")), 0)
+
+
+def _guards(chains: Mapping[str, Any], rates: Mapping[str, int]) -> dict[int, Guard]:
+    """The guards a listing shows: a port's chain names its connection and address limits and
+    window, its limit objects the rate."""
+    guards: dict[int, Guard] = {}
+    for name in chains:
+        match = GUARD_CHAIN.match(name)
+        if match:
+            port, conns, addresses, window = (int(part) for part in match.groups())
+            guards[port] = Guard(None, conns or None, addresses or None, window)
+    for name, rate in rates.items():
+        owner = _guard_port("limit", name)
+        if owner is not None and name.startswith("sr_"):
+            held = guards.get(owner, Guard(None, None, None, 0))
+            guards[owner] = Guard(rate, held.connections, held.addresses, held.window)
+    return guards
 
 
 def _layout_problems(
@@ -490,7 +756,7 @@ def _layout_problems(
 ) -> list[str]:
     """What differs from the layout `build` makes, so a damaged table can be rebuilt."""
     found = []
-    for name, kind in MAPS.items():
+    for name, kind in {**MAPS, **GUARD_MAPS}.items():
         spec = maps.get(name)
         if spec is None or spec.get("type") != "inet_service" or spec.get("map") != kind:
             found.append(f"map {name} is missing or has the wrong type")
@@ -512,7 +778,7 @@ class Layout:
     """Fingerprint of the table's structure: any change to its maps, chains or rules alters it."""
 
     handle: int
-    sets: tuple[tuple[bytes | None, ...], ...]
+    sets: tuple[tuple[bytes | None, ...] | None, ...]
     chains: tuple[tuple[bytes | None, ...] | None, ...]
     rules: tuple[tuple[bytes | None, ...], ...]
 
@@ -523,6 +789,68 @@ class Transaction:
     def __init__(self, table: str) -> None:
         self.table = table
         self.steps: list[tuple[str, int, int, bytes]] = []  # what, message type, flags, attributes
+        self._set_ids = itertools.count(1)
+
+    def guard_chain(self, port: int, old: Guard | None, new: Guard | None) -> None:
+        """Replace the chain of a port's connection and address limits (`old` -> `new`, either
+        None), with its verdict map element, address sets and refusal counters."""
+        if old is not None:
+            self._drop_chain(port, old)
+        if new is not None:
+            self._make_chain(port, new)
+
+    def _drop_chain(self, port: int, guard: Guard) -> None:
+        chain = guard_chain(port, guard)
+        self._jump(port, None)
+        named = nl.attr(nl.CHAIN_TABLE, nl.text(self.table)) + nl.attr(
+            nl.CHAIN_NAME, nl.text(chain)
+        )
+        rules = nl.attr(nl.RULE_TABLE, nl.text(self.table)) + nl.attr(nl.RULE_CHAIN, nl.text(chain))
+        self.steps.append((f"flush chain {chain}", nl.DELRULE, 0, rules))
+        self.steps.append((f"delete chain {chain}", nl.DELCHAIN, 0, named))
+        for name, _version in _address_sets(port, guard):
+            attrs = nl.attr(nl.SET_TABLE, nl.text(self.table)) + nl.attr(nl.SET_NAME, nl.text(name))
+            self.steps.append((f"delete set {name}", nl.DELSET, 0, attrs))
+        for counter in _refusal_counters(port, guard):
+            self.delete_object(nl.OBJECT_COUNTER, counter)
+
+    def _make_chain(self, port: int, guard: Guard) -> None:
+        chain = guard_chain(port, guard)
+        for counter in _refusal_counters(port, guard):
+            self.new_counter(counter)
+        rules: list[bytes] = []
+        if guard.connections is not None:
+            rules.append(nl.connection_rule(guard.connections, object_name("refused", port)))
+        for name, version in _address_sets(port, guard):
+            set_id = next(self._set_ids)
+            assert guard.addresses is not None
+            attrs = nl.address_set_attrs(
+                self.table, name, version, guard.addresses, guard.window * 1000, set_id
+            )
+            self.steps.append((f"create set {name}", nl.NEWSET, nl.CREATE | nl.EXCL, attrs))
+            rules.append(nl.address_rule(version, name, set_id))
+        if guard.addresses is not None:
+            rules += nl.refusal_rules(object_name("ipref", port))
+        named = nl.attr(nl.CHAIN_TABLE, nl.text(self.table)) + nl.attr(
+            nl.CHAIN_NAME, nl.text(chain)
+        )
+        self.steps.append((f"create chain {chain}", nl.NEWCHAIN, nl.CREATE | nl.EXCL, named))
+        for rule in rules:
+            attrs = nl.rule_message_attrs(self.table, chain, rule)
+            self.steps.append((f"add rule to {chain}", nl.NEWRULE, nl.CREATE | nl.APPEND, attrs))
+        self._jump(port, chain)
+
+    def _jump(self, port: int, chain: str | None) -> None:
+        """Add `port` -> jump `chain` to the guard map, or delete `port` from it (None)."""
+        attrs = (
+            nl.attr(nl.ELEM_LIST_TABLE, nl.text(self.table))
+            + nl.attr(nl.ELEM_LIST_SET, nl.text(GUARD_MAP))
+            + nl.nest(nl.ELEM_LIST_ELEMENTS, nl.jump_element(port, chain))
+        )
+        what = f"{'add' if chain else 'delete'} element {port} of map {GUARD_MAP}"
+        self.steps.append(
+            (what, nl.NEWSETELEM if chain else nl.DELSETELEM, nl.CREATE if chain else 0, attrs)
+        )
 
     def new_counter(self, name: str) -> None:
         self._object(
@@ -539,16 +867,21 @@ class Transaction:
             nl.quota_data(quota.limit, quota.used),
         )
 
+    def new_limit(self, name: str, rate: int) -> None:
+        if not 0 < rate <= MAX_U64:
+            raise OutOfRange(f"{name}: a rate of {rate} bytes/s is outside 1..{MAX_U64}")
+        self._object(f"create limit {name}", nl.NEWOBJ, nl.OBJECT_LIMIT, name, nl.limit_data(rate))
+
     def delete_object(self, kind: int, name: str) -> None:
-        self._object(
-            f"delete {'quota' if kind == nl.OBJECT_QUOTA else 'counter'} {name}",
-            nl.DELOBJ,
-            kind,
-            name,
-        )
+        self._object(f"delete {OBJECT_KINDS[kind]} {name}", nl.DELOBJ, kind, name)
 
     def map_element(self, add: bool, map_name: str, port: int) -> None:
         target = object_name(MAP_PREFIX[map_name], port) if add else None
+        self.element(map_name, port, target)
+
+    def element(self, map_name: str, port: int, target: str | None) -> None:
+        """Add the element `port` -> `target` to a map, or delete `port` (target None)."""
+        add = target is not None
         what = f"{'add' if add else 'delete'} element {port} of map {map_name}"
         try:
             element = nl.port_element(port, target)
@@ -600,10 +933,21 @@ class Netlink:
         return handle, [nl.kernel_object(body) for body in replies if body is not None]
 
     def layout(self, table: str, handle: int) -> Layout:
+        """The fingerprint of the maps and the two hooked chains with their rules. Read by name
+        and by chain: the guards' own sets and chains (one per limited key) are not read at
+        every poll."""
         name = nl.text(table)
+        maps = self._get(
+            [
+                (nl.GETSET, nl.attr(nl.SET_TABLE, name) + nl.attr(nl.SET_NAME, nl.text(m)))
+                for m in sorted({**MAPS, **GUARD_MAPS})
+            ]
+        )
         sets = [
-            nl.selected(
-                nl.attrs(m.body),
+            None
+            if body is None
+            else nl.selected(
+                nl.attrs(body),
                 (
                     nl.SET_NAME,
                     nl.SET_FLAGS,
@@ -613,7 +957,7 @@ class Netlink:
                     nl.SET_OBJ_TYPE,
                 ),
             )
-            for m in nl.messages(self.dump(nl.GETSET, nl.attr(nl.SET_TABLE, name)))
+            for body in maps
         ]
         chains = self._get(
             [
@@ -623,11 +967,16 @@ class Netlink:
         )
         rules = [
             nl.selected(nl.attrs(m.body), (nl.RULE_CHAIN, nl.RULE_EXPRESSIONS))
-            for m in nl.messages(self.dump(nl.GETRULE, nl.attr(nl.RULE_TABLE, name)))
+            for hook, _ in CHAINS.values()
+            for m in nl.messages(
+                self.dump(
+                    nl.GETRULE, nl.attr(nl.RULE_TABLE, name), nl.attr(nl.RULE_CHAIN, nl.text(hook))
+                )
+            )
         ]
         return Layout(
             handle,
-            tuple(sorted(sets, key=repr)),
+            tuple(sets),
             tuple(
                 None
                 if c is None
@@ -826,5 +1175,10 @@ def _port_reading(handle: int, found: Mapping[str, nl.KernelObject]) -> PortRead
     rx, tx = counter("rx"), counter("tx")
     assert rx is not None and tx is not None
     return PortReading(
-        rx, tx, counter("drop"), None if quota is None else KernelQuota(quota.first, quota.second)
+        rx,
+        tx,
+        counter("drop"),
+        None if quota is None else KernelQuota(quota.first, quota.second),
+        counter("refused"),
+        counter("ipref"),
     )

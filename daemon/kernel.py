@@ -15,13 +15,13 @@ from __future__ import annotations
 import errno
 import itertools
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from daemon.accounting import Reading
 from daemon.allocator import PortRange
 from daemon.counters import KernelQuota, NftError, PortReading, TableView
-from daemon.limits import Quota
+from daemon.limits import Guard, Quota
 
 PACKET = 1500  # bytes per packet `MemoryKernel.add_traffic` sends: an Ethernet MTU
 Contents = tuple[int | None, dict[int, tuple[int | None, int | None, int, int, int]]]
@@ -39,7 +39,15 @@ class Kernel(Protocol):
 
     async def map_elements(self) -> dict[str, dict[int, str]]: ...
 
-    async def build(self, ports: Mapping[int, Quota | None]) -> None: ...
+    async def build(
+        self, ports: Mapping[int, Quota | None], guards: Mapping[int, Guard] | None = None
+    ) -> None: ...
+
+    def guard_of(self, port: int) -> Guard | None: ...
+
+    async def guard(self, port: int, guard: Guard | None) -> None: ...
+
+    async def client_addresses(self, port: int) -> list[tuple[str, int]]: ...
 
     async def install(self, port: int, quota: Quota | None = None) -> None: ...
 
@@ -51,7 +59,8 @@ class Kernel(Protocol):
 
 
 class Host(Protocol):
-    """Read-only facts about this host's sockets and interfaces (blocking: run in a thread)."""
+    """Facts about this host's sockets and interfaces, and closing a port's connections
+    (blocking: run in a thread)."""
 
     def bound_ports(self, port_range: PortRange) -> set[int]: ...
 
@@ -59,14 +68,22 @@ class Host(Protocol):
 
     def interface_bytes(self) -> dict[str, dict[str, int]]: ...
 
+    def close_connections(self, port: int) -> int: ...
+
 
 @dataclass
 class MemoryHost:
-    """Host facts a test sets: ports other processes hold, connections, interface counters."""
+    """Host facts a test sets: ports other processes hold, connections, interface counters.
+    Closing a port's connections drops them from `connections` and appends the port to `closed`;
+    `refuse_close` is raised by every close instead, `refuse_read` by every count of
+    connections."""
 
     bound: set[int]
     connections: dict[int, int]
     interfaces: dict[str, dict[str, int]]
+    closed: list[int] = field(default_factory=list)
+    refuse_close: OSError | None = None
+    refuse_read: OSError | None = None
 
     @classmethod
     def quiet(cls) -> MemoryHost:
@@ -77,10 +94,18 @@ class MemoryHost:
         return {port for port in self.bound if port in port_range}
 
     def established_by_port(self, port_range: PortRange) -> dict[int, int]:
+        if self.refuse_read is not None:
+            raise self.refuse_read
         return {port: n for port, n in self.connections.items() if port in port_range}
 
     def interface_bytes(self) -> dict[str, dict[str, int]]:
         return {name: dict(counts) for name, counts in self.interfaces.items()}
+
+    def close_connections(self, port: int) -> int:
+        if self.refuse_close is not None:
+            raise self.refuse_close
+        self.closed.append(port)
+        return self.connections.pop(port, 0)
 
 
 @dataclass(slots=True)
@@ -117,6 +142,7 @@ class MemoryKernel:
         self.refuse: dict[tuple[str, int | None], Exception] = {}
         self.refused = 0
         self._ports: dict[int, _Port] = {}
+        self._guards: dict[int, Guard] = {}
         self._handles = itertools.count(1)
 
     # --- what a test does and sees ------------------------------------------------------------
@@ -133,7 +159,7 @@ class MemoryKernel:
 
     def drop_table(self) -> None:
         """The table is gone (reboot, `nft flush ruleset`): every counter with it."""
-        self.handle, self.problems, self._ports = None, [], {}
+        self.handle, self.problems, self._ports, self._guards = None, [], {}, {}
 
     def delete_port(self, port: int) -> None:
         """Someone else deleted this port's counters, quota and map elements."""
@@ -188,11 +214,30 @@ class MemoryKernel:
             "dropped": {port: f"drop_{port}" for port in limited},
         }
 
-    async def build(self, ports: Mapping[int, Quota | None]) -> None:
+    async def build(
+        self, ports: Mapping[int, Quota | None], guards: Mapping[int, Guard] | None = None
+    ) -> None:
         self._step("build", [port for port, quota in ports.items() if quota is not None])
         self.handle, self.problems, self._ports = next(self._handles), [], {}
         for port, quota in ports.items():
             self._ports[port] = self._fresh(quota)
+        self._guards = {port: g for port, g in (guards or {}).items() if port in ports}
+
+    def guard_of(self, port: int) -> Guard | None:
+        """The port's guard as last set (the kernel's speed, connection and address limits)."""
+        return self._guards.get(port)
+
+    async def guard(self, port: int, guard: Guard | None) -> None:
+        self._step("guard", [port])
+        self._require_table("add limit")
+        if guard is None:
+            self._guards.pop(port, None)
+        else:
+            self._guards[port] = guard
+
+    async def client_addresses(self, port: int) -> list[tuple[str, int]]:
+        self._step("client_addresses", [port])
+        return []
 
     async def install(self, port: int, quota: Quota | None = None) -> None:
         self._step("install", [port])
@@ -206,6 +251,7 @@ class MemoryKernel:
         if port not in self._ports:
             raise NftError(f"delete counter rx_{port}: No such file or directory", errno.ENOENT)
         del self._ports[port]
+        self._guards.pop(port, None)
 
     async def enforce(self, port: int, quota: Quota | None) -> None:
         self._step("enforce", [port])
@@ -223,6 +269,7 @@ class MemoryKernel:
         self._step("remove_present", wanted)
         for port in wanted:
             self._ports.pop(port, None)
+            self._guards.pop(port, None)
 
     # --- inside -------------------------------------------------------------------------------
 

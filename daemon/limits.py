@@ -38,6 +38,33 @@ class Quota:
     used: int
 
 
+@dataclass(frozen=True, slots=True)
+class Guard:
+    """What the kernel enforces on a key's port beyond its quota (README "Speed, connection and
+    device limits"): a rate per direction in bytes per second, concurrent TCP connections, and
+    distinct client addresses remembered for `window` seconds."""
+
+    rate: int | None
+    connections: int | None
+    addresses: int | None
+    window: int
+
+    @property
+    def chain(self) -> bool:
+        """Connections or addresses are limited: the port needs its own chain."""
+        return self.connections is not None or self.addresses is not None
+
+
+def kernel_guard(
+    speed_bps: int | None, connections: int | None, addresses: int | None, window: int
+) -> Guard | None:
+    """The guard a key's limits need, or None when it has none (it then costs nothing)."""
+    if speed_bps is None and connections is None and addresses is None:
+        return None
+    rate = None if speed_bps is None else speed_bps // 8
+    return Guard(rate, connections, addresses, window if addresses is not None else 0)
+
+
 def status(
     *,
     enabled: bool,
@@ -55,6 +82,11 @@ def status(
     if limit is not None and (used >= limit or kernel_over):
         return Status.LIMITED
     return Status.ACTIVE
+
+
+def allowance(limit: int | None, remote: int) -> int | None:
+    """What a key may use here when a fleet's other servers used `remote` of its limit."""
+    return None if limit is None else max(limit - remote, 0)
 
 
 def kernel_quota(state: Status, limit: int | None, used: int) -> Quota | None:
@@ -149,6 +181,21 @@ def parse_limit(text: str) -> int:
     if len(text) > bounds.MAX_SIZE_CHARS:
         raise ValueError(f"a size is at most {bounds.MAX_SIZE_CHARS} characters")
     return bounds.limit_bytes(parse_size(text))
+
+
+RATE = re.compile(
+    r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmg]?)(?:bit|bps)?(?:/s)?\s*", re.IGNORECASE | re.ASCII
+)
+RATE_FACTORS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
+
+
+def parse_rate(text: str) -> int:
+    """'20Mbit', '1Gbit', '500kbit', '8000' (bits per second, decimal units) -> bits per second
+    within the bounds; ValueError saying what is wrong otherwise."""
+    match = RATE.fullmatch(text) if len(text) <= bounds.MAX_SIZE_CHARS else None
+    if match is None:
+        raise ValueError(f"{text!r} is not a speed: use e.g. 20Mbit, 500kbit, 1Gbit or bits/s")
+    return bounds.speed_bps(int(Decimal(match.group(1)) * RATE_FACTORS[match.group(2).lower()]))
 
 
 def parse_moment(text: str, now: datetime, zone: tzinfo) -> datetime:

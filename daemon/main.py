@@ -10,7 +10,7 @@ import gc
 import signal
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import structlog
@@ -27,6 +27,10 @@ from daemon.settings import Settings
 from daemon.store.history import History, cleanup_loop
 from daemon.store.state import StateStore
 from daemon.store.usage import UsageSink
+
+if TYPE_CHECKING:
+    from daemon.fleet.delivery import FleetNode
+    from daemon.fleet.keys import FleetKeys
 
 Log = structlog.typing.FilteringBoundLogger
 
@@ -48,7 +52,13 @@ async def run_daemon(
     )
     history = History(settings.state_dir / "history.sqlite3", settings.history_retention_days)
     sinks: list[UsageSink] = [history]
-    if settings.report_url:
+    node = _fleet_node(settings, state.ensure_instance(), log) if settings.fleet_dsn else None
+    if node is not None:
+        delivery = node.delivery
+        sinks.append(
+            FleetReports(delivery.outbox, settings.server_name, delivery.instance, extended=True)
+        )
+    elif settings.report_url:
         sinks.append(FleetReports(fleet, settings.server_name, state.ensure_instance()))
     for sink in sinks:
         sink.recover(state.generation)
@@ -65,6 +75,9 @@ async def run_daemon(
         sinks=sinks,
         history=history,
     )
+    service.fleet = node
+    service.fleet_keys = None if node is None else _fleet_keys(node, service, log)
+    fleet_limits = None if node is None else _fleet_limits(service, node, log)
     started = time.perf_counter()
     await service.reconcile()
     await service.start_xray()
@@ -76,6 +89,14 @@ async def run_daemon(
         background.start_soon(outbox.deliver_forever)
         background.start_soon(fleet.deliver_forever)
         background.start_soon(cleanup_loop, history, log)
+        if node is not None:  # never awaited here: start-up does not wait for the database
+            background.start_soon(node.db.run)
+            background.start_soon(node.delivery.run)
+        if fleet_limits is not None:
+            background.start_soon(fleet_limits)
+        if service.fleet_keys is not None:  # the fleet's keys followed before READY (bounded)
+            await service.fleet_keys.converge_at_start()
+            background.start_soon(service.fleet_keys.run)
         if notifier.watchdog_interval:
             background.start_soon(_watchdog, notifier, notifier.watchdog_interval)
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -100,7 +121,33 @@ async def run_daemon(
                 stop.set()
         background.cancel_scope.cancel()
     await service.poll_once(final=True)
+    if node is not None:
+        await node.db.close()
     log.info("daemon_stopped", keys=service.key_count())
+
+
+def _fleet_limits(
+    service: Service, node: FleetNode, log: Log
+) -> Callable[[], Coroutine[Any, Any, None]]:
+    """Fleet reads, limits counting every server, resets passed on, retention in PostgreSQL."""
+    from daemon.fleet.limits import attach
+
+    return attach(service, node, log)
+
+
+def _fleet_node(settings: Settings, instance: str, log: Log) -> FleetNode:
+    """The fleet database side, imported only when it is configured: a server without
+    PORTMETER_FLEET_DSN never loads the PostgreSQL driver."""
+    from daemon.fleet.delivery import fleet_node
+
+    return fleet_node(settings, instance, log)
+
+
+def _fleet_keys(node: FleetNode, service: Service, log: Log) -> FleetKeys:
+    """The fleet's keys (README "Keys created once"), imported only with a fleet database."""
+    from daemon.fleet.keys import FleetKeys
+
+    return FleetKeys(node.db, service, log)
 
 
 def _settle_memory() -> None:

@@ -120,10 +120,13 @@ class FleetReports:
     report intake's format (README "Usage history, the Traffic Manager page, a fleet,
     Prometheus"): {user_token, server, port, protocol, bytes_uploaded, bytes_downloaded}."""
 
-    def __init__(self, outbox: Outbox, server: str, instance: str) -> None:
+    def __init__(self, outbox: Outbox, server: str, instance: str, extended: bool = False) -> None:
         self.outbox = outbox
         self.server = server
         self.instance = instance  # the state file's: ids stay unique across restored backups
+        # For the fleet database (daemon/fleet/delivery.py): also the key's id, uuid and epoch
+        # and the packets, which the report intake (unknown fields refused) does not take.
+        self.extended = extended
 
     def recover(self, committed: int) -> None:
         for name in self.outbox.staged():
@@ -143,6 +146,7 @@ class FleetReports:
                 "bytes_uploaded": d.rx_bytes,
                 "bytes_downloaded": d.tx_bytes,
                 "timestamp": int(at.timestamp()),
+                **(self._extension(d) if self.extended else {}),
             }
             for d in deltas
         ]
@@ -152,6 +156,16 @@ class FleetReports:
             raise SinkError(
                 f"cannot stage fleet report: {failure_reason(exc)}", disk_full=disk_full(exc)
             ) from None
+
+    @staticmethod
+    def _extension(d: UsageDelta) -> dict[str, Any]:
+        return {
+            "key_id": d.key_id,
+            "uuid": d.uuid,
+            "epoch": d.epoch,
+            "rx_packets": d.rx_packets,
+            "tx_packets": d.tx_packets,
+        }
 
     def commit(self, generation: int) -> None:
         self.outbox.release(f"{generation:012d}")

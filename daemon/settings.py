@@ -25,6 +25,7 @@ from pydantic_settings import (
 
 from daemon import bounds
 from daemon.allocator import PortRange
+from daemon.xray.model import is_key_file
 
 NFT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,31}$")
 # An API key is sent as a header value: visible ASCII, and no comma (it separates the keys).
@@ -61,6 +62,9 @@ class Settings(BaseSettings):
     nft_table: str = "portmeter"
     poll_interval: float = Field(default=10.0, gt=0, le=3600)
     snapshot_interval: float = Field(default=3600.0, gt=0, le=7 * 86400)
+    # How long a client address holds a place of a key's max_ips (README "Speed, connection and
+    # device limits").
+    ip_window: int = Field(default=300, ge=bounds.MIN_IP_WINDOW, le=bounds.MAX_IP_WINDOW)
     state_backups: int = Field(default=10, ge=0, le=1000)
     # An empty PORTMETER_XRAY_CONFIG switches the Xray integration off (counting only).
     xray_config: Path | None = Path("/usr/local/etc/xray/config.json")
@@ -75,6 +79,9 @@ class Settings(BaseSettings):
     xray_group: str = ""
     xray_flow: str = "xtls-rprx-vision"
     xray_security: Literal["reality", "none"] = "reality"
+    # A directory Xray reads with -confdir: each key's inbound in a file of its own there, and
+    # PORTMETER_XRAY_CONFIG is then never written (README "One file per key").
+    xray_confdir: Path | None = None
     reality_dest: str = ""
     reality_server_names: Annotated[tuple[str, ...], NoDecode, BeforeValidator(_split_names)] = ()
     reality_keys: Literal["server", "key"] = "server"
@@ -86,6 +93,16 @@ class Settings(BaseSettings):
     metrics_textfile: Path | None = None  # a *.prom file for node_exporter's textfile collector
     # Fleet: this server's name in reports, where to send them, and the collector's API key.
     server_name: str = Field(default_factory=gethostname, max_length=128)
+    # The fleet database (README "A fleet in PostgreSQL"): a libpq connection string; unset, the
+    # server keeps everything in its embedded stores. Never logged: it may hold a password.
+    fleet_dsn: str | None = Field(default=None, repr=False, max_length=4096)
+    # The fleet groups this server serves (README "Keys created once"): a key with groups is
+    # served only where one of them is listed; a key without groups everywhere.
+    server_groups: Annotated[
+        tuple[Annotated[str, Field(pattern=bounds.GROUP_PATTERN)], ...],
+        NoDecode,
+        BeforeValidator(_split_names),
+    ] = Field(default=(), max_length=bounds.MAX_GROUPS)
     report_url: str | None = None
     report_api_key: str = Field(default="", repr=False)
     # Optional TCP listener (e.g. 127.0.0.1:8080) for the API and the page; needs an API key.
@@ -177,12 +194,28 @@ class Settings(BaseSettings):
             raise ValueError("PORTMETER_REPORT_API_KEYS must not hold PORTMETER_API_KEY")
         return self
 
+    @field_validator("fleet_dsn")
+    @classmethod
+    def _empty_is_unset(cls, value: str | None) -> str | None:
+        return value or None
+
     @field_validator("webhook_url", "report_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value and not value.startswith(("http://", "https://")):
             raise ValueError("must be an http:// or https:// URL")
         return value or None
+
+    @model_validator(mode="after")
+    def _one_fleet(self) -> Settings:
+        """Usage goes to one place: the fleet database or an HTTP collector (README "A fleet in
+        PostgreSQL")."""
+        if self.fleet_dsn and self.report_url:
+            raise ValueError(
+                "PORTMETER_FLEET_DSN and PORTMETER_REPORT_URL are both set: usage goes to the "
+                "fleet database or to a collector, not both; unset one of them"
+            )
+        return self
 
     @model_validator(mode="after")
     def _secrets_given(self) -> Settings:
@@ -228,6 +261,34 @@ class Settings(BaseSettings):
         if value in ("", None):
             return None
         return Path(str(value)).absolute()
+
+    @field_validator("xray_confdir", mode="before")
+    @classmethod
+    def _confdir(cls, value: object) -> object:
+        if value in ("", None):
+            return None
+        path = Path(str(value)).absolute()
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
+            raise ValueError(f"{path} must be a directory (not a file or a symbolic link)")
+        return path
+
+    @model_validator(mode="after")
+    def _confdir_base(self) -> Settings:
+        """The base config Xray reads beside the directory: needed, and never a name portmeter
+        owns there."""
+        if self.xray_confdir is None:
+            return self
+        if self.xray_config is None:
+            raise ValueError(
+                "PORTMETER_XRAY_CONFDIR needs PORTMETER_XRAY_CONFIG (the base config: log, "
+                "routing, outbounds, api)"
+            )
+        if self.xray_config.parent == self.xray_confdir and is_key_file(self.xray_config.name):
+            raise ValueError(
+                f"PORTMETER_XRAY_CONFIG {self.xray_config} has a name portmeter uses for key "
+                "files in PORTMETER_XRAY_CONFDIR (pm-*.json); rename it, e.g. 00-base.json"
+            )
+        return self
 
     @model_validator(mode="after")
     def _reality_dest(self) -> Settings:

@@ -162,8 +162,12 @@ class XrayFiles:
         This costs time in proportion to the whole config, even after a one-key change: Xray
         has no way to test part of a config.
         """
-        if _executable(self.opts.xray_bin):
+        if self.has_binary():
             self._run_binary_test(data)
+
+    def has_binary(self) -> bool:
+        """Whether `binary_test` runs Xray (it is installed), so its bytes are worth making."""
+        return _executable(self.opts.xray_bin)
 
     def write(
         self, config: Mapping[str, Any], expected: Collection[XrayKey] | None = None
@@ -385,22 +389,27 @@ def config_status(files: XrayFiles, keys: Collection[XrayKey]) -> dict[str, Any]
         mtime = files.path.stat().st_mtime
         status["last_write"] = datetime.fromtimestamp(mtime, UTC).isoformat()
     try:
-        config = files.read()
+        status.update(inbound_status(files.read(), keys))
     except XrayConfigError as exc:
         status["error"] = str(exc)
-        return status
-    status["inbound_count"] = len(inbounds_of(config))
-    present = parse_keys(config)
-    status["portmeter_inbound_count"] = len(present)
-    status["in_sync"] = present == {key.uuid: key.port for key in keys}
     return status
+
+
+def inbound_status(config: Mapping[str, Any], keys: Collection[XrayKey]) -> dict[str, Any]:
+    """The inbound counts of a status report, and whether the key inbounds are the keys'."""
+    present = parse_keys(config)
+    return {
+        "inbound_count": len(inbounds_of(config)),
+        "portmeter_inbound_count": len(present),
+        "in_sync": present == {key.uuid: key.port for key in keys},
+    }
 
 
 # --- the live file, kept in memory ---------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
-class _Rendered:
+class Rendered:
     """One key's inbound as written: the key, the inbound, and its exact bytes in the file."""
 
     key: XrayKey
@@ -408,12 +417,17 @@ class _Rendered:
     text: bytes
 
 
-def _rendered(key: XrayKey, opts: XrayOptions, reality: Reality | None) -> _Rendered:
+def _rendered(
+    key: XrayKey,
+    opts: XrayOptions,
+    reality: Reality | None,
+    text_of: Callable[[Config], bytes],
+) -> Rendered:
     inbound = render.render_inbound(key, opts, reality)
-    return _Rendered(key, inbound, _fragment(inbound))
+    return Rendered(key, inbound, text_of(inbound))
 
 
-def _by_port(rendered: Iterable[_Rendered]) -> list[_Rendered]:
+def _by_port(rendered: Iterable[Rendered]) -> list[Rendered]:
     """In the order the files list key inbounds."""
     return sorted(rendered, key=lambda r: r.key.port)
 
@@ -429,11 +443,11 @@ def _fragment(inbound: Mapping[str, Any]) -> bytes:
 
 
 @dataclass(frozen=True, slots=True)
-class _Delta:
+class Delta:
     """The key inbounds one push takes out of the live file and puts into it."""
 
-    leaving: tuple[_Rendered, ...] = ()
-    arriving: tuple[_Rendered, ...] = ()
+    leaving: tuple[Rendered, ...] = ()
+    arriving: tuple[Rendered, ...] = ()
 
     def __bool__(self) -> bool:
         return bool(self.leaving or self.arriving)
@@ -446,28 +460,24 @@ class _Delta:
             {r.key.tag: r.inbound for r in _by_port(self.arriving)},
         )
 
-    def reversed(self) -> _Delta:
-        return _Delta(self.arriving, self.leaving)
+    def reversed(self) -> Delta:
+        return Delta(self.arriving, self.leaving)
 
 
-class _Model:
-    """The live file as portmeter last wrote it, in pieces a one-key change can splice.
-
-    The operator's part is fixed text around the list of key inbounds (`head`, `tail`); the key
-    inbounds are one fragment each, kept in port order. Invariants while a model is in use: the
-    file whose signature is `signature` holds exactly `data`, and `check_config` finds nothing
-    wrong with it, so a change needs checking only where it can break something.
+class KeyInbounds:
+    """The key inbounds as written, by port, each with its bytes (`text_of` its inbound), and
+    the operator's tags and ports they must not collide with: what finds and checks the change
+    a push makes, at the cost of the keys that changed.
     """
 
     def __init__(
         self,
-        head: bytes,
-        tail: bytes,
         kept: Sequence[Any],
-        rendered: Sequence[_Rendered],
+        rendered: Sequence[Rendered],
         reality: Reality | None,
+        text_of: Callable[[Config], bytes],
     ) -> None:
-        self.head, self.tail, self.reality = head, tail, reality
+        self.reality, self.text_of = reality, text_of
         self.kept_tags = {
             tag for i in kept if isinstance(i, Mapping) and isinstance(tag := i.get("tag"), str)
         }
@@ -480,43 +490,10 @@ class _Model:
         self.by_object = {id(r.key): r for r in rendered}
         self.ports = [r.key.port for r in rendered]
         self.texts = [r.text for r in rendered]
-        self.data = self.assemble()
-        self.signature: Signature | None = None
-
-    @classmethod
-    def build(
-        cls,
-        config: Config,
-        rendered: Sequence[_Rendered],
-        opts: XrayOptions,
-        reality: Reality | None,
-    ) -> _Model | None:
-        """The model of `config`, rendered from `rendered` (by port), or None where splicing
-        would not give what `render_config` gives.
-
-        That is without key inbounds (whether "inbounds" is written at all then depends on the
-        file's history), and in api mode with an api tag shaped like a key's (a key inbound
-        could then stand in for the API inbound).
-        """
-        if not rendered:
-            return None
-        if opts.apply == "api" and tag_uuid(config["api"].get("tag")) is not None:
-            return None
-        inbounds = config["inbounds"]
-        kept = inbounds[: len(inbounds) - len(rendered)]
-        marker = f"portmeter-key-inbounds-{secrets.token_hex(16)}"
-        data = serialize({**config, "inbounds": [*kept, marker]})
-        around = data.split(json.dumps(marker).encode())
-        if len(around) != 2:
-            return None
-        return cls(around[0], around[1], kept, rendered, reality)
-
-    def assemble(self) -> bytes:
-        return b"".join((self.head, INBOUND_SEPARATOR.join(self.texts), self.tail))
 
     def delta(
         self, keys: Sequence[XrayKey], opts: XrayOptions, reality: Reality | None
-    ) -> _Delta | None:
+    ) -> Delta | None:
         """The change from the file's keys to `keys`, its new inbounds rendered and checked.
 
         None when only a full render can tell: another server key pair, no keys, keys sharing a
@@ -547,14 +524,14 @@ class _Model:
             uuids.add(key.uuid)
             ports.add(key.port)
         try:
-            rendered = [_rendered(key, opts, reality) for key in arriving]
+            rendered = [_rendered(key, opts, reality, self.text_of) for key in arriving]
         except XrayConfigError:
             return None
         if any(self._refused(r, opts) for r in rendered):
             return None
-        return _Delta(tuple(leaving), tuple(rendered))
+        return Delta(tuple(leaving), tuple(rendered))
 
-    def swap(self, delta: _Delta) -> None:
+    def swap(self, delta: Delta) -> None:
         """Take the delta's leaving inbounds out and put its arriving ones in, by port."""
         for r in delta.leaving:
             at = bisect_left(self.ports, r.key.port)
@@ -570,7 +547,7 @@ class _Model:
         at = bisect_left(self.ports, port)
         return at < len(self.ports) and self.ports[at] == port
 
-    def _refused(self, rendered: _Rendered, opts: XrayOptions) -> bool:
+    def _refused(self, rendered: Rendered, opts: XrayOptions) -> bool:
         """Whether `check_config` would object to this new inbound: its REALITY fields, or a tag
         or port (on an overlapping listen address) that one of the operator's inbounds has."""
         inbound = rendered.inbound
@@ -579,6 +556,60 @@ class _Model:
         listen = str(inbound.get("listen") or "")
         others = self.kept_ports.get(rendered.key.port, ())
         return any(listens_overlap(listen, other) for other in others)
+
+
+class _Model(KeyInbounds):
+    """The live file as portmeter last wrote it, in pieces a one-key change can splice.
+
+    The operator's part is fixed text around the list of key inbounds (`head`, `tail`); the key
+    inbounds are one fragment each, kept in port order. Invariants while a model is in use: the
+    file whose signature is `signature` holds exactly `data`, and `check_config` finds nothing
+    wrong with it, so a change needs checking only where it can break something.
+    """
+
+    def __init__(
+        self,
+        head: bytes,
+        tail: bytes,
+        kept: Sequence[Any],
+        rendered: Sequence[Rendered],
+        reality: Reality | None,
+    ) -> None:
+        super().__init__(kept, rendered, reality, _fragment)
+        self.head, self.tail = head, tail
+        self.data = self.assemble()
+        self.signature: Signature | None = None
+
+    @classmethod
+    def build(
+        cls,
+        config: Config,
+        rendered: Sequence[Rendered],
+        opts: XrayOptions,
+        reality: Reality | None,
+    ) -> _Model | None:
+        """The model of `config`, rendered from `rendered` (by port), or None where splicing
+        would not give what `render_config` gives.
+
+        That is without key inbounds (whether "inbounds" is written at all then depends on the
+        file's history), and in api mode with an api tag shaped like a key's (a key inbound
+        could then stand in for the API inbound).
+        """
+        if not rendered:
+            return None
+        if opts.apply == "api" and tag_uuid(config["api"].get("tag")) is not None:
+            return None
+        inbounds = config["inbounds"]
+        kept = inbounds[: len(inbounds) - len(rendered)]
+        marker = f"portmeter-key-inbounds-{secrets.token_hex(16)}"
+        data = serialize({**config, "inbounds": [*kept, marker]})
+        around = data.split(json.dumps(marker).encode())
+        if len(around) != 2:
+            return None
+        return cls(around[0], around[1], kept, rendered, reality)
+
+    def assemble(self) -> bytes:
+        return b"".join((self.head, INBOUND_SEPARATOR.join(self.texts), self.tail))
 
 
 @dataclass(frozen=True, slots=True)
@@ -591,7 +622,7 @@ class Written:
     # The changes that take a running Xray back; computed only when undoing.
     reverse: Callable[[], InboundChanges]
     wrote: bool
-    delta: _Delta | None = None  # set when the push spliced the model
+    delta: Delta | None = None  # set when the push spliced the model
     comments_dropped: bool = False  # the replaced file had comments (its backup keeps them)
 
 
@@ -650,7 +681,7 @@ class LiveConfig:
             self._model = model
         self._last = None
 
-    def _splice(self, model: _Model, delta: _Delta) -> Written:
+    def _splice(self, model: _Model, delta: Delta) -> Written:
         previous = model.data
         model.swap(delta)
         data = model.assemble() if delta else previous
@@ -679,7 +710,7 @@ class LiveConfig:
         ours = [render.render_inbound(key, self.opts, reality) for key in by_port]
         new = render.with_inbounds(old if base is None else base, ours, self.opts)
         try:
-            rendered = [_Rendered(k, i, _fragment(i)) for k, i in zip(by_port, ours, strict=True)]
+            rendered = [Rendered(k, i, _fragment(i)) for k, i in zip(by_port, ours, strict=True)]
             model = _Model.build(new, rendered, self.opts, reality)
         except XrayConfigError:
             model = None  # serialize raises the error for the whole config below

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Install what portmeter and its tests need on Debian bookworm, idempotently and quickly when done:
 # the Debian packages (only those missing) and a virtualenv with the project (only when
-# pyproject.toml changed since the last install).
+# pyproject.toml changed since the last install). `--test` adds what only the test suite needs:
+# PostgreSQL 15 (the fleet tests start their own cluster; the daemon itself never needs it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(nftables libnftables1 iproute2 python3 python3-venv v2ray iperf3 systemd curl
               chromium chromium-driver debootstrap systemd-container prometheus)
+if [[ ${1:-} == --test ]]; then
+    APT_PACKAGES+=(postgresql-15)
+fi
 VENV=.venv
 STAMP="$VENV/.installed"
 
@@ -21,6 +25,9 @@ if ((${#missing[@]})); then
     fi
     echo "setup: installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
+    # Debian's postgresql-common would create and start a system cluster: the tests run their own.
+    mkdir -p /etc/postgresql-common/createcluster.d
+    echo "create_main_cluster = false" >/etc/postgresql-common/createcluster.d/portmeter.conf
     apt-get update -qq
     # policy-rc.d keeps Debian from starting the v2ray service: the tests run their own.
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

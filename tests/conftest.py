@@ -23,6 +23,7 @@ import pytest
 
 from tests.inprocess import DaemonSurface, InProcessDaemon, inprocess_daemon
 from tests.netlab import Lab, lab, unique_name
+from tests.pgserver import Cluster, Database, cluster
 
 REPO = Path(__file__).resolve().parent.parent
 _port_blocks = itertools.count()
@@ -30,14 +31,19 @@ _port_blocks = itertools.count()
 
 # Fixtures that run the real daemon or make namespaces: a test using one is a kernel test.
 KERNEL_FIXTURES = frozenset({"net", "make_daemon", "daemon"})
+# Fixtures that run a PostgreSQL cluster (as the postgres user): root, even without a namespace.
+FLEET_FIXTURES = frozenset({"pg_cluster", "fleet_db"})
 ROOT_MARKERS = ("kernel", "systemd", "root")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Two layers: in-process tests (no root, fast) run first, kernel tests after them."""
     for item in items:
-        if KERNEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if KERNEL_FIXTURES & fixtures:
             item.add_marker(pytest.mark.kernel)
+        elif FLEET_FIXTURES & fixtures:
+            item.add_marker(pytest.mark.root)
     items.sort(key=lambda item: any(item.get_closest_marker(m) for m in ROOT_MARKERS))
 
 
@@ -185,4 +191,18 @@ def daemon(make_daemon: Any) -> Daemon:
 def inproc() -> Iterator[InProcessDaemon]:
     """The in-process daemon (tests/inprocess.py): no root, no namespace, no process."""
     with inprocess_daemon() as made:
+        yield made
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Cluster]:
+    """One real PostgreSQL 15 for the whole run (tests/pgserver.py); each test its own database."""
+    with cluster() as made:
+        yield made
+
+
+@pytest.fixture
+def fleet_db(pg_cluster: Cluster) -> Iterator[Database]:
+    """A fresh database and role for one test, dropped afterwards."""
+    with pg_cluster.database() as made:
         yield made

@@ -12,7 +12,7 @@ import threading
 import pytest
 
 from tests.conftest import Daemon
-from tests.netlab import CLIENT_V4, SERVER_V4, SERVER_V6, Lab
+from tests.netlab import CLIENT_V4, SERVER_V4, SERVER_V6, Lab, wait_for
 
 pytestmark = pytest.mark.kernel
 
@@ -126,7 +126,8 @@ def test_established_connections_are_reported(net: Lab, daemon: Daemon) -> None:
         for c in clients:
             c.connect((SERVER_V4, key["port"]))
         accepted = [listener.accept()[0] for _ in clients]
-        assert daemon.traffic(key["id"])["connections"] == 3
+        # Counted at each poll (README "API"): within one poll interval.
+        wait_for(lambda: daemon.traffic(key["id"])["connections"] == 3, 5, "a poll's count")
         everything = daemon.api("GET", "/api/traffic/ports/exact")
         assert everything["ports_traffic"]["total_connections"] == 3
         for conn in accepted:

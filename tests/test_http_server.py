@@ -276,6 +276,8 @@ def test_control_characters_are_escaped_in_the_log(daemon: Daemon) -> None:
     note = "red\x1b[31m bell\x07 nul\x00 del\x7f c1\x9b line\u2028 para\u2029 nl\n"
     daemon.api("PATCH", f"/api/keys/{key['id']}", json={"note": note})
     daemon.http.post("/api/keys/%1b%5d0;owned%07%00/disable")
+    # The audit line is written once the answer went out: wait for it, not for the answer.
+    wait_for(lambda: b"/disable status=404" in daemon.log_path.read_bytes(), what="audit line")
     log = daemon.log_path.read_bytes()
     raw = re.findall(rb"[\x00-\x09\x0b-\x1f\x7f]|\xc2[\x80-\x9f]|\xe2\x80[\xa8\xa9]", log)
     assert raw == []

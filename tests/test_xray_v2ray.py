@@ -188,15 +188,19 @@ def corpus_source() -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def reference_counters(ns: str, ports: list[int]) -> Iterator[Callable[[], Counts]]:
-    """Counters of our own in the client's namespace: per port, bytes sent to it (the server's
-    rx) and received from it (its tx), layer 3, as the daemon counts on the server."""
+def reference_counters(
+    ns: str, ports: list[int], server_side: bool = False
+) -> Iterator[Callable[[], Counts]]:
+    """Counters of our own in the client's namespace (or, server_side, the server's): per port,
+    bytes sent to it (the server's rx) and received from it (its tx), layer 3, as the daemon
+    counts on the server."""
     table = f"pmref{os.getpid() % 10000}{secrets.token_hex(2)}"
+    to_hook, from_hook = ("input", "output") if server_side else ("output", "input")
     rules = [f"table inet {table} {{"]
     rules += [f"counter to_{p} {{}}\ncounter from_{p} {{}}" for p in ports]
-    rules.append("chain output { type filter hook output priority mangle;")
+    rules.append(f"chain {to_hook} {{ type filter hook {to_hook} priority mangle;")
     rules += [f"tcp dport {p} counter name to_{p}" for p in ports]
-    rules.append("}\nchain input { type filter hook input priority mangle;")
+    rules.append(f"}}\nchain {from_hook} {{ type filter hook {from_hook} priority mangle;")
     rules += [f"tcp sport {p} counter name from_{p}" for p in ports]
     rules.append("}\n}")
     nft = ["ip", "netns", "exec", ns, "nft"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from daemon.limits import Status
+from daemon.service.kernel_side import Established
 from daemon.store.state import KeyRecord
 from daemon.units import human_bytes, iso
 from daemon.xray.model import XrayError
@@ -63,18 +64,26 @@ def key_fields(key: KeyRecord) -> dict[str, Any]:
         "rx_bytes": key.rx.bytes,
         "tx_bytes": key.tx.bytes,
         "total_bytes": key.used_bytes,
+        "groups": key.groups,  # README "Keys created once"
+        "fleet": key.fleet,
+        "speed_limit_bps": key.speed_limit_bps,
+        "max_connections": key.max_connections,
+        "max_ips": key.max_ips,
+        "refused_connections": key.refused.packets + key.ip_refused.packets,
     }
 
 
-def traffic_object(key: KeyRecord, connections: int, timestamp: int) -> dict[str, Any]:
-    """A key's traffic as `/api/keys/{key}/traffic/port/exact` answers it."""
+def traffic_object(key: KeyRecord, connections: Established, timestamp: int) -> dict[str, Any]:
+    """A key's traffic as `/api/keys/{key}/traffic/port/exact` answers it: the counters read
+    now, the connections as the last poll counted them (at `connections_at`)."""
     total = key.rx.bytes + key.tx.bytes
     return {
         "key_id": key.id,
         "name": key.name,
         "port": key.port,
         "uuid": str(key.uuid),
-        "connections": connections,
+        "connections": connections.count(key.port),
+        "connections_at": connections.stamp(),
         "rx_bytes": key.rx.bytes,
         "tx_bytes": key.tx.bytes,
         "total_bytes": total,

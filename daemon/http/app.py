@@ -24,8 +24,9 @@ from daemon.http import metrics, page
 from daemon.http.middleware.audit import AuditLog
 from daemon.http.middleware.bodies import JsonBodies
 from daemon.http.middleware.head import HeadAsGet
-from daemon.http.routes import keys, subscription, system, traffic, usage, xray
+from daemon.http.routes import fleet, keys, subscription, system, traffic, usage, xray
 from daemon.service import Service
+from daemon.store.reported import HistoryReports
 
 # After the usage routes (which exist only with a history), in this order.
 ROUTERS = (
@@ -35,6 +36,7 @@ ROUTERS = (
     subscription.router,
     xray.router,
     traffic.summary,
+    fleet.router,
 )
 
 
@@ -56,6 +58,8 @@ def create_app(service: Service) -> FastAPI:
     history = service.usage_history()
     app.state.service = service
     app.state.history = history
+    reported = None if history is None else HistoryReports(history)
+    app.state.reported = service.fleet_reads or reported
     app.add_middleware(JsonBodies)
     _install_error_handlers(app)
     _add_routes(app, page.router)

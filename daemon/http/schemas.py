@@ -59,6 +59,39 @@ def _limit_bytes(value: Any) -> int:
         raise PydanticCustomError("data_limit_bytes", str(exc)) from None
 
 
+def _speed(value: object) -> int:
+    """speed_limit_bps as sent: a JSON integer (bits/s) or a rate such as "20Mbit"."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise PydanticCustomError(
+            "speed_limit_bps", "must be a whole number of bits/s or a rate such as 20Mbit"
+        )
+    try:
+        return limits.parse_rate(value) if isinstance(value, str) else bounds.speed_bps(value)
+    except ValueError as exc:
+        raise PydanticCustomError("speed_limit_bps", str(exc)) from None
+
+
+SpeedBps = Annotated[
+    int,
+    PlainValidator(_speed),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {
+                    "type": "integer",
+                    "minimum": bounds.MIN_SPEED_BPS,
+                    "maximum": bounds.MAX_SPEED_BPS,
+                },
+                {"type": "string", "maxLength": bounds.MAX_SIZE_CHARS},
+            ],
+            "description": "bits per second per direction, or e.g. 20Mbit / 500kbit / 1Gbit",
+        }
+    ),
+]
+Connections = Annotated[StrictInt, Field(ge=1, le=bounds.MAX_CONNECTIONS)]
+Addresses = Annotated[StrictInt, Field(ge=1, le=bounds.MAX_IPS)]
+
+
 def _key_name(value: str) -> str:
     """A new key's name in its kept form, or 422 saying which rule of daemon.names it breaks."""
     try:
@@ -87,6 +120,8 @@ NAME_SCHEMA: dict[str, Any] = {
     "description": names.RULE,
 }
 Moment = Annotated[str, Field(max_length=bounds.MAX_MOMENT_CHARS)]
+Group = Annotated[str, Field(pattern=bounds.GROUP_PATTERN)]
+Groups = Annotated[list[Group], AfterValidator(lambda groups: sorted(set(groups)))]
 Port = Annotated[StrictInt, Field(ge=bounds.MIN_PORT, le=bounds.MAX_PORT)]
 
 
@@ -102,6 +137,14 @@ class KeySettings(BaseModel):
     reset_strategy: ResetStrategy | None = None
     note: str | None = Field(default=None, max_length=bounds.MAX_NOTE_CHARS)
     enabled: StrictBool | None = None
+    speed_limit_bps: SpeedBps | None = None
+    max_connections: Connections | None = None
+    max_ips: Addresses | None = None
+    groups: Groups | None = Field(
+        default=None,
+        max_length=bounds.MAX_GROUPS,
+        description='fleet groups that serve the key (README "Keys created once"); [] every one',
+    )
 
 
 class NewKey(KeySettings):
@@ -143,7 +186,7 @@ def key_changes(body: KeySettings, zone: ZoneInfo, creating: bool) -> dict[str, 
     changes: dict[str, Any] = {}
     for name in sent:
         value = getattr(body, name)
-        if value is None and name in ("reset_strategy", "note", "enabled"):
+        if value is None and name in ("reset_strategy", "note", "enabled", "groups"):
             raise Invalid(f"{name}: may not be null")
         changes[name] = value
     if changes.get("expire_at") is not None:

@@ -4,6 +4,6 @@ saved and reported (ledger.py) and the Xray side (xray_side.py); loops.py runs i
 background. The daemon's wiring (start, signals, stop) is daemon/main.py."""
 
 from daemon.service.front import Service
-from daemon.service.kernel_side import Refresh
+from daemon.service.kernel_side import Established, Refresh
 
-__all__ = ["Refresh", "Service"]
+__all__ = ["Established", "Refresh", "Service"]

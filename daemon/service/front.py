@@ -21,9 +21,9 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 import anyio
@@ -36,16 +36,18 @@ from daemon.counters import NftError
 from daemon.errors import Conflict, Invalid, NotFound, OperationError, OperationFailed
 from daemon.kernel import Host, Kernel
 from daemon.limits import Quota, ResetStrategy
+from daemon.service.guards import Guards
 from daemon.service.kernel_side import (
+    Closer,
     Connections,
+    Established,
     Failures,
     KernelSide,
     Refresh,
     Settler,
     describe,
-    desired_quota,
+    kernel_call,
     kernel_refusal,
-    status_of,
     zero,
 )
 from daemon.service.ledger import Ledger, StatusEvents
@@ -53,14 +55,23 @@ from daemon.service.xray_side import Pushed, XraySide
 from daemon.settings import Settings
 from daemon.store.history import History
 from daemon.store.outbox import Outbox
+from daemon.store.reported import Reported
 from daemon.store.state import KeyRecord, State, StateStore, now
 from daemon.store.usage import UsageSink
 from daemon.units import iso
 from daemon.xray.drift import DriftProblem
 from daemon.xray.migration import apply_migration
 
+if TYPE_CHECKING:
+    from daemon.fleet.delivery import FleetNode
+    from daemon.fleet.keys import FleetKeys
+
 Log = structlog.typing.FilteringBoundLogger
-SETTABLE = frozenset({"note", "enabled", "data_limit_bytes", "expire_at", "reset_strategy"})
+SETTABLE = frozenset(
+    {"note", "enabled", "data_limit_bytes", "expire_at", "reset_strategy"}
+    | {"speed_limit_bps", "max_connections", "max_ips"}
+    | {"groups"}
+)
 Undo = Callable[[], Awaitable[object]]
 
 
@@ -109,9 +120,16 @@ class Service:
         self.ledger = Ledger(store, state, sinks, log)
         self.events = StatusEvents(outbox, log)
         self.failures = Failures(log)
-        self.settler = Settler(kernel, state, self.ledger, self.events, self.zone, self.failures)
+        closer = Closer(host, log)
+        self.settler = Settler(
+            kernel, state, self.ledger, self.events, self.zone, self.failures, closer
+        )
+        self.settler.guards = Guards(kernel, self.events, settings.ip_window)
         self.kernel = KernelSide(kernel, state, self.ledger, self.settler, self.failures, log)
-        self._connections = Connections(host, settings.port_range)
+        self._connections = Connections(host, settings.port_range, log)
+        self.fleet_reads: Reported | None = None  # other servers' usage, from a fleet database
+        self.fleet: FleetNode | None = None  # this node's fleet database side, when configured
+        self.fleet_keys: FleetKeys | None = None  # the fleet's keys, followed and written
         if xray is not None:
             self.ledger.followers.append(xray.follow)
 
@@ -137,9 +155,23 @@ class Service:
     # --- operations --------------------------------------------------------------------------
 
     async def create_key(
-        self, name: str, port: int | None = None, settings: dict[str, Any] | None = None
+        self,
+        name: str,
+        port: int | None = None,
+        settings: dict[str, Any] | None = None,
+        *,
+        local: bool = False,
+        identity: dict[str, Any] | None = None,
     ) -> KeyRecord:
+        """A new key. With a fleet database, a fleet key unless `local`; `identity` (id, uuid
+        ...) is a fleet key's as the database holds it, followed here (README "Keys created
+        once")."""
         async with self.lock:
+            if identity is not None and identity["id"] in self.state.keys:
+                return self.state.keys[identity["id"]]  # followed already
+            fleet = self.fleet_keys is not None and not local
+            if self.fleet_keys is not None and fleet:
+                self.fleet_keys.check_serves((settings or {}).get("groups", ()))
             keys = self.state.keys.values()
             if (same := names.same_as(name, (key.name for key in keys))) is not None:
                 raise Conflict(f"a key named {same!r} already exists (the same name: {names.SAME})")
@@ -151,20 +183,20 @@ class Service:
                 raise Conflict(str(exc)) from None
             async with self._all_or_nothing("create key") as undo:
                 moment = now()
+                made = {"id": new_id(self.state.keys), "uuid": uuid.uuid4(), "created_at": moment}
                 key = KeyRecord(
-                    id=new_id(self.state.keys),
                     name=name,
-                    uuid=uuid.uuid4(),
                     port=chosen,
-                    created_at=moment,
+                    **{**made, "fleet": fleet, **(identity or {})},
                     **(settings or {}),
                 )
                 key.next_reset_at = limits.next_boundary(moment, key.reset_strategy, self.zone)
-                key.status = status_of(key, moment, kernel_over=False)
+                key.status = self.settler.status_for(key, moment, kernel_over=False)
                 self.settler.watch(key, moment)
                 if self.xray is not None:
                     self.xray.prepare(self.state, key)
                 await self._install(checked(key), undo)
+                await self._publish(local, undo, lambda fleet: fleet.created(key))
                 await self._commit(undo)
             self.log.info(
                 "key_created",
@@ -177,15 +209,17 @@ class Service:
             )
             return key
 
-    async def delete_key(self, ref: str) -> KeyRecord:
+    async def delete_key(self, ref: str, *, local: bool = False) -> KeyRecord:
         async with self.lock:
             key = self.find(ref)
             await self.kernel.refresh_keys([key])  # the final totals, reported and logged: exact
             async with self._all_or_nothing("delete key") as undo:
                 del self.state.keys[key.id]
                 self._forget(key.id)
+                await self._publish(local, undo, lambda fleet: fleet.deleted(key))
                 await self._commit(undo)
             await self.kernel.uninstall_quietly([key])
+            await self.settler.close_deleted([key])
             self.log.info(
                 "key_deleted",
                 key_id=key.id,
@@ -197,24 +231,53 @@ class Service:
             return key
 
     async def reset_traffic(self, ref: str) -> KeyRecord:
-        """Zero a key's totals; what the kernel counts from now on is its new usage."""
+        """Zero a key's totals; what the kernel counts from now on is its new usage. A fleet's
+        other servers hear of it (`settler.on_reset`)."""
         async with self.lock:
-            key = self.find(ref)
-            await self.kernel.refresh_keys([key])
-            async with self._all_or_nothing("reset traffic") as undo:
-                fresh = key.model_copy(deep=True)
-                zero(fresh, now())
-                await self._replace(key, fresh, undo, force_quota=True)
-            self.log.info(
-                "traffic_reset",
-                key_id=fresh.id,
-                port=fresh.port,
-                used_before_reset=fresh.used_before_reset,
-                status=fresh.status.value,
-            )
+            fresh = await self._reset(self.find(ref))
+            if self.settler.on_reset is not None:  # saved: the usage before it is staged
+                self.settler.on_reset(fresh, self.state.generation)
             return fresh
 
-    async def update_key(self, ref: str, changes: dict[str, Any]) -> KeyRecord:
+    async def settle_remote(self, remote: dict[str, int], resets: dict[str, datetime]) -> None:
+        """A fleet's figures (daemon/fleet/limits.py): usage of each key name on the other
+        servers, and the latest reset of each name. A key reset elsewhere after its own last
+        reset is reset here (not passed back); keys whose allowance moved are settled now."""
+        async with self.lock:
+            settler, moved = self.settler, []
+            for key in list(self.state.keys.values()):
+                since = key.last_reset_at or key.created_at
+                if key.name in resets and resets[key.name] > since:
+                    key = await self._reset(key)
+                limited = key.data_limit_bytes is not None  # others' usage moves only limits
+                if limited and remote.get(key.name, 0) != settler.remote.get(key.name, 0):
+                    moved.append(key)
+            settler.remote = remote
+            if moved:
+                await self.kernel.refresh_keys(moved)
+                if self.ledger.unsaved:
+                    self.ledger.save_quietly()
+
+    async def _reset(self, key: KeyRecord) -> KeyRecord:
+        """Zero one key's totals (under the lock): read it first, so nothing counted is lost."""
+        await self.kernel.refresh_keys([key])
+        async with self._all_or_nothing("reset traffic") as undo:
+            fresh = key.model_copy(deep=True)
+            zero(fresh, now())
+            await self._replace(key, fresh, undo, force_quota=True)
+        await self.settler.close_left(fresh)
+        self.log.info(
+            "traffic_reset",
+            key_id=fresh.id,
+            port=fresh.port,
+            used_before_reset=fresh.used_before_reset,
+            status=fresh.status.value,
+        )
+        return fresh
+
+    async def update_key(
+        self, ref: str, changes: dict[str, Any], *, local: bool = False
+    ) -> KeyRecord:
         """Change a key's limit, expiry, reset strategy, note or enabled flag; applied at once."""
         unknown = set(changes) - SETTABLE
         if unknown:
@@ -228,7 +291,9 @@ class Service:
                     changed.next_reset_at = limits.next_boundary(
                         now(), changed.reset_strategy, self.zone
                     )
+                await self._publish(local, undo, lambda fleet: fleet.changed(key, changed))
                 await self._replace(key, changed, undo)
+            await self.settler.close_left(changed)
             self.log.info(
                 "key_updated",
                 key_id=changed.id,
@@ -249,11 +314,31 @@ class Service:
                 return Refresh()
             return await self.kernel.refresh()
 
+    async def client_ips(self, key: KeyRecord) -> list[dict[str, Any]]:
+        """The client addresses holding places of the key's max_ips, each with the time it was
+        last seen (README "Speed, connection and device limits"); [] without max_ips."""
+        guards = self.settler.guards
+        if guards is None or key.max_ips is None:
+            return []
+        async with self.lock:
+            held = await kernel_call(
+                "read client addresses", guards.kernel.client_addresses(key.port)
+            )
+        moment = now()
+        return [
+            {
+                "address": address,
+                "last_seen": iso(moment - timedelta(seconds=guards.window - expires)),
+            }
+            for address, expires in sorted(held)
+        ]
+
     async def refresh_keys(
-        self, refs: Sequence[str], *, skip_missing: bool = False
+        self, refs: Sequence[str], *, skip_missing: bool = False, save: bool = False
     ) -> list[KeyRecord]:
         """Read just these keys' counters now: the cost does not grow with the number of keys.
-        With `skip_missing`, keys deleted meanwhile are left out instead of refused."""
+        With `skip_missing`, keys deleted meanwhile are left out instead of refused; with `save`,
+        what moved is saved, so the history holds every byte counted so far."""
         async with self.lock:
             keys = (
                 [self.state.keys[r] for r in refs if r in self.state.keys]
@@ -262,10 +347,13 @@ class Service:
             )
             if keys:
                 await self.kernel.refresh_keys(keys)
+            if save and self.ledger.unsaved:
+                self.ledger.save_quietly()
             return keys
 
     async def poll_once(self, *, final: bool = False) -> Refresh:
-        """Read the kernel, settle every key and persist the totals if anything moved.
+        """Read the kernel, settle every key and persist the totals if anything moved; then count
+        the established connections the answers serve until the next poll.
 
         `final`: the last save before exit, always written as a full snapshot, so the next
         start reads one file and no journal."""
@@ -275,7 +363,8 @@ class Service:
                 await self.xray.follow_statuses(self.state)
             if self.ledger.unsaved or final:
                 self.ledger.save_quietly(compact=final)
-            return result
+        await self._connections.read()  # needs no lock: it reads sockets, not the state
+        return result
 
     async def reconcile(self) -> Refresh:
         """Make the kernel table match the state: rebuild a damaged table, fix missing entries."""
@@ -312,9 +401,11 @@ class Service:
         except OperationError as exc:
             self.log.error("xray_sync_failed", error=exc.detail)
 
-    async def connections(self) -> dict[int, int]:
-        """Established connections per port, counted now (queued requests share one count)."""
-        return await self._connections.count()
+    async def connections(self) -> Established:
+        """Established connections per port as the last poll read them, with that read's time;
+        read now only if no poll has yet."""
+        latest = self._connections.latest
+        return latest if latest.at is not None else await self._connections.read()
 
     async def interface_bytes(self) -> dict[str, dict[str, int]]:
         """rx/tx byte counters of every interface of this host's network namespace."""
@@ -379,6 +470,7 @@ class Service:
                 undo.append(restored.undo)
                 self.ledger.save()
             await self.kernel.uninstall_quietly(migrated)
+            await self.settler.close_deleted(migrated)
             copy = str(restored.copy)
             self.log.info("xray_migration_rolled_back", restored=copy, keys_removed=len(migrated))
             return copy, migrated
@@ -395,16 +487,39 @@ class Service:
         self.state.keys[after.id] = checked(after)
         self.ledger.mark(after.id)
         failing = self.failures.errors.pop(after.id, None) is not None  # put back if this fails
-        held = settler.quotas.get(after.port, desired_quota(before))  # as the kernel has it
+        held = settler.quotas.get(after.port, settler.quota_for(before))  # as the kernel has it
         if await settler.enforce(after, force_quota or failing or after.epoch != epoch):
             undo.append(lambda: settler.put(after.port, held))
+        await self._guard(after, undo)
         settler.watch(after, moment)
         await self._commit(undo)
 
+    async def _guard(self, key: KeyRecord, undo: list[Undo]) -> None:
+        """Give the kernel the key's speed, connection and address limits; the guard it held
+        is put back if the operation fails."""
+        guards = self.settler.guards
+        if guards is None:
+            return
+        held = guards.kernel.guard_of(key.port)
+        if await guards.settle(key):
+            undo.append(lambda: guards.kernel.guard(key.port, held))
+
+    async def _publish(
+        self, local: bool, undo: list[Undo], step: Callable[[FleetKeys], Awaitable[Undo | None]]
+    ) -> None:
+        """Write a fleet key operation to the fleet database too, unless `local`; its undo joins
+        the others (README "Keys created once")."""
+        if self.fleet_keys is None or local:
+            return
+        taken_back = await step(self.fleet_keys)
+        if taken_back is not None:
+            undo.append(taken_back)
+
     async def _install(self, key: KeyRecord, undo: list[Undo]) -> None:
         """Install a new key's counters and add it to the state."""
-        await self.kernel.install(key.port, desired_quota(key))
+        await self.kernel.install(key.port, self.settler.quota_for(key))
         undo.append(lambda: self.kernel.uninstall(key.port))
+        await self._guard(key, undo)
         self.state.keys[key.id] = key
         self.ledger.mark(key.id)
 
@@ -420,6 +535,8 @@ class Service:
         """The key was deleted: the next save drops it, and its failure (if any) goes with it."""
         self.failures.errors.pop(key_id, None)
         self.ledger.mark(key_id)
+        if self.settler.guards is not None:
+            self.settler.guards.forget(key_id)
 
     # --- all or nothing ------------------------------------------------------------------------
 
@@ -502,6 +619,12 @@ class Service:
     def keys_by_port(self) -> list[KeyRecord]:
         """Every key, ordered by port (a new list)."""
         return sorted(self.state.keys.values(), key=lambda k: k.port)
+
+    def keys_named(self, name: str) -> list[KeyRecord]:
+        """The keys named `name`, ordered by port (one pass, no sort of every key)."""
+        found = [k for k in self.state.keys.values() if k.name == name]
+        found.sort(key=lambda k: k.port)
+        return found
 
     def has_key(self, key_id: str) -> bool:
         return key_id in self.state.keys

@@ -5,7 +5,8 @@ disabled), the quota the kernel must enforce for it, and a periodic reset that c
 whose step fails there is logged once, marked (its `error` in the API) and retried at every
 poll; the other keys keep being counted (README "Faults and their remedies"). A missing or
 damaged table is rebuilt from the state, and the bytes since the last reading are logged as lost
-(README "Crashes, restarts, reboots").
+(README "Crashes, restarts, reboots"). A key that leaves `active` has its live connections closed
+once the kernel enforces its new status (README "Limits, expiry and resets").
 
 Nothing here takes the service's lock or saves: the front does both around these calls.
 """
@@ -13,7 +14,7 @@ Nothing here takes the service's lock or saves: the front does both around these
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, tzinfo
 from typing import Any
@@ -27,11 +28,12 @@ from daemon.counters import NftError, OutOfRange, PortReading, TableView, port_g
 from daemon.errors import Invalid, KernelRefused, OperationError
 from daemon.kernel import Host, Kernel
 from daemon.limits import Quota, Status
+from daemon.service.guards import Guards
 from daemon.service.ledger import Ledger, StatusEvents
 from daemon.store.state import DirectionModel, KeyRecord, State, now
 
 Log = structlog.typing.FilteringBoundLogger
-DIRECTIONS = ("rx", "tx", "dropped")
+DIRECTIONS = ("rx", "tx", "dropped", "refused", "ip_refused")
 
 
 @dataclass(slots=True)
@@ -45,19 +47,21 @@ class Refresh:
     touched: set[str] = field(default_factory=set)  # keys whose kernel reading changed
 
 
-def status_of(key: KeyRecord, moment: datetime, kernel_over: bool) -> Status:
+def status_of(key: KeyRecord, moment: datetime, kernel_over: bool, remote: int = 0) -> Status:
+    """`remote`: what the other servers of a fleet counted for the key's name since its reset."""
     return limits.status(
         enabled=key.enabled,
         expire_at=key.expire_at,
-        limit=key.data_limit_bytes,
+        limit=limits.allowance(key.data_limit_bytes, remote),
         used=key.used_bytes,
         kernel_over=kernel_over,
         now=moment,
     )
 
 
-def desired_quota(key: KeyRecord) -> Quota | None:
-    return limits.kernel_quota(key.status, key.data_limit_bytes, key.used_bytes)
+def desired_quota(key: KeyRecord, remote: int = 0) -> Quota | None:
+    allowance = limits.allowance(key.data_limit_bytes, remote)
+    return limits.kernel_quota(key.status, allowance, key.used_bytes)
 
 
 def zero(key: KeyRecord, moment: datetime) -> None:
@@ -120,29 +124,84 @@ class Failures:
             self.log.info("key_recovered", key_id=key.id, name=key.name, port=key.port)
 
 
-class Connections:
-    """Established connections per port. Counting walks the kernel's whole TCP table (6-8 ms
-    here, however few sockets exist), so requests that queue up behind one count share the
-    next: a count that started after a request arrived is as fresh for it as one of its own."""
+@dataclass(frozen=True, slots=True)
+class Established:
+    """Established TCP connections per port as one read of the kernel found them, and the Unix
+    time that read began (None before the first read)."""
 
-    def __init__(self, host: Host, port_range: PortRange) -> None:
+    by_port: Mapping[int, int] = field(default_factory=dict)
+    at: float | None = None
+
+    def count(self, port: int) -> int:
+        return self.by_port.get(port, 0)
+
+    def total(self, ports: Iterable[int]) -> int:
+        return sum(self.by_port.get(port, 0) for port in ports)
+
+    def stamp(self) -> int | None:
+        """`at` as the answers give it: whole Unix seconds, as their `timestamp`."""
+        return None if self.at is None else int(self.at)
+
+
+class Connections:
+    """Established connections per port, read once per poll (README "API"): answers
+    serve the latest read with its time and never wait for the kernel. A read that fails is
+    logged (once, and again when the error changes) and keeps the previous figure and its time,
+    so an answer shows how old its figure is."""
+
+    def __init__(self, host: Host, port_range: PortRange, log: Log) -> None:
         self.host = host
         self.port_range = port_range
-        self._lock = anyio.Lock()
-        self._counts: dict[int, int] = {}
-        self._counted = 0.0  # monotonic time the last count began
+        self.log = log
+        self.latest = Established()
+        self._failing: str | None = None
 
-    async def count(self) -> dict[int, int]:
-        arrived = time.monotonic()
-        async with self._lock:
-            if self._counted > arrived:
-                return self._counts
-            started = time.monotonic()
-            self._counts = await anyio.to_thread.run_sync(
-                self.host.established_by_port, self.port_range
+    async def read(self) -> Established:
+        """Read the kernel now (a few sockets' worth of work: it filters by port itself)."""
+        started = time.time()
+        try:
+            counts = await anyio.to_thread.run_sync(self.host.established_by_port, self.port_range)
+        except OSError as exc:
+            if describe(exc) != self._failing:
+                self._failing = describe(exc)
+                self.log.warning(
+                    "connections_read_failed",
+                    error=self._failing,
+                    remedy="tried again at every poll; answers show the last figure and its time",
+                )
+            return self.latest
+        if self._failing is not None:
+            self._failing = None
+            self.log.info("connections_read_recovered")
+        self.latest = Established(counts, started)
+        return self.latest
+
+
+class Closer:
+    """Closes a key's live TCP connections when it may no longer pass traffic, so the proxy
+    frees them and the client cannot keep using a connection opened before. A failure is logged
+    and never fails what caused it."""
+
+    def __init__(self, host: Host, log: Log) -> None:
+        self.host = host
+        self.log = log
+
+    async def close(self, key: KeyRecord, reason: str) -> None:
+        try:
+            count = await anyio.to_thread.run_sync(self.host.close_connections, key.port)
+        except Exception as exc:  # noqa: BLE001 (closing is a courtesy: whatever failed, log it)
+            self.log.warning(
+                "connections_close_failed",
+                key_id=key.id,
+                port=key.port,
+                reason=reason,
+                error=describe(exc),
+                remedy="needs CAP_NET_ADMIN and a kernel with CONFIG_INET_DIAG_DESTROY",
             )
-            self._counted = started
-            return self._counts
+            return
+        self.log.info(
+            "connections_closed", key_id=key.id, port=key.port, count=count, reason=reason
+        )
 
 
 class Settler:
@@ -158,6 +217,7 @@ class Settler:
         events: StatusEvents,
         zone: tzinfo,
         failures: Failures,
+        closer: Closer,
     ) -> None:
         self.kernel = kernel
         self.state = state
@@ -165,6 +225,10 @@ class Settler:
         self.events = events
         self.zone = zone
         self.failures = failures
+        self.closer = closer
+        # Keys that left `active` (id -> the status they moved to) whose connections are closed
+        # once the kernel enforces that status.
+        self.closing: dict[str, Status] = {}
         # The quota the kernel holds per port (None: none), as last read or set: a refused
         # operation puts it back as it was, usage included.
         self.quotas: dict[int, Quota | None] = {}
@@ -172,6 +236,13 @@ class Settler:
         # asks for all of them, a poll settles only the keys whose reading changed.
         self.next_deadline: datetime | None = None
         self.everything = True
+        # A fleet's usage of each key name on the other servers (daemon/fleet/limits.py), and
+        # who hears of a reset here (to pass it on to them), with the state generation whose
+        # usage it follows.
+        self.remote: dict[str, int] = {}
+        self.on_reset: Callable[[KeyRecord, int], None] | None = None
+        # Speed, connection and address limits (service/guards.py), when the front gives them.
+        self.guards: Guards | None = None
 
     async def settle_all(self, view: TableView | None, result: Refresh) -> None:
         moment = now()
@@ -199,10 +270,13 @@ class Settler:
         try:
             changed = self.settle_status(key, moment, kernel_over)
             await self.enforce(key, force=key.epoch != epoch or key.id in self.failures.errors)
+            if self.guards is not None:
+                await self.guards.settle(key)
         except Exception as exc:  # noqa: BLE001 (one key's failure, whatever it is, stays its own)
             self.failures.failed(key, exc, "set quota")
         else:
             self.failures.recovered(key)
+            await self.close_left(key)
         self.watch(key, moment)
         return changed
 
@@ -215,25 +289,54 @@ class Settler:
             key.next_reset_at = limits.next_boundary(moment, key.reset_strategy, self.zone)
             self.events.report("key_reset", key, used_before_reset=key.used_before_reset)
             kernel_over, changed = False, True
-        new_status = status_of(key, moment, kernel_over)
+            if self.on_reset is not None:  # the save that follows holds the usage before it
+                self.on_reset(key, self.state.generation + 1)
+        new_status = self.status_for(key, moment, kernel_over)
         if new_status != key.status:
             previous, key.status = key.status, new_status
             self.events.report(f"key_{new_status.value}", key, previous_status=previous.value)
             changed = status_moved = True
+            if new_status is Status.ACTIVE:
+                self.closing.pop(key.id, None)
+            else:
+                self.closing[key.id] = new_status
         if changed:
             self.ledger.mark(key.id, status=status_moved)
         return changed
 
+    def status_for(self, key: KeyRecord, moment: datetime, kernel_over: bool) -> Status:
+        """The key's status now, the fleet's other servers' usage of its name included."""
+        return status_of(key, moment, kernel_over, self.remote.get(key.name, 0))
+
+    def quota_for(self, key: KeyRecord) -> Quota | None:
+        """The quota the kernel must hold for the key, the other servers' usage of its name
+        (as last read from the fleet) included: at every install, rebuild and settle alike."""
+        return desired_quota(key, self.remote.get(key.name, 0))
+
     async def enforce(self, key: KeyRecord, force: bool) -> bool:
         """Give the kernel the quota the key needs, unless it has that limit already (and not
         `force`: a reset or a changed usage needs a fresh quota). True if the kernel changed."""
-        desired = desired_quota(key)
+        desired = self.quota_for(key)
         wanted_limit = None if desired is None else desired.limit
         held = self.quotas.get(key.port)
         if not force and (None if held is None else held.limit) == wanted_limit:
             return False
         await self.put(key.port, desired)
         return True
+
+    async def close_left(self, key: KeyRecord) -> None:
+        """Close the connections of a key that left `active`, once its quota is in place (so the
+        client cannot reconnect and pass). An entry whose status the key no longer has (it moved
+        on, or the operation that moved it was undone) is dropped."""
+        left = self.closing.pop(key.id, None)
+        if left is not None and left == key.status:
+            await self.closer.close(key, left.value)
+
+    async def close_deleted(self, keys: Sequence[KeyRecord]) -> None:
+        """The keys are deleted (and saved so): close what is still connected to their ports."""
+        for key in keys:
+            self.closing.pop(key.id, None)
+            await self.closer.close(key, "deleted")
 
     async def put(self, port: int, quota: Quota | None) -> None:
         """Set this quota in the kernel, whatever it holds."""
@@ -348,9 +451,12 @@ class KernelSide:
         self, event: str, result: Refresh, level: str = "error", **fields: Any
     ) -> TableView | None:
         """Recreate the table from the state; bytes since the last reading are lost and logged."""
-        ports = {key.port: desired_quota(key) for key in self.state.keys.values()}
+        ports = {key.port: self.settler.quota_for(key) for key in self.state.keys.values()}
+        guards = self.settler.guards
         try:
-            await self.kernel.build(ports)
+            await self.kernel.build(
+                ports, None if guards is None else guards.all_desired(self.state.keys.values())
+            )
         except NftError as exc:
             if exc.denied or not any(ports.values()):
                 raise kernel_refusal("rebuild table", exc) from None
@@ -402,7 +508,7 @@ class KernelSide:
         for port in sorted(missing):
             key = keys_by_port[port]
             try:
-                await self.install(port, desired_quota(key))
+                await self.install(port, self.settler.quota_for(key))
             except Exception as exc:  # noqa: BLE001 (this key alone; the others are counted)
                 self.failures.failed(key, exc, "install counters")
                 continue
@@ -475,7 +581,7 @@ class KernelSide:
             found += [f"port {port} is missing from {where}" for port in sorted(missing)]
             found += [f"{where} holds port {port} that no key owns" for port in sorted(orphaned)]
         for key in self.state.keys.values():
-            desired = desired_quota(key)
+            desired = self.settler.quota_for(key)
             installed = view.ports.get(key.port)
             have = None if installed is None or installed.quota is None else installed.quota.limit
             if (None if desired is None else desired.limit) != have:

@@ -1,9 +1,10 @@
 """The service's Xray side: which keys Xray must serve, and how a change reaches it.
 
-All Xray file and process work happens in daemon/xray_sync.py (in a worker thread where it
-blocks); this module turns state records into XrayKeys, packages "write, apply, and how to undo
-it", and remembers which keys changed since the last push (the ledger's marks reach it through
-`follow`), so a push after one key operation looks at that key alone.
+All Xray file and process work happens in daemon/xray_sync.py and, with one file per key,
+daemon/xray_confdir.py (in a worker thread where it blocks); this module turns state records
+into XrayKeys, packages "write, apply, and how to undo it", and remembers which keys changed
+since the last push (the ledger's marks reach it through `follow`), so a push after one key
+operation looks at that key alone.
 """
 
 from __future__ import annotations
@@ -40,7 +41,15 @@ from daemon.xray.model import (
 from daemon.xray.reality import generate_reality, new_short_id, reality_from_private
 from daemon.xray.render import inbound_changes
 from daemon.xray.text import ConfigText
-from daemon.xray_sync import LiveConfig, XrayApplier, XrayFiles, config_status, read_source
+from daemon.xray_confdir import NO_MIGRATION, ConfDir
+from daemon.xray_sync import (
+    LiveConfig,
+    XrayApplier,
+    XrayFiles,
+    config_status,
+    inbound_status,
+    read_source,
+)
 
 Undo = Callable[[], Awaitable[None]]
 MIGRATION_LABEL = "pre-migration"
@@ -96,7 +105,10 @@ class XraySide:
             file_group=settings.xray_gid,
         )
         self.files = XrayFiles(self.options)
-        self.live = LiveConfig(self.files)
+        directory = settings.xray_confdir
+        # With a confdir, one file per key there (README "One file per key"); else one file.
+        self.confdir = None if directory is None else ConfDir(self.files, directory)
+        self.live: LiveConfig | ConfDir = self.confdir or LiveConfig(self.files)
         self.applier = XrayApplier(self.options)
         # key id -> (the record's fields an XrayKey is made of, that XrayKey); see `served`.
         self._xray_keys: dict[str, tuple[tuple[Any, ...], XrayKey]] = {}
@@ -296,6 +308,8 @@ class XraySide:
 
     async def read_source(self, path: Path) -> ConfigText:
         """A migration source, read as Xray reads it (comments allowed); Invalid in one line."""
+        if self.confdir is not None:
+            raise Invalid(NO_MIGRATION)
         try:
             return await anyio.to_thread.run_sync(read_source, self.options, path)
         except XrayError as exc:
@@ -341,6 +355,8 @@ class XraySide:
     async def restore_original(self) -> Restored:
         """Put the pre-migration config back byte for byte and apply it; what it returns undoes
         that (a failed apply is undone here already)."""
+        if self.confdir is not None:
+            raise Invalid(NO_MIGRATION)
         copy = self.files.latest_copy(MIGRATION_LABEL)
         if copy is None:
             raise NotFound(f"no pre-migration copy of {self.files.path} to roll back to")
@@ -374,6 +390,8 @@ class XraySide:
     async def status(self, state: State) -> dict[str, Any]:
         keys = self.served(state)
         report = await anyio.to_thread.run_sync(config_status, self.files, keys)
+        if self.confdir is not None:
+            report.update(await anyio.to_thread.run_sync(_confdir_status, self.confdir, keys))
         report["xray_reachable"] = await self.applier.reachable()
         report["expected_inbounds"] = len(keys)
         report["reality_public_key"] = (
@@ -405,7 +423,8 @@ class XraySide:
         return problems
 
     async def drift(self, state: State) -> list[DriftProblem]:
-        config = await anyio.to_thread.run_sync(self.files.read)
+        read = self.files.read if self.confdir is None else self.confdir.read
+        config = await anyio.to_thread.run_sync(read)
         return drift_report(
             config,
             self.served(state),
@@ -413,3 +432,17 @@ class XraySide:
             self.settings.port_range,
             self.server_reality(state),
         )
+
+
+def _confdir_status(confdir: ConfDir, keys: Collection[XrayKey]) -> dict[str, Any]:
+    """The status fields a confdir changes: inbounds counted in what Xray reads (the base and
+    every file of the directory), and the directory with its number of key files."""
+    try:
+        scan = confdir.scan()
+    except XrayError as exc:
+        return {"confdir": str(confdir.directory), "key_files": None, "error": str(exc)}
+    return {
+        **inbound_status(scan.merged(), keys),
+        "confdir": str(confdir.directory),
+        "key_files": len(scan.ours),
+    }

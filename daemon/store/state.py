@@ -46,14 +46,20 @@ from daemon.atomic import (
 )
 from daemon.bounds import (
     EARLIEST_MOMENT,
+    GROUP_PATTERN,
     LATEST_MOMENT,
+    MAX_CONNECTIONS,
     MAX_EPOCH,
     MAX_GENERATION,
+    MAX_GROUPS,
+    MAX_IPS,
     MAX_LIMIT_BYTES,
     MAX_PORT,
+    MAX_SPEED_BPS,
     MAX_U64,
     MAX_USAGE_BYTES,
     MIN_PORT,
+    MIN_SPEED_BPS,
 )
 from daemon.limits import ResetStrategy, Status
 from daemon.xray.model import check_inbound, check_short_id
@@ -82,6 +88,7 @@ class StorageError(Exception):
 KernelNumber = Annotated[int, Field(ge=0, le=MAX_U64)]
 UsageBytes = Annotated[int, Field(ge=0, le=MAX_USAGE_BYTES)]
 Moment = Annotated[AwareDatetime, Field(ge=EARLIEST_MOMENT, le=LATEST_MOMENT)]
+Group = Annotated[str, Field(pattern=GROUP_PATTERN)]  # a fleet group (README "Keys created once")
 
 
 def _private_key(text: str) -> str:
@@ -142,6 +149,10 @@ class KeyRecord(BaseModel):
     data_limit_bytes: int | None = Field(default=None, ge=0, le=MAX_LIMIT_BYTES)
     expire_at: Moment | None = None
     reset_strategy: ResetStrategy = ResetStrategy.NO_RESET
+    # Kernel limits (README "Speed, connection and device limits"); None: no limit.
+    speed_limit_bps: int | None = Field(default=None, ge=MIN_SPEED_BPS, le=MAX_SPEED_BPS)
+    max_connections: int | None = Field(default=None, ge=1, le=MAX_CONNECTIONS)
+    max_ips: int | None = Field(default=None, ge=1, le=MAX_IPS)
     next_reset_at: Moment | None = None
     last_reset_at: Moment | None = None
     epoch: int = Field(default=0, ge=0, le=MAX_EPOCH)  # resets so far
@@ -149,6 +160,10 @@ class KeyRecord(BaseModel):
     rx: DirectionModel = Field(default_factory=DirectionModel)
     tx: DirectionModel = Field(default_factory=DirectionModel)
     dropped: DirectionModel = Field(default_factory=DirectionModel)
+    # What the kernel refused (README "Speed, connection and device limits"): new connections
+    # over max_connections, packets of addresses over max_ips.
+    refused: DirectionModel = Field(default_factory=DirectionModel)
+    ip_refused: DirectionModel = Field(default_factory=DirectionModel)
     # Xray: REALITY short id(s), a per-key key pair when configured or migrated, the flow a
     # migrated client used, the unguessable subscription token, and where the key came from.
     short_id: ShortId = ""
@@ -157,6 +172,10 @@ class KeyRecord(BaseModel):
     flow: str | None = None
     sub_token: str = Field(default="", repr=False)
     migrated: bool = False
+    # Fleet (README "Keys created once"): the server groups that serve the key (none: every
+    # server), and whether the fleet database holds it (False: this server's own key).
+    groups: list[Group] = Field(default_factory=list, max_length=MAX_GROUPS)
+    fleet: bool = False
     # A migrated key's source inbound with its client alone (the id as the client had it):
     # the key's inbound repeats it except port and tag (README, section Xray).
     xray_inbound: dict[str, Any] | None = Field(default=None, repr=False)

@@ -60,6 +60,8 @@ export async function keys() {
     id: k.id, name: k.name, port: k.port, status: k.status,
     up: num(k.rx_bytes), down: num(k.tx_bytes),
     used: num(k.used_bytes), limit: k.data_limit_bytes ?? null,
+    speed: k.speed_limit_bps ?? null, maxConns: k.max_connections ?? null,
+    maxIps: k.max_ips ?? null, refused: num(k.refused_connections),
   }));
 }
 

@@ -169,6 +169,7 @@ function mergeUsers(keys, traffic, o) {
     const counted = traffic && traffic.perKey.get(key.name);
     rows.set(key.name, {
       id: key.id, name: key.name, port: key.port, status: key.status, limit: key.limit, used: key.used,
+      speed: key.speed, maxConns: key.maxConns, maxIps: key.maxIps, refused: key.refused,
       up: key.up, down: key.down, total: key.up + key.down,
       servers: 1, connections: counted ? counted.connections : null, lastUsed: undefined,
     });
@@ -221,6 +222,18 @@ function limitBar(user) {
     el("span", { class: "limit-text" }, `${displayBytes(user.used)} / ${displayBytes(user.limit)}`));
 }
 
+// Speed, connection and device limits (README "Speed, connection and device limits"): one line,
+// only for a key that has one.
+function kernelLimits(user) {
+  const parts = [];
+  if (user.speed) parts.push(`${user.speed / 1e6} Mbit/s`);
+  if (user.maxConns) parts.push(`${user.maxConns} conns`);
+  if (user.maxIps) parts.push(`${user.maxIps} IPs`);
+  if (!parts.length) return null;
+  if (user.refused) parts.push(`${user.refused} refused`);
+  return el("div", { class: "muted kernel-limits" }, parts.join(" · "));
+}
+
 function renderUsers() {
   const body = $("users-body");
   if (!page.users.length) {
@@ -245,7 +258,7 @@ function renderUsers() {
       el("td", { class: "num c-conn" }, user.connections ?? "–"),
       el("td", { class: "c-last" }, user.lastUsed === undefined
         ? el("span", { class: "muted" }, page.overviewOk ? "…" : "–") : ago(user.lastUsed)),
-      el("td", { class: "c-limit" }, limitBar(user)),
+      el("td", { class: "c-limit" }, limitBar(user), kernelLimits(user)),
     ));
     if (open) {
       rows.push(el("tr", { class: "details", "data-details": user.name },

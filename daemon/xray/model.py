@@ -24,6 +24,7 @@ Security = Literal["reality", "none"]
 Config = dict[str, Any]
 
 TAG_PREFIX = "inbound-"
+KEY_FILE_PREFIX = "pm-"  # key files in PORTMETER_XRAY_CONFDIR
 SHORT_ID = re.compile(r"^(?:[0-9a-f]{2}){0,8}\Z")  # \Z: no trailing newline
 HEX_GROUP = re.compile(rb"[0-9a-fA-F]+")
 
@@ -159,6 +160,17 @@ def check_inbound(inbound: object, uuid: str, key_id: str) -> None:
 
 
 # --- recognising portmeter inbounds --------------------------------------------------------
+
+
+def key_file_name(uuid: str) -> str:
+    """The file of a key's inbound in PORTMETER_XRAY_CONFDIR: named after its uuid, like its tag
+    (README "One file per key (PORTMETER_XRAY_CONFDIR)")."""
+    return f"{KEY_FILE_PREFIX}{uuid}.json"
+
+
+def is_key_file(name: str) -> bool:
+    """Whether a file name in PORTMETER_XRAY_CONFDIR is portmeter's (any pm-*.json)."""
+    return name.startswith(KEY_FILE_PREFIX) and name.endswith(".json")
 
 
 def inbound_tag(uuid: str) -> str:

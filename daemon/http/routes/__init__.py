@@ -14,6 +14,7 @@ from fastapi import Depends, Request
 
 from daemon.service import Service
 from daemon.store.history import History
+from daemon.store.reported import Reported
 
 
 async def service_of(request: Request) -> Service:
@@ -28,5 +29,12 @@ async def history_of(request: Request) -> History:
     return history
 
 
+async def reported_of(request: Request) -> Reported:
+    """Other servers' usage: the fleet database when one is set, else the history."""
+    reported: Reported = request.app.state.reported
+    return reported
+
+
 ServiceDep = Annotated[Service, Depends(service_of)]
+ReportedDep = Annotated[Reported, Depends(reported_of)]
 HistoryDep = Annotated[History, Depends(history_of)]

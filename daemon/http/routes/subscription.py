@@ -36,6 +36,9 @@ async def key_link(key_id: KeyRef, service: ServiceDep) -> dict[str, Any]:
 async def subscription(
     token: Annotated[str, PathParam(max_length=64)], service: ServiceDep
 ) -> PlainTextResponse:
+    fleet = service.fleet_keys  # a link per server of the fleet (README "Keys created once")
+    if fleet is not None and (found := await fleet.subscription(token)) is not None:
+        return PlainTextResponse(found.body, headers={"subscription-userinfo": found.userinfo})
     for key in service.keys_by_port():
         if key.sub_token and hmac.compare_digest(key.sub_token.encode(), token.encode()):
             link = service.link(key) if key.status is Status.ACTIVE else None

@@ -1,5 +1,6 @@
 """Traffic as the kernel counted it: every key's (paged), one key's, a key's reset, and the
-server's summary. Counters are read at request time, so each answer is exact to that moment.
+server's summary. Counters are read at request time, so each answer is exact to that moment;
+established connections are the last poll's count, with its time (`connections_at`).
 
 `summary` is a router of its own because the OpenAPI document lists its path last.
 """
@@ -19,7 +20,7 @@ from daemon.errors import OperationError
 from daemon.http.answers import traffic_object
 from daemon.http.routes import ServiceDep
 from daemon.http.schemas import ERROR_RESPONSES, KeyRef
-from daemon.service import Service
+from daemon.service import Established, Service
 from daemon.store.state import KeyRecord
 from daemon.units import human_bytes
 
@@ -39,22 +40,15 @@ async def interface_summary(service: Service) -> tuple[dict[str, dict[str, int]]
 
 @dataclass
 class HostFacts:
-    """Established connections per port and interface counters, for the traffic answers."""
+    """Established connections per port (the last poll's) and interface counters, for the
+    traffic answers."""
 
-    connections: dict[int, int] = field(default_factory=dict)
+    connections: Established = field(default_factory=Established)
     interfaces: dict[str, dict[str, int]] = field(default_factory=dict)
     interface_total: int = 0
 
     async def gather(self, service: Service) -> None:
-        """Both at once: counting connections walks the kernel's whole TCP table (~8 ms here)."""
-        async with anyio.create_task_group() as group:
-            group.start_soon(self._connections, service)
-            group.start_soon(self._interfaces, service)
-
-    async def _connections(self, service: Service) -> None:
         self.connections = await service.connections()
-
-    async def _interfaces(self, service: Service) -> None:
         self.interfaces, self.interface_total = await interface_summary(service)
 
 
@@ -106,7 +100,7 @@ async def all_traffic(
             "port": k.port,
             "key_id": k.id,
             "key_name": k.name,
-            "traffic": traffic_object(k, connections.get(k.port, 0), moment),
+            "traffic": traffic_object(k, connections, moment),
             "error": service.key_error(k.id),  # this key's failed kernel step, if any
         }
         for k in keys
@@ -119,11 +113,12 @@ async def all_traffic(
             "limit": limit,
             "ports_traffic": per_key,
             "total_traffic": sum(k.rx.bytes + k.tx.bytes for k in keys),
-            "total_connections": sum(connections.get(k.port, 0) for k in keys),
+            "total_connections": connections.total(k.port for k in keys),
+            "connections_at": connections.stamp(),
         },
         "system_summary": {
             "total_system_traffic": facts.interface_total,
-            "active_ports": sum(1 for k in keys if connections.get(k.port, 0)),
+            "active_ports": sum(1 for k in keys if connections.count(k.port)),
             "interface_summary": facts.interfaces,
         },
         "source": "nftables",
@@ -134,7 +129,7 @@ async def all_traffic(
 @router.get("/api/keys/{key_id}/traffic/port/exact")
 async def key_traffic(key_id: KeyRef, service: ServiceDep) -> dict[str, Any]:
     (key,), facts = await read_with_host_facts(service, service.refresh_keys([key_id]))
-    result = traffic_object(key, facts.connections.get(key.port, 0), int(time.time()))
+    result = traffic_object(key, facts.connections, int(time.time()))
     result["error"] = service.key_error(key.id)  # this key's failed kernel step, if any
     result["interface_traffic"] = facts.interfaces
     result["total_interface_traffic"] = facts.interface_total
@@ -144,7 +139,7 @@ async def key_traffic(key_id: KeyRef, service: ServiceDep) -> dict[str, Any]:
 @router.post("/api/keys/{key_id}/traffic/port/reset")
 async def reset_key_traffic(key_id: KeyRef, service: ServiceDep) -> dict[str, Any]:
     key = await service.reset_traffic(key_id)
-    return traffic_object(key, 0, int(time.time()))
+    return traffic_object(key, await service.connections(), int(time.time()))
 
 
 @summary.get("/api/system/traffic/summary")

@@ -4,9 +4,10 @@ other servers reported.
 A user is a key name here, and the `user_token` of fleet reports. bytes_uploaded is client ->
 server (a key's rx), bytes_downloaded server -> client (tx). Local totals are the key's current
 totals (since its last reset) read from the kernel at request time; reported totals are the sums
-of the reports received since the user's last reset. History (series, last used) comes from
-daemon.store.history. Thin, like the other routes: validate, call, shape; errors are JSON
-{"detail"} 4xx.
+of the reports received since the user's last reset. Local history (series, last used) comes
+from daemon.store.history; other servers' usage from a `Reported` store: the same history, or
+the fleet database when PORTMETER_FLEET_DSN is set (README "A fleet in PostgreSQL"). Thin,
+like the other routes: validate, call, shape; errors are JSON {"detail"} 4xx.
 
 Authentication: on the Unix socket, its file permissions are the authentication; on the TCP
 listener every route needs an API key, and a report key opens the webhook alone
@@ -26,10 +27,11 @@ import anyio
 from fastapi import APIRouter, Body, Depends
 
 from daemon.errors import Invalid, NotFound, StorageFull, StoreUnavailable
-from daemon.http.routes import HistoryDep, ServiceDep
+from daemon.http.routes import HistoryDep, ReportedDep, ServiceDep
 from daemon.http.schemas import ERROR_RESPONSES, Username, parse_reports
-from daemon.service import Service
+from daemon.service import Established, Service
 from daemon.store.history import History, ReportRefused, ServerUsage, days_back, hours_back
+from daemon.store.reported import Reported, ReportedDetail
 from daemon.store.state import KeyRecord, now
 from daemon.store.usage import SinkError
 from daemon.units import human_bytes, iso
@@ -43,8 +45,8 @@ router = APIRouter(responses=ERROR_RESPONSES)
 
 @contextlib.contextmanager
 def storage() -> Iterator[None]:
-    """History failures as answers: 507 only for a full disk, 503 otherwise, 422 for a report
-    past its bound."""
+    """Store failures as answers: 507 only for a full disk, 503 otherwise (the fleet database
+    unusable: daemon/fleet/reads.py), 422 for a report past its bound."""
     try:
         yield
     except SinkError as exc:
@@ -84,6 +86,7 @@ def _reported_entry(usage: ServerUsage) -> dict[str, Any]:
         **_sums(usage.bytes_uploaded, usage.bytes_downloaded),
         "reports": usage.reports,
         "connections": None,
+        "connections_at": None,
         "last_used": iso(usage.last_seen),
         "first_seen": iso(usage.first_seen),
         "status": None,
@@ -93,26 +96,34 @@ def _reported_entry(usage: ServerUsage) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Users:
-    """Users as the answers see them: local keys (the service) and reports (the history), with
-    this server's name in usage answers."""
+    """Users as the answers see them: local keys (the service, their history) and other
+    servers' usage (`reported`), with this server's name in usage answers."""
 
     service: Service
     history: History
+    reported: Reported
     server: str
 
-    def lookup(self, username: str) -> tuple[list[KeyRecord], list[ServerUsage]]:
+    async def local_keys(self, username: str, *, save: bool = False) -> list[KeyRecord]:
+        """The user's keys here (by port), only their counters read now: the cost does not grow
+        with the number of keys. `save`: what moved is saved, so the history holds it too."""
+        ids = [k.id for k in self.service.keys_named(username)]
+        if not ids:
+            return []
+        return await self.service.refresh_keys(ids, skip_missing=True, save=save)
+
+    async def lookup(self, username: str) -> tuple[list[KeyRecord], list[ServerUsage]]:
         """The user's keys here (by port) and reports from elsewhere; 404 if neither exists."""
-        keys = [k for k in self.service.keys_by_port() if k.name == username]
+        keys = await self.local_keys(username)
         with storage():
-            reported = self.history.reported(username)
-        if not keys and not reported:
-            raise NotFound(f"no key named {username!r} and no reports for user {username!r}")
+            reported = await self.reported.reported(username)
+        known(username, keys, reported)
         return keys, reported
 
     def server_count(self, keys: list[KeyRecord], reported: list[ServerUsage]) -> int:
         return len(({self.server} if keys else set()) | {r.server for r in reported})
 
-    def local_entry(self, key: KeyRecord, connections: dict[int, int]) -> dict[str, Any]:
+    def local_entry(self, key: KeyRecord, connections: Established) -> dict[str, Any]:
         """One of the user's keys here."""
         limit = key.data_limit_bytes
         with storage():
@@ -125,7 +136,8 @@ class Users:
             "port": key.port,
             "protocol": "vless",
             **_sums(key.rx.bytes, key.tx.bytes),
-            "connections": connections.get(key.port, 0),
+            "connections": connections.count(key.port),
+            "connections_at": connections.stamp(),
             "last_used": iso(last_used),
             "status": key.status.value,
             "data_limit_bytes": limit,
@@ -136,8 +148,14 @@ class Users:
         }
 
 
-async def users_of(service: ServiceDep, history: HistoryDep) -> Users:
-    return Users(service, history, service.server_label())
+def known(username: str, keys: list[KeyRecord], reported: list[ServerUsage]) -> None:
+    """404 for a user with neither a key here nor usage reported from elsewhere."""
+    if not keys and not reported:
+        raise NotFound(f"no key named {username!r} and no reports for user {username!r}")
+
+
+async def users_of(service: ServiceDep, history: HistoryDep, reported: ReportedDep) -> Users:
+    return Users(service, history, reported, service.server_label())
 
 
 UsersDep = Annotated[Users, Depends(users_of)]
@@ -168,7 +186,7 @@ def _local_series(
     users: Users,
     window: Window,
     key: KeyRecord,
-    connections: dict[int, int],
+    connections: Established,
     totals: tuple[Points, Points],
 ) -> dict[str, Any]:
     history, until = users.history, window.until
@@ -182,28 +200,19 @@ def _local_series(
 
 
 def _reported_series(
-    history: History,
-    window: Window,
-    username: str,
-    usage: ServerUsage,
-    totals: tuple[Points, Points],
+    window: Window, detail: ReportedDetail, usage: ServerUsage, totals: tuple[Points, Points]
 ) -> dict[str, Any]:
-    hourly = {
-        b.start: (b.bytes_uploaded, b.bytes_downloaded)
-        for b in history.reported_hourly(username, window.hours[0], window.until, usage.server)
-    }
-    daily = {
-        b.start: (b.bytes_uploaded, b.bytes_downloaded)
-        for b in history.reported_daily(username, window.days[0], window.until, usage.server)
-    }
+    hourly, daily = (
+        {b.start: (b.bytes_uploaded, b.bytes_downloaded) for b in series.get(usage.server, [])}
+        for series in (detail.hourly, detail.daily)
+    )
     return window.entry(_reported_entry(usage), hourly, daily, totals)
 
 
 @router.get("/api/admin/usage/{username}")
 async def user_usage(username: Username, service: ServiceDep, users: UsersDep) -> dict[str, Any]:
-    await service.refresh()
-    keys, reported = users.lookup(username)
-    connections = await service.connections() if keys else {}
+    keys, reported = await users.lookup(username)
+    connections = await service.connections()
     local_up = sum(k.rx.bytes for k in keys)
     local_down = sum(k.tx.bytes for k in keys)
     up = local_up + sum(r.bytes_uploaded for r in reported)
@@ -228,28 +237,32 @@ async def user_usage(username: Username, service: ServiceDep, users: UsersDep) -
 async def user_usage_detailed(
     username: Username, service: ServiceDep, users: UsersDep
 ) -> dict[str, Any]:
-    # poll_once also saves, so the history (series, last used) holds every byte counted so far.
-    await service.poll_once()
-    keys, reported = users.lookup(username)
-    connections = await service.connections() if keys else {}
+    # Saved once read, so the history (series, last used) holds every byte counted so far.
+    keys = await users.local_keys(username, save=True)
     window = Window.ending(now())
+    with storage():
+        detail = await users.reported.reported_detail(
+            username, window.hours[0], window.days[0], window.until
+        )
+    reported = detail.usage
+    known(username, keys, reported)
+    connections = await service.connections()
     totals: tuple[Points, Points] = ({}, {})
-    history = users.history
     with storage():
         servers = [_local_series(users, window, k, connections, totals) for k in keys]
-        servers += [_reported_series(history, window, username, r, totals) for r in reported]
-        reports_reset_at = history.reports_reset_at(username)
+    servers += [_reported_series(window, detail, usage, totals) for usage in reported]
     up = sum(s["bytes_uploaded"] for s in servers)
     down = sum(s["bytes_downloaded"] for s in servers)
     return {
         "username": username,
         **_sums(up, down),
         "server_count": users.server_count(keys, reported),
-        "connections": sum(connections.get(k.port, 0) for k in keys),
+        "connections": connections.total(k.port for k in keys),
+        "connections_at": connections.stamp(),
         "servers": servers,
         "hourly": _series(window.hours, totals[0]),
         "daily": _series(window.days, totals[1]),
-        "reports_reset_at": iso(reports_reset_at),
+        "reports_reset_at": iso(detail.reset_at),
         "timestamp": int(time.time()),
     }
 
@@ -258,7 +271,7 @@ async def user_usage_detailed(
 async def user_usage_reset(
     username: Username, service: ServiceDep, users: UsersDep
 ) -> dict[str, Any]:
-    keys, _ = users.lookup(username)
+    keys, _ = await users.lookup(username)
     local = []
     for key in keys:
         done = await service.reset_traffic(key.id)
@@ -271,7 +284,7 @@ async def user_usage_reset(
             }
         )
     with storage():
-        reported = users.history.reset_reports(username)
+        reported = await users.reported.reset_reports(username)
     return {
         "username": username,
         "local": local,
@@ -282,15 +295,15 @@ async def user_usage_reset(
 
 
 @router.post("/api/admin/usage/reset")
-async def usage_reset_all(service: ServiceDep, history: HistoryDep) -> dict[str, Any]:
+async def usage_reset_all(service: ServiceDep, reported: ReportedDep) -> dict[str, Any]:
     """Every user: local counters and reported totals to zero; the history is kept."""
     keys = service.keys_by_port()
     for key in keys:
         await service.reset_traffic(key.id)
     with storage():
-        reported_users = history.reported_users()
+        reported_users = await reported.reported_users()
         for name in reported_users:
-            history.reset_reports(name)
+            await reported.reset_reports(name)
     users = sorted({k.name for k in keys} | set(reported_users))
     return {
         "users_reset": users,
@@ -346,11 +359,10 @@ async def usage_overview(service: ServiceDep, users: UsersDep) -> dict[str, Any]
     await service.refresh()
     connections = await service.connections()
     keys = service.keys_by_port()
-    history = users.history
     with storage():
-        reported_users = history.reported_users()
-        reported = history.reported_stats()
-        database = history.stats()
+        reported_users = await users.reported.reported_users()
+        reported = await users.reported.reported_stats()
+        database = users.history.stats()
     local_up = sum(k.rx.bytes for k in keys)
     local_down = sum(k.tx.bytes for k in keys)
     up, down = local_up + reported["bytes_uploaded"], local_down + reported["bytes_downloaded"]
@@ -362,7 +374,8 @@ async def usage_overview(service: ServiceDep, users: UsersDep) -> dict[str, Any]
         "traffic_used_formatted": human_bytes(up + down),
         "bytes_uploaded": up,
         "bytes_downloaded": down,
-        "total_connections": sum(connections.get(k.port, 0) for k in keys),
+        "total_connections": connections.total(k.port for k in keys),
+        "connections_at": connections.stamp(),
         "local": {
             "server": users.server,
             "keys": len(keys),
@@ -398,11 +411,24 @@ async def usage_cleanup(history: HistoryDep) -> dict[str, Any]:
 
 @router.post("/api/traffic/webhook")
 async def traffic_webhook(
-    body: Annotated[Any, Body()], service: ServiceDep, history: HistoryDep
+    body: Annotated[Any, Body()], service: ServiceDep, reported: ReportedDep
 ) -> dict[str, Any]:
+    return await _intake(body, service, reported)
+
+
+@router.post("/api/xpert/traffic-webhook")
+async def xpert_traffic_webhook(
+    body: Annotated[Any, Body()], service: ServiceDep, reported: ReportedDep
+) -> dict[str, Any]:
+    """Seed 004's path for servers that already speak its format: the same body, the same
+    report-id dedupe, the same store as /api/traffic/webhook."""
+    return await _intake(body, service, reported)
+
+
+async def _intake(body: Any, service: Service, reported: Reported) -> dict[str, Any]:
     reports = parse_reports(body, service.own_server_names())
     with storage():
-        fresh = history.record_reports(r.fleet_report() for r in reports)
+        fresh = await reported.record_reports([r.fleet_report() for r in reports])
     return {
         "received": len(reports),
         "accepted": sum(fresh),

@@ -1,0 +1,173 @@
+"""The one owner of the fleet database connection (PostgreSQL, psycopg 3 and its async pool).
+
+A node never waits for the database: start-up, counting, enforcing and key operations go on
+without it. `FleetDB.run` opens the pool and migrates the schema in the background, retrying with
+backoff, and keeps `status` current so `portmeter fleet status` can say why the database is not
+in use. Users of the database take a connection with `connection()`, which fails at once with
+FleetUnavailable (and the reason) while the database is unreachable, instead of blocking.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import anyio
+import psycopg
+import psycopg_pool
+import structlog
+from psycopg import AsyncConnection
+from psycopg.conninfo import conninfo_to_dict
+
+from daemon.fleet.schema import SchemaTooNew, migrate
+from daemon.store.state import now
+
+Log = structlog.typing.FilteringBoundLogger
+CONNECT_TIMEOUT = 5  # seconds for one connection attempt: a down database is noticed fast
+MAX_BACKOFF = 30.0
+POOL_SIZE = 4
+PROBE_INTERVAL = 1.0  # seconds between attempts to use a database known to be down
+
+
+class FleetUnavailable(Exception):
+    """The fleet database cannot be used now; the message says why (for 503 answers)."""
+
+
+@dataclass
+class FleetStatus:
+    """What the node knows of the database, for `portmeter fleet status` and the logs."""
+
+    configured: bool
+    reachable: bool = False
+    schema_version: int | None = None
+    error: str | None = None
+    since: datetime | None = None  # when `reachable` last changed
+
+
+def dsn_problem(dsn: str) -> str | None:
+    """Why a libpq connection string cannot be used, or None (checked without connecting)."""
+    try:
+        conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError as exc:
+        return f"PORTMETER_FLEET_DSN is not a valid libpq connection string: {_first_line(exc)}"
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One readable line for a database failure (libpq's first line, never a password)."""
+    if isinstance(exc, SchemaTooNew):
+        return str(exc)
+    return f"fleet database: {_first_line(exc)}"
+
+
+class FleetDB:
+    """The pool, the schema check and the reachability the rest of the fleet side relies on."""
+
+    def __init__(self, dsn: str, log: Log) -> None:
+        self.dsn = dsn
+        self.log = log
+        self.status = FleetStatus(configured=True)
+        self._pool: psycopg_pool.AsyncConnectionPool[AsyncConnection[Any]] | None = None
+        self._ready = anyio.Event()
+        self._probing = False  # a connection attempt is finding out whether the database is back
+        self._probe_after = 0.0  # monotonic time before which a down database is not tried
+
+    async def run(self) -> None:
+        """Connect and migrate in the background until it works; a bad DSN or a schema from a
+        newer portmeter stops trying (retrying cannot help), anything else retries with backoff."""
+        problem = dsn_problem(self.dsn)
+        if problem:
+            self._unreachable(problem, final=True)
+            return
+        backoff = 1.0
+        while not self._ready.is_set():
+            try:
+                await self._open()
+            except SchemaTooNew as exc:
+                self._unreachable(str(exc), final=True)
+                return
+            except (psycopg.Error, OSError) as exc:
+                self._unreachable(describe_failure(exc))
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+
+    async def _open(self) -> None:
+        async with await AsyncConnection.connect(
+            self.dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT
+        ) as conn:
+            version = await migrate(conn)
+        self._pool = psycopg_pool.AsyncConnectionPool(
+            self.dsn,
+            min_size=1,
+            max_size=POOL_SIZE,
+            open=False,
+            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT},
+            check=psycopg_pool.AsyncConnectionPool.check_connection,
+            # The pool's reconnection backs off exponentially until it gives up; given up, the
+            # next request tries at once. Short, so a database that is back is used in seconds.
+            reconnect_timeout=2 * CONNECT_TIMEOUT,
+            name="portmeter-fleet",
+        )
+        await self._pool.open(wait=False)
+        self.status.schema_version = version
+        self._reachable()
+        self._ready.set()
+
+    async def wait_ready(self) -> None:
+        await self._ready.wait()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[AsyncConnection[Any]]:
+        """A pooled connection (autocommit: use `conn.transaction()` for several statements).
+        FleetUnavailable at once while the database is not in use; a connection failure marks
+        it unreachable until a query succeeds again."""
+        if self._pool is None:
+            raise FleetUnavailable(self.status.error or "fleet database: not connected yet")
+        if not self.status.reachable and (self._probing or time.monotonic() < self._probe_after):
+            # Known down: answer at once; one caller at a time (and at most one a PROBE_INTERVAL)
+            # pays the wait that finds out whether it is back.
+            raise FleetUnavailable(self.status.error or "fleet database: unreachable")
+        self._probing = not self.status.reachable
+        try:
+            async with self._pool.connection(timeout=CONNECT_TIMEOUT) as conn:
+                yield conn
+        except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
+            reason = describe_failure(exc)
+            self._unreachable(reason)
+            raise FleetUnavailable(reason) from None
+        finally:
+            self._probing = False
+        self._reachable()
+
+    def _reachable(self) -> None:
+        if not self.status.reachable:
+            self.status.reachable, self.status.error, self.status.since = True, None, now()
+            self.log.info("fleet_db_reachable", schema_version=self.status.schema_version)
+
+    def _unreachable(self, reason: str, final: bool = False) -> None:
+        if self.status.reachable or self.status.error != reason:
+            self.log.error(
+                "fleet_db_unreachable",
+                error=reason,
+                remedy="counting and enforcing go on locally; "
+                + ("fix the setting and restart" if final else "retrying"),
+            )
+        self.status.reachable, self.status.error, self.status.since = False, reason, now()
+        self._probe_after = time.monotonic() + PROBE_INTERVAL
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()

@@ -1,0 +1,132 @@
+"""Limits that count every server of a fleet, and resets that reach every server (README "A fleet
+in PostgreSQL", "Fleet limits and reads").
+
+`RemoteLimits` reads, for the names of this node's keys, what the other servers counted since
+the name's last reset (`totals`) and that reset's moment (`users.reset_at`), after every delivery
+and every poll interval, and hands both to the service: a key's kernel quota becomes its limit
+minus the others' usage, and a key reset elsewhere after its own last reset is reset here. While
+the database is unusable the last figures stay in force. `FleetResets` puts a reset made here
+(API, CLI, page, periodic) into the fleet outbox, after the generation holding the usage before
+it, so the ledger drops exactly what was counted before the reset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Coroutine
+from datetime import datetime
+from typing import Any
+
+import anyio
+import psycopg
+import structlog
+
+from daemon.atomic import failure_reason
+from daemon.fleet.db import FleetDB, FleetUnavailable, describe_failure
+from daemon.fleet.delivery import FleetNode
+from daemon.fleet.reads import FleetReads
+from daemon.fleet.retention import retention_loop
+from daemon.fleet.schema import SCHEMA
+from daemon.service import Service
+from daemon.store.outbox import Outbox
+from daemon.store.state import KeyRecord, now
+
+Log = structlog.typing.FilteringBoundLogger
+
+REMOTE = f"""
+SELECT n.name,
+       (SELECT coalesce(sum(t.rx_bytes + t.tx_bytes), 0) FROM {SCHEMA}.totals t
+        WHERE t.name = n.name AND t.server <> %s),
+       (SELECT u.reset_at FROM {SCHEMA}.users u WHERE u.name = n.name AND u.reset_at > '-infinity')
+FROM unnest(%s::text[]) AS n(name)
+"""
+
+
+class FleetResets:
+    """Resets made on this node, queued for the fleet as messages of their own."""
+
+    def __init__(self, outbox: Outbox, log: Log) -> None:
+        self.outbox = outbox
+        self.log = log
+
+    def put(self, name: str, at: datetime, generation: int) -> None:
+        """Queue `name`'s reset at `at`, delivered after generation `generation`'s usage (a
+        stem sorting right after it: `~` follows `.`). At whole seconds, as deltas carry them.
+        A reset that cannot be queued stays this node's alone, and says so."""
+        digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+        moment = at.replace(microsecond=0).isoformat()
+        try:
+            self.outbox.put(
+                {"resets": [{"name": name, "at": moment}]}, name=f"{generation:012d}~reset-{digest}"
+            )
+        except OSError as exc:
+            self.log.error(
+                "fleet_reset_not_queued",
+                name=name,
+                error=failure_reason(exc),
+                remedy="reset the key again once the disk has room",
+            )
+
+    def key_reset(self, key: KeyRecord, generation: int) -> None:
+        """The service's hook: one of its keys was reset here."""
+        self.put(key.name, key.last_reset_at or now(), generation)
+
+
+class RemoteLimits:
+    """Keeps the service's view of the other servers' usage and resets current."""
+
+    def __init__(
+        self, db: FleetDB, service: Service, server: str, interval: float, log: Log
+    ) -> None:
+        self.db = db
+        self.service = service
+        self.server = server
+        self.interval = interval
+        self.log = log
+        self._lock = anyio.Lock()
+
+    async def refresh(self) -> None:
+        """Read the figures for every local key's name and settle the keys they moved."""
+        names = sorted({key.name for key in self.service.keys_by_port()})
+        if not names:
+            return
+        async with self._lock:
+            try:
+                async with self.db.connection() as conn:
+                    cursor = await conn.execute(REMOTE, (self.server, names))
+                    rows = await cursor.fetchall()
+            except FleetUnavailable:
+                return  # the last figures stay in force; the database's state is logged there
+            except psycopg.Error as exc:
+                self.log.error("fleet_limits_failed", error=describe_failure(exc))
+                return
+            remote = {name: int(used) for name, used, _ in rows if used}
+            resets = {name: at for name, _, at in rows if at is not None}
+            await self.service.settle_remote(remote, resets)
+
+    async def run(self) -> None:
+        """At least every interval (and after every delivery, by the delivery's hook)."""
+        await self.db.wait_ready()
+        while True:
+            await self.refresh()
+            await anyio.sleep(self.interval)
+
+
+def attach(service: Service, node: FleetNode, log: Log) -> Callable[[], Coroutine[Any, Any, None]]:
+    """Give the service the fleet's reads, limits and resets; what to run in the daemon's task
+    group (the limits at every poll interval and after each delivery, the retention hourly)."""
+    server, settings = service.settings.server_name, service.settings
+    resets = FleetResets(node.delivery.outbox, log)
+    service.settler.on_reset = resets.key_reset
+    service.fleet_reads = FleetReads(
+        node.db, server, lambda name, at: resets.put(name, at, service.state.generation)
+    )
+    remote = RemoteLimits(node.db, service, server, settings.poll_interval, log)
+    node.delivery.on_delivered.append(remote.refresh)
+
+    async def run() -> None:
+        async with anyio.create_task_group() as group:
+            group.start_soon(remote.run)
+            group.start_soon(retention_loop, node.db, settings.history_retention_days, log)
+
+    return run
