@@ -35,7 +35,7 @@ from bench.common import (
     scratch,
 )
 from tests.conftest import REPO
-from tests.netlab import SERVER_V4, Lab, lab, unique_name
+from tests.netlab import Lab, iperf_client, lab, unique_name
 
 SETUPS = ("no table", "portmeter", "rule per port")
 UDP_RATE, UDP_LENGTH = "2G", 1400
@@ -129,21 +129,7 @@ def iperf_server(net: Lab, port: int) -> Iterator[None]:
 
 def iperf(net: Lab, port: int, seconds: int, *udp: str) -> dict[str, float]:
     """One iperf3 client run from the client namespace; the receiver's summary."""
-    args = [
-        "ip",
-        "netns",
-        "exec",
-        net.client,
-        "iperf3",
-        "-c",
-        SERVER_V4,
-        "-p",
-        str(port),
-        "-t",
-        str(seconds),
-        "-J",
-        *udp,
-    ]
+    args = iperf_client(net, port, seconds, *udp)
     for attempt in range(5):  # the server may be busy finishing the previous test
         done = subprocess.run(
             args, check=False, capture_output=True, text=True, timeout=seconds + 60

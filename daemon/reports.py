@@ -6,11 +6,15 @@ deliverable message and removes it only after the receiver answered 2xx (at-leas
 with exponential backoff, across restarts). Without a receiver URL nothing is queued. Webhook
 bodies carry an HMAC-SHA256 signature; fleet reports carry the collector's API key.
 
-Fleet reports are a usage sink: the batch for state generation g is staged as `g.staged`
-before the state is saved and becomes deliverable (`g.json`) once it is; a batch staged for a
-generation the state never reached is deleted at start. So the collector receives exactly the
-usage the state file holds, and duplicates (a retry after a lost answer) carry the same report
-ids, which the collector ignores.
+Fleet reports are a usage sink: the batch for state generation g is staged as
+`g-instance.staged` (g in 12 digits, the state line's instance beside it, so the files of a line
+before `portmeter state restore` never meet those of the next) before the state is saved and
+becomes deliverable (`.json`) once it is; a batch staged for a generation the state never reached
+is deleted at start. So the collector receives exactly the usage the state file holds, and
+duplicates (a retry after a lost answer) carry the same report ids, which the collector ignores.
+For the fleet database a message also carries its dedupe id (`message_id`), and resets go as
+messages of their own named `g~reset-...`, sorting after generation g's usage; a periodic reset
+is staged with the generation whose save holds the usage before it, released with it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
+import secrets
+import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -128,12 +135,29 @@ class FleetReports:
         # and the packets, which the report intake (unknown fields refused) does not take.
         self.extended = extended
 
+        self._resets: list[str] = []  # staged reset messages, oldest first, until released
+
+    def _stem(self, generation: int) -> str:
+        return f"{generation:012d}-{self.instance}"
+
     def recover(self, committed: int) -> None:
         for name in self.outbox.staged():
-            if int(name) > committed:
+            generation = generation_of(name)
+            if generation is None or generation > committed:
                 self.outbox.discard(name)
             else:
                 self.outbox.release(name)
+
+    def put_resets(self, resets: list[dict[str, str]], generation: int, staged: bool) -> None:
+        """Queue resets as one message after generation `generation`'s usage (`~` sorts after
+        `-`; the moment in nanoseconds and a random part keep two at one generation apart).
+        `staged`: that generation is not saved yet, the message waits for its commit. Raises
+        OSError."""
+        stem = f"{generation:012d}~reset-{time.time_ns():020d}-{secrets.token_hex(4)}"
+        message = {"message_id": f"{self.server}:{self.instance}:{stem}", "resets": resets}
+        self.outbox.put(message, name=stem, staged=staged)
+        if staged:
+            self._resets.append(stem)
 
     def stage(self, generation: int, at: datetime, deltas: Sequence[UsageDelta]) -> None:
         reports = [
@@ -150,8 +174,11 @@ class FleetReports:
             }
             for d in deltas
         ]
+        message: dict[str, Any] = {"reports": reports}
+        if self.extended:
+            message["message_id"] = f"{self.server}:{self.instance}:{generation:012d}"
         try:
-            self.outbox.put({"reports": reports}, name=f"{generation:012d}", staged=True)
+            self.outbox.put(message, name=self._stem(generation), staged=True)
         except OSError as exc:
             raise SinkError(
                 f"cannot stage fleet report: {failure_reason(exc)}", disk_full=disk_full(exc)
@@ -168,10 +195,27 @@ class FleetReports:
         }
 
     def commit(self, generation: int) -> None:
-        self.outbox.release(f"{generation:012d}")
+        """The usage first, then the resets that follow it (a delivery that sees a reset sees
+        the usage before it). A reset staged for a save that failed waits for the next one: the
+        reset stays made in memory, and a start discards it with the unsaved generation."""
+        self.outbox.release(self._stem(generation))
+        waiting = []
+        for stem in self._resets:
+            if (generation_of(stem) or 0) <= generation:
+                self.outbox.release(stem)
+            else:
+                waiting.append(stem)
+        self._resets = waiting
 
     def rollback(self, generation: int) -> None:
-        self.outbox.discard(f"{generation:012d}")
+        self.outbox.discard(self._stem(generation))
+
+
+def generation_of(stem: str) -> int | None:
+    """The generation a reports outbox file belongs to: its leading digits (files of older
+    versions are named by the generation alone); None for a name this outbox never wrote."""
+    found = re.match(r"[0-9]{1,20}", stem)
+    return int(found.group()) if found else None
 
 
 def fleet_outbox(

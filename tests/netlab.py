@@ -110,3 +110,11 @@ def lab() -> Iterator[Lab]:
     finally:
         for ns in (server, client):
             sh("ip", "netns", "del", ns, check=False)
+
+
+def iperf_client(net: Lab, port: int, seconds: int, *extra: str) -> list[str]:
+    """An iperf3 client in the lab's client namespace against the server address, JSON output."""
+    return [
+        "ip", "netns", "exec", net.client, "iperf3", "-c", SERVER_V4, "-p", str(port),
+        "-t", str(seconds), "-J", *extra,
+    ]

@@ -11,14 +11,20 @@ import base64
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 from urllib.parse import urlsplit
 
-from daemon.fleet.keys import differences, row_of, serves, userinfo
+import anyio
+import structlog
+
+from daemon.fleet.db import FleetDB
+from daemon.fleet.keys import FleetKeys, differences, row_of, serves, userinfo
+from daemon.service import Service
 from daemon.store.state import KeyRecord
 from tests.conftest import Daemon, fresh_port_range
 from tests.inprocess import InProcessDaemon
@@ -26,6 +32,7 @@ from tests.netlab import SERVER_V4, Lab, lab, sh, wait_for
 from tests.pgserver import Cluster, Database
 from tests.test_limits import WIRE, Receiver
 
+LOG = structlog.get_logger()
 PROPAGATION = 1.0  # seconds: every other node applies a change within this (issue 13)
 
 
@@ -257,21 +264,71 @@ def test_database_down_local_reads_work_fleet_operations_503_local_works(
         assert fleet_db.sql("SELECT name FROM portmeter.keys") == "dave"
 
 
-def test_a_create_that_fails_after_the_database_write_leaves_no_row(
+def test_a_create_that_fails_here_never_reaches_the_database(
     fleet_db: Database, workdir: Path
 ) -> None:
     with fleet(fleet_db, workdir, count=2) as (a, b):
-        config = a.daemon.xray_config
-        config.unlink(missing_ok=True)
-        config.mkdir(parents=True)  # Xray's config cannot be written: fails after the row
+        before = settings_of(a)
+        break_xray(a)
         answer = a.daemon.http.request("POST", "/api/keys", json={"name": "nora"})
         assert answer.status_code == 503, answer.text
-        # The row was written (its version drawn), then taken back when Xray's step failed.
-        assert fleet_db.sql("SELECT is_called FROM portmeter.key_versions") == "t"
+        # The database is written last: no row was ever written (no version drawn), so no node
+        # was notified of a key that was then taken back.
+        assert fleet_db.sql("SELECT is_called FROM portmeter.key_versions") == "f"
         assert fleet_db.sql("SELECT count(*) FROM portmeter.keys") == "0"
         assert not a.has("nora") and "rx_" not in a.counters()
-        time.sleep(1.5)  # a poll interval: B follows the database, which never kept it
+        assert settings_of(a) == before
+        time.sleep(1.5)  # a poll interval: B follows the database, which never had it
         assert not b.has("nora")
+
+
+def break_xray(node: Node) -> None:
+    """Xray's config cannot be written: an operation fails after its kernel steps."""
+    config = node.daemon.xray_config
+    config.unlink(missing_ok=True)
+    config.mkdir(parents=True)
+
+
+def test_a_delete_that_fails_here_never_takes_the_key_from_the_others(
+    fleet_db: Database, workdir: Path
+) -> None:
+    with fleet(fleet_db, workdir, count=2) as (a, b):
+        a.daemon.create("otto")
+        on_every([b], lambda n: n.has("otto"), "otto on B")
+        held = b.key("otto")
+        udp_to(b, held["port"], 3)
+        version = fleet_db.sql("SELECT version FROM portmeter.keys")
+        break_xray(a)
+        answer = a.daemon.http.request("DELETE", "/api/keys/otto")
+        assert answer.status_code == 503, answer.text
+        assert a.has("otto") and "otto" in {k["name"] for k in settings_of(a).values()}
+        # The row was never deleted and put back (a new version): B never lost the key.
+        assert fleet_db.sql("SELECT version FROM portmeter.keys") == version
+        time.sleep(1.5)  # a poll interval
+        after = b.key("otto")
+        assert (after["id"], after["port"]) == (held["id"], held["port"])
+        assert b.daemon.traffic("otto")["rx_bytes"] == 3 * WIRE
+
+
+def test_a_fleet_write_refused_after_the_local_save_takes_the_local_side_back(
+    fleet_db: Database, workdir: Path
+) -> None:
+    with fleet(fleet_db, workdir, count=1) as (a,):
+        a.daemon.create("keep")
+        # The fleet has "olga" for servers of a group A does not serve: A holds no such key, so
+        # its own create gets as far as the database, which refuses the name.
+        fleet_db.sql(
+            "INSERT INTO portmeter.keys (id, name, same_name, uuid, sub_token, short_id, enabled,"
+            " reset_strategy, note, groups, created_at) VALUES ('other', 'olga', 'olga',"
+            " gen_random_uuid(), 'tok', 'ab', true, 'no_reset', '', '{us}', now())"
+        )
+        before, counters = settings_of(a), a.counters()
+        answer = a.daemon.http.request("POST", "/api/keys", json={"name": "olga"})
+        assert answer.status_code == 409, answer.text
+        assert not a.has("olga") and a.names() == {"keep"}
+        assert settings_of(a) == before  # the state saved with olga was saved again without it
+        assert a.counters() == counters
+        assert fleet_db.sql("SELECT id FROM portmeter.keys WHERE name = 'olga'") == "other"
 
 
 def settings_of(node: Node) -> dict[str, dict[str, Any]]:
@@ -317,6 +374,74 @@ def test_without_a_database_keys_have_no_servers(make_daemon: Any) -> None:
 
 
 # --- pure parts and bad input, in process ---------------------------------------------------
+
+
+def with_writers(db: Database, body: Callable[[FleetKeys, FleetKeys], Awaitable[None]]) -> None:
+    """Two nodes' writing sides (FleetKeys) on the real database `db`, in-process."""
+
+    def writer(fleet_db: FleetDB, server: str) -> FleetKeys:
+        settings = SimpleNamespace(server_name=server, server_groups=(), poll_interval=1.0)
+        return FleetKeys(fleet_db, cast(Service, SimpleNamespace(settings=settings)), LOG)
+
+    async def main() -> None:
+        fleet_db = FleetDB(db.dsn, LOG)
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(fleet_db.run)
+            with anyio.fail_after(30):
+                await fleet_db.wait_ready()
+            await body(writer(fleet_db, "node0"), writer(fleet_db, "node1"))
+            tasks.cancel_scope.cancel()
+        await fleet_db.close()
+
+    anyio.run(main)
+
+
+def fleet_key(name: str) -> KeyRecord:
+    return KeyRecord(
+        id=f"id-{name}", name=name, uuid="3014594c-1a4c-4472-87bc-0a5826be09d8", port=20001,
+        created_at=datetime(2026, 5, 1, 12, 0, 0, 700_000, tzinfo=UTC), fleet=True,
+    )
+
+
+def test_two_nodes_changing_different_fields_at_once_both_keep_theirs(
+    fleet_db: Database,
+) -> None:
+    key = fleet_key("pat")
+
+    async def body(a: FleetKeys, b: FleetKeys) -> None:
+        await a.created(key)
+        # Both nodes change the key from the same copy: B disables it, A (not yet following
+        # B's change) sets a limit.
+        await b.changed(key, key.model_copy(update={"enabled": False}))
+        await a.changed(key, key.model_copy(update={"data_limit_bytes": 5000, "note": "x"}))
+
+    with_writers(fleet_db, body)
+    row = fleet_db.sql("SELECT enabled, data_limit_bytes, note FROM portmeter.keys")
+    assert row == "f|5000|x"
+
+
+def test_a_new_key_starts_its_names_fleet_usage_afresh(fleet_db: Database) -> None:
+    key = fleet_key("rita")
+
+    async def body(a: FleetKeys, b: FleetKeys) -> None:
+        await a.created(key)
+        await a.deleted(key)
+        # What the deleted rita used on another server, still in the ledger.
+        fleet_db.sql(
+            "INSERT INTO portmeter.totals VALUES ('rita', 'node1', 700, 800, 3, 1, now(), now()),"
+            " ('ritb', 'node1', 1, 2, 1, 1, now(), now())"
+        )
+        fleet_db.sql(
+            "UPDATE portmeter.users SET resets = 2, reset_at = '2026-04-01T00:00:00Z'"
+            " WHERE name = 'rita'"
+        )
+        await b.created(key.model_copy(update={"id": "id-rita-2"}))
+
+    with_writers(fleet_db, body)
+    assert fleet_db.sql("SELECT name FROM portmeter.totals") == "ritb"
+    # From the new key's creation on (whole seconds, as the deltas' timestamps), resets kept.
+    users = "SELECT resets, reset_at AT TIME ZONE 'UTC' FROM portmeter.users WHERE name = 'rita'"
+    assert fleet_db.sql(users) == "2|2026-05-01 12:00:00"
 
 
 def test_a_server_serves_keys_without_groups_or_sharing_one() -> None:

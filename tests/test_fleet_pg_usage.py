@@ -8,14 +8,20 @@ in-process.
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
 import psycopg
 import pytest
+import structlog
 
+from daemon.errors import Invalid
+from daemon.fleet.db import FleetDB
+from daemon.fleet.reads import STATS, FleetReads
 from daemon.fleet.retention import apply_retention
 from daemon.fleet.schema import RETENTION_LOCK, migrate
 from tests.conftest import Daemon
@@ -64,7 +70,9 @@ def test_usage_answers_read_other_servers_from_the_database(
     fleet_daemon: Daemon, fleet_db: Database
 ) -> None:
     daemon = fleet_daemon
-    daemon.create("alice")
+    # A key of this server alone: a new fleet key would start the name's fleet usage afresh,
+    # and these reports are from before it (NOW).
+    daemon.api("POST", "/api/keys?local=true", expect=201, json={"name": "alice"})
     sent = [
         report("b:1", "alice", "node-b", 1000, 20000),
         report("b:2", "alice", "node-b", 234, 5),
@@ -100,6 +108,7 @@ def test_usage_answers_read_other_servers_from_the_database(
     assert (point["bytes_uploaded"], point["bytes_downloaded"]) == (1241, 90_005)
     assert sum(p["total_bytes"] for p in detailed["daily"]) == 1241 + 90_005
 
+    fleet_db.sql("ANALYZE portmeter.reports")  # the count of reports is the planner's estimate
     overview = daemon.api("GET", "/api/admin/usage")
     users = {u["username"]: u for u in overview["users"]}
     assert users["bob"]["total_bytes"] == 33 and users["bob"]["servers"] == 1
@@ -208,3 +217,49 @@ async def _retention(dsn: str) -> None:
 
 def test_retention_rolls_hours_into_equal_days_and_respects_the_lock(fleet_db: Database) -> None:
     anyio.run(_retention, fleet_db.dsn)
+
+
+def test_a_control_character_in_a_name_is_422_never_500(
+    fleet_daemon: Daemon, fleet_db: Database
+) -> None:
+    for path in ("/api/admin/usage/a%00b", "/api/admin/usage/a%1fb/detailed"):
+        answer = fleet_daemon.http.request("GET", path)
+        assert answer.status_code == 422, answer.text
+        assert "detail" in answer.json()
+
+    async def read(db: FleetDB) -> None:
+        with pytest.raises(Invalid, match="fleet database: "):
+            await FleetReads(db, "node-a", lambda name, at: None).reported("a\x00b")
+
+    with_fleet(fleet_db, read)
+
+
+def with_fleet(db: Database, body: Callable[[FleetDB], Awaitable[None]]) -> None:
+    """`body` with a FleetDB on `db`, ready, in-process."""
+
+    async def main() -> None:
+        fleet = FleetDB(db.dsn, structlog.get_logger())
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(fleet.run)
+            with anyio.fail_after(30):
+                await fleet.wait_ready()
+            await body(fleet)
+            tasks.cancel_scope.cancel()
+        await fleet.close()
+
+    anyio.run(main)
+
+
+def test_the_overview_reads_no_row_of_the_reports_table(fleet_db: Database) -> None:
+    async def stats(db: FleetDB) -> None:
+        async with db.connection() as conn:
+            await conn.execute(
+                "INSERT INTO portmeter.reports (report_id, server, deltas)"
+                " SELECT 'r' || n, 'node-b', 1 FROM generate_series(1, 50) AS n"
+            )
+            await conn.execute("ANALYZE portmeter.reports")
+            plan = await (await conn.execute("EXPLAIN (FORMAT JSON) " + STATS, ("me",))).fetchone()
+        assert plan is not None and '"Relation Name": "reports"' not in json.dumps(plan[0])
+        assert (await FleetReads(db, "me", lambda name, at: None).reported_stats())["records"] == 50
+
+    with_fleet(fleet_db, stats)

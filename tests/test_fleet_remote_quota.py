@@ -7,10 +7,12 @@ its limit. In process: the real service over the in-memory kernel.
 from __future__ import annotations
 
 import errno
+from datetime import timedelta
 
 import anyio
 
 from daemon.counters import NftError
+from daemon.store.state import now
 from tests.inprocess import started
 
 LIMIT = 10_000
@@ -51,5 +53,20 @@ def test_a_rebuilt_table_installs_quotas_with_the_remote_usage() -> None:
             kernel.add_traffic(key.port, rx=LIMIT)
             await service.poll_once()
             assert service.state.keys[key.id].rx.bytes == LIMIT - REMOTE
+
+    anyio.run(run)
+
+
+def test_a_reset_from_a_node_whose_clock_is_ahead_is_applied_once() -> None:
+    """Another node reset the name at a moment this node's clock has not reached yet: the key is
+    reset once, and the refreshes that follow (the same figures, every poll) leave it alone."""
+    async def run() -> None:
+        async with started(xray=False) as rig:
+            service = rig.service
+            key = await service.create_key("alice", settings={"data_limit_bytes": LIMIT})
+            ahead = now() + timedelta(seconds=30)
+            for _ in range(3):
+                await service.settle_remote({}, {"alice": ahead})
+            assert service.find(key.id).epoch == key.epoch + 1
 
     anyio.run(run)

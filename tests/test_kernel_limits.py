@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Daemon
-from tests.netlab import CLIENT_V4, SERVER_V4, Lab, make_socket, sh, wait_for
+from tests.netlab import CLIENT_V4, SERVER_V4, Lab, iperf_client, make_socket, sh, wait_for
 
 SECONDS = 4
 WINDOW = 3
@@ -50,21 +50,7 @@ def _listening(net: Lab, port: int) -> bool:
 
 def iperf_start(net: Lab, port: int, seconds: int, *extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [
-            "ip",
-            "netns",
-            "exec",
-            net.client,
-            "iperf3",
-            "-c",
-            SERVER_V4,
-            "-p",
-            str(port),
-            "-t",
-            str(seconds),
-            "-J",
-            *extra,
-        ],
+        iperf_client(net, port, seconds, *extra),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

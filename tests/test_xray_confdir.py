@@ -17,7 +17,6 @@ import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +29,14 @@ from hypothesis import strategies as st
 from daemon.errors import XrayRefused
 from daemon.service.xray_side import XraySide
 from daemon.settings import Settings, SettingsError, load_settings
-from daemon.store.state import KeyRecord, State
+from daemon.store.state import State
 from daemon.xray.links import vless_link
 from daemon.xray.model import XrayConfigError, XrayKey, XrayOptions, key_file_name
 from daemon.xray.render import render_inbound
 from daemon.xray_confdir import ConfDir, key_file_bytes
 from daemon.xray_sync import XrayFiles
 from tests.inprocess import inprocess_daemon
+from tests.test_xray_incremental import add_key
 from tests.test_xray_sync import REALITY, opts_for
 from tests.test_xray_v2ray import needs_netns, needs_v2ray
 from tests.xray_harness import (
@@ -321,23 +321,10 @@ def side_for(tmp_path: Path, **overrides: Any) -> XraySide:
     return XraySide(Settings(**{**values, **overrides}), structlog.get_logger())
 
 
-def add_record(side: XraySide, state: State, n: int) -> KeyRecord:
-    record = KeyRecord(
-        id=f"k{n}",
-        name=f"key{n}",
-        uuid=f"00000000-0000-4000-8000-{n:012d}",
-        port=10001 + n,
-        created_at=datetime.now(UTC),
-    )
-    side.prepare(state, record)
-    state.keys[record.id] = record
-    return record
-
-
 def test_drift_is_reported_and_sync_repairs_only_portmeters_files(tmp_path: Path) -> None:
     side = side_for(tmp_path)
     state = State()
-    records = [add_record(side, state, n) for n in range(3)]
+    records = [add_key(side, state, n) for n in range(3)]
     anyio.run(side.push, state)
     directory = tmp_path / "conf.d"
     assert directory.stat().st_mode & 0o777 == 0o750  # made by portmeter
@@ -375,7 +362,7 @@ def test_drift_is_reported_and_sync_repairs_only_portmeters_files(tmp_path: Path
 def test_a_failed_restart_takes_the_new_file_back(tmp_path: Path) -> None:
     side = side_for(tmp_path, xray_apply="restart", xray_restart_command="/bin/false")
     state = State()
-    add_record(side, state, 0)
+    add_key(side, state, 0)
     with pytest.raises(XrayRefused, match="previous Xray config was restored"):
         anyio.run(side.push, state)
     assert list((tmp_path / "conf.d").glob("pm-*")) == []

@@ -30,6 +30,7 @@ Log = structlog.typing.FilteringBoundLogger
 CONNECT_TIMEOUT = 5  # seconds for one connection attempt: a down database is noticed fast
 MAX_BACKOFF = 30.0
 POOL_SIZE = 4
+QUERY_DEADLINE = 15  # seconds any use of a connection may take, statement timeout included
 PROBE_INTERVAL = 1.0  # seconds between attempts to use a database known to be down
 
 
@@ -62,6 +63,15 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0]
 
 
+def connection_lost(exc: BaseException) -> bool:
+    """The failure says the database is gone (no connection, shutting down, not accepting), not
+    that one statement failed (a deadlock, a serialization failure, a cancelled statement)."""
+    if isinstance(exc, psycopg_pool.PoolTimeout):
+        return True
+    state = getattr(exc, "sqlstate", None)
+    return state is None or state.startswith(("08", "57P"))
+
+
 def describe_failure(exc: BaseException) -> str:
     """One readable line for a database failure (libpq's first line, never a password)."""
     if isinstance(exc, SchemaTooNew):
@@ -72,9 +82,10 @@ def describe_failure(exc: BaseException) -> str:
 class FleetDB:
     """The pool, the schema check and the reachability the rest of the fleet side relies on."""
 
-    def __init__(self, dsn: str, log: Log) -> None:
+    def __init__(self, dsn: str, log: Log, deadline: int = QUERY_DEADLINE) -> None:
         self.dsn = dsn
         self.log = log
+        self.deadline = deadline  # seconds any use of a connection may take
         self.status = FleetStatus(configured=True)
         self._pool: psycopg_pool.AsyncConnectionPool[AsyncConnection[Any]] | None = None
         self._ready = anyio.Event()
@@ -110,7 +121,17 @@ class FleetDB:
             min_size=1,
             max_size=POOL_SIZE,
             open=False,
-            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT},
+            kwargs={
+                "autocommit": True,
+                "connect_timeout": CONNECT_TIMEOUT,
+                # The server ends a statement that runs too long; TCP notices a silent peer.
+                "options": f"-c statement_timeout={self.deadline * 1000}",
+                "keepalives": 1,
+                "keepalives_idle": 10,
+                "keepalives_interval": 5,
+                "keepalives_count": 3,
+                "tcp_user_timeout": self.deadline * 1000,
+            },
             check=psycopg_pool.AsyncConnectionPool.check_connection,
             # The pool's reconnection backs off exponentially until it gives up; given up, the
             # next request tries at once. Short, so a database that is back is used in seconds.
@@ -142,11 +163,19 @@ class FleetDB:
             raise FleetUnavailable(self.status.error or "fleet database: unreachable")
         self._probing = not self.status.reachable
         try:
-            async with self._pool.connection(timeout=CONNECT_TIMEOUT) as conn:
-                yield conn
+            # A database that stops answering (a dropped route, a lock held in psql) must never
+            # hold the caller, and with it the service's lock, for long.
+            with anyio.fail_after(self.deadline):
+                async with self._pool.connection(timeout=CONNECT_TIMEOUT) as conn:
+                    yield conn
+        except TimeoutError:
+            reason = f"fleet database: no answer within {self.deadline} s"
+            self._unreachable(reason)
+            raise FleetUnavailable(reason) from None
         except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
             reason = describe_failure(exc)
-            self._unreachable(reason)
+            if connection_lost(exc):
+                self._unreachable(reason)
             raise FleetUnavailable(reason) from None
         finally:
             self._probing = False

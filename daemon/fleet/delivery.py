@@ -2,9 +2,11 @@
 PostgreSQL").
 
 Each outbox file is one message: the deltas of one saved state generation (daemon/reports.py)
-and, optionally, resets of users. Its dedupe id, `server:instance:<file stem>`, goes into
-`portmeter.reports` in the same transaction as its rows, so a message re-sent after a crash
-(between the commit and the file's removal) adds nothing. Messages go in file-name order, several
+and, optionally, resets of users. Its dedupe id, the `message_id` it was staged with (files of
+older versions lack it: then `server:instance:<file stem>`), goes into `portmeter.reports` in the
+same transaction as its rows, so a message re-sent after a crash (between the commit and the
+file's removal) adds nothing, and the files of a state line before `portmeter state restore`
+keep their own ids. Messages go in file-name order, several
 per transaction, in ONE statement per batch: data-modifying CTEs over `unnest` of arrays, joined
 on the message ids the dedupe insert returned. A message carrying resets starts a batch of its
 own, so its resets apply before its deltas and after every earlier message's.
@@ -26,7 +28,9 @@ import psycopg
 import structlog
 
 from daemon import bounds
+from daemon.errors import OperationError
 from daemon.fleet.db import FleetDB, FleetUnavailable, describe_failure
+from daemon.service.kernel_side import describe
 from daemon.settings import Settings
 from daemon.store.outbox import Outbox
 from daemon.store.state import now
@@ -42,6 +46,35 @@ BATCH_DELTAS = 50_000
 CACHE_DELTAS = 2 * BATCH_DELTAS
 
 
+class Retried:
+    """A background step that must never end the daemon's task group: any failure is logged
+    once (again when it changes, and its recovery), and the step runs again next round, as the
+    poll loop does (daemon/service/loops.py)."""
+
+    def __init__(self, event: str, log: Log) -> None:
+        self.event = event
+        self.log = log
+        self.failing: str | None = None
+
+    async def attempt(self, step: Callback) -> None:
+        try:
+            await step()
+        except Exception as exc:  # whatever fails, the next round tries again
+            error = exc.detail if isinstance(exc, OperationError) else describe(exc)
+            if error != self.failing:
+                self.log.error(
+                    self.event,
+                    error=error,
+                    remedy="tried again next round",
+                    exc_info=None if isinstance(exc, OperationError) else exc,
+                )
+            self.failing = error
+            return
+        if self.failing is not None:
+            self.log.info(f"{self.event.removesuffix('_failed')}_recovered")
+            self.failing = None
+
+
 class BadMessage(ValueError):
     """An outbox file that is not a message this node wrote: set aside, never sent."""
 
@@ -55,6 +88,7 @@ class Message:
     oldest: datetime | None
     deltas: tuple[list[Any], ...]  # name, key_id, uuid, port, epoch, at, rx, tx, rx_p, tx_p
     resets: tuple[list[Any], ...]  # name, count, at (ISO 8601)
+    message_id: str | None = None  # the dedupe id it was staged with, if any
 
     @property
     def rows(self) -> int:
@@ -167,20 +201,26 @@ def parse(stem: str, body: bytes) -> Message:
     reports, resets = message.get("reports", []), message.get("resets", [])
     if not isinstance(reports, list) or not isinstance(resets, list):
         raise BadMessage("reports and resets must be lists")
+    message_id = message.get("message_id")
+    if message_id is not None:
+        message_id = _text(message_id, "message_id")
     try:
         deltas = _delta_columns(reports)
     except ValueError as exc:  # also a report id without key and epoch parts
         raise BadMessage(str(exc) if isinstance(exc, BadMessage) else "bad report_id") from None
     times = deltas[5]
     oldest = datetime.fromtimestamp(min(times), UTC) if times else None
-    return Message(stem, len(body), oldest, deltas, _reset_columns(resets))
+    return Message(stem, len(body), oldest, deltas, _reset_columns(resets), message_id)
 
 
 # The one statement that adds usage to the ledger (this node's outbox and the webhook intakes of
 # daemon/fleet/ingest.py): the whole batch in one round trip. Parameters: the server, the message
 # ids (a dedupe id covers a message's deltas: an outbox file, or one webhook report), each delta's
 # and reset's message id, then their columns. `since` is each name's reset moment after this
-# batch's resets: a delta counts towards the user's totals only from it on. A delta without a
+# batch's resets: a delta counts towards the user's totals only from it on. A reset clears the
+# name's totals (`clr`) only when it is newer than the stored reset: its moment won the upsert's
+# `greatest` and is later than the reset read before it (`prior`), so a reset delivered late,
+# after a newer one, only counts (`resets`) and clears nothing. A delta without a
 # key_id (a webhook report) leaves server_keys alone. Answers the fresh message ids and the
 # largest total it left. Arrays go in binary (`%b`): 20 nodes pushed 92,000 deltas/s so, 38,000
 # as text (bench/fleet_ingest.py).
@@ -193,6 +233,8 @@ WITH msg AS (
 ), srv AS (
     INSERT INTO portmeter.servers (name, last_delivery_at) VALUES (%(server)s, now())
     ON CONFLICT (name) DO UPDATE SET last_delivery_at = now()
+), prior AS (
+    SELECT name, reset_at FROM portmeter.users WHERE name = ANY(%(r_name)b::text[])
 ), rst AS (
     INSERT INTO portmeter.users AS u (name, resets, reset_at)
     SELECT r.name, r.n, r.at
@@ -203,6 +245,11 @@ WITH msg AS (
     ON CONFLICT (name) DO UPDATE
         SET resets = u.resets + excluded.resets, reset_at = greatest(u.reset_at, excluded.reset_at)
     RETURNING name, reset_at
+), clr AS (
+    SELECT r.name FROM rst AS r LEFT JOIN prior AS p USING (name)
+    WHERE (p.reset_at IS NULL OR p.reset_at < r.reset_at) AND r.reset_at = (
+        SELECT max(x.at) FROM unnest(%(r_name)b::text[], %(r_at)b::timestamptz[]) AS x(name, at)
+        WHERE x.name = r.name)
 ), d AS (
     SELECT d.name, d.key_id, d.uuid, d.port, d.epoch, to_timestamp(d.at) AS at,
            d.rx, d.tx, d.rxp, d.txp
@@ -239,20 +286,20 @@ WITH msg AS (
     FROM d JOIN since AS s USING (name) WHERE d.at >= s.reset_at GROUP BY d.name
 ), cleared AS (
     DELETE FROM portmeter.totals AS t
-    WHERE t.name IN (SELECT name FROM rst)
+    WHERE t.name IN (SELECT name FROM clr)
       AND NOT (t.server = %(server)s AND t.name IN (SELECT name FROM counted))
 ), tot AS (
     INSERT INTO portmeter.totals AS t
         (name, server, rx_bytes, tx_bytes, reports, port, first_at, last_at)
     SELECT name, %(server)s, rx, tx, n, port, first_at, last_at FROM counted ORDER BY name
     ON CONFLICT (name, server) DO UPDATE SET
-        rx_bytes = CASE WHEN t.name IN (SELECT name FROM rst) THEN excluded.rx_bytes
+        rx_bytes = CASE WHEN t.name IN (SELECT name FROM clr) THEN excluded.rx_bytes
                         ELSE t.rx_bytes + excluded.rx_bytes END,
-        tx_bytes = CASE WHEN t.name IN (SELECT name FROM rst) THEN excluded.tx_bytes
+        tx_bytes = CASE WHEN t.name IN (SELECT name FROM clr) THEN excluded.tx_bytes
                         ELSE t.tx_bytes + excluded.tx_bytes END,
-        reports = CASE WHEN t.name IN (SELECT name FROM rst) THEN excluded.reports
+        reports = CASE WHEN t.name IN (SELECT name FROM clr) THEN excluded.reports
                        ELSE t.reports + excluded.reports END,
-        first_at = CASE WHEN t.name IN (SELECT name FROM rst) THEN excluded.first_at
+        first_at = CASE WHEN t.name IN (SELECT name FROM clr) THEN excluded.first_at
                         ELSE least(t.first_at, excluded.first_at) END,
         port = CASE WHEN excluded.last_at >= t.last_at THEN excluded.port ELSE t.port END,
         last_at = greatest(t.last_at, excluded.last_at)
@@ -296,7 +343,7 @@ async def deliver_batch(
     conn: psycopg.AsyncConnection[Any], server: str, instance: str, batch: list[Message]
 ) -> int:
     """Deliver `batch` in one transaction; how many of its messages were new (not duplicates)."""
-    ids = [f"{server}:{instance}:{m.stem}" for m in batch]
+    ids = [m.message_id or f"{server}:{instance}:{m.stem}" for m in batch]
     async with conn.transaction():
         fresh, _ = await add_usage(conn, server, ids, batch)
     return len(fresh)
@@ -332,6 +379,7 @@ class Delivery:
         self.backlog = Backlog()
         self.last_delivered_at: datetime | None = None
         self.on_delivered: list[Callback] = []  # after each batch that committed
+        self._hooks: dict[int, Retried] = {}  # each hook's failure, by its place in the list
         self._cache: dict[str, Message] = {}  # parsed when counted, until delivered
         self._cached_rows = 0
 
@@ -431,9 +479,15 @@ class Delivery:
             duplicates=len(batch) - new,
             rows=sum(m.rows for m in batch),
         )
-        for callback in self.on_delivered:
-            await callback()
+        await self._tell_delivered()
         return True
+
+    async def _tell_delivered(self) -> None:
+        """Run each hook; a hook's failure is logged and never ends the delivery (which runs in
+        the daemon's task group): the hook runs again after the next batch."""
+        for index, callback in enumerate(self.on_delivered):
+            guard = self._hooks.setdefault(index, Retried("fleet_delivery_hook_failed", self.log))
+            await guard.attempt(callback)
 
     def _remove(self, batch: list[Message]) -> None:
         for message in batch:

@@ -1,11 +1,12 @@
 """Keys created once (README "Keys created once"): the fleet database holds the desired keys;
 each node writes its own key operations there in the same operation, and follows the rest.
 
-Writing: the service calls `created`, `changed` and `deleted` inside an operation's
-all-or-nothing, after the kernel steps and before the state is saved; each hands back the
-statement that takes its write back, so an operation failing after it leaves nothing in the
-database either. A database that cannot be used refuses the operation with 503 and changes
-nothing; `local` operations (CLI `--local`, API `?local=true`) leave the fleet out.
+Writing: the service calls `created`, `changed` and `deleted` as the last step of an
+operation's all-or-nothing, once this node's side is saved: the other nodes hear of nothing that
+is later taken back here, and a write that fails (a name the fleet has, a database that cannot be
+used: 409 / 503) takes this node's side back. A change writes only the fields it changes, so two
+nodes changing different fields at once both keep theirs. `local` operations (CLI `--local`, API
+`?local=true`) leave the fleet out.
 
 Following: a LISTEN connection of its own (outside the pool) wakes a sync of the keys the
 notifications name; every poll interval a full comparison is the safety net; at start one full
@@ -18,7 +19,7 @@ subscription token and short id are the fleet's.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
+from collections.abc import Awaitable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -44,7 +45,6 @@ if TYPE_CHECKING:
     from daemon.service.front import Service
 
 Log = structlog.typing.FilteringBoundLogger
-Undo = Callable[[], Awaitable[object]]
 CHANNEL = "portmeter_keys"
 # The fields a node follows (the rest of a key is its own: port, counters, status, resets).
 DESIRED = (
@@ -64,10 +64,14 @@ INSERT_KEY = (
     f"INSERT INTO portmeter.keys ({', '.join(COLUMNS)}) "
     f"VALUES ({', '.join(f'%({c})s' for c in COLUMNS)})"
 )
-UPDATE_KEY = (
-    f"UPDATE portmeter.keys SET {', '.join(f'{c} = %({c})s' for c in DESIRED)} WHERE id = %(id)s"
-)
-DELETE_KEY = f"DELETE FROM portmeter.keys WHERE id = %(id)s RETURNING {', '.join(COLUMNS)}"
+# A new key's name starts its fleet usage afresh: what a deleted key of the name left in the
+# ledger is no usage of this one (whole seconds, as the deltas' timestamps are).
+FRESH_USER = """
+INSERT INTO portmeter.users AS u (name, reset_at) VALUES (%(name)s, date_trunc('second', %(at)s))
+ON CONFLICT (name) DO UPDATE SET reset_at = greatest(u.reset_at, excluded.reset_at)
+"""
+FRESH_TOTALS = "DELETE FROM portmeter.totals WHERE name = %(name)s"
+DELETE_KEY = "DELETE FROM portmeter.keys WHERE id = %(id)s"
 SELECT_KEYS = f"SELECT {', '.join(COLUMNS)} FROM portmeter.keys"
 PUBLISH_SERVER = """
 INSERT INTO portmeter.servers AS s (name, public_host, reality_public_key)
@@ -166,54 +170,49 @@ class FleetKeys:
                 "on a server of one of its groups"
             )
 
-    async def created(self, key: KeyRecord) -> Undo:
-        """Insert the key (409 when the fleet has the name); the undo deletes it again."""
+    async def created(self, key: KeyRecord) -> None:
+        """Insert the key and start its name's fleet usage afresh, in one transaction (409 when
+        the fleet has the name)."""
+        fresh = {"name": key.name, "at": key.created_at}
         try:
-            await self._write(INSERT_KEY, row_of(key))
+            await self._write((INSERT_KEY, row_of(key)), (FRESH_USER, fresh), (FRESH_TOTALS, fresh))
         except errors.UniqueViolation:
             raise Conflict(
                 f"a key named {key.name!r} already exists in the fleet "
                 f"(the same name: {names.SAME}); nothing was changed"
             ) from None
-        return lambda: self._write_quietly(DELETE_KEY, {"id": key.id})
 
-    async def changed(self, before: KeyRecord, after: KeyRecord) -> Undo | None:
-        """Write a fleet key's followed fields; the undo writes the ones it had."""
-        if not before.fleet or not differences(after, row_of(before)):
-            return None
-        if await self._write(UPDATE_KEY, row_of(after)) == 0:
+    async def changed(self, before: KeyRecord, after: KeyRecord) -> None:
+        """Write the followed fields the change changes, and only those: a field another node
+        changed meanwhile keeps its change."""
+        fields = differences(after, row_of(before))
+        if not before.fleet or not fields:
+            return
+        assignments = ", ".join(f"{name} = %({name})s" for name in fields)
+        update = f"UPDATE portmeter.keys SET {assignments} WHERE id = %(id)s"
+        if await self._write((update, row_of(after))) == 0:
             raise NotFound(
                 f"the key {before.name!r} was deleted from the fleet; nothing was changed"
             )
-        return lambda: self._write_quietly(UPDATE_KEY, row_of(before))
 
-    async def deleted(self, key: KeyRecord) -> Undo | None:
-        """Delete a fleet key's row; the undo inserts it again as it was."""
-        if not key.fleet:
-            return None
-        await self._write(DELETE_KEY, {"id": key.id})
-        return lambda: self._write_quietly(INSERT_KEY, row_of(key))
+    async def deleted(self, key: KeyRecord) -> None:
+        """Delete a fleet key's row."""
+        if key.fleet:
+            await self._write((DELETE_KEY, {"id": key.id}))
 
-    async def _write(self, sql: str, params: dict[str, Any]) -> int:
-        """One statement; StoreUnavailable (503, with the reason) when the database cannot take
-        it."""
+    async def _write(self, *statements: tuple[str, dict[str, Any]]) -> int:
+        """The statements in one transaction: the first one's row count. StoreUnavailable (503,
+        with the reason) when the database cannot take them."""
         try:
-            async with self.db.connection() as conn:
-                cursor = await conn.execute(sql, params)
-                return cursor.rowcount
+            async with self.db.connection() as conn, conn.transaction():
+                counts = [(await conn.execute(sql, params)).rowcount for sql, params in statements]
+                return counts[0]
         except FleetUnavailable as exc:
             raise StoreUnavailable(f"{exc}; nothing was changed ({LOCAL_HINT})") from None
         except errors.UniqueViolation:
             raise
         except psycopg.Error as exc:
             raise StoreUnavailable(f"{_failure(exc)}; nothing was changed ({LOCAL_HINT})") from None
-
-    async def _write_quietly(self, sql: str, params: dict[str, Any]) -> None:
-        """An undo: a failure is logged (the next full comparison puts the nodes right)."""
-        try:
-            await self._write(sql, params)
-        except (OperationError, psycopg.Error) as exc:
-            self.log.error("fleet_key_undo_failed", error=str(exc))
 
     # --- reads for the HTTP layer ---------------------------------------------------------------
 

@@ -12,8 +12,7 @@ it, so the ledger drops exactly what was counted before the reset.
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -23,12 +22,12 @@ import structlog
 
 from daemon.atomic import failure_reason
 from daemon.fleet.db import FleetDB, FleetUnavailable, describe_failure
-from daemon.fleet.delivery import FleetNode
+from daemon.fleet.delivery import FleetNode, Retried
 from daemon.fleet.reads import FleetReads
 from daemon.fleet.retention import retention_loop
 from daemon.fleet.schema import SCHEMA
+from daemon.reports import FleetReports
 from daemon.service import Service
-from daemon.store.outbox import Outbox
 from daemon.store.state import KeyRecord, now
 
 Log = structlog.typing.FilteringBoundLogger
@@ -45,31 +44,35 @@ FROM unnest(%s::text[]) AS n(name)
 class FleetResets:
     """Resets made on this node, queued for the fleet as messages of their own."""
 
-    def __init__(self, outbox: Outbox, log: Log) -> None:
-        self.outbox = outbox
+    def __init__(self, reports: FleetReports, log: Log) -> None:
+        self.reports = reports
         self.log = log
 
-    def put(self, name: str, at: datetime, generation: int) -> None:
-        """Queue `name`'s reset at `at`, delivered after generation `generation`'s usage (a
-        stem sorting right after it: `~` follows `.`). At whole seconds, as deltas carry them.
-        A reset that cannot be queued stays this node's alone, and says so."""
-        digest = hashlib.sha256(name.encode()).hexdigest()[:16]
-        moment = at.replace(microsecond=0).isoformat()
+    def put(self, resets: Sequence[tuple[str, datetime]], generation: int, staged: bool) -> None:
+        """Queue these (name, moment) resets as one message, delivered after generation
+        `generation`'s usage (`staged`: once that generation is saved). At whole seconds, as
+        deltas carry them. Resets that cannot be queued stay this node's alone, and say so."""
+        moments = [{"name": n, "at": at.replace(microsecond=0).isoformat()} for n, at in resets]
         try:
-            self.outbox.put(
-                {"resets": [{"name": name, "at": moment}]}, name=f"{generation:012d}~reset-{digest}"
-            )
+            self.reports.put_resets(moments, generation, staged)
         except OSError as exc:
             self.log.error(
                 "fleet_reset_not_queued",
-                name=name,
+                names=[name for name, _ in resets][:10],
+                count=len(resets),
                 error=failure_reason(exc),
-                remedy="reset the key again once the disk has room",
+                remedy="reset the keys again once the disk has room",
             )
 
     def key_reset(self, key: KeyRecord, generation: int) -> None:
-        """The service's hook: one of its keys was reset here."""
-        self.put(key.name, key.last_reset_at or now(), generation)
+        """The service's hook: one of its keys was reset here, after saved generation
+        `generation`."""
+        self.put([(key.name, key.last_reset_at or now())], generation, staged=False)
+
+    def periodic(self, keys: Sequence[KeyRecord], generation: int) -> None:
+        """The settler's hook: keys whose periodic reset came due in one settling pass, held
+        until generation `generation` (the usage before them) is saved."""
+        self.put([(key.name, key.last_reset_at or now()) for key in keys], generation, True)
 
 
 class RemoteLimits:
@@ -84,6 +87,9 @@ class RemoteLimits:
         self.interval = interval
         self.log = log
         self._lock = anyio.Lock()
+        # Settling runs in the daemon's task group: a failure there (disk full, the kernel or
+        # Xray refusing a reset) is logged and tried again next round, never ends the daemon.
+        self._settling = Retried("fleet_settle_failed", log)
 
     async def refresh(self) -> None:
         """Read the figures for every local key's name and settle the keys they moved."""
@@ -102,7 +108,7 @@ class RemoteLimits:
                 return
             remote = {name: int(used) for name, used, _ in rows if used}
             resets = {name: at for name, _, at in rows if at is not None}
-            await self.service.settle_remote(remote, resets)
+            await self._settling.attempt(lambda: self.service.settle_remote(remote, resets))
 
     async def run(self) -> None:
         """At least every interval (and after every delivery, by the delivery's hook)."""
@@ -116,10 +122,11 @@ def attach(service: Service, node: FleetNode, log: Log) -> Callable[[], Coroutin
     """Give the service the fleet's reads, limits and resets; what to run in the daemon's task
     group (the limits at every poll interval and after each delivery, the retention hourly)."""
     server, settings = service.settings.server_name, service.settings
-    resets = FleetResets(node.delivery.outbox, log)
+    resets = FleetResets(reports_of(service, node), log)
     service.settler.on_reset = resets.key_reset
+    service.settler.on_resets = resets.periodic
     service.fleet_reads = FleetReads(
-        node.db, server, lambda name, at: resets.put(name, at, service.state.generation)
+        node.db, server, lambda name, at: resets.put([(name, at)], service.state.generation, False)
     )
     remote = RemoteLimits(node.db, service, server, settings.poll_interval, log)
     node.delivery.on_delivered.append(remote.refresh)
@@ -130,3 +137,12 @@ def attach(service: Service, node: FleetNode, log: Log) -> Callable[[], Coroutin
             group.start_soon(retention_loop, node.db, settings.history_retention_days, log)
 
     return run
+
+
+def reports_of(service: Service, node: FleetNode) -> FleetReports:
+    """The usage sink that stages into the node's delivery outbox (daemon/main.py gives it to
+    the service): resets are named and released in the same line of generations."""
+    for sink in service.ledger.sinks:
+        if isinstance(sink, FleetReports) and sink.outbox is node.delivery.outbox:
+            return sink
+    raise LookupError("no fleet reports sink stages into the delivery's outbox")

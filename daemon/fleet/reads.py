@@ -16,7 +16,7 @@ from typing import Any
 
 import psycopg
 
-from daemon.errors import StoreUnavailable
+from daemon.errors import Invalid, StoreUnavailable
 from daemon.fleet.db import FleetDB, FleetUnavailable, describe_failure
 from daemon.fleet.ingest import ingest
 from daemon.fleet.schema import SCHEMA
@@ -60,8 +60,11 @@ SELECT 'r', NULL, reset_at, NULL, NULL, NULL, NULL, NULL FROM {SCHEMA}.users
 WHERE name = %(name)s AND reset_at > '-infinity'
 ORDER BY kind, server, at
 """
+# The number of reports received is the planner's estimate: counting the dedupe table would read
+# all of it on every overview.
 STATS = f"""
-SELECT (SELECT count(*) FROM {SCHEMA}.reports), count(DISTINCT name),
+SELECT (SELECT greatest(reltuples, 0)::bigint FROM pg_class
+        WHERE oid = '{SCHEMA}.reports'::regclass), count(DISTINCT name),
        coalesce(array_agg(DISTINCT server), '{{}}'), coalesce(sum(rx_bytes), 0),
        coalesce(sum(tx_bytes), 0)
 FROM {SCHEMA}.totals WHERE server <> %s
@@ -155,7 +158,8 @@ class FleetReads:
 
 @contextlib.contextmanager
 def unavailable() -> Iterator[None]:
-    """The database unusable (down, refusing, not migrated): 503 with the reason, never 500."""
+    """The database unusable (down, refusing, not migrated): 503 with the reason; a value it
+    cannot take: 422. Never 500."""
     try:
         yield
     except FleetUnavailable as exc:
@@ -164,6 +168,8 @@ def unavailable() -> Iterator[None]:
         raise StoreUnavailable(prefix + reason) from None
     except psycopg.OperationalError as exc:
         raise StoreUnavailable(describe_failure(exc)) from None
+    except psycopg.DataError as exc:  # a value PostgreSQL cannot take, such as a NUL in a name
+        raise Invalid(f"{describe_failure(exc)} (a value it cannot take)") from None
 
 
 def _day_after(moment: datetime) -> date:

@@ -40,8 +40,15 @@ KeyRef = Annotated[
     str,
     PathParam(min_length=1, max_length=bounds.MAX_REF_CHARS, description="key id, uuid or name"),
 ]
+Text = r"^[^\x00-\x1f\x7f]+$"  # printable: no control characters
 Username = Annotated[
-    str, PathParam(min_length=1, max_length=128, description="key name / user_token of reports")
+    str,
+    PathParam(
+        min_length=1,
+        max_length=128,
+        pattern=Text,
+        description="key name / user_token of reports",
+    ),
 ]
 FUTURE_SLACK = timedelta(days=1)  # reports from servers whose clock runs ahead are still taken
 
@@ -206,7 +213,6 @@ def _moment(value: str, zone: ZoneInfo) -> datetime:
 
 # --- usage reports (POST /api/traffic/webhook) ----------------------------------------------
 
-Text = r"^[^\x00-\x1f\x7f]+$"  # printable: no control characters
 Bytes = Annotated[StrictInt, Field(ge=0, le=bounds.MAX_REPORT_BYTES)]
 
 

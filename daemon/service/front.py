@@ -196,8 +196,8 @@ class Service:
                 if self.xray is not None:
                     self.xray.prepare(self.state, key)
                 await self._install(checked(key), undo)
-                await self._publish(local, undo, lambda fleet: fleet.created(key))
                 await self._commit(undo)
+                await self._publish(local, undo, key.id, lambda fleet: fleet.created(key))
             self.log.info(
                 "key_created",
                 key_id=key.id,
@@ -216,8 +216,8 @@ class Service:
             async with self._all_or_nothing("delete key") as undo:
                 del self.state.keys[key.id]
                 self._forget(key.id)
-                await self._publish(local, undo, lambda fleet: fleet.deleted(key))
                 await self._commit(undo)
+                await self._publish(local, undo, key.id, lambda fleet: fleet.deleted(key))
             await self.kernel.uninstall_quietly([key])
             await self.settler.close_deleted([key])
             self.log.info(
@@ -248,7 +248,9 @@ class Service:
             for key in list(self.state.keys.values()):
                 since = key.last_reset_at or key.created_at
                 if key.name in resets and resets[key.name] > since:
-                    key = await self._reset(key)
+                    # Never before the reset's own moment: with this node's clock behind the
+                    # other's, the key would otherwise be reset again at every refresh.
+                    key = await self._reset(key, at=max(now(), resets[key.name]))
                 limited = key.data_limit_bytes is not None  # others' usage moves only limits
                 if limited and remote.get(key.name, 0) != settler.remote.get(key.name, 0):
                     moved.append(key)
@@ -258,12 +260,13 @@ class Service:
                 if self.ledger.unsaved:
                     self.ledger.save_quietly()
 
-    async def _reset(self, key: KeyRecord) -> KeyRecord:
-        """Zero one key's totals (under the lock): read it first, so nothing counted is lost."""
+    async def _reset(self, key: KeyRecord, at: datetime | None = None) -> KeyRecord:
+        """Zero one key's totals (under the lock) as of `at` (default now): read it first, so
+        nothing counted is lost."""
         await self.kernel.refresh_keys([key])
         async with self._all_or_nothing("reset traffic") as undo:
             fresh = key.model_copy(deep=True)
-            zero(fresh, now())
+            zero(fresh, at or now())
             await self._replace(key, fresh, undo, force_quota=True)
         await self.settler.close_left(fresh)
         self.log.info(
@@ -291,8 +294,8 @@ class Service:
                     changed.next_reset_at = limits.next_boundary(
                         now(), changed.reset_strategy, self.zone
                     )
-                await self._publish(local, undo, lambda fleet: fleet.changed(key, changed))
                 await self._replace(key, changed, undo)
+                await self._publish(local, undo, key.id, lambda fleet: fleet.changed(key, changed))
             await self.settler.close_left(changed)
             self.log.info(
                 "key_updated",
@@ -505,15 +508,27 @@ class Service:
             undo.append(lambda: guards.kernel.guard(key.port, held))
 
     async def _publish(
-        self, local: bool, undo: list[Undo], step: Callable[[FleetKeys], Awaitable[Undo | None]]
+        self,
+        local: bool,
+        undo: list[Undo],
+        key_id: str,
+        step: Callable[[FleetKeys], Awaitable[None]],
     ) -> None:
-        """Write a fleet key operation to the fleet database too, unless `local`; its undo joins
-        the others (README "Keys created once")."""
+        """The last step of a fleet key operation, unless `local`: write it to the fleet
+        database, so the other nodes hear only of what is saved here. A write that fails takes
+        this node's side back, the key's saved state with it (README "Keys created once")."""
         if self.fleet_keys is None or local:
             return
-        taken_back = await step(self.fleet_keys)
-        if taken_back is not None:
-            undo.append(taken_back)
+        saved = self.state.generation
+        undo.append(lambda: self._save_again(key_id, saved))
+        await step(self.fleet_keys)
+
+    async def _save_again(self, key_id: str, saved: int) -> None:
+        """Undo of a save: the key as memory has it again, saved as the generation after the
+        one saved (memory holds the one before; a generation is never saved twice)."""
+        self.state.generation = max(self.state.generation, saved)
+        self.ledger.mark(key_id)
+        self.ledger.save()
 
     async def _install(self, key: KeyRecord, undo: list[Undo]) -> None:
         """Install a new key's counters and add it to the state."""

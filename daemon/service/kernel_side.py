@@ -241,6 +241,9 @@ class Settler:
         # usage it follows.
         self.remote: dict[str, int] = {}
         self.on_reset: Callable[[KeyRecord, int], None] | None = None
+        # Periodic resets are passed on together after each settling pass (`pass_on_resets`).
+        self.on_resets: Callable[[Sequence[KeyRecord], int], None] | None = None
+        self.resets_due: list[KeyRecord] = []
         # Speed, connection and address limits (service/guards.py), when the front gives them.
         self.guards: Guards | None = None
 
@@ -260,6 +263,21 @@ class Settler:
             over = reading is not None and reading.over
             if await self.settle(key, moment, kernel_over=over):
                 result.changed = True
+        self.pass_on_resets()
+
+    def pass_on_resets(self) -> None:
+        """Hand the periodic resets of a settling pass to the fleet at once, for the next save
+        (which holds the usage before them); one an operation undid meanwhile (the key is back
+        at its earlier epoch, or gone) is dropped."""
+        due, self.resets_due = self.resets_due, []
+        kept = [
+            key
+            for key in due
+            if (current := self.state.keys.get(key.id)) is not None and current.epoch >= key.epoch
+        ]
+        if kept and self.on_resets is not None:
+            self.on_resets(kept, self.state.generation + 1)
+            self.ledger.unsaved = True
 
     async def settle(self, key: KeyRecord, moment: datetime, kernel_over: bool) -> bool:
         """Settle one key during a reading: reset, status, quota; True if the key changed.
@@ -289,8 +307,8 @@ class Settler:
             key.next_reset_at = limits.next_boundary(moment, key.reset_strategy, self.zone)
             self.events.report("key_reset", key, used_before_reset=key.used_before_reset)
             kernel_over, changed = False, True
-            if self.on_reset is not None:  # the save that follows holds the usage before it
-                self.on_reset(key, self.state.generation + 1)
+            if self.on_resets is not None:
+                self.resets_due.append(key)
         new_status = self.status_for(key, moment, kernel_over)
         if new_status != key.status:
             previous, key.status = key.status, new_status
@@ -421,6 +439,7 @@ class KernelSide:
             self.settler.quotas[key.port] = _held(reading)
             if await self.settler.settle(key, moment, kernel_over=reading.over):
                 result.changed = True
+        self.settler.pass_on_resets()
         self.ledger.unsaved = self.ledger.unsaved or result.changed
 
     def _apply(self, view: TableView, result: Refresh) -> None:

@@ -86,7 +86,7 @@ class Ledger:
             self.log.error("state_write_failed", error=str(exc))
             refusal = StorageFull if exc.disk_full else StoreUnavailable
             raise refusal(f"{exc}; nothing was changed") from None
-        for sink in staged:
+        for sink in self.sinks:  # also those with nothing staged: what waits for the save goes
             sink.commit(generation)
         self._pending.clear()
         self.dirty.clear()

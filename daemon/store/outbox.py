@@ -18,7 +18,7 @@ from typing import Any
 
 import anyio
 
-from daemon.atomic import own_dir, read_regular, write_atomic
+from daemon.atomic import own_dir, read_regular, remove_stale_temporaries, write_atomic
 
 
 class Outbox:
@@ -27,13 +27,18 @@ class Outbox:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self._wake = anyio.Event()
+        self._swept = False  # temporaries a crash left: removed at the first put, not at each
 
     def put(self, message: dict[str, Any], name: str | None = None, staged: bool = False) -> None:
-        """Queue a message durably (as `name.staged` when staged)."""
+        """Queue a message durably (as `name.staged` when staged). The directory is read for a
+        crash's temporaries once, not at every message: it may hold thousands of them."""
         name = name or f"{time.time_ns():020d}-{secrets.token_hex(4)}"
         path = self.directory / f"{name}{'.staged' if staged else '.json'}"
         own_dir(self.directory)
-        write_atomic(path, json.dumps(message, sort_keys=True).encode())
+        if not self._swept:
+            remove_stale_temporaries(self.directory, r"[^/]+\.(json|staged)")
+            self._swept = True
+        write_atomic(path, json.dumps(message, sort_keys=True).encode(), sweep=False)
         if not staged:
             self._wake.set()
 
