@@ -147,3 +147,6 @@ GROUP_PATTERN: Final = r"^[a-z0-9][a-z0-9_.-]{0,31}$"
 # At start a node waits at most this long for the fleet database before it follows the keys
 # there and declares itself ready; a database that is down never holds start-up longer.
 FLEET_START_WAIT: Final = 3.0
+# Seconds a start may spend applying the fleet's keys before READY; the rest follows after it
+# (systemd's TimeoutStartSec is 120 s in the unit).
+FLEET_CONVERGE_BUDGET: Final = 60.0

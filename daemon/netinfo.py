@@ -11,13 +11,11 @@ import os
 import socket
 import struct
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 from pyroute2 import DiagSocket
-from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
-from pyroute2.netlink.diag import SOCK_DESTROY, inet_diag_req
 
 from daemon import nlcodec as nl
 from daemon.allocator import PortRange
@@ -33,6 +31,8 @@ NETLINK_SOCK_DIAG = 4
 DIAG_BUFFER = 1 << 16  # larger than any one chunk of a netlink dump
 DIAG_TIMEOUT = 10.0  # seconds: a dump the kernel never ends must not hold a worker forever
 NET_DEV = "/proc/thread-self/net/dev"  # the calling thread's namespace, as netlink would see
+T = TypeVar("T")
+Decoded = tuple[list[T], nl.Message | None]  # what one chunk of a dump held, and its end if seen
 
 
 def established_by_port(port_range: PortRange) -> dict[int, int]:
@@ -45,15 +45,15 @@ def established_by_port(port_range: PortRange) -> dict[int, int]:
         diag.settimeout(DIAG_TIMEOUT)
         for seq, family in enumerate(FAMILIES, 1):
             diag.send(nl.established_request(family, port_range.first, port_range.last, seq))
-            counts.update(_dumped_ports(diag))
+            counts.update(_dumped(diag, nl.diag_ports))
     return dict(counts)
 
 
-def _dumped_ports(diag: socket.socket) -> Iterator[int]:
-    """The local ports of the sockets of one dump's answer; OSError if the kernel refused it."""
+def _dumped(diag: socket.socket, decode: Callable[[bytes], Decoded[T]]) -> Iterator[T]:
+    """What `decode` finds in each chunk of one dump's answer; OSError if the kernel refused it."""
     while True:
-        ports, ended = nl.diag_ports(diag.recv(DIAG_BUFFER))
-        yield from ports
+        found, ended = decode(diag.recv(DIAG_BUFFER))
+        yield from found
         if ended is not None:
             (code,) = struct.unpack_from("=i", ended.body) if len(ended.body) >= 4 else (0,)
             if code < 0:
@@ -103,36 +103,26 @@ def close_connections(port: int) -> int:
     SOCK_DESTROY over inet_diag: the kernel aborts the local socket (its owner, Xray, gets
     ECONNABORTED and frees it) and sends a reset to the peer. Needs CAP_NET_ADMIN and a kernel
     with CONFIG_INET_DIAG_DESTROY; a connection that ended meanwhile is not counted. Any other
-    refusal raises OSError."""
+    refusal raises OSError. The kernel filters the dump by the port, so the host's other sockets
+    are never sent here."""
     closed = 0
-    with DiagSocket() as diag:
-        diag.bind()
-        for family in FAMILIES:
-            for msg in diag.get_sock_stats(family=family, states=CONNECTED):
-                if msg["idiag_sport"] == port and _destroy(diag, family, msg):
-                    closed += 1
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as diag:
+        diag.settimeout(DIAG_TIMEOUT)
+        for seq, family in enumerate(FAMILIES, 1):
+            diag.send(nl.diag_request(family, CONNECTED, port, port, seq))
+            found = list(_dumped(diag, nl.diag_sockets))
+            closed += sum(_destroy(diag, family, sockid, port) for sockid in found)
     return closed
 
 
-def _destroy(diag: DiagSocket, family: int, found: Any) -> bool:
-    """Abort the one socket `found` (its addresses, ports, interface and cookie); False if it is
-    gone already."""
-    request = inet_diag_req()
-    request["sdiag_family"] = family
-    request["sdiag_protocol"] = socket.IPPROTO_TCP
-    request["idiag_ext"] = 0
-    request["idiag_states"] = CONNECTED
-    for name in ("idiag_sport", "idiag_dport", "idiag_if", "idiag_cookie"):
-        request[name] = found[name]
-    for name in ("idiag_src", "idiag_dst"):
-        request[name] = _words(family, found[name])
-    (answer,) = diag.nlm_request(request, SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK)
-    code: int = -struct.unpack_from("=i", answer.data, answer.offset + NLMSG_ERROR_CODE)[0]
-    if code in (0, errno.ENOENT):
-        return code == 0
-    raise OSError(code, f"SOCK_DESTROY for port {found['idiag_sport']}: {os.strerror(code)}")
-
-
-def _words(family: int, address: str) -> tuple[int, ...]:
-    """An address as inet_diag holds it: four big-endian 32-bit words, IPv4 in the first."""
-    return struct.unpack(">4I", socket.inet_pton(family, address).ljust(16, b"\0"))
+def _destroy(diag: socket.socket, family: int, sockid: bytes, port: int) -> bool:
+    """Abort the one socket `sockid` (its addresses, ports, interface and cookie, as the dump
+    gave them); False if it is gone already."""
+    diag.send(nl.destroy_request(family, CONNECTED, sockid, 0))
+    for message in nl.messages(diag.recv(DIAG_BUFFER)):
+        if message.kind == nl.NLMSG_ERROR:
+            code = nl.error_code(message.body)[0]
+            if code in (0, errno.ENOENT):
+                return code == 0
+            raise OSError(code, f"SOCK_DESTROY for port {port}: {os.strerror(code)}")
+    raise OSError(errno.EPROTO, f"SOCK_DESTROY for port {port}: no acknowledgement")

@@ -436,9 +436,12 @@ SOCK_DIAG_BY_FAMILY = 20
 INET_DIAG_REQ_BYTECODE = 1
 BC_S_GE, BC_S_LE = 2, 3  # inet_diag_bc_op codes: local (source) port >= / <= the next op's `no`
 BC_OP = struct.Struct("=BBH")  # inet_diag_bc_op: code, bytes to skip if yes, if no (host order)
-DIAG_REQ = struct.Struct("=BBBxI48x")  # inet_diag_req_v2: family, protocol, ext, states, sockid
-DIAG_SPORT = struct.Struct(">H")  # inet_diag_msg's sockid.idiag_sport, after four bytes
-DIAG_SPORT_OFFSET = HEADER.size + 4
+DIAG_REQ = struct.Struct("=BBBxI")  # inet_diag_req_v2 before its sockid: family, protocol, ext,
+# states
+SOCKID_SIZE = 48  # inet_diag_sockid: ports, addresses, interface, cookie
+DIAG_SPORT = struct.Struct(">H")  # the sockid's first field: the local port
+SOCKID_OFFSET = HEADER.size + 4  # inet_diag_msg's sockid, after family, state, timer, retrans
+SOCK_DESTROY = 21
 IPPROTO_TCP = 6
 TCP_ESTABLISHED = 1
 
@@ -465,22 +468,44 @@ def port_range_bytecode(first: int, last: int) -> bytes:
 def established_request(family: int, first: int, last: int, seq: int) -> bytes:
     """A dump request for the established TCP sockets of `family` whose local port is in
     first..last, filtered by the kernel."""
-    body = DIAG_REQ.pack(family, IPPROTO_TCP, 0, 1 << TCP_ESTABLISHED) + attr(
-        INET_DIAG_REQ_BYTECODE, port_range_bytecode(first, last)
+    return diag_request(family, 1 << TCP_ESTABLISHED, first, last, seq)
+
+
+def diag_request(family: int, states: int, first: int, last: int, seq: int) -> bytes:
+    """A dump request for the TCP sockets of `family` in `states` (a bit per TCP state) whose
+    local port is in first..last, filtered by the kernel."""
+    body = (
+        DIAG_REQ.pack(family, IPPROTO_TCP, 0, states)
+        + bytes(SOCKID_SIZE)
+        + attr(INET_DIAG_REQ_BYTECODE, port_range_bytecode(first, last))
     )
     return HEADER.pack(HEADER.size + len(body), SOCK_DIAG_BY_FAMILY, REQUEST | DUMP, seq, 0) + body
+
+
+def destroy_request(family: int, states: int, sockid: bytes, seq: int) -> bytes:
+    """SOCK_DESTROY of the one TCP socket `sockid` (as a dump answered it), acknowledged."""
+    body = DIAG_REQ.pack(family, IPPROTO_TCP, 0, states) + sockid
+    return HEADER.pack(HEADER.size + len(body), SOCK_DESTROY, REQUEST | ACK, seq, 0) + body
+
+
+def diag_sockets(chunk: bytes) -> tuple[list[bytes], Message | None]:
+    """The sockid of every socket in one received chunk of a sock_diag dump, and the message
+    that ended the dump (NLMSG_DONE, or an NLMSG_ERROR) if this chunk holds it."""
+    found: list[bytes] = []
+    offset = 0
+    while offset + HEADER.size <= len(chunk):
+        length, kind, _flags, seq, _pid = HEADER.unpack_from(chunk, offset)
+        if kind in (NLMSG_DONE, NLMSG_ERROR) or length < HEADER.size:
+            return found, Message(kind, seq, chunk[offset + HEADER.size : offset + length])
+        if kind == SOCK_DIAG_BY_FAMILY:
+            at = offset + SOCKID_OFFSET
+            found.append(chunk[at : at + SOCKID_SIZE])
+        offset += (length + 3) & ~3
+    return found, None
 
 
 def diag_ports(chunk: bytes) -> tuple[list[int], Message | None]:
     """The local port of every socket in one received chunk of a sock_diag dump, and the message
     that ended the dump (NLMSG_DONE, or an NLMSG_ERROR) if this chunk holds it."""
-    ports: list[int] = []
-    offset = 0
-    while offset + HEADER.size <= len(chunk):
-        length, kind, _flags, seq, _pid = HEADER.unpack_from(chunk, offset)
-        if kind in (NLMSG_DONE, NLMSG_ERROR) or length < HEADER.size:
-            return ports, Message(kind, seq, chunk[offset + HEADER.size : offset + length])
-        if kind == SOCK_DIAG_BY_FAMILY:
-            ports.append(DIAG_SPORT.unpack_from(chunk, offset + DIAG_SPORT_OFFSET)[0])
-        offset += (length + 3) & ~3
-    return ports, None
+    found, ended = diag_sockets(chunk)
+    return [DIAG_SPORT.unpack_from(sockid)[0] for sockid in found], ended

@@ -103,6 +103,45 @@ def test_dump_decoding_reads_ports_until_done() -> None:
     assert ended is not None and (ended.kind, ended.body) == (nl.NLMSG_DONE, bytes(4))
 
 
+def test_close_request_filters_one_port_in_every_connected_state() -> None:
+    """close_connections' dump: the kernel sends only the sockets of that one port."""
+    request = nl.diag_request(socket.AF_INET, netinfo.CONNECTED, 10007, 10007, 3)
+    length, kind, flags, seq, _pid = nl.HEADER.unpack_from(request)
+    assert (length, kind, flags, seq) == (len(request), 20, nl.REQUEST | nl.DUMP, 3)
+    family, protocol, ext, states = struct.unpack_from("=BBBxI", request, nl.HEADER.size)
+    assert (family, protocol, ext, states) == (
+        socket.AF_INET,
+        socket.IPPROTO_TCP,
+        0,
+        0xFFF & ~((1 << 6) | (1 << 7) | (1 << 10)),
+    )
+    assert request[nl.HEADER.size + 8 : nl.HEADER.size + 56] == bytes(48)
+    program = nl.attrs(request[nl.HEADER.size + 56 :])[1]
+    assert program == nl.port_range_bytecode(10007, 10007)
+    assert [p for p in (10006, 10007, 10008) if kernel_accepts(program, p)] == [10007]
+
+
+def test_destroy_request_carries_the_dumped_sockid() -> None:
+    sockid = bytes(range(48))
+    request = nl.destroy_request(socket.AF_INET6, 0xFF, sockid, 9)
+    length, kind, flags, seq, _pid = nl.HEADER.unpack_from(request)
+    assert (length, kind, flags, seq) == (nl.HEADER.size + 56, 21, nl.REQUEST | nl.ACK, 9)
+    assert struct.unpack_from("=BBBxI", request, nl.HEADER.size) == (
+        socket.AF_INET6,
+        socket.IPPROTO_TCP,
+        0,
+        0xFF,
+    )
+    assert request[nl.HEADER.size + 8 :] == sockid
+
+
+def test_dump_decoding_reads_each_sockets_id() -> None:
+    done = nl.HEADER.pack(nl.HEADER.size + 4, nl.NLMSG_DONE, nl.MULTI, 1, 0) + bytes(4)
+    found, ended = nl.diag_sockets(diag_message(20, 10001) + diag_message(20, 10002) + done)
+    assert found == [struct.pack(">H", port).ljust(48, b"\0") for port in (10001, 10002)]
+    assert ended is not None and ended.kind == nl.NLMSG_DONE
+
+
 # --- in-process: the answers ----------------------------------------------------------------
 
 

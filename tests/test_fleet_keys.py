@@ -11,6 +11,7 @@ import base64
 import contextlib
 import threading
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,7 +28,7 @@ from daemon.fleet.keys import FleetKeys, differences, row_of, serves, userinfo
 from daemon.service import Service
 from daemon.store.state import KeyRecord
 from tests.conftest import Daemon, fresh_port_range
-from tests.inprocess import InProcessDaemon
+from tests.inprocess import InProcessDaemon, started
 from tests.netlab import SERVER_V4, Lab, lab, sh, wait_for
 from tests.pgserver import Cluster, Database
 from tests.test_limits import WIRE, Receiver
@@ -442,6 +443,37 @@ def test_a_new_key_starts_its_names_fleet_usage_afresh(fleet_db: Database) -> No
     # From the new key's creation on (whole seconds, as the deltas' timestamps), resets kept.
     users = "SELECT resets, reset_at AT TIME ZONE 'UTC' FROM portmeter.users WHERE name = 'rita'"
     assert fleet_db.sql(users) == "2|2026-05-01 12:00:00"
+
+
+def test_a_start_applies_keys_within_its_budget_and_the_rest_after_ready(
+    fleet_db: Database,
+) -> None:
+    """A node joining a fleet of many keys must not outlast systemd's start timeout: what its
+    budget did not cover before READY is applied by the next comparison."""
+    names = [f"joiner{n}" for n in range(5)]
+
+    async def main() -> None:
+        db = FleetDB(fleet_db.dsn, LOG)
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(db.run)
+            with anyio.fail_after(30):
+                await db.wait_ready()
+            settings = SimpleNamespace(server_name="node1", server_groups=(), poll_interval=1.0)
+            writer = FleetKeys(db, cast(Service, SimpleNamespace(settings=settings)), LOG)
+            for name in names:
+                fresh = {"uuid": uuid.uuid4(), "sub_token": uuid.uuid4().hex}
+                await writer.created(fleet_key(name).model_copy(update=fresh))
+            async with started(xray=False) as rig:
+                node = FleetKeys(db, rig.service, LOG)
+                await node.converge_at_start(budget=0)
+                assert [k for k in rig.service.state.keys.values() if k.fleet] == []
+                assert await node.sync() is True
+                held = sorted(k.name for k in rig.service.state.keys.values() if k.fleet)
+                assert held == names
+            tasks.cancel_scope.cancel()
+        await db.close()
+
+    anyio.run(main)
 
 
 def test_a_server_serves_keys_without_groups_or_sharing_one() -> None:

@@ -229,7 +229,7 @@ def test_a_control_character_in_a_name_is_422_never_500(
 
     async def read(db: FleetDB) -> None:
         with pytest.raises(Invalid, match="fleet database: "):
-            await FleetReads(db, "node-a", lambda name, at: None).reported("a\x00b")
+            await FleetReads(db, "node-a").reported("a\x00b")
 
     with_fleet(fleet_db, read)
 
@@ -260,6 +260,6 @@ def test_the_overview_reads_no_row_of_the_reports_table(fleet_db: Database) -> N
             await conn.execute("ANALYZE portmeter.reports")
             plan = await (await conn.execute("EXPLAIN (FORMAT JSON) " + STATS, ("me",))).fetchone()
         assert plan is not None and '"Relation Name": "reports"' not in json.dumps(plan[0])
-        assert (await FleetReads(db, "me", lambda name, at: None).reported_stats())["records"] == 50
+        assert (await FleetReads(db, "me").reported_stats())["records"] == 50
 
     with_fleet(fleet_db, stats)

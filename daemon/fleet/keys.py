@@ -31,7 +31,7 @@ from psycopg import AsyncConnection, errors
 from psycopg.rows import dict_row
 
 from daemon import names
-from daemon.bounds import FLEET_START_WAIT
+from daemon.bounds import FLEET_CONVERGE_BUDGET, FLEET_START_WAIT
 from daemon.errors import Conflict, Invalid, NotFound, OperationError, StoreUnavailable
 from daemon.fleet.db import CONNECT_TIMEOUT, MAX_BACKOFF, FleetDB, FleetUnavailable
 from daemon.fleet.db import describe_failure as _failure
@@ -264,8 +264,10 @@ class FleetKeys:
 
     # --- following ------------------------------------------------------------------------------
 
-    async def converge_at_start(self) -> None:
-        """One full comparison before READY, if the database answers within FLEET_START_WAIT."""
+    async def converge_at_start(self, budget: float = FLEET_CONVERGE_BUDGET) -> None:
+        """One full comparison before READY, if the database answers within FLEET_START_WAIT;
+        what is not applied within `budget` seconds (a new node joining thousands of keys)
+        follows after READY, so a start never outlasts systemd's start timeout."""
         with anyio.move_on_after(FLEET_START_WAIT):
             await self.db.wait_ready()
         if not self.db.ready:
@@ -276,7 +278,15 @@ class FleetKeys:
             )
             return
         started = anyio.current_time()
-        await self.sync_quietly()
+        if not await self.sync_quietly(deadline=started + budget):
+            self.log.warning(
+                "fleet_keys_not_converged",
+                reason=f"not every key applied within {budget:g}s",
+                keys=sum(1 for key in self.service.state.keys.values() if key.fleet),
+                remedy="the rest is applied after READY",
+            )
+            self.wake(None)
+            return
         self.log.info(
             "fleet_keys_converged",
             keys=sum(1 for key in self.service.state.keys.values() if key.fleet),
@@ -328,21 +338,26 @@ class FleetKeys:
             await anyio.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF, max(1.0, self.interval))
 
-    async def sync_quietly(self, ids: set[str] | None = None) -> None:
-        """`sync`, a database failure logged once (the next wake or comparison tries again)."""
+    async def sync_quietly(
+        self, ids: set[str] | None = None, deadline: float | None = None
+    ) -> bool:
+        """`sync`, a database failure logged once (the next wake or comparison tries again);
+        True if it completed."""
         try:
-            await self.sync(ids)
+            complete = await self.sync(ids, deadline)
         except (FleetUnavailable, psycopg.Error) as exc:
             error = str(exc) if isinstance(exc, FleetUnavailable) else _failure(exc)
             if error != self._failing:
                 self.log.warning("fleet_keys_sync_failed", error=error, remedy="retried")
             self._failing = error
-            return
+            return False
         self._failing = None
+        return complete
 
-    async def sync(self, ids: set[str] | None = None) -> None:
+    async def sync(self, ids: set[str] | None = None, deadline: float | None = None) -> bool:
         """Make this node's fleet keys what the database holds: all of them (`ids` None), or
-        those named. Keys created here with `local` are never touched."""
+        those named. Keys created here with `local` are never touched. With a `deadline`
+        (anyio's clock), no operation starts after it: False if some were left for later."""
         async with self._syncing:
             if ids is None:
                 await self._publish_server()
@@ -352,11 +367,16 @@ class FleetKeys:
             wanted = {i: r for i, r in rows.items() if serves(self.groups, r["groups"])}
             held = self._held()
             scope = set(held) if ids is None else ids & set(held)
-            for key_id in sorted(scope - set(wanted)):
-                await self._apply(self.service.delete_key(key_id, local=True), key_id)
-            for row in wanted.values():
-                await self._follow(row, held.get(row["id"]))
+            due = [(key_id, None) for key_id in sorted(scope - set(wanted))]
+            for key_id, row in due + [(row["id"], row) for row in wanted.values()]:
+                if deadline is not None and anyio.current_time() >= deadline:
+                    return False
+                if row is None:
+                    await self._apply(self.service.delete_key(key_id, local=True), key_id)
+                else:
+                    await self._follow(row, held.get(key_id))
             await self._publish_statuses(None if ids is None else ids)
+            return True
 
     async def _rows(self, ids: set[str] | None) -> list[dict[str, Any]]:
         if ids is None:

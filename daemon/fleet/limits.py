@@ -64,10 +64,14 @@ class FleetResets:
                 remedy="reset the keys again once the disk has room",
             )
 
-    def key_reset(self, key: KeyRecord, generation: int) -> None:
-        """The service's hook: one of its keys was reset here, after saved generation
-        `generation`."""
-        self.put([(key.name, key.last_reset_at or now())], generation, staged=False)
+    async def reset(self, keys: Sequence[KeyRecord], names: Sequence[str], generation: int) -> None:
+        """The service's hook: one operation reset these keys here, and the users `names` with
+        them, after saved generation `generation`. One message, written in a worker thread: an
+        operation over every user is one fsync, and the event loop goes on serving meanwhile."""
+        moment = now()
+        resets = [(key.name, key.last_reset_at or moment) for key in keys]
+        resets += [(name, moment) for name in names]
+        await anyio.to_thread.run_sync(self.put, resets, generation, False)
 
     def periodic(self, keys: Sequence[KeyRecord], generation: int) -> None:
         """The settler's hook: keys whose periodic reset came due in one settling pass, held
@@ -123,11 +127,9 @@ def attach(service: Service, node: FleetNode, log: Log) -> Callable[[], Coroutin
     group (the limits at every poll interval and after each delivery, the retention hourly)."""
     server, settings = service.settings.server_name, service.settings
     resets = FleetResets(reports_of(service, node), log)
-    service.settler.on_reset = resets.key_reset
+    service.settler.on_reset = resets.reset
     service.settler.on_resets = resets.periodic
-    service.fleet_reads = FleetReads(
-        node.db, server, lambda name, at: resets.put([(name, at)], service.state.generation, False)
-    )
+    service.fleet_reads = FleetReads(node.db, server)
     remote = RemoteLimits(node.db, service, server, settings.poll_interval, log)
     node.delivery.on_delivered.append(remote.refresh)
 

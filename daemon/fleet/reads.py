@@ -10,7 +10,7 @@ the database is unusable every read raises FleetUnavailable, which the routes an
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, date, datetime, time
 from typing import Any
 
@@ -84,13 +84,13 @@ def _bucket(row: Sequence[Any]) -> ReportBucket:
 
 
 class FleetReads:
-    """`Reported` from PostgreSQL for the server named `server`; `reset` queues a user's reset
-    for every server (daemon/fleet/limits.py `FleetResets.put`)."""
+    """`Reported` from PostgreSQL for the server named `server`. A user's reset reaches every
+    server as the service's message (`Service.reset_many`, daemon/fleet/limits.py
+    `FleetResets.reset`), not from here."""
 
-    def __init__(self, db: FleetDB, server: str, reset: Callable[[str, datetime], None]) -> None:
+    def __init__(self, db: FleetDB, server: str) -> None:
         self.db = db
         self.server = server
-        self.reset = reset
 
     async def _rows(self, sql: str, params: Sequence[Any] | dict[str, Any]) -> list[Any]:
         with unavailable():
@@ -140,15 +140,17 @@ class FleetReads:
         }
 
     async def reset_reports(self, user: str) -> dict[str, Any]:
-        """Queue the user's reset for every server and the ledger (delivered in order with the
-        usage, so nothing counted before it survives it); what the others had until now."""
+        """What the others had until the user's reset (queued by the service, delivered in order
+        with the usage, so nothing counted before it survives it)."""
         reported = await self.reported(user)
-        self.reset(user, now())
         return {
             "servers": len(reported),
             "bytes_uploaded": sum(r.bytes_uploaded for r in reported),
             "bytes_downloaded": sum(r.bytes_downloaded for r in reported),
         }
+
+    async def reset_many(self, users: Sequence[str]) -> None:
+        """Nothing to do here: the service's one message resets them (`reset_reports`)."""
 
     async def record_reports(self, reports: Sequence[FleetReport]) -> list[bool]:
         with unavailable():

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import anyio
@@ -36,6 +36,7 @@ from daemon.counters import NftError
 from daemon.errors import Conflict, Invalid, NotFound, OperationError, OperationFailed
 from daemon.kernel import Host, Kernel
 from daemon.limits import Quota, ResetStrategy
+from daemon.service.fleet_port import FleetKeysPort, FleetStatusSource
 from daemon.service.guards import Guards
 from daemon.service.kernel_side import (
     Closer,
@@ -61,10 +62,6 @@ from daemon.store.usage import UsageSink
 from daemon.units import iso
 from daemon.xray.drift import DriftProblem
 from daemon.xray.migration import apply_migration
-
-if TYPE_CHECKING:
-    from daemon.fleet.delivery import FleetNode
-    from daemon.fleet.keys import FleetKeys
 
 Log = structlog.typing.FilteringBoundLogger
 SETTABLE = frozenset(
@@ -128,8 +125,8 @@ class Service:
         self.kernel = KernelSide(kernel, state, self.ledger, self.settler, self.failures, log)
         self._connections = Connections(host, settings.port_range, log)
         self.fleet_reads: Reported | None = None  # other servers' usage, from a fleet database
-        self.fleet: FleetNode | None = None  # this node's fleet database side, when configured
-        self.fleet_keys: FleetKeys | None = None  # the fleet's keys, followed and written
+        self.fleet: FleetStatusSource | None = None  # the fleet database side, when configured
+        self.fleet_keys: FleetKeysPort | None = None  # the fleet's keys, followed and written
         if xray is not None:
             self.ledger.followers.append(xray.follow)
 
@@ -231,13 +228,24 @@ class Service:
             return key
 
     async def reset_traffic(self, ref: str) -> KeyRecord:
-        """Zero a key's totals; what the kernel counts from now on is its new usage. A fleet's
-        other servers hear of it (`settler.on_reset`)."""
+        """Zero a key's totals; what the kernel counts from now on is its new usage."""
+        return (await self.reset_many([ref]))[0]
+
+    async def reset_many(self, refs: Sequence[str], names: Sequence[str] = ()) -> list[KeyRecord]:
+        """Zero these keys' totals in one hold of the lock. A fleet's other servers hear of them,
+        and of the users `names` reset with them (their usage elsewhere), in ONE message
+        (`settler.on_reset`), even when a key fails on the way: one operation is one write."""
         async with self.lock:
-            fresh = await self._reset(self.find(ref))
-            if self.settler.on_reset is not None:  # saved: the usage before it is staged
-                self.settler.on_reset(fresh, self.state.generation)
-            return fresh
+            done: list[KeyRecord] = []
+            try:
+                for ref in refs:
+                    done.append(await self._reset(self.find(ref)))
+            finally:
+                if self.settler.on_reset is not None and (done or names):
+                    # Saved: the usage before them is staged. Under the lock, so no later
+                    # generation's usage is saved before the message is written.
+                    await self.settler.on_reset(done, names, self.state.generation)
+            return done
 
     async def settle_remote(self, remote: dict[str, int], resets: dict[str, datetime]) -> None:
         """A fleet's figures (daemon/fleet/limits.py): usage of each key name on the other
@@ -512,7 +520,7 @@ class Service:
         local: bool,
         undo: list[Undo],
         key_id: str,
-        step: Callable[[FleetKeys], Awaitable[None]],
+        step: Callable[[FleetKeysPort], Awaitable[None]],
     ) -> None:
         """The last step of a fleet key operation, unless `local`: write it to the fleet
         database, so the other nodes hear only of what is saved here. A write that fails takes

@@ -237,10 +237,11 @@ class Settler:
         self.next_deadline: datetime | None = None
         self.everything = True
         # A fleet's usage of each key name on the other servers (daemon/fleet/limits.py), and
-        # who hears of a reset here (to pass it on to them), with the state generation whose
-        # usage it follows.
+        # who hears of an operation's resets here (to pass them on to them as one message): the
+        # keys reset, the users reset with them, and the state generation whose usage they follow.
         self.remote: dict[str, int] = {}
-        self.on_reset: Callable[[KeyRecord, int], None] | None = None
+        self.on_reset: Callable[[Sequence[KeyRecord], Sequence[str], int], Awaitable[None]] | None
+        self.on_reset = None
         # Periodic resets are passed on together after each settling pass (`pass_on_resets`).
         self.on_resets: Callable[[Sequence[KeyRecord], int], None] | None = None
         self.resets_due: list[KeyRecord] = []

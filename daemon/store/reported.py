@@ -46,6 +46,11 @@ class Reported(Protocol):
 
     async def reset_reports(self, user: str) -> dict[str, Any]: ...
 
+    async def reset_many(self, users: Sequence[str]) -> None:
+        """Reset every one of `users`, whose names the service's reset announced with its keys
+        (`Service.reset_many`)."""
+        ...
+
     async def record_reports(self, reports: Sequence[FleetReport]) -> list[bool]: ...
 
 
@@ -79,6 +84,10 @@ class HistoryReports:
 
     async def reset_reports(self, user: str) -> dict[str, Any]:
         return self.history.reset_reports(user)
+
+    async def reset_many(self, users: Sequence[str]) -> None:
+        for user in users:
+            self.history.reset_reports(user)
 
     async def record_reports(self, reports: Sequence[FleetReport]) -> list[bool]:
         return self.history.record_reports(reports)

@@ -272,17 +272,16 @@ async def user_usage_reset(
     username: Username, service: ServiceDep, users: UsersDep
 ) -> dict[str, Any]:
     keys, _ = await users.lookup(username)
-    local = []
-    for key in keys:
-        done = await service.reset_traffic(key.id)
-        local.append(
-            {
-                "key_id": done.id,
-                "port": done.port,
-                "used_before_reset": done.used_before_reset,
-                "epoch": done.epoch,
-            }
-        )
+    # The user's keys and their usage elsewhere: one operation, one fleet message.
+    local = [
+        {
+            "key_id": done.id,
+            "port": done.port,
+            "used_before_reset": done.used_before_reset,
+            "epoch": done.epoch,
+        }
+        for done in await service.reset_many([k.id for k in keys], [username])
+    ]
     with storage():
         reported = await users.reported.reset_reports(username)
     return {
@@ -298,12 +297,12 @@ async def user_usage_reset(
 async def usage_reset_all(service: ServiceDep, reported: ReportedDep) -> dict[str, Any]:
     """Every user: local counters and reported totals to zero; the history is kept."""
     keys = service.keys_by_port()
-    for key in keys:
-        await service.reset_traffic(key.id)
     with storage():
         reported_users = await reported.reported_users()
-        for name in reported_users:
-            await reported.reset_reports(name)
+    # Every key and every user reported from elsewhere: one operation, one fleet message.
+    await service.reset_many([k.id for k in keys], sorted(reported_users))
+    with storage():
+        await reported.reset_many(sorted(reported_users))
     users = sorted({k.name for k in keys} | set(reported_users))
     return {
         "users_reset": users,
