@@ -15,6 +15,7 @@ import pytest
 import structlog
 
 from daemon.fleet.db import FleetDB, FleetUnavailable, connection_lost
+from tests.fleetrig import ready_fleet_db
 from tests.pgserver import PG_BIN, Database
 
 LOG = structlog.get_logger()
@@ -22,14 +23,8 @@ LOG = structlog.get_logger()
 
 def with_db(db: Database, deadline: int, body: Callable[[FleetDB], Awaitable[None]]) -> None:
     async def main() -> None:
-        fleet = FleetDB(db.dsn, LOG, deadline=deadline)
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(fleet.run)
-            with anyio.fail_after(30):
-                await fleet.wait_ready()
+        async with ready_fleet_db(db.dsn, deadline) as fleet:
             await body(fleet)
-            tasks.cancel_scope.cancel()
-        await fleet.close()
 
     anyio.run(main)
 

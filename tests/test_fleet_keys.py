@@ -28,6 +28,7 @@ from daemon.fleet.keys import FleetKeys, differences, row_of, serves, userinfo
 from daemon.service import Service
 from daemon.store.state import KeyRecord
 from tests.conftest import Daemon, fresh_port_range
+from tests.fleetrig import ready_fleet_db
 from tests.inprocess import InProcessDaemon, started
 from tests.netlab import SERVER_V4, Lab, lab, sh, wait_for
 from tests.pgserver import Cluster, Database
@@ -385,14 +386,8 @@ def with_writers(db: Database, body: Callable[[FleetKeys, FleetKeys], Awaitable[
         return FleetKeys(fleet_db, cast(Service, SimpleNamespace(settings=settings)), LOG)
 
     async def main() -> None:
-        fleet_db = FleetDB(db.dsn, LOG)
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(fleet_db.run)
-            with anyio.fail_after(30):
-                await fleet_db.wait_ready()
+        async with ready_fleet_db(db.dsn) as fleet_db:
             await body(writer(fleet_db, "node0"), writer(fleet_db, "node1"))
-            tasks.cancel_scope.cancel()
-        await fleet_db.close()
 
     anyio.run(main)
 
@@ -453,11 +448,7 @@ def test_a_start_applies_keys_within_its_budget_and_the_rest_after_ready(
     names = [f"joiner{n}" for n in range(5)]
 
     async def main() -> None:
-        db = FleetDB(fleet_db.dsn, LOG)
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(db.run)
-            with anyio.fail_after(30):
-                await db.wait_ready()
+        async with ready_fleet_db(fleet_db.dsn) as db:
             settings = SimpleNamespace(server_name="node1", server_groups=(), poll_interval=1.0)
             writer = FleetKeys(db, cast(Service, SimpleNamespace(settings=settings)), LOG)
             for name in names:
@@ -470,8 +461,6 @@ def test_a_start_applies_keys_within_its_budget_and_the_rest_after_ready(
                 assert await node.sync() is True
                 held = sorted(k.name for k in rig.service.state.keys.values() if k.fleet)
                 assert held == names
-            tasks.cancel_scope.cancel()
-        await db.close()
 
     anyio.run(main)
 

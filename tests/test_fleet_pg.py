@@ -24,12 +24,12 @@ import psycopg
 import pytest
 import structlog
 
-from daemon.fleet.db import FleetDB
 from daemon.fleet.delivery import Delivery
 from daemon.fleet.schema import LATEST, SchemaTooNew, migrate
 from daemon.settings import Settings
 from daemon.store.outbox import Outbox
 from tests.conftest import Daemon, fresh_port_range
+from tests.fleetrig import ready_fleet_db
 from tests.netlab import SERVER_V4, Lab, lab, wait_for
 from tests.pgserver import Cluster, Database
 
@@ -76,18 +76,12 @@ def run_delivery(
     """Connect, scan and drain `outbox` once, as a node's delivery loop does."""
 
     async def main() -> Delivery:
-        fleet = FleetDB(db.dsn, LOG)
-        delivery = Delivery(fleet, Outbox(outbox), server, "inst", 1.0, LOG)
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(fleet.run)
-            with anyio.fail_after(30):
-                await fleet.wait_ready()
+        async with ready_fleet_db(db.dsn) as fleet:
+            delivery = Delivery(fleet, Outbox(outbox), server, "inst", 1.0, LOG)
             await delivery.scan()
             await delivery.drain()
             if then is not None:
                 await then(delivery)
-            tasks.cancel_scope.cancel()
-        await fleet.close()
         return delivery
 
     return anyio.run(main)

@@ -17,7 +17,6 @@ from typing import Any
 import anyio
 import psycopg
 import pytest
-import structlog
 
 from daemon.errors import Invalid
 from daemon.fleet.db import FleetDB
@@ -25,6 +24,7 @@ from daemon.fleet.reads import STATS, FleetReads
 from daemon.fleet.retention import apply_retention
 from daemon.fleet.schema import RETENTION_LOCK, migrate
 from tests.conftest import Daemon
+from tests.fleetrig import ready_fleet_db
 from tests.pgserver import PASSWORD, Database
 
 pytestmark = pytest.mark.root
@@ -238,14 +238,8 @@ def with_fleet(db: Database, body: Callable[[FleetDB], Awaitable[None]]) -> None
     """`body` with a FleetDB on `db`, ready, in-process."""
 
     async def main() -> None:
-        fleet = FleetDB(db.dsn, structlog.get_logger())
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(fleet.run)
-            with anyio.fail_after(30):
-                await fleet.wait_ready()
+        async with ready_fleet_db(db.dsn) as fleet:
             await body(fleet)
-            tasks.cancel_scope.cancel()
-        await fleet.close()
 
     anyio.run(main)
 

@@ -15,12 +15,12 @@ import anyio
 import pytest
 import structlog
 
-from daemon.fleet.db import FleetDB
 from daemon.fleet.limits import FleetResets
 from daemon.fleet.reads import FleetReads
 from daemon.http.routes.usage import Users, usage_reset_all, user_usage_reset
 from daemon.reports import FleetReports
 from daemon.store.outbox import Outbox
+from tests.fleetrig import ready_fleet_db
 from tests.inprocess import started
 from tests.pgserver import Database
 from tests.test_fleet_pg import rows, run_delivery
@@ -40,11 +40,7 @@ def reset_with(db: Database, box: Path, *, everyone: bool) -> list[Path]:
     names = [f"user{n:04d}" for n in range(ELSEWHERE)] + list(LOCAL)
 
     async def main() -> None:
-        fleet = FleetDB(db.dsn, LOG)
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(fleet.run)
-            with anyio.fail_after(30):
-                await fleet.wait_ready()  # migrated
+        async with ready_fleet_db(db.dsn) as fleet:
             async with fleet.connection() as conn:
                 await conn.execute(
                     "INSERT INTO portmeter.totals SELECT n, 'node1', 700, 800, 3, 1, now(), now()"
@@ -71,8 +67,6 @@ def reset_with(db: Database, box: Path, *, everyone: bool) -> list[Path]:
                     users = Users(service, rig.history, reads, "srv")
                     done = await user_usage_reset("anna", service, users)
                     assert (len(done["local"]), done["reported"]["servers"]) == (1, 1)
-            tasks.cancel_scope.cancel()
-        await fleet.close()
 
     anyio.run(main)
     return reset_files(box)

@@ -25,6 +25,7 @@ from daemon.reports import FleetReports
 from daemon.store.outbox import Outbox
 from daemon.store.state import State, StateStore, StorageError
 from daemon.store.usage import UsageDelta
+from tests.fleetrig import ready_fleet_db
 from tests.inprocess import started
 from tests.pgserver import Database
 from tests.test_fleet_pg import HOUR, put, report, rows, run_delivery
@@ -65,17 +66,11 @@ def test_a_settle_that_fails_is_logged_once_and_tried_again(fleet_db: Database) 
     service = Failing()
 
     async def main() -> None:
-        db = FleetDB(fleet_db.dsn, LOG)
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(db.run)
-            with anyio.fail_after(30):
-                await db.wait_ready()
+        async with ready_fleet_db(fleet_db.dsn) as db:
             limits = RemoteLimits(db, service, "srv", 1.0, LOG)  # type: ignore[arg-type]
             with structlog.testing.capture_logs() as logs:
                 await limits.refresh()
                 await limits.refresh()
-            tasks.cancel_scope.cancel()
-        await db.close()
         assert service.calls == 2
         assert [entry["event"] for entry in logs] == ["fleet_settle_failed"]
 
