@@ -124,8 +124,9 @@ class FleetDB:
             kwargs={
                 "autocommit": True,
                 "connect_timeout": CONNECT_TIMEOUT,
-                # The server ends a statement that runs too long; TCP notices a silent peer.
-                "options": f"-c statement_timeout={self.deadline * 1000}",
+                # The server ends a statement before the deadline (a lock wait is then a failed
+                # statement: the database answered); the deadline and TCP catch a silent one.
+                "options": f"-c statement_timeout={self.deadline * 800}",
                 "keepalives": 1,
                 "keepalives_idle": 10,
                 "keepalives_interval": 5,
