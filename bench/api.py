@@ -32,7 +32,8 @@ from tests.conftest import Daemon
 THREADS = 4
 ALL, PAGED = "/api/traffic/ports/exact", "/api/traffic/ports/exact?limit=100&offset=0"
 PAGE = 100
-TARGET_P99_MS = 10.0  # per key
+TARGETS_P99_MS = {"per key": 10.0, "all keys": 50.0}
+WARM_UP = 20  # requests of each kind first, unmeasured: the start's own work after READY
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,10 @@ def main(quick: bool = False) -> None:
     plan = QUICK if quick else FULL
     with running(plan.keys) as run:
         ids = [key.id for key in run.keys]
+        load(
+            run.daemon,
+            [ALL] * WARM_UP + [f"/api/keys/{i}/traffic/port/exact" for i in ids[:WARM_UP]],
+        )
         results: dict[str, list[float] | str] = {
             "all keys": load(run.daemon, [ALL] * plan.requests),
             "per key": load(
@@ -121,7 +126,7 @@ def main(quick: bool = False) -> None:
             )
     print_table(
         f"API latency at {plan.keys} keys, {THREADS} client threads "
-        f"(target p99 <= {TARGET_P99_MS:.0f} ms per key)",
+        f"(target p99: {', '.join(f'{k} <= {ms:.0f} ms' for k, ms in TARGETS_P99_MS.items())})",
         ["request", "n", "p50 ms", "p99 ms", "max ms"],
         rows,
     )

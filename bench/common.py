@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -38,6 +39,8 @@ RESULTS = Path(__file__).with_name("RESULTS.md")
 # 12,000 ports: room for 10,000 keys and the samples. Each daemon has a namespace of its own, so
 # ranges never clash with each other or with the host.
 PORT_RANGE = (20000, 31999)
+# The range issue 18 names for 30,000 keys (README "30,000 keys"); benches at that size use it.
+SCALE_RANGE = (20001, 50000)
 READY_TIMEOUT = 900.0  # start-up at 10,000 keys: a full table install and Xray config write
 API_TIMEOUT = 300.0
 POLL_LINE = re.compile(r"\bevent=poll\b.*?\bseconds=([0-9.]+)")
@@ -161,23 +164,34 @@ class Run:
     keys: list[KeyRecord]
 
 
-def make_daemon(net: Lab, workdir: Path, **env: str) -> Daemon:
+def make_daemon(
+    net: Lab, workdir: Path, port_range: tuple[int, int] = PORT_RANGE, **env: str
+) -> Daemon:
     """A daemon (not started) in the server namespace: apply mode none, no polling unless asked."""
     env.setdefault("PORTMETER_XRAY_APPLY", "none")
     env.setdefault("PORTMETER_POLL_INTERVAL", "3600")
     env.setdefault("NOTIFY_SOCKET", "")  # never notify a systemd the bench itself may run under
-    daemon = Daemon(net.server, workdir, PORT_RANGE, **env)
+    daemon = Daemon(net.server, workdir, port_range, **env)
     daemon.http.timeout = httpx.Timeout(API_TIMEOUT)
     return daemon
 
 
 @contextlib.contextmanager
-def running(keys: int, **env: str) -> Iterator[Run]:
-    """A started daemon with `keys` keys in its own lab and directory; all removed afterwards."""
+def running(
+    keys: int,
+    port_range: tuple[int, int] = PORT_RANGE,
+    xray_base: dict[str, object] | None = None,
+    **env: str,
+) -> Iterator[Run]:
+    """A started daemon with `keys` keys in its own lab and directory (ports from `port_range`;
+    `xray_base`: the Xray config it starts from); all removed afterwards."""
     with lab() as net, scratch() as workdir:
-        daemon = make_daemon(net, workdir, **env)
+        daemon = make_daemon(net, workdir, port_range, **env)
         try:
             made = generate_state(daemon, keys) if keys else []
+            if xray_base is not None:
+                daemon.xray_config.parent.mkdir(parents=True, exist_ok=True)
+                daemon.xray_config.write_text(json.dumps(xray_base))
             daemon.start(wait=False)
             daemon.wait_ready(READY_TIMEOUT)
             yield Run(daemon, made)

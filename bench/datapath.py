@@ -1,16 +1,19 @@
-"""Data-path cost: iperf3 between two namespaces over a veth pair, three setups side by side.
+"""Data-path cost by the CPU-cost method (bench/cpucost.py, README "Data path cost").
 
+Three setups, each in a lab of its own (two namespaces joined by veth), built once:
 - no table;
-- a portmeter table (daemon.counters.Counters.build) with 10,000 ports;
-- one rule per port: `tcp dport N counter` and `udp dport N counter` on input, the same with
-  `sport` on output (what portmeter counts), 40,000 rules in all.
+- a trivial table: one `counter` rule per hook (input and output), the cost of having a hooked
+  chain at all, which is not portmeter's;
+- a portmeter table with 30,000 keys on ports 20001-50000, built by daemon.counters.Counters.
 
-The iperf3 server listens on the highest of the 10,000 ports: the last rule in the rule-per-port
-table, the last element added to the portmeter maps. Each setup has a lab of its own, built once;
-rounds alternate the setups (TCP, then UDP at a fixed rate) so drift in the machine's load hits
-all three alike. Reported: medians and the best round of each setup, and their ratios to no
-table. The target is judged on the best rounds: on a shared 2-core machine anything else running
-only ever lowers a round's throughput, so the best round is the nearest to the setup's own cost.
+bench/blast.c sends UDP from the client namespace to the highest port (the last element added
+to the portmeter maps) at a fixed packet rate every setup carries without loss, in alternating
+rounds: 1,400-byte datagrams (CPU time per GB of payload: portmeter against no table, target
+ratio <= 1.03) and 64-byte datagrams (CPU time per packet: portmeter minus the trivial table,
+target <= 200 ns). On this noisy 2-core machine a paired round spreads by several hundred
+nanoseconds per packet, so the small-packet rounds are then run again with the input rules of the
+trivial and the portmeter table repeated 8 times: the difference, divided by 8, is the cost of
+portmeter's rules above the trivial rule, with 8 times the signal against the same noise.
 Usage: .venv/bin/python -m bench.datapath [--quick]
 """
 
@@ -20,124 +23,86 @@ import contextlib
 import json
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
-from bench.common import (
-    PORT_RANGE,
-    append_results,
-    interruptible,
-    median,
-    parse_quick,
-    print_table,
-    scratch,
+from bench.common import append_results, interruptible, median, parse_quick, print_table
+from bench.cpucost import (
+    Round,
+    Setup,
+    Traffic,
+    Work,
+    alternate,
+    blaster,
+    cpu_group,
+    gigabytes,
+    nanoseconds_more,
+    packets,
+    paired,
+    per_unit,
+    ratio,
+    spread,
+    udp_at,
 )
 from tests.conftest import REPO
-from tests.netlab import Lab, iperf_client, lab, unique_name
+from tests.netlab import Lab, lab, unique_name
 
-SETUPS = ("no table", "portmeter", "rule per port")
-UDP_RATE, UDP_LENGTH = "2G", 1400
+NONE, TRIVIAL, PORTMETER = "no table", "trivial counter", "portmeter"
+SETUPS = (NONE, TRIVIAL, PORTMETER)
+FIRST_PORT = 20001
+LARGE, SMALL = 1400, 64  # UDP payload bytes
 # The portmeter table, built the way the daemon builds it; runs inside the server namespace.
 BUILD = (
     "import sys, anyio; from daemon.counters import Counters; "
     "ports = range(int(sys.argv[2]), int(sys.argv[3]) + 1); "
     "anyio.run(Counters(sys.argv[1]).build, dict.fromkeys(ports))"
 )
+CLOCKS = ("own", "system")
+TARGET_RATIO, TARGET_NS = 1.03, 200.0
+COPIES = 8  # the input rules repeated, to see their own cost above the noise
 
 
 @dataclass(frozen=True)
 class Plan:
     ports: int
     rounds: int
-    seconds: int
+    large: Traffic
+    small: Traffic
 
 
-FULL = Plan(ports=10000, rounds=5, seconds=3)
-QUICK = Plan(ports=1000, rounds=1, seconds=1)
+FULL = Plan(30000, 12, Traffic(LARGE, 60000, 3), Traffic(SMALL, 100000, 3))
+QUICK = Plan(1000, 2, Traffic(LARGE, 60000, 1), Traffic(SMALL, 100000, 1))
 
 
-@dataclass
-class Samples:
-    tcp: list[float] = field(default_factory=list)  # Gbit/s received
-    udp: list[float] = field(default_factory=list)  # Gbit/s received
-    loss: list[float] = field(default_factory=list)  # percent
+def trivial_script(table: str) -> str:
+    """An nft script: a table whose input and output chains each hold one `counter` rule."""
+    chains = "".join(
+        f"  chain {hook} {{\n    type filter hook {hook} priority mangle; policy accept;\n"
+        "    counter\n  }\n"
+        for hook in ("input", "output")
+    )
+    return f"table inet {table} {{\n{chains}}}\n"
 
 
-def rule_per_port_script(table: str, ports: range) -> str:
-    """An nft script: one counter rule per port, protocol and direction, `ports` in order."""
-    chains = []
-    for chain, match in (("input", "dport"), ("output", "sport")):
-        rules = "".join(
-            f"    {proto} {match} {port} counter\n" for port in ports for proto in ("tcp", "udp")
-        )
-        hook = f"    type filter hook {chain} priority mangle; policy accept;\n"
-        chains.append(f"  chain {chain} {{\n{hook}{rules}  }}\n")
-    return f"table inet {table} {{\n{''.join(chains)}}}\n"
-
-
-def install(setup: str, net: Lab, ports: range, workdir: Path) -> str | None:
+def install(setup: str, net: Lab, ports: range) -> str | None:
     """Install the setup's table in the server namespace; its name (None for no table)."""
-    if setup == "no table":
+    if setup == NONE:
         return None
     table = unique_name("pmbd")
-    if setup == "portmeter":
+    if setup == PORTMETER:
+        command = [sys.executable, "-c", BUILD, table, str(ports[0]), str(ports[-1])]
         subprocess.run(
-            [
-                "ip",
-                "netns",
-                "exec",
-                net.server,
-                sys.executable,
-                "-c",
-                BUILD,
-                table,
-                str(ports[0]),
-                str(ports[-1]),
-            ],
-            cwd=REPO,
-            check=True,
-            timeout=300,
+            ["ip", "netns", "exec", net.server, *command], cwd=REPO, check=True, timeout=900
         )
     else:
-        script = workdir / f"{table}.nft"
-        script.write_text(rule_per_port_script(table, ports))
-        net.nft("-f", str(script))
+        load(net, trivial_script(table))
     return table
 
 
-@contextlib.contextmanager
-def iperf_server(net: Lab, port: int) -> Iterator[None]:
-    """iperf3 listening on `port` in the server namespace, stopped afterwards."""
-    server = subprocess.Popen(
-        ["ip", "netns", "exec", net.server, "iperf3", "-s", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        time.sleep(0.5)
-        yield
-    finally:
-        server.terminate()
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(10)
-
-
-def iperf(net: Lab, port: int, seconds: int, *udp: str) -> dict[str, float]:
-    """One iperf3 client run from the client namespace; the receiver's summary."""
-    args = iperf_client(net, port, seconds, *udp)
-    for attempt in range(5):  # the server may be busy finishing the previous test
-        done = subprocess.run(
-            args, check=False, capture_output=True, text=True, timeout=seconds + 60
-        )
-        if done.returncode == 0:
-            return dict(json.loads(done.stdout)["end"]["sum_received"])
-        time.sleep(0.5 * (attempt + 1))
-    raise RuntimeError(f"iperf3 failed: {done.stdout[-500:]} {done.stderr[-500:]}")
+def load(net: Lab, script: str, *options: str) -> None:
+    """Feed an nft script (JSON with option -j) to nft in the server namespace."""
+    command = ["ip", "netns", "exec", net.server, "nft", *options, "-f", "-"]
+    subprocess.run(command, input=script, text=True, check=True)
 
 
 def counted_bytes(net: Lab, table: str, port: int) -> int:
@@ -146,87 +111,140 @@ def counted_bytes(net: Lab, table: str, port: int) -> int:
     return next(int(o["counter"]["bytes"]) for o in out["nftables"] if "counter" in o)
 
 
-def measure(plan: Plan) -> dict[str, Samples]:
-    ports = range(PORT_RANGE[0], PORT_RANGE[0] + plan.ports)
+def repeat_input_rules(net: Lab, table: str, copies: int) -> None:
+    """Append the input chain's rules to it again until it holds `copies` of them. For a packet to
+    an unlimited key none of them ends the chain, so each copy costs what the rules cost once."""
+    listing = json.loads(net.nft("-j", "list", "chain", "inet", table, "input").stdout)
+    rules = [o["rule"] for o in listing["nftables"] if "rule" in o]
+    again = [
+        {"add": {"rule": {"family": "inet", "table": table, "chain": "input", "expr": r["expr"]}}}
+        for r in rules
+    ]
+    load(net, json.dumps({"nftables": again * (copies - 1)}), "-j")
+
+
+@dataclass
+class Found:
+    """The rounds of each comparison, and what the portmeter table counted."""
+
+    large: dict[str, Setup]
+    small: dict[str, Setup]
+    repeated: dict[str, Setup]
+    counted: int
+
+
+def measure(plan: Plan) -> Found:
+    """Large-packet rounds and small-packet rounds of every setup; then small-packet rounds of the
+    trivial and the portmeter table with their input rules repeated."""
+    ports = range(FIRST_PORT, FIRST_PORT + plan.ports)
     port = ports[-1]
-    samples = {setup: Samples() for setup in SETUPS}
     with contextlib.ExitStack() as stack:
-        workdir = stack.enter_context(scratch())
+        group = stack.enter_context(cpu_group())
+        blast = stack.enter_context(blaster())
         labs: dict[str, tuple[Lab, str | None]] = {}
         for setup in SETUPS:
             net = stack.enter_context(lab())
-            labs[setup] = (net, install(setup, net, ports, workdir))
-            stack.enter_context(iperf_server(net, port))
-        for _ in range(plan.rounds):
-            for setup in SETUPS:
-                net, _table = labs[setup]
-                tcp = iperf(net, port, plan.seconds)
-                udp = iperf(net, port, plan.seconds, "-u", "-b", UDP_RATE, "-l", str(UDP_LENGTH))
-                samples[setup].tcp.append(tcp["bits_per_second"] / 1e9)
-                samples[setup].udp.append(udp["bits_per_second"] / 1e9)
-                samples[setup].loss.append(float(udp["lost_percent"]))
-        net, table = labs["portmeter"]
-        assert table is not None and counted_bytes(net, table, port) > 0, (
-            "portmeter counted nothing"
-        )
-    return samples
+            labs[setup] = (net, install(setup, net, ports))
+
+        def sender(shape: Traffic, *setups: str) -> dict[str, Callable[[], Work]]:
+            return {setup: udp_at(labs[setup][0], port, shape, blast, group) for setup in setups}
+
+        large = alternate(group, sender(plan.large, *SETUPS), plan.rounds)
+        small = alternate(group, sender(plan.small, *SETUPS), plan.rounds)
+        net, table = labs[PORTMETER]
+        assert table is not None
+        counted = counted_bytes(net, table, port)
+        for setup in (TRIVIAL, PORTMETER):
+            net, table = labs[setup]
+            assert table is not None
+            repeat_input_rules(net, table, COPIES)
+        repeated = alternate(group, sender(plan.small, TRIVIAL, PORTMETER), plan.rounds)
+    return Found(large, small, repeated, counted)
+
+
+def lost(rounds: list[Round]) -> str:
+    """Packets lost over all rounds, as a share of those sent."""
+    gone = sum(r.work.lost for r in rounds)
+    return f"{gone / (gone + sum(r.work.packets for r in rounds)):.2%}"
+
+
+def cost_rows(
+    found: dict[str, Setup],
+    setups: Sequence[str],
+    unit: Callable[[Work], float],
+    scale: float,
+    fmt: str,
+) -> list[list[str]]:
+    """Per setup: the cost per unit on both clocks (median and range over rounds), and loss."""
+    return [
+        [
+            setup,
+            *(
+                spread([c * scale for c in per_unit(found[setup].rounds, clock, unit)], fmt)
+                for clock in CLOCKS
+            ),
+            lost(found[setup].rounds),
+        ]
+        for setup in setups
+    ]
 
 
 def main(quick: bool = False) -> None:
     plan = QUICK if quick else FULL
-    samples = measure(plan)
-    base = samples["no table"]
-    rows = []
-    for setup in SETUPS:
-        s = samples[setup]
-        rows.append(
-            [
-                setup,
-                f"{median(s.tcp):.2f}",
-                f"{median(s.tcp) / median(base.tcp):.1%}",
-                f"{max(s.tcp):.2f}",
-                f"{max(s.tcp) / max(base.tcp):.1%}",
-                f"{median(s.udp):.2f}",
-                f"{median(s.udp) / median(base.udp):.1%}",
-                f"{median(s.loss):.2f}",
-            ]
-        )
+    found = measure(plan)
+    assert found.counted > 0, "portmeter counted nothing"
+    title = f"{plan.rounds} alternating rounds x {plan.large.seconds} s, to port "
+    title += f"{FIRST_PORT + plan.ports - 1} (the last of {plan.ports} keys)"
     print_table(
-        f"data path: iperf3 through port {PORT_RANGE[0] + plan.ports - 1} "
-        f"(the last of {plan.ports} ports), "
-        f"{plan.rounds} alternating rounds x {plan.seconds} s; UDP -b {UDP_RATE} -l {UDP_LENGTH}",
-        [
-            "setup",
-            "TCP median Gbit/s",
-            "vs none",
-            "TCP best Gbit/s",
-            "vs none",
-            "UDP rx Gbit/s",
-            "UDP vs none",
-            "UDP loss %",
-        ],
-        rows,
+        f"data path, UDP {LARGE} B at {plan.large.rate} packets/s: CPU s per GB; {title}",
+        ["setup", "own CPU", "all CPU (/proc/stat)", "lost"],
+        cost_rows(found.large, SETUPS, gigabytes, 1.0, ".3f"),
     )
-    target = max(samples["portmeter"].tcp) / max(base.tcp)
-    print(
-        f"portmeter TCP, best rounds = {target:.1%} of no table (target >= 97%): "
-        f"{'met' if target >= 0.97 else 'NOT met'}"
+    print_table(
+        f"data path, UDP {SMALL} B at {plan.small.rate} packets/s: CPU ns per packet; {title}",
+        ["setup", "own CPU", "all CPU (/proc/stat)", "lost"],
+        cost_rows(found.small, SETUPS, packets, 1e9, ".0f"),
     )
+    print_table(
+        f"the same, input rules repeated {COPIES} times",
+        ["setup", "own CPU", "all CPU (/proc/stat)", "lost"],
+        cost_rows(found.repeated, (TRIVIAL, PORTMETER), packets, 1e9, ".0f"),
+    )
+    figures: dict[str, str] = {}
+    for clock in CLOCKS:
+        ratios = paired(
+            found.large[PORTMETER].rounds, found.large[NONE].rounds, clock, gigabytes, ratio
+        )
+        extra = marginal(found.small, PORTMETER, TRIVIAL, clock)
+        hook = marginal(found.small, TRIVIAL, NONE, clock)
+        rules = [n / COPIES for n in marginal(found.repeated, PORTMETER, TRIVIAL, clock)]
+        figures[clock] = (
+            f"{LARGE} B, portmeter / no table per GB {spread(ratios, '.3f')}; "
+            f"{SMALL} B, portmeter - trivial {spread(extra, '.0f')} ns/packet, "
+            f"trivial - no table {spread(hook, '.0f')} ns/packet, "
+            f"portmeter's rules - trivial rule, from {COPIES} copies, {spread(rules, '.0f')} ns"
+        )
+        verdicts = (
+            f"ratio {'met' if median(ratios) <= TARGET_RATIO else 'NOT met'}, "
+            f"marginal {'met' if median(extra) <= TARGET_NS else 'NOT met'}"
+        )
+        print(f"{clock} CPU, median (range) of paired rounds: {figures[clock]} ({verdicts})")
     append_results(
-        "data path, iperf3",
+        "data path, CPU cost",
         [
             (
-                f"{plan.ports} ports",
-                "; ".join(
-                    f"{r[0]}: TCP median {r[1]} Gbit/s ({r[2]}), best {r[3]} Gbit/s ({r[4]}), "
-                    f"UDP rx {r[5]} Gbit/s ({r[6]}) loss {r[7]}%"
-                    for r in rows
-                )
-                + f"; {plan.rounds} rounds x {plan.seconds} s",
-            ),
+                f"{plan.ports} keys",
+                "; ".join(f"{clock} CPU: {figures[clock]}" for clock in CLOCKS)
+                + f"; {plan.rounds} rounds x {plan.large.seconds} s",
+            )
         ],
         quick,
     )
+
+
+def marginal(found: dict[str, Setup], setup: str, base: str, clock: str) -> list[float]:
+    """Nanoseconds per packet `setup` costs more than `base`, round pair by round pair."""
+    return paired(found[setup].rounds, found[base].rounds, clock, packets, nanoseconds_more)
 
 
 if __name__ == "__main__":

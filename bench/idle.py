@@ -1,4 +1,5 @@
-"""Idle CPU: the daemon's own CPU time over a long idle window at 10,000 keys, poll interval 10 s.
+"""Idle CPU: the daemon's own CPU time over a long idle window at 30,000 keys (ports 20001-50000),
+poll interval 10 s.
 
 utime + stime of the daemon's Python process (/proc/PID/stat), the delta over the window divided
 by its wall time. `run_all` starts this daemon first and reads it last, running the other
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from bench.common import (
+    SCALE_RANGE,
     append_results,
     cpu_seconds,
     interruptible,
@@ -27,7 +29,7 @@ from bench.common import (
 )
 from tests.conftest import Daemon
 
-FULL_KEYS, FULL_WINDOW = 10000, 600.0
+FULL_KEYS, FULL_WINDOW = 30000, 600.0
 QUICK_KEYS, QUICK_WINDOW = 100, 30.0
 POLL_INTERVAL = "10"
 TARGET = 0.01  # of one core
@@ -88,7 +90,8 @@ class IdleMeter:
 @contextlib.contextmanager
 def idle_daemon(keys: int) -> Iterator[IdleMeter]:
     """A daemon with `keys` keys left idle (poll interval 10 s); its CPU window opens at READY."""
-    with running(keys, PORTMETER_POLL_INTERVAL=POLL_INTERVAL, PORTMETER_LOG_LEVEL="debug") as run:
+    env = {"PORTMETER_POLL_INTERVAL": POLL_INTERVAL, "PORTMETER_LOG_LEVEL": "debug"}
+    with running(keys, SCALE_RANGE, **env) as run:
         yield IdleMeter(run.daemon, keys)
 
 

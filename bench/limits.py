@@ -1,12 +1,13 @@
 """Speed, connection and device limits at 10,000 keys (README "Speed, connection and device
 limits"), 1,000 of which have all three limits (1 Gbit/s, 1,000 connections, 100 addresses:
-limits that do not bind here, so what is measured is their cost).
+limits that do not bind here, so what is measured is their cost), by the CPU-cost method
+(bench/cpucost.py, README "Data path cost").
 
-- Data path: iperf3 TCP through an unlimited key (the last port) of that table against no
-  table, each in a lab of its own built once, rounds alternating (target >= 97 %, judged on the
-  best rounds as bench/datapath.py does).
-- Cost per packet of a limited key: 64-byte UDP datagrams at full speed through a limited and
-  an unlimited key of the same table, the difference in nanoseconds per received datagram.
+- Data path: UDP datagrams of 1,400 bytes at a fixed rate to an unlimited key (the last port)
+  of that table against no table, each in a lab of its own built once, rounds alternating: CPU
+  time per GB, their ratio (target <= 1.03, as bench/datapath.py).
+- Cost per packet of a limited key: 64-byte UDP datagrams at a fixed rate to a limited and to
+  an unlimited key of the same table, alternating: the difference in CPU time per packet.
 - Applying a limit change at 10,000 keys: `Counters.guard` replacing a key's speed, and its
   connection and address limits, timed in the server namespace (target <= 5 ms), and the first
   reading after a change (which checks the changed layout in full).
@@ -19,23 +20,29 @@ import contextlib
 import json
 import subprocess
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-from bench.common import (
-    PORT_RANGE,
-    append_results,
-    interruptible,
-    median,
-    parse_quick,
-    print_table,
-    scratch,
+from bench.common import PORT_RANGE, append_results, interruptible, median, parse_quick, print_table
+from bench.cpucost import (
+    Setup,
+    Traffic,
+    alternate,
+    blaster,
+    cpu_group,
+    gigabytes,
+    nanoseconds_more,
+    packets,
+    paired,
+    per_unit,
+    ratio,
+    spread,
+    udp_at,
 )
-from bench.datapath import iperf, iperf_server
+from bench.datapath import LARGE, NONE, SMALL, TARGET_RATIO
 from tests.conftest import REPO
 from tests.netlab import Lab, lab, unique_name
 
+FREE, LIMITED = "unlimited key", "limited key"
 # Builds the table the daemon builds: every port counted, the first `limited` ports guarded.
 BUILD = """
 import sys, anyio
@@ -80,11 +87,13 @@ class Plan:
     ports: int
     limited: int
     rounds: int
-    seconds: int
+    applies: int
+    large: Traffic
+    small: Traffic
 
 
-FULL = Plan(ports=10000, limited=1000, rounds=5, seconds=3)
-QUICK = Plan(ports=1000, limited=100, rounds=1, seconds=1)
+FULL = Plan(10000, 1000, 10, 20, Traffic(LARGE, 60000, 3), Traffic(SMALL, 100000, 3))
+QUICK = Plan(1000, 100, 2, 10, Traffic(LARGE, 60000, 1), Traffic(SMALL, 100000, 1))
 
 
 def in_namespace(net: Lab, script: str, *args: object) -> str:
@@ -99,96 +108,98 @@ def in_namespace(net: Lab, script: str, *args: object) -> str:
     return done.stdout
 
 
-def pps(result: dict[str, float], seconds: int) -> float:
-    """Datagrams received per second."""
-    return (result["packets"] - result["lost_packets"]) / seconds
+@dataclass
+class Found:
+    """The rounds of each comparison and the timed limit changes (milliseconds)."""
+
+    large: dict[str, Setup]
+    small: dict[str, Setup]
+    applied: dict[str, list[float]]
 
 
-def measure(plan: Plan, workdir: Path) -> dict[str, list[float]]:
+def measure(plan: Plan) -> Found:
     ports = range(PORT_RANGE[0], PORT_RANGE[0] + plan.ports)
     free, limited = ports[-1], ports[0]
-    found: dict[str, list[float]] = {"none": [], "limits": [], "free pps": [], "limited pps": []}
     with contextlib.ExitStack() as stack:
+        group = stack.enter_context(cpu_group())
+        blast = stack.enter_context(blaster())
         bare = stack.enter_context(lab())
         net = stack.enter_context(lab())
         table = unique_name("pmbl")
         in_namespace(net, BUILD, table, ports[0], ports[-1], plan.limited)
-        for where, port in ((bare, free), (net, free), (net, limited)):
-            stack.enter_context(iperf_server(where, port))
-        for _ in range(plan.rounds):
-            found["none"].append(iperf(bare, free, plan.seconds)["bits_per_second"] / 1e9)
-            found["limits"].append(iperf(net, free, plan.seconds)["bits_per_second"] / 1e9)
-            for port, name in ((free, "free pps"), (limited, "limited pps")):
-                udp = iperf(net, port, plan.seconds, "-u", "-b", "0", "-l", "64")
-                found[name].append(pps(udp, plan.seconds))
-        applied = json.loads(in_namespace(net, APPLY, table, limited, max(plan.rounds * 4, 10)))
-        found.update(applied)
-    return found
+        large = alternate(
+            group,
+            {
+                NONE: udp_at(bare, free, plan.large, blast, group),
+                FREE: udp_at(net, free, plan.large, blast, group),
+            },
+            plan.rounds,
+        )
+        small = alternate(
+            group,
+            {
+                FREE: udp_at(net, free, plan.small, blast, group),
+                LIMITED: udp_at(net, limited, plan.small, blast, group),
+            },
+            plan.rounds,
+        )
+        applied = json.loads(in_namespace(net, APPLY, table, limited, plan.applies))
+    return Found(large, small, applied)
 
 
 def main(quick: bool = False) -> None:
     plan = QUICK if quick else FULL
-    with scratch() as workdir:
-        found = measure(plan, workdir)
-    best = max(found["limits"]) / max(found["none"])
-    ns = 1e9 / median(found["limited pps"]) - 1e9 / median(found["free pps"])
-    rows: list[Sequence[object]] = [
-        ["TCP, no table (Gbit/s)", f"{median(found['none']):.2f}", f"{max(found['none']):.2f}"],
+    found = measure(plan)
+    ratios = paired(found.large[FREE].rounds, found.large[NONE].rounds, "own", gigabytes, ratio)
+    extra = paired(
+        found.small[LIMITED].rounds, found.small[FREE].rounds, "own", packets, nanoseconds_more
+    )
+    per_gb = {s: per_unit(found.large[s].rounds, "own", gigabytes) for s in (NONE, FREE)}
+    per_packet = {s: per_unit(found.small[s].rounds, "own", packets) for s in (FREE, LIMITED)}
+    rows: list[list[str]] = [
+        [f"UDP {LARGE} B, no table: own CPU s per GB", spread(per_gb[NONE], ".3f")],
+        [f"UDP {LARGE} B, unlimited key: own CPU s per GB", spread(per_gb[FREE], ".3f")],
+        ["  ratio to no table, paired rounds", spread(ratios, ".3f")],
         [
-            f"TCP, unlimited key, {plan.limited} of {plan.ports} keys limited (Gbit/s)",
-            f"{median(found['limits']):.2f}",
-            f"{max(found['limits']):.2f}",
+            f"UDP {SMALL} B, unlimited key: own CPU ns per packet",
+            spread([c * 1e9 for c in per_packet[FREE]], ".0f"),
         ],
         [
-            "UDP 64 B, unlimited key (kpps)",
-            f"{median(found['free pps']) / 1e3:.0f}",
-            f"{max(found['free pps']) / 1e3:.0f}",
+            f"UDP {SMALL} B, limited key: own CPU ns per packet",
+            spread([c * 1e9 for c in per_packet[LIMITED]], ".0f"),
         ],
-        [
-            "UDP 64 B, limited key (kpps)",
-            f"{median(found['limited pps']) / 1e3:.0f}",
-            f"{max(found['limited pps']) / 1e3:.0f}",
-        ],
-        [
-            "apply a speed change (ms)",
-            f"{median(found['speed']):.2f}",
-            f"{min(found['speed']):.2f}",
-        ],
-        [
-            "apply a connection/address change (ms)",
-            f"{median(found['guard']):.2f}",
-            f"{min(found['guard']):.2f}",
-        ],
-        [
-            "first reading after a change (ms)",
-            f"{median(found['reread']):.1f}",
-            f"{min(found['reread']):.1f}",
-        ],
+        ["  limited - unlimited, paired rounds (ns per packet)", spread(extra, ".0f")],
+        ["apply a speed change (ms)", spread(found.applied["speed"], ".2f")],
+        ["apply a connection/address change (ms)", spread(found.applied["guard"], ".2f")],
+        ["first reading after a change (ms)", spread(found.applied["reread"], ".1f")],
     ]
+    lost = sum(
+        r.work.lost for s in (*found.large.values(), *found.small.values()) for r in s.rounds
+    )
     print_table(
         f"limits: {plan.ports} keys, {plan.limited} with speed, connection and address limits, "
-        f"{plan.rounds} alternating rounds x {plan.seconds} s",
-        ["what", "median", "best"],
+        f"{plan.rounds} alternating rounds x {plan.large.seconds} s at "
+        f"{plan.large.rate} / {plan.small.rate} packets/s ({lost} packets lost)",
+        ["what", "median (min-max)"],
         rows,
     )
     print(
-        f"unlimited key, best rounds = {best:.1%} of no table (target >= 97%): "
-        f"{'met' if best >= 0.97 else 'NOT met'}"
+        f"unlimited key / no table, CPU per GB: {median(ratios):.3f} (target <= {TARGET_RATIO}): "
+        f"{'met' if median(ratios) <= TARGET_RATIO else 'NOT met'}"
     )
-    print(f"cost per packet of a limited key: {ns:.0f} ns per datagram")
-    change = median(found["speed"])
+    print(f"cost per packet of a limited key: {median(extra):.0f} ns per datagram")
+    change = median(found.applied["speed"])
     print(
         f"a speed change at {plan.ports} keys: {change:.2f} ms (target <= 5 ms): "
         f"{'met' if change <= 5 else 'NOT met'}"
     )
     append_results(
-        "limits, iperf3",
+        "limits, CPU cost",
         [
             (
                 f"{plan.ports} keys, {plan.limited} limited",
-                "; ".join(f"{r[0]}: median {r[1]}, best {r[2]}" for r in rows)
-                + f"; unlimited key {best:.1%} of no table"
-                + f"; {ns:.0f} ns per packet of a limited key",
+                "; ".join(f"{r[0].strip()}: {r[1]}" for r in rows)
+                + f"; {plan.rounds} rounds x {plan.large.seconds} s",
             )
         ],
         quick,

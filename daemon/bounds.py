@@ -63,6 +63,11 @@ MAX_MOMENT_CHARS: Final = 64
 MAX_PAGE_LIMIT: Final = 10000
 MAX_OFFSET: Final = MAX_PORT
 
+# Pages of the users of GET /api/admin/usage: users are this server's keys plus every user other
+# servers reported, so their offset may pass the port count; `search` is at most a name's length.
+MAX_USER_OFFSET: Final = 10**7
+MAX_SEARCH_CHARS: Final = MAX_NAME_CHARS
+
 # Request bodies of the API: at most this many bytes and levels of JSON nesting, refused before
 # they are parsed (413, 400). A batch of usage reports holds one report per key that moved: up to
 # a whole port range.
@@ -150,3 +155,15 @@ FLEET_START_WAIT: Final = 3.0
 # Seconds a start may spend applying the fleet's keys before READY; the rest follows after it
 # (systemd's TimeoutStartSec is 120 s in the unit).
 FLEET_CONVERGE_BUDGET: Final = 60.0
+# Choosing a new key's port asks the kernel which of this many ports from the candidate on are
+# bound by other processes (one filtered sock_diag dump), never the whole range.
+PORT_PROBE: Final = 64
+# Keys one batch request creates (README "Batch create"): all or nothing, in one save.
+MAX_BATCH_KEYS: Final = 1000
+# The body of one batch (POST /api/keys/batch): MAX_BATCH_KEYS keys with every field at its
+# longest (a 64-character name, a 256-character note, 16 groups), JSON-escaped, fit in 4 MiB.
+MAX_BATCH_BODY_BYTES: Final = 4 * 1024 * 1024
+BATCH_PATH: Final = "/api/keys/batch"
+# Inbounds one `xray api adi` command adds (README "Xray"): a process start is 10+ ms, so a
+# batch of keys is added a few hundred at a time, while a command line stays far below its limit.
+XRAY_API_BATCH: Final = 200

@@ -55,9 +55,14 @@ DIRECTIONS = ("rx", "tx")
 OBJECT_NAME = re.compile(r"^(rx|tx|drop|q|refused|ipref)_(\d{1,5})$")
 # Priority "mangle" (-150): before filter tables, so ports count even when a later chain drops.
 HOOK_PRIORITY = -150
-MATCH_TCP_UDP: dict[str, Any] = {
-    "match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": {"set": ["tcp", "udp"]}}
-}
+# First in each chain: a packet that is neither TCP nor UDP has no port of ours, so the chain ends
+# for it at once (as its policy would) and the rules after it need no protocol test of their own:
+# two comparisons per packet instead of an anonymous set lookup in every rule (README "Data path
+# cost").
+SKIP_OTHERS: list[dict[str, Any]] = [
+    {"match": {"op": "!=", "left": {"meta": {"key": "l4proto"}}, "right": proto}}
+    for proto in ("tcp", "udp")
+] + [{"accept": None}]
 CHAINS = {"rx": ("input", "dport"), "tx": ("output", "sport")}
 # First in the output chain: the reset the kernel sends when portmeter closes a stopped key's
 # connection (README "Limits, expiry and resets") leaves even when the key's limits drop all else,
@@ -193,24 +198,23 @@ def _lookup(port_field: str, map_name: str) -> dict[str, Any]:
 
 
 def rule_exprs(direction: str) -> list[list[dict[str, Any]]]:
-    """The rules of a chain, in order: the guards (input only), the speed limit, the quota, the
-    count. A packet a limit drops is neither charged to the quota nor counted as usage."""
+    """The rules of a chain, in order: other protocols out, the guards (input only), the speed
+    limit, the quota, the count. A packet a limit drops is neither charged to the quota nor
+    counted as usage."""
     _, port_field = CHAINS[direction]
-    guard = [
-        MATCH_TCP_UDP,
-        {"vmap": {"key": {"payload": {"protocol": "th", "field": port_field}}, "data": "@guard"}},
+    port = {"payload": {"protocol": "th", "field": port_field}}
+    guard: list[dict[str, Any]] = [{"vmap": {"key": port, "data": f"@{GUARD_MAP}"}}]
+    speed: list[dict[str, Any]] = [
+        {"limit": _lookup(port_field, SPEED_MAPS[direction])},
+        {"drop": None},
     ]
-    speed = [MATCH_TCP_UDP, {"limit": _lookup(port_field, SPEED_MAPS[direction])}, {"drop": None}]
-    enforce = [
-        MATCH_TCP_UDP,
+    enforce: list[dict[str, Any]] = [
         {"quota": _lookup(port_field, "quota")},
         {"counter": _lookup(port_field, "dropped")},
         {"drop": None},
     ]
-    count = [MATCH_TCP_UDP, {"counter": _lookup(port_field, direction)}]
-    if direction == "rx":
-        return [guard, speed, enforce, count]
-    return [RESET_LEAVES, speed, enforce, count]
+    count = [{"counter": _lookup(port_field, direction)}]
+    return [SKIP_OTHERS, guard if direction == "rx" else RESET_LEAVES, speed, enforce, count]
 
 
 def guard_chain(port: int, guard: Guard) -> str:

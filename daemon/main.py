@@ -1,6 +1,7 @@
-"""The daemon's wiring: build the service from the settings, start it (reconcile the table, Xray's
-drift), serve until SIGTERM or SIGINT, then write a final snapshot. systemd hears of each stage
-(READY, STOPPING, the watchdog), and the memory start-up used is handed back to the system."""
+"""The daemon's wiring: build the service from the settings, start it (reconcile the table), serve
+and say READY, then finish the start (backup, Xray's drift) before any operation, serve until
+SIGTERM or SIGINT, then write a final snapshot. systemd hears of each stage (READY, STOPPING, the
+watchdog), and the memory start-up used is handed back to the system."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import structlog
+from anyio.abc import TaskStatus
 
 from daemon import netinfo
 from daemon.counters import Counters
@@ -81,8 +83,7 @@ async def run_daemon(
     started = time.perf_counter()
     await service.reconcile()
     await service.start_xray()
-    _settle_memory()
-    stop = anyio.Event()
+    stop, ready = anyio.Event(), anyio.Event()
     async with anyio.create_task_group() as background:
         background.start_soon(poll_loop, service, _textfile_writer(service, settings, log))
         background.start_soon(backup_loop, service)
@@ -99,12 +100,14 @@ async def run_daemon(
             background.start_soon(service.fleet_keys.run)
         if notifier.watchdog_interval:
             background.start_soon(_watchdog, notifier, notifier.watchdog_interval)
+        # Holds the service's lock from here on: what it does after READY comes before any
+        # operation. Among it the backup, a known-good copy from every start that succeeded, for
+        # `portmeter state restore`; a start that fails before READY writes none, so restarts
+        # never rotate them out.
+        await background.start(_finish_start, service, ready)
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with anyio.create_task_group() as serving:
                 await serving.start(serve, service, stop)  # READY only once the socket listens
-                # A known-good copy from every start that succeeded, for `portmeter state
-                # restore`; a start that fails writes none, so restarts never rotate them out.
-                await service.backup()
                 log.info(
                     "daemon_ready",
                     keys=service.key_count(),
@@ -114,6 +117,7 @@ async def run_daemon(
                     startup_seconds=round(time.perf_counter() - started, 3),
                 )
                 notifier.notify("READY=1\nSTATUS=counting")
+                ready.set()
                 async for signum in signals:
                     log.info("daemon_stopping", signal=signal.Signals(signum).name)
                     notifier.notify("STOPPING=1")
@@ -148,6 +152,15 @@ def _fleet_keys(node: FleetNode, service: Service, log: Log) -> FleetKeys:
     from daemon.fleet.keys import FleetKeys
 
     return FleetKeys(node.db, service, log)
+
+
+async def _finish_start(
+    service: Service, ready: anyio.Event, *, task_status: TaskStatus[None]
+) -> None:
+    """The start's work that READY need not wait for (`Service.finish_start`), then the memory
+    it all used is settled."""
+    await service.finish_start(ready, task_status=task_status)
+    _settle_memory()
 
 
 def _settle_memory() -> None:

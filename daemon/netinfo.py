@@ -15,14 +15,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-from pyroute2 import DiagSocket
-
 from daemon import nlcodec as nl
 from daemon.allocator import PortRange
 
 TCP_TIME_WAIT = 6
 TCP_CLOSE = 7
 TCP_LISTEN = 10
+ALL_STATES = 0xFFFFFFFF
 FAMILIES = (socket.AF_INET, socket.AF_INET6)
 # Every TCP state of a connection that still holds a socket the kernel can abort.
 CONNECTED = 0xFFF & ~((1 << TCP_TIME_WAIT) | (1 << TCP_CLOSE) | (1 << TCP_LISTEN))
@@ -62,19 +61,20 @@ def _dumped(diag: socket.socket, decode: Callable[[bytes], Decoded[T]]) -> Itera
 
 
 def bound_ports(port_range: PortRange) -> set[int]:
-    """Ports of the range that some process listens on (TCP) or has bound (UDP)."""
+    """Ports of the range that some process listens on (TCP) or has bound (UDP).
+
+    The kernel filters by port, so the cost follows the sockets in the range, not the host's."""
     ports: set[int] = set()
-    with DiagSocket() as diag:
-        diag.bind()
+    queries = ((socket.IPPROTO_TCP, 1 << TCP_LISTEN), (socket.IPPROTO_UDP, ALL_STATES))
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as diag:
+        diag.settimeout(DIAG_TIMEOUT)
+        seq = 0
         for family in FAMILIES:
-            queries = (
-                {"protocol": socket.IPPROTO_TCP, "states": 1 << TCP_LISTEN},
-                {"protocol": socket.IPPROTO_UDP, "states": 0xFFFFFFFF},
-            )
-            for query in queries:
-                for msg in diag.get_sock_stats(family=family, **query):
-                    if msg["idiag_sport"] in port_range:
-                        ports.add(msg["idiag_sport"])
+            for protocol, states in queries:
+                seq += 1
+                first, last = port_range.first, port_range.last
+                diag.send(nl.diag_request(family, states, first, last, seq, protocol))
+                ports.update(_dumped(diag, nl.diag_ports))
     return ports
 
 

@@ -471,11 +471,13 @@ def established_request(family: int, first: int, last: int, seq: int) -> bytes:
     return diag_request(family, 1 << TCP_ESTABLISHED, first, last, seq)
 
 
-def diag_request(family: int, states: int, first: int, last: int, seq: int) -> bytes:
-    """A dump request for the TCP sockets of `family` in `states` (a bit per TCP state) whose
-    local port is in first..last, filtered by the kernel."""
+def diag_request(
+    family: int, states: int, first: int, last: int, seq: int, protocol: int = IPPROTO_TCP
+) -> bytes:
+    """A dump request for the sockets of `family` and `protocol` in `states` (a bit per TCP
+    state) whose local port is in first..last, filtered by the kernel."""
     body = (
-        DIAG_REQ.pack(family, IPPROTO_TCP, 0, states)
+        DIAG_REQ.pack(family, protocol, 0, states)
         + bytes(SOCKID_SIZE)
         + attr(INET_DIAG_REQ_BYTECODE, port_range_bytecode(first, last))
     )

@@ -19,6 +19,7 @@ import stat
 import subprocess
 import tempfile
 import time
+import weakref
 from bisect import bisect_left
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from daemon.atomic import (
     rotate,
     write_atomic,
 )
-from daemon.bounds import MAX_XRAY_CONFIG_BYTES
+from daemon.bounds import MAX_XRAY_CONFIG_BYTES, XRAY_API_BATCH
 from daemon.xray import render
 from daemon.xray.drift import check_config, listens_overlap, security_problems
 from daemon.xray.model import (
@@ -410,11 +411,19 @@ def inbound_status(config: Mapping[str, Any], keys: Collection[XrayKey]) -> dict
 
 @dataclass(frozen=True, slots=True)
 class Rendered:
-    """One key's inbound as written: the key, the inbound, and its exact bytes in the file."""
+    """One key's inbound as written: the key, the inbound, and its exact bytes in the file.
+
+    The model of a whole file holds one per key and keeps only the bytes (`parsed` None): the
+    inbound, needed only for the few keys a push changes, is parsed again from them, since
+    they are its own JSON (`_fragment`). That halves what the model holds."""
 
     key: XrayKey
-    inbound: Config
+    parsed: Config | None
     text: bytes
+
+    @property
+    def inbound(self) -> Config:
+        return json.loads(self.text) if self.parsed is None else self.parsed
 
 
 def _rendered(
@@ -612,7 +621,7 @@ class _Model(KeyInbounds):
         return b"".join((self.head, INBOUND_SEPARATOR.join(self.texts), self.tail))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class Written:
     """What one `LiveConfig.push` did: the changes for Xray, and what `LiveConfig.undo` needs."""
 
@@ -640,7 +649,9 @@ class LiveConfig:
     def __init__(self, files: XrayFiles) -> None:
         self.files = files
         self._model: _Model | None = None
-        self._last: Written | None = None
+        # The latest push, while its caller may still undo it: kept alive by the caller alone,
+        # so the file's previous bytes it holds go once the operation is over.
+        self._last: weakref.ref[Written] | None = None
 
     @property
     def opts(self) -> XrayOptions:
@@ -658,10 +669,12 @@ class LiveConfig:
         if model is not None and base is None and model.signature == self.files.signature():
             delta = model.delta(keys, self.opts, reality)
             if delta is not None:
-                self._last = self._splice(model, delta)
-                return self._last
-        self._last = self._full(keys, reality, base)
-        return self._last
+                return self._latest(self._splice(model, delta))
+        return self._latest(self._full(keys, reality, base))
+
+    def _latest(self, written: Written) -> Written:
+        self._last = weakref.ref(written)
+        return written
 
     def undo(self, written: Written) -> None:
         """Put back the bytes `written` replaced and drop its backup; Xray is the caller's part.
@@ -674,7 +687,8 @@ class LiveConfig:
         model, self._model = self._model, None
         self.files.restore(written.previous)
         self.files.discard_backup(written.backup)
-        if model is not None and written is self._last and written.delta is not None:
+        latest = None if self._last is None else self._last()
+        if model is not None and written is latest and written.delta is not None:
             model.swap(written.delta.reversed())
             model.data = model.assemble()
             model.signature = self.files.signature()
@@ -710,7 +724,7 @@ class LiveConfig:
         ours = [render.render_inbound(key, self.opts, reality) for key in by_port]
         new = render.with_inbounds(old if base is None else base, ours, self.opts)
         try:
-            rendered = [Rendered(k, i, _fragment(i)) for k, i in zip(by_port, ours, strict=True)]
+            rendered = [Rendered(k, None, _fragment(i)) for k, i in zip(by_port, ours, strict=True)]
             model = _Model.build(new, rendered, self.opts, reality)
         except XrayConfigError:
             model = None  # serialize raises the error for the whole config below
@@ -719,7 +733,8 @@ class LiveConfig:
             if model is not None and not check_config(new, self.opts, keys):
                 model.signature = signature
                 self._model = model
-            return Written(previous, None, InboundChanges(), InboundChanges, False)
+            # The model's bytes, equal to those read: one copy of the file is kept, not two.
+            return Written(data, None, InboundChanges(), InboundChanges, False)
         self.files.validate(new, keys, data)
         backup = self.files.replace(data, previous)
         if model is not None:
@@ -823,15 +838,23 @@ class XrayApplier:
         return time.perf_counter() - started
 
     async def add_inbounds(self, inbounds: Sequence[Mapping[str, Any]]) -> list[tuple[str, ...]]:
-        """Add each inbound to the running Xray through its API (`xray api adi`)."""
+        """Add the inbounds to the running Xray through its API (`xray api adi`), up to
+        XRAY_API_BATCH per command: one process per inbound made a batch of 1,000 keys take 12 s.
+        Xray stops at the first inbound it refuses and names it; the caller's undo removes the
+        ones added before it."""
         self._require_xray_api()
         commands = []
         with tempfile.TemporaryDirectory(prefix="portmeter-adi-") as tmp:
-            for n, inbound in enumerate(inbounds):
-                path = Path(tmp) / f"inbound-{n}.json"
-                write_atomic(path, serialize({"inbounds": [inbound]}), mode=0o600)
-                command = api_add_command(self.opts, [path])
-                await self._run(command, f"adding inbound {inbound.get('tag')}", cwd=Path(tmp))
+            for first in range(0, len(inbounds), XRAY_API_BATCH):
+                chunk = inbounds[first : first + XRAY_API_BATCH]
+                paths = [Path(tmp) / f"inbound-{first + n}.json" for n in range(len(chunk))]
+                for path, inbound in zip(paths, chunk, strict=True):
+                    data = serialize({"inbounds": [inbound]})
+                    write_atomic(path, data, sweep=False, durable=False)  # read once, then gone
+                command = api_add_command(self.opts, paths)
+                tags = ", ".join(str(inbound.get("tag")) for inbound in chunk[:3])
+                more = f" and {len(chunk) - 3} more" if len(chunk) > 3 else ""
+                await self._run(command, f"adding inbound {tags}{more}", cwd=Path(tmp))
                 commands.append(tuple(command))
         return commands
 

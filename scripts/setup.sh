@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(nftables libnftables1 iproute2 python3 python3-venv v2ray iperf3 systemd curl
               chromium chromium-driver debootstrap systemd-container prometheus)
 if [[ ${1:-} == --test ]]; then
-    APT_PACKAGES+=(postgresql-15)
+    # PostgreSQL for the fleet tests; a C compiler for the data path bench's sender (bench/blast.c).
+    APT_PACKAGES+=(postgresql-15 gcc libc6-dev)
 fi
 VENV=.venv
 STAMP="$VENV/.installed"

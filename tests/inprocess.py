@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+import anyio
 import httpx
 import structlog
 from anyio.from_thread import BlockingPortal, start_blocking_portal
@@ -123,6 +124,9 @@ async def started(
         try:
             await service.reconcile()
             await service.start_xray()
+            ready = anyio.Event()
+            ready.set()
+            await service.finish_start(ready)  # what the daemon does right after READY
             yield InProcess(service, kernel, host, saved, usage, made, directory)
         finally:
             if usage is not None:

@@ -31,7 +31,7 @@ from daemon.errors import OperationError, XrayRefused
 from daemon.http.app import create_app
 from daemon.kernel import MemoryKernel
 from daemon.limits import Quota
-from daemon.service import Service
+from daemon.service import KeySpec, Service
 from daemon.service.kernel_side import desired_quota
 from daemon.service.loops import poll_loop
 from daemon.service.xray_side import MIGRATION_LABEL, Pushed, XraySide
@@ -158,6 +158,9 @@ Operation = Callable[[Rig], Awaitable[object]]
 OPERATIONS: dict[str, Operation] = {
     "create": lambda r: r.service.create_key("new", None, {"data_limit_bytes": 5_000}),
     "create unlimited": lambda r: r.service.create_key("plain"),
+    "create batch": lambda r: r.service.create_many(
+        [KeySpec("b1", None, {"data_limit_bytes": 5_000}), KeySpec("b2"), KeySpec("b3")]
+    ),
     "raise limit": lambda r: r.service.update_key(r.keys["limited"], {"data_limit_bytes": 90_000}),
     "lower limit": lambda r: r.service.update_key(r.keys["limited"], {"data_limit_bytes": 3_000}),
     "lift limit": lambda r: r.service.update_key(r.keys["limited"], {"data_limit_bytes": None}),

@@ -4,6 +4,7 @@ all-or-nothing, and a changed layout is noticed even though polls no longer list
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 from daemon.accounting import Reading
 from daemon.counters import Counters, NftError, PortReading, TableView, port_gaps
 from daemon.limits import Quota
-from tests.netlab import Lab, inside, lab, unique_name
+from tests.netlab import CLIENT_V4, SERVER_V4, Lab, inside, lab, unique_name
 
 T = TypeVar("T")
 PORTS = range(41000, 41300)
@@ -171,6 +172,36 @@ def test_missing_table_reads_as_none(net: Lab) -> None:
         return await counters.read(), await counters.read_ports([PORTS[0]])
 
     assert run_in(net.server, scenario) == (None, None)
+
+
+EXPERIMENTAL_PROTO = 253  # RFC 3692: an IP protocol no stack handles, so raw sockets carry it
+
+
+def test_only_tcp_and_udp_reach_the_counters(net: Lab) -> None:
+    """The first rule of each hook ends the chain for other protocols; without it the rules after
+    would read a port from any transport header. A packet of another protocol whose first bytes
+    look like ports of ours arrives and leaves uncounted; one UDP datagram is counted exactly."""
+    counters = counters_in(net)
+    table = counters.table
+    run_in(net.server, lambda: counters.build({port: None for port in PORTS[:2]}))
+    looks_like_ports = PORTS[0].to_bytes(2, "big") + PORTS[1].to_bytes(2, "big") + b"x" * 60
+    with inside(net.server):
+        server = socket.socket(socket.AF_INET, socket.SOCK_RAW, EXPERIMENTAL_PROTO)
+    with inside(net.client):
+        client = socket.socket(socket.AF_INET, socket.SOCK_RAW, EXPERIMENTAL_PROTO)
+    with server, client:
+        server.settimeout(5)
+        client.sendto(looks_like_ports, (SERVER_V4, 0))
+        assert server.recv(2048)[20:] == looks_like_ports  # it went through the input hook
+        server.sendto(looks_like_ports, (CLIENT_V4, 0))  # and this through the output hook
+    send_udp(net, PORTS[1], 1)
+    view = run_in(net.server, counters.read)
+    assert view is not None and not view.problems
+    counted = {
+        port: (r.rx.packets, r.rx.bytes, r.tx.packets, r.tx.bytes) for port, r in view.ports.items()
+    }
+    assert counted == {PORTS[0]: (0, 0, 0, 0), PORTS[1]: (1, 128, 0, 0)}
+    net.nft("delete", "table", "inet", table)
 
 
 def test_only_our_table_is_changed(net: Lab) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -178,3 +179,17 @@ def test_traffic_pages_are_exact_ordered_by_port_and_refuse_bad_bounds(
     for query in ("limit=0", "offset=-1", "limit=abc", "limit=10001"):
         refused = daemon.http.get(f"/api/traffic/ports/exact?{query}")
         assert refused.status_code == 422 and refused.json()["detail"], query
+
+
+def test_concurrent_answers_for_every_key_are_shared_yet_exact(net: Lab, daemon: Daemon) -> None:
+    """Requests that wait for one reading share its answer (daemon/http/shared.py); one that
+    arrives after bytes were sent never gets an answer read before them."""
+    key = daemon.create("shared")
+    path = "/api/traffic/ports/exact"
+    for round_ in range(1, 4):
+        udp_exchange(net, socket.AF_INET, key["port"], 5, 100, echo=False)
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda _: daemon.api("GET", path), range(8)))
+        for answer in answers:
+            traffic = answer["ports_traffic"]["ports_traffic"][key["uuid"]]["traffic"]
+            assert traffic["rx_bytes"] == round_ * 5 * 128  # 100 B payload + 28 B headers

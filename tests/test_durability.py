@@ -155,6 +155,23 @@ def test_port_held_by_another_process_is_skipped(net: Lab, daemon: Daemon) -> No
         squatter.close()
 
 
+def test_udp_and_ipv6_ports_held_by_others_are_skipped(net: Lab, daemon: Daemon) -> None:
+    """The kernel-filtered look at bound ports sees UDP and IPv6 sockets, not only TCP v4."""
+    first = daemon.port_range[0]
+    tcp6 = net.tcp(net.server, family=socket.AF_INET6)
+    udp4 = net.udp(net.server)
+    udp6 = net.udp(net.server, family=socket.AF_INET6)
+    try:
+        tcp6.bind(("::", first))
+        tcp6.listen()
+        udp4.bind(("0.0.0.0", first + 1))
+        udp6.bind(("::", first + 2))
+        assert daemon.create("after-squatters")["port"] == first + 3
+    finally:
+        for held in (tcp6, udp4, udp6):
+            held.close()
+
+
 def test_capacity_is_the_range_size_then_409(make_daemon) -> None:  # type: ignore[no-untyped-def]
     daemon = make_daemon(size=5)
     ports = {daemon.create(f"k{i}")["port"] for i in range(5)}

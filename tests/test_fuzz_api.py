@@ -237,6 +237,14 @@ def case_strategy(operation: Any, daemon: Target) -> st.SearchStrategy[Any]:
             lambda ref: operation.as_strategy(
                 GenerationMode.POSITIVE, path_parameters={names[0]: ref}
             )))
+    if known and operation.label == "PATCH /api/keys/{key_id}":
+        # A valid change of a key that exists: schema-valid bodies are mostly refused by the
+        # bounds or change nothing, so without this a run could see no 200 at all.
+        kinds.append(st.tuples(st.sampled_from(known), st.text(max_size=20)).flatmap(
+            lambda seed: operation.as_strategy(
+                GenerationMode.POSITIVE, path_parameters={"key_id": seed[0]},
+                body={"note": seed[1]},
+            )))
     if operation.label == "POST /api/system/xray/migrate":
         kinds.append(st.tuples(st.sampled_from(MIGRATION_SOURCES), st.booleans()).flatmap(
             lambda source: operation.as_strategy(

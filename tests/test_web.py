@@ -12,6 +12,7 @@ compared with the API's, read over the Unix socket at the same moment.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import socket
@@ -143,6 +144,14 @@ def test_the_api_answers_every_field_the_page_reads(inproc: InProcessDaemon) -> 
 @pytest.fixture
 def browser(net: Lab, workdir: Path) -> Iterator[Any]:
     """Chromium in the client namespace, driven by chromedriver in the same namespace."""
+    with chromium(net, workdir) as driver:
+        yield driver
+
+
+@contextlib.contextmanager
+def chromium(net: Lab, workdir: Path) -> Iterator[Any]:
+    """Chromium in the client namespace, driven by chromedriver in the same namespace (also
+    for bench/scale.py)."""
     for binary, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
         if not binary.exists():
             pytest.fail(

@@ -18,8 +18,9 @@ subscription token and short id are the fleet's.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Awaitable, Collection, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -134,6 +135,14 @@ def differences(key: KeyRecord, row: dict[str, Any]) -> dict[str, Any]:
     return {name: value for name, value in desired(row).items() if getattr(key, name) != value}
 
 
+def _clash(keys: Sequence[KeyRecord], exc: errors.UniqueViolation) -> str:
+    """The name of `keys` the fleet has already: PostgreSQL's detail names the `same_name`
+    (`Key (same_name)=(alice) already exists.`); the first key's name if it cannot be read."""
+    detail = exc.diag.message_detail or ""
+    folded = detail.partition("=(")[2].rpartition(")")[0]
+    return next((key.name for key in keys if names.fold(key.name) == folded), keys[0].name)
+
+
 def serves(own: Collection[str], groups: Iterable[str]) -> bool:
     """A server serves a key without groups, or one sharing a group with the server's."""
     wanted = set(groups)
@@ -173,12 +182,21 @@ class FleetKeys:
     async def created(self, key: KeyRecord) -> None:
         """Insert the key and start its name's fleet usage afresh, in one transaction (409 when
         the fleet has the name)."""
-        fresh = {"name": key.name, "at": key.created_at}
+        await self.created_many([key])
+
+    async def created_many(self, keys: Sequence[KeyRecord]) -> None:
+        """`created` for a batch (README "Batch create"): every key in ONE transaction, all or
+        nothing; 409 naming the key when the fleet has one of the names."""
+        fresh = [{"name": key.name, "at": key.created_at} for key in keys]
         try:
-            await self._write((INSERT_KEY, row_of(key)), (FRESH_USER, fresh), (FRESH_TOTALS, fresh))
-        except errors.UniqueViolation:
+            await self._write_many(
+                (INSERT_KEY, [row_of(key) for key in keys]),
+                (FRESH_USER, fresh),
+                (FRESH_TOTALS, [{"name": row["name"]} for row in fresh]),
+            )
+        except errors.UniqueViolation as exc:
             raise Conflict(
-                f"a key named {key.name!r} already exists in the fleet "
+                f"a key named {_clash(keys, exc)!r} already exists in the fleet "
                 f"(the same name: {names.SAME}); nothing was changed"
             ) from None
 
@@ -201,12 +219,24 @@ class FleetKeys:
             await self._write((DELETE_KEY, {"id": key.id}))
 
     async def _write(self, *statements: tuple[str, dict[str, Any]]) -> int:
-        """The statements in one transaction: the first one's row count. StoreUnavailable (503,
-        with the reason) when the database cannot take them."""
+        """The statements in one transaction: the first one's row count."""
+        async with self._transaction() as conn:
+            counts = [(await conn.execute(sql, params)).rowcount for sql, params in statements]
+            return counts[0]
+
+    async def _write_many(self, *statements: tuple[str, list[dict[str, Any]]]) -> None:
+        """Each statement once per row of parameters (executemany), all in one transaction."""
+        async with self._transaction() as conn, conn.cursor() as cursor:
+            for sql, rows in statements:
+                await cursor.executemany(sql, rows)
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[AsyncConnection[Any]]:
+        """A connection inside one transaction. StoreUnavailable (503, with the reason) when the
+        database cannot take it; UniqueViolation passes through (the callers name the clash)."""
         try:
             async with self.db.connection() as conn, conn.transaction():
-                counts = [(await conn.execute(sql, params)).rowcount for sql, params in statements]
-                return counts[0]
+                yield conn
         except FleetUnavailable as exc:
             raise StoreUnavailable(f"{exc}; nothing was changed ({LOCAL_HINT})") from None
         except errors.UniqueViolation:

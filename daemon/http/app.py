@@ -10,8 +10,6 @@ order: it is the order of the OpenAPI document's paths.
 
 from __future__ import annotations
 
-from typing import Any
-
 import structlog
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -21,10 +19,12 @@ from starlette.types import ASGIApp
 
 from daemon.errors import OperationError
 from daemon.http import metrics, page
+from daemon.http.keyfields import describe_errors
 from daemon.http.middleware.audit import AuditLog
 from daemon.http.middleware.bodies import JsonBodies
 from daemon.http.middleware.head import HeadAsGet
 from daemon.http.routes import fleet, keys, subscription, system, traffic, usage, xray
+from daemon.http.shared import SharedAnswers
 from daemon.service import Service
 from daemon.store.reported import HistoryReports
 
@@ -57,6 +57,7 @@ def create_app(service: Service) -> FastAPI:
     )
     history = service.usage_history()
     app.state.service = service
+    app.state.traffic_answers = SharedAnswers()
     app.state.history = history
     reported = None if history is None else HistoryReports(history)
     app.state.reported = service.fleet_reads or reported
@@ -106,24 +107,3 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     service: Service = request.app.state.service
     service.log.error("request_failed", path=request.url.path, error=repr(exc), exc_info=exc)
     return JSONResponse({"detail": "internal error; see the daemon log"}, status_code=500)
-
-
-# Types are strict (README "Bounds and names"): say what was expected, in JSON's words.
-STRICT_TYPES = {
-    "bool_type": "must be true or false (a JSON boolean)",
-    "int_type": "must be a whole number (a JSON number without quotes)",
-}
-
-
-def describe_errors(errors: Any) -> str:
-    """Pydantic's error list as one readable line: `body.name: String should match ...`."""
-    parts = []
-    for error in errors:
-        where = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
-        message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
-        if error.get("type") == "missing" and where == "body":
-            message = "a JSON body is required"
-        elif error.get("type") in STRICT_TYPES:
-            message = STRICT_TYPES[error["type"]]
-        parts.append(f"{where}: {message}")
-    return "; ".join(parts)

@@ -1,9 +1,9 @@
 """Prometheus metrics: `GET /metrics` on the API, and a file for node_exporter's textfile collector.
 
-Nothing is kept in prometheus-client's global registry: each scrape builds its own
-CollectorRegistry holding one collector that reads the source (the service, through the small
+Each scrape copies what it shows from the source (the service, through the small
 `MetricsSource` protocol, so this module never imports daemon.service) after `refresh()` read the
-kernel, so the numbers are exactly what the JSON API answers at that moment.
+kernel, so the numbers are exactly what the JSON API answers at that moment; the text is written
+from that copy in a worker thread.
 
 Metrics (`key` is the key's name, unique on a server; `port` its port):
 
@@ -39,15 +39,13 @@ Byte values are exact below 2**53 (8 PiB), the precision of the format's floats.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Protocol
 
 import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
-from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
 from daemon.atomic import write_atomic
 from daemon.http.schemas import ERROR_RESPONSES
@@ -55,8 +53,8 @@ from daemon.limits import Status
 from daemon.store.state import KeyRecord
 from daemon.xray.model import XrayError
 
-CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4  # what generate_latest writes: text format 0.0.4
-KEY_LABELS = ("key", "port")
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the classic text format
+STATUSES = tuple(Status)
 
 
 class MetricsSource(Protocol):
@@ -70,98 +68,142 @@ class MetricsSource(Protocol):
 
     def xray_enabled(self) -> bool: ...
 
-    async def xray_drift(self) -> Sequence[object]: ...
+    async def xray_drift(self, reuse: bool = False) -> Sequence[object]: ...
 
     async def refresh(self) -> object: ...
 
 
-class SourceCollector:
-    """Reads the source's keys when collected; Xray's sync status is measured by `update()`.
+@dataclass(frozen=True)
+class Family:
+    """A metric family's name as written (counters with `_total`), type and help line."""
 
-    `collect()` does no I/O and does not await, so on the event loop it sees one consistent
-    state. Whether Xray is in sync needs its config file, read in a worker thread by
-    `await update()` just before collecting.
-    """
+    name: str
+    kind: str
+    help: str
 
-    def __init__(self, source: MetricsSource) -> None:
-        self.source = source
-        self.xray_in_sync: bool | None = None
-
-    async def update(self) -> None:
-        self.xray_in_sync = await xray_in_sync(self.source)
-
-    def collect(self) -> Iterator[Metric]:
-        source = self.source
-        keys = source.keys_by_port()
-        yield from _key_families(keys)
-        yield GaugeMetricFamily("portmeter_keys", "Number of keys.", value=len(keys))
-        seconds = source.poll_seconds()
-        if seconds is not None:
-            yield GaugeMetricFamily(
-                "portmeter_poll_duration_seconds",
-                "How long the last reading of the kernel's counters took"
-                " (poll or on-demand refresh).",
-                value=seconds,
-            )
-        polled_at = source.polled_at()
-        if polled_at is not None:
-            yield GaugeMetricFamily(
-                "portmeter_last_poll_timestamp_seconds",
-                "When the last reading of the kernel's counters finished,"
-                " in seconds since the epoch.",
-                value=polled_at,
-            )
-        if self.xray_in_sync is not None:
-            yield GaugeMetricFamily(
-                "portmeter_xray_in_sync",
-                "1 when Xray's config serves exactly the keys it should,"
-                " 0 when it drifted or is unreadable.",
-                value=1 if self.xray_in_sync else 0,
-            )
+    def head(self) -> str:
+        return f"# HELP {self.name} {self.help}\n# TYPE {self.name} {self.kind}\n"
 
 
-def _key_families(keys: Sequence[KeyRecord]) -> tuple[Metric, ...]:
-    """The per-key families, one series per key (and per status for the state set)."""
-    rx = CounterMetricFamily(
-        "portmeter_key_rx_bytes",
-        "Bytes from clients to the key's port (layer 3, as nftables counts them)"
-        " since the key's last reset.",
-        labels=KEY_LABELS,
+RX = Family(
+    "portmeter_key_rx_bytes_total",
+    "counter",
+    "Bytes from clients to the key's port (layer 3, as nftables counts them)"
+    " since the key's last reset.",
+)
+TX = Family(
+    "portmeter_key_tx_bytes_total",
+    "counter",
+    "Bytes from the key's port to clients (layer 3, as nftables counts them)"
+    " since the key's last reset.",
+)
+DROPPED = Family(
+    "portmeter_key_dropped_bytes_total",
+    "counter",
+    "Bytes the kernel dropped for the key (over its limit, expired or disabled)"
+    " since its last reset.",
+)
+LIMIT = Family(
+    "portmeter_key_limit_bytes",
+    "gauge",
+    "The key's data limit in bytes (rx + tx since the last reset); only keys that have a limit.",
+)
+STATUS = Family(
+    "portmeter_key_status",
+    "gauge",
+    "The key's status as a state set: 1 for the current status "
+    "(active, limited, expired, disabled), 0 for the others.",
+)
+KEYS = Family("portmeter_keys", "gauge", "Number of keys.")
+POLL_SECONDS = Family(
+    "portmeter_poll_duration_seconds",
+    "gauge",
+    "How long the last reading of the kernel's counters took (poll or on-demand refresh).",
+)
+POLLED_AT = Family(
+    "portmeter_last_poll_timestamp_seconds",
+    "gauge",
+    "When the last reading of the kernel's counters finished, in seconds since the epoch.",
+)
+IN_SYNC = Family(
+    "portmeter_xray_in_sync",
+    "gauge",
+    "1 when Xray's config serves exactly the keys it should, 0 when it drifted or is unreadable.",
+)
+
+
+# What the metrics show of one key: name, port, rx, tx and dropped bytes, limit, status. A plain
+# tuple: copying 30,000 keys on the event loop costs half of what objects would.
+KeyRow = tuple[str, int, int, int, int, int | None, Status]
+
+
+def key_row(key: KeyRecord) -> KeyRow:
+    return (
+        key.name,
+        key.port,
+        key.rx.bytes,
+        key.tx.bytes,
+        key.dropped.bytes,
+        key.data_limit_bytes,
+        key.status,
     )
-    tx = CounterMetricFamily(
-        "portmeter_key_tx_bytes",
-        "Bytes from the key's port to clients (layer 3, as nftables counts them)"
-        " since the key's last reset.",
-        labels=KEY_LABELS,
-    )
-    dropped = CounterMetricFamily(
-        "portmeter_key_dropped_bytes",
-        "Bytes the kernel dropped for the key (over its limit, expired or disabled)"
-        " since its last reset.",
-        labels=KEY_LABELS,
-    )
-    limit = GaugeMetricFamily(
-        "portmeter_key_limit_bytes",
-        "The key's data limit in bytes (rx + tx since the last reset);"
-        " only keys that have a limit.",
-        labels=KEY_LABELS,
-    )
-    status = GaugeMetricFamily(
-        "portmeter_key_status",
-        "The key's status as a state set: 1 for the current status "
-        "(active, limited, expired, disabled), 0 for the others.",
-        labels=(*KEY_LABELS, "status"),
-    )
-    for key in keys:
-        labels = [key.name, str(key.port)]
-        rx.add_metric(labels, key.rx.bytes)
-        tx.add_metric(labels, key.tx.bytes)
-        dropped.add_metric(labels, key.dropped.bytes)
-        if key.data_limit_bytes is not None:
-            limit.add_metric(labels, key.data_limit_bytes)
-        for state in Status:
-            status.add_metric([*labels, state.value], 1 if key.status is state else 0)
-    return rx, tx, dropped, limit, status
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything a scrape shows, taken at one moment; `render` writes it as text."""
+
+    keys: list[KeyRow]
+    poll_seconds: float | None
+    polled_at: float | None
+    xray_in_sync: bool | None
+
+    @classmethod
+    async def take(cls, source: MetricsSource) -> Snapshot:
+        """Xray's sync status (its config is read in a worker thread), then the keys, without
+        awaiting in between."""
+        in_sync = await xray_in_sync(source)
+        keys = [key_row(k) for k in source.keys_by_port()]
+        return cls(keys, source.poll_seconds(), source.polled_at(), in_sync)
+
+    def render(self) -> bytes:
+        """The text format, written directly: at 30,000 keys prometheus-client's generic
+        writer took seconds (README "30,000 keys"), this takes a fraction of one."""
+        return "".join(self._parts()).encode()
+
+    def _parts(self) -> Iterator[str]:
+        labels = [f'key="{_escape(name)}",port="{port}"' for name, port, *_ in self.keys]
+        rows = list(zip(labels, self.keys, strict=True))
+        yield RX.head()
+        yield "".join(f"{RX.name}{{{at}}} {k[2]}\n" for at, k in rows)
+        yield TX.head()
+        yield "".join(f"{TX.name}{{{at}}} {k[3]}\n" for at, k in rows)
+        yield DROPPED.head()
+        yield "".join(f"{DROPPED.name}{{{at}}} {k[4]}\n" for at, k in rows)
+        yield LIMIT.head()
+        yield "".join(f"{LIMIT.name}{{{at}}} {k[5]}\n" for at, k in rows if k[5] is not None)
+        yield STATUS.head()
+        yield "".join(
+            f'{STATUS.name}{{{at},status="{s.value}"}} {int(k[6] is s)}\n'
+            for at, k in rows
+            for s in STATUSES
+        )
+        yield from _gauge(KEYS, len(self.keys))
+        yield from _gauge(POLL_SECONDS, self.poll_seconds)
+        yield from _gauge(POLLED_AT, self.polled_at)
+        yield from _gauge(IN_SYNC, None if self.xray_in_sync is None else int(self.xray_in_sync))
+
+
+def _gauge(family: Family, value: float | None) -> Iterator[str]:
+    """A family of one unlabelled sample; nothing when the value is unknown."""
+    if value is not None:
+        yield family.head()
+        yield f"{family.name} {value!r}\n"
+
+
+def _escape(label: str) -> str:
+    """A label value as the text format writes it: backslash, quote and newline escaped."""
+    return label.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 async def xray_in_sync(source: MetricsSource) -> bool | None:
@@ -169,18 +211,16 @@ async def xray_in_sync(source: MetricsSource) -> bool | None:
     if not source.xray_enabled():
         return None
     try:
-        return not await source.xray_drift()
+        return not await source.xray_drift(reuse=True)
     except XrayError:
         return False
 
 
 async def exposition(source: MetricsSource) -> bytes:
-    """The metrics in the text format, collected on the event loop (one consistent state)."""
-    collector = SourceCollector(source)
-    await collector.update()
-    registry = CollectorRegistry()
-    registry.register(collector)
-    return generate_latest(registry)
+    """The metrics in the text format: taken on the event loop (one consistent state), written
+    out in a worker thread, so a large scrape does not hold up the daemon's other work."""
+    snapshot = await Snapshot.take(source)
+    return await anyio.to_thread.run_sync(snapshot.render)
 
 
 async def source_of(request: Request) -> MetricsSource:

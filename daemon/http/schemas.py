@@ -13,26 +13,23 @@ from typing import Annotated, Any
 from zoneinfo import ZoneInfo
 
 from fastapi import Path as PathParam
+from fastapi import Query
 from fastapi.exceptions import RequestValidationError
 from pydantic import (
-    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
-    PlainValidator,
     StrictBool,
     StrictInt,
     StringConstraints,
     ValidationError,
     ValidationInfo,
-    WithJsonSchema,
     field_validator,
 )
-from pydantic_core import PydanticCustomError
 
-from daemon import bounds, limits, names
+from daemon import bounds, limits
 from daemon.errors import Invalid
-from daemon.limits import ResetStrategy
+from daemon.http.keyfields import KeySettings
 from daemon.store.history import FleetReport
 from daemon.store.state import now
 
@@ -41,6 +38,11 @@ KeyRef = Annotated[
     PathParam(min_length=1, max_length=bounds.MAX_REF_CHARS, description="key id, uuid or name"),
 ]
 Text = r"^[^\x00-\x1f\x7f]+$"  # printable: no control characters
+# Pages of the key lists (GET /api/keys, GET /api/traffic/ports/exact), ordered by port.
+PageLimit = Annotated[
+    int | None, Query(ge=1, le=bounds.MAX_PAGE_LIMIT, description="keys per page, by port")
+]
+PageOffset = Annotated[int, Query(ge=0, le=bounds.MAX_OFFSET, description="keys to skip, by port")]
 Username = Annotated[
     str,
     PathParam(
@@ -51,112 +53,6 @@ Username = Annotated[
     ),
 ]
 FUTURE_SLACK = timedelta(days=1)  # reports from servers whose clock runs ahead are still taken
-
-
-def _limit_bytes(value: Any) -> int:
-    """data_limit_bytes as sent: a JSON integer or a size such as "50GB", within the bounds of
-    README "Bounds and names". `true` is no number here, though Python counts bools as ints."""
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise PydanticCustomError(
-            "data_limit_bytes", "must be a whole number of bytes or a size such as 50GB"
-        )
-    try:
-        return limits.parse_limit(value) if isinstance(value, str) else bounds.limit_bytes(value)
-    except ValueError as exc:
-        raise PydanticCustomError("data_limit_bytes", str(exc)) from None
-
-
-def _speed(value: object) -> int:
-    """speed_limit_bps as sent: a JSON integer (bits/s) or a rate such as "20Mbit"."""
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise PydanticCustomError(
-            "speed_limit_bps", "must be a whole number of bits/s or a rate such as 20Mbit"
-        )
-    try:
-        return limits.parse_rate(value) if isinstance(value, str) else bounds.speed_bps(value)
-    except ValueError as exc:
-        raise PydanticCustomError("speed_limit_bps", str(exc)) from None
-
-
-SpeedBps = Annotated[
-    int,
-    PlainValidator(_speed),
-    WithJsonSchema(
-        {
-            "anyOf": [
-                {
-                    "type": "integer",
-                    "minimum": bounds.MIN_SPEED_BPS,
-                    "maximum": bounds.MAX_SPEED_BPS,
-                },
-                {"type": "string", "maxLength": bounds.MAX_SIZE_CHARS},
-            ],
-            "description": "bits per second per direction, or e.g. 20Mbit / 500kbit / 1Gbit",
-        }
-    ),
-]
-Connections = Annotated[StrictInt, Field(ge=1, le=bounds.MAX_CONNECTIONS)]
-Addresses = Annotated[StrictInt, Field(ge=1, le=bounds.MAX_IPS)]
-
-
-def _key_name(value: str) -> str:
-    """A new key's name in its kept form, or 422 saying which rule of daemon.names it breaks."""
-    try:
-        return names.validate(value)
-    except names.NameRefused as exc:
-        raise PydanticCustomError("name", str(exc)) from None
-
-
-LimitBytes = Annotated[
-    int,
-    PlainValidator(_limit_bytes),
-    WithJsonSchema(
-        {
-            "anyOf": [
-                {"type": "integer", "minimum": 0, "maximum": bounds.MAX_LIMIT_BYTES},
-                {"type": "string", "maxLength": bounds.MAX_SIZE_CHARS},
-            ],
-            "description": "bytes, or e.g. 50GB / 50GiB; at most 1 EB (10^18 bytes)",
-        }
-    ),
-]
-NAME_SCHEMA: dict[str, Any] = {
-    "type": "string",
-    "minLength": 1,
-    "maxLength": bounds.MAX_NAME_CHARS,
-    "description": names.RULE,
-}
-Moment = Annotated[str, Field(max_length=bounds.MAX_MOMENT_CHARS)]
-Group = Annotated[str, Field(pattern=bounds.GROUP_PATTERN)]
-Groups = Annotated[list[Group], AfterValidator(lambda groups: sorted(set(groups)))]
-Port = Annotated[StrictInt, Field(ge=bounds.MIN_PORT, le=bounds.MAX_PORT)]
-
-
-class KeySettings(BaseModel):
-    """Limits and lifecycle, as sent by clients: sizes as bytes or "50GB", dates as ISO or "+30d".
-    Types are strict: a boolean is `true`/`false`, a number is a JSON number."""
-
-    model_config = ConfigDict(extra="forbid")
-    data_limit_bytes: LimitBytes | None = None
-    expire_at: Moment | None = Field(
-        default=None, description="ISO 8601 date/time, or +30d; 2000-01-01 to 9998-12-31"
-    )
-    reset_strategy: ResetStrategy | None = None
-    note: str | None = Field(default=None, max_length=bounds.MAX_NOTE_CHARS)
-    enabled: StrictBool | None = None
-    speed_limit_bps: SpeedBps | None = None
-    max_connections: Connections | None = None
-    max_ips: Addresses | None = None
-    groups: Groups | None = Field(
-        default=None,
-        max_length=bounds.MAX_GROUPS,
-        description='fleet groups that serve the key (README "Keys created once"); [] every one',
-    )
-
-
-class NewKey(KeySettings):
-    name: Annotated[str, AfterValidator(_key_name), WithJsonSchema(NAME_SCHEMA)]
-    port: Port | None = None
 
 
 class Migration(BaseModel):

@@ -3,7 +3,7 @@ uses) over the owners of its state: the kernel side (kernel_side.py), the ledger
 saved and reported (ledger.py) and the Xray side (xray_side.py); loops.py runs it in the
 background. The daemon's wiring (start, signals, stop) is daemon/main.py."""
 
-from daemon.service.front import Service
+from daemon.service.front import KeySpec, Service
 from daemon.service.kernel_side import Established, Refresh
 
-__all__ = ["Established", "Refresh", "Service"]
+__all__ = ["Established", "KeySpec", "Refresh", "Service"]

@@ -20,7 +20,7 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -28,16 +28,19 @@ from zoneinfo import ZoneInfo
 
 import anyio
 import structlog
+from anyio.abc import TaskStatus
 from pydantic import ValidationError
 
 from daemon import allocator, limits, names
 from daemon.allocator import PortRange
+from daemon.bounds import MAX_BATCH_KEYS, PORT_PROBE
 from daemon.counters import NftError
 from daemon.errors import Conflict, Invalid, NotFound, OperationError, OperationFailed
 from daemon.kernel import Host, Kernel
 from daemon.limits import Quota, ResetStrategy
 from daemon.service.fleet_port import FleetKeysPort, FleetStatusSource
 from daemon.service.guards import Guards
+from daemon.service.index import KeyIndex
 from daemon.service.kernel_side import (
     Closer,
     Connections,
@@ -70,6 +73,16 @@ SETTABLE = frozenset(
     | {"groups"}
 )
 Undo = Callable[[], Awaitable[object]]
+
+
+@dataclass(frozen=True, slots=True)
+class KeySpec:
+    """One new key as asked for: its name, a port (None: the lowest free) and the other fields
+    of `POST /api/keys`, checked already (http/schemas.py `key_changes`)."""
+
+    name: str
+    port: int | None = None
+    settings: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -122,7 +135,11 @@ class Service:
             kernel, state, self.ledger, self.events, self.zone, self.failures, closer
         )
         self.settler.guards = Guards(kernel, self.events, settings.ip_window)
-        self.kernel = KernelSide(kernel, state, self.ledger, self.settler, self.failures, log)
+        self.index = KeyIndex(state.keys)
+        self.ledger.followers.append(self.index.follow)
+        self.kernel = KernelSide(
+            kernel, state, self.ledger, self.settler, self.failures, log, self.index
+        )
         self._connections = Connections(host, settings.port_range, log)
         self.fleet_reads: Reported | None = None  # other servers' usage, from a fleet database
         self.fleet: FleetStatusSource | None = None  # the fleet database side, when configured
@@ -133,17 +150,10 @@ class Service:
     # --- lookups -----------------------------------------------------------------------------
 
     def find(self, ref: str) -> KeyRecord:
-        """A key by id, uuid or name (in that order)."""
-        keys = self.state.keys
-        if ref in keys:
-            return keys[ref]
-        lowered = ref.lower()
-        for key in keys.values():
-            if str(key.uuid) == lowered:
-                return key
-        named = names.find(ref, keys.values(), lambda key: key.name)  # the same name: names.fold
-        if named is not None:
-            return named
+        """A key by id, uuid or name (in that order; the same name: names.fold)."""
+        found = self.index.find(ref)
+        if found is not None:
+            return found
         raise NotFound(f"no key with id, uuid or name {ref!r}")
 
     def assigned_ports(self) -> dict[str, int]:
@@ -166,45 +176,106 @@ class Service:
         async with self.lock:
             if identity is not None and identity["id"] in self.state.keys:
                 return self.state.keys[identity["id"]]  # followed already
-            fleet = self.fleet_keys is not None and not local
-            if self.fleet_keys is not None and fleet:
-                self.fleet_keys.check_serves((settings or {}).get("groups", ()))
-            keys = self.state.keys.values()
-            if (same := names.same_as(name, (key.name for key in keys))) is not None:
-                raise Conflict(f"a key named {same!r} already exists (the same name: {names.SAME})")
-            assigned = {key.port for key in keys}
-            busy = await self._bound_ports()
-            try:
-                chosen = allocator.allocate(self.settings.port_range, assigned, busy, port)
-            except allocator.PortUnavailable as exc:
-                raise Conflict(str(exc)) from None
+            spec = KeySpec(name, port, settings or {})
+            fleet = self._fleet_scope([spec], local)
+            self._check_new_names([spec])
+            (chosen,) = await self._free_ports([port])
             async with self._all_or_nothing("create key") as undo:
-                moment = now()
-                made = {"id": new_id(self.state.keys), "uuid": uuid.uuid4(), "created_at": moment}
-                key = KeyRecord(
-                    name=name,
-                    port=chosen,
-                    **{**made, "fleet": fleet, **(identity or {})},
-                    **(settings or {}),
-                )
-                key.next_reset_at = limits.next_boundary(moment, key.reset_strategy, self.zone)
-                key.status = self.settler.status_for(key, moment, kernel_over=False)
-                self.settler.watch(key, moment)
-                if self.xray is not None:
-                    self.xray.prepare(self.state, key)
-                await self._install(checked(key), undo)
+                key = await self._new_key(spec, chosen, fleet, undo, identity)
                 await self._commit(undo)
-                await self._publish(local, undo, key.id, lambda fleet: fleet.created(key))
-            self.log.info(
-                "key_created",
-                key_id=key.id,
-                name=key.name,
-                port=key.port,
-                limit=key.data_limit_bytes,
-                expire_at=iso(key.expire_at),
-                status=key.status.value,
-            )
+                await self._publish(local, undo, [key.id], lambda fleet: fleet.created(key))
+            self._log_created(key)
             return key
+
+    async def create_many(
+        self, specs: Sequence[KeySpec], *, local: bool = False
+    ) -> list[KeyRecord]:
+        """New keys, all or nothing (README "Batch create"): one hold of the lock, every name
+        and port checked before any step, one Xray push, one save and one fleet write. A refusal
+        names the first item at fault (`keys[i]`)."""
+        if not 1 <= len(specs) <= MAX_BATCH_KEYS:
+            raise Invalid(f"keys: from 1 to {MAX_BATCH_KEYS} keys per batch, not {len(specs)}")
+        async with self.lock:
+            fleet = self._fleet_scope(specs, local)
+            self._check_new_names(specs, batch=True)
+            chosen = await self._free_ports([spec.port for spec in specs], batch=True)
+            async with self._all_or_nothing("create keys") as undo:
+                created = [
+                    await self._new_key(spec, port, fleet, undo)
+                    for spec, port in zip(specs, chosen, strict=True)
+                ]
+                await self._commit(undo)
+                ids = [key.id for key in created]
+                await self._publish(local, undo, ids, lambda fleet: fleet.created_many(created))
+            for key in created:
+                self._log_created(key)
+            self.log.info("keys_created", count=len(created), first_port=min(chosen))
+            return created
+
+    def _fleet_scope(self, specs: Sequence[KeySpec], local: bool) -> bool:
+        """Whether new keys are fleet keys; with a fleet database this server must serve their
+        groups (else 422)."""
+        if self.fleet_keys is None or local:
+            return False
+        for spec in specs:
+            self.fleet_keys.check_serves(spec.settings.get("groups", ()))
+        return True
+
+    def _check_new_names(self, specs: Sequence[KeySpec], *, batch: bool = False) -> None:
+        """409 for the first name a key has, or an earlier item has (names.fold); `batch`: the
+        refusal names the item (`keys[i]`)."""
+        seen: dict[str, int] = {}
+        tail = "; nothing was created" * batch
+        for at, spec in enumerate(specs):
+            where = f"keys[{at}]: " * batch
+            if (same := self.index.same_name(spec.name)) is not None:
+                raise Conflict(
+                    f"{where}a key named {same!r} already exists (the same name: {names.SAME})"
+                    + tail
+                )
+            folded = names.fold(spec.name)
+            if folded in seen:
+                raise Conflict(
+                    f"{where}{spec.name!r} has the same name as keys[{seen[folded]}] "
+                    f"({names.SAME}){tail}"
+                )
+            seen[folded] = at
+
+    async def _new_key(
+        self,
+        spec: KeySpec,
+        port: int,
+        fleet: bool,
+        undo: list[Undo],
+        identity: dict[str, Any] | None = None,
+    ) -> KeyRecord:
+        """Build a new key on `port` (checked against bounds.py) and install its counters."""
+        moment = now()
+        made = {"id": new_id(self.index), "uuid": uuid.uuid4(), "created_at": moment}
+        key = KeyRecord(
+            name=spec.name,
+            port=port,
+            **{**made, "fleet": fleet, **(identity or {})},
+            **spec.settings,
+        )
+        key.next_reset_at = limits.next_boundary(moment, key.reset_strategy, self.zone)
+        key.status = self.settler.status_for(key, moment, kernel_over=False)
+        self.settler.watch(key, moment)
+        if self.xray is not None:
+            self.xray.prepare(self.state, key)
+        await self._install(checked(key), undo)
+        return key
+
+    def _log_created(self, key: KeyRecord) -> None:
+        self.log.info(
+            "key_created",
+            key_id=key.id,
+            name=key.name,
+            port=key.port,
+            limit=key.data_limit_bytes,
+            expire_at=iso(key.expire_at),
+            status=key.status.value,
+        )
 
     async def delete_key(self, ref: str, *, local: bool = False) -> KeyRecord:
         async with self.lock:
@@ -214,7 +285,7 @@ class Service:
                 del self.state.keys[key.id]
                 self._forget(key.id)
                 await self._commit(undo)
-                await self._publish(local, undo, key.id, lambda fleet: fleet.deleted(key))
+                await self._publish(local, undo, [key.id], lambda fleet: fleet.deleted(key))
             await self.kernel.uninstall_quietly([key])
             await self.settler.close_deleted([key])
             self.log.info(
@@ -303,7 +374,9 @@ class Service:
                         now(), changed.reset_strategy, self.zone
                     )
                 await self._replace(key, changed, undo)
-                await self._publish(local, undo, key.id, lambda fleet: fleet.changed(key, changed))
+                await self._publish(
+                    local, undo, [key.id], lambda fleet: fleet.changed(key, changed)
+                )
             await self.settler.close_left(changed)
             self.log.info(
                 "key_updated",
@@ -322,7 +395,7 @@ class Service:
         arrived = time.monotonic()
         async with self.lock:
             if self.kernel.read_started > arrived:
-                return Refresh()
+                return Refresh(read_at=self.kernel.read_started)
             return await self.kernel.refresh()
 
     async def client_ips(self, key: KeyRecord) -> list[dict[str, Any]]:
@@ -390,23 +463,44 @@ class Service:
             self.ledger.backup()
 
     async def start_xray(self) -> None:
-        """At start: give older keys their Xray fields, report drift, repair it if configured."""
+        """Before READY: give older keys their Xray fields. Drift is `finish_start`'s."""
         if self.xray is None:
             return
         async with self.lock:
+            server_key = self.state.reality_private_key
             for key in self.state.keys.values():
-                self.xray.prepare(self.state, key)
-                self.ledger.mark(key.id)
-            # Once per start, any key may have changed: a snapshot, which also folds in the
-            # journal of the previous run.
+                if self.xray.prepare(self.state, key):
+                    self.ledger.mark(key.id)
+            if self.ledger.dirty or self.state.reality_private_key != server_key:
+                self.ledger.save_quietly()
+
+    async def finish_start(
+        self, ready: anyio.Event, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """The start's work READY need not wait for, done once `ready` is set, holding the lock
+        from before READY on, so every operation and drift report comes after it (README
+        "Start-up and memory"): a snapshot that folds in the previous run's journal, a backup
+        of the state this start succeeded with, and Xray's drift reported and, if configured,
+        repaired."""
+        async with self.lock:
+            task_status.started()
+            await ready.wait()
             self.ledger.save_quietly(compact=True)
-        problems = await self.xray.report_drift(self.state)
+            self.ledger.backup()
+            if self.xray is not None:
+                await self._start_xray_sync(self.xray)
+
+    async def _start_xray_sync(self, xray: XraySide) -> None:
+        """Xray's drift, logged once per start; with autosync, the config rendered from the keys
+        (a repair if it drifted) and kept in memory for later operations to splice."""
+        problems = await xray.report_drift(self.state)
         if problems is None or not self.settings.xray_autosync or not (problems or self.state.keys):
             return
         try:
             # Without drift this writes nothing, but leaves the rendered config in memory, so
             # the first key operation does not pay for rendering every key.
-            await self.sync_xray()
+            await xray.sync(self.state)
+            self.ledger.save_quietly()
             if problems:
                 self.log.info("xray_drift_repaired", problems=len(problems))
         except OperationError as exc:
@@ -452,7 +546,7 @@ class Service:
                 copy = await xray.keep_original()
                 undo.append(lambda: xray.discard_original(copy))
                 created = [
-                    checked(xray.migrated_key(self.state, move, new_id(self.state.keys)))
+                    checked(xray.migrated_key(self.state, move, new_id(self.index)))
                     for move in plan.moves
                 ]
                 for key in created:
@@ -519,7 +613,7 @@ class Service:
         self,
         local: bool,
         undo: list[Undo],
-        key_id: str,
+        key_ids: Sequence[str],
         step: Callable[[FleetKeysPort], Awaitable[None]],
     ) -> None:
         """The last step of a fleet key operation, unless `local`: write it to the fleet
@@ -528,14 +622,15 @@ class Service:
         if self.fleet_keys is None or local:
             return
         saved = self.state.generation
-        undo.append(lambda: self._save_again(key_id, saved))
+        undo.append(lambda: self._save_again(key_ids, saved))
         await step(self.fleet_keys)
 
-    async def _save_again(self, key_id: str, saved: int) -> None:
-        """Undo of a save: the key as memory has it again, saved as the generation after the
+    async def _save_again(self, key_ids: Sequence[str], saved: int) -> None:
+        """Undo of a save: the keys as memory has them again, saved as the generation after the
         one saved (memory holds the one before; a generation is never saved twice)."""
         self.state.generation = max(self.state.generation, saved)
-        self.ledger.mark(key_id)
+        for key_id in key_ids:
+            self.ledger.mark(key_id)
         self.ledger.save()
 
     async def _install(self, key: KeyRecord, undo: list[Undo]) -> None:
@@ -602,6 +697,7 @@ class Service:
     def _restore(self, memory: Memory) -> None:
         self.state.keys.clear()
         self.state.keys.update(memory.keys)
+        self.index.rebuild()
         for name, value in memory.top.items():
             setattr(self.state, name, value)
         settler = self.settler
@@ -639,15 +735,17 @@ class Service:
 
     # --- reads for the HTTP layer ----------------------------------------------------------------
 
-    def keys_by_port(self) -> list[KeyRecord]:
-        """Every key, ordered by port (a new list)."""
-        return sorted(self.state.keys.values(), key=lambda k: k.port)
+    def keys_by_port(self, offset: int = 0, limit: int | None = None) -> list[KeyRecord]:
+        """The keys ordered by port (a new list), from `offset` on, at most `limit` of them."""
+        return self.index.in_port_order(offset, limit)
+
+    def key_with_token(self, token: str) -> KeyRecord | None:
+        """The key whose subscription token is `token` (compared in constant time)."""
+        return self.index.with_token(token)
 
     def keys_named(self, name: str) -> list[KeyRecord]:
-        """The keys named `name`, ordered by port (one pass, no sort of every key)."""
-        found = [k for k in self.state.keys.values() if k.name == name]
-        found.sort(key=lambda k: k.port)
-        return found
+        """The keys named `name`, ordered by port."""
+        return self.index.named(name)
 
     def has_key(self, key_id: str) -> bool:
         return key_id in self.state.keys
@@ -690,11 +788,20 @@ class Service:
         return None if self.xray is None else self.xray.link(self.state, key)
 
     async def xray_status(self) -> dict[str, Any] | None:
+        await self._current_operation()
         return None if self.xray is None else await self.xray.status(self.state)
 
-    async def xray_drift(self) -> list[DriftProblem]:
-        """Drift problems (XrayError when the config cannot be read)."""
-        return await self._require_xray().drift(self.state)
+    async def xray_drift(self, reuse: bool = False) -> list[DriftProblem]:
+        """Drift problems (XrayError when the config cannot be read); `reuse`: see
+        XraySide.drift."""
+        await self._current_operation()
+        return await self._require_xray().drift(self.state, reuse)
+
+    async def _current_operation(self) -> None:
+        """Wait for the operation under way, if any (right after READY: `finish_start`, which
+        may be repairing Xray's config), so a report never shows a config being rewritten."""
+        async with self.lock:
+            pass
 
     def xray_expected_inbounds(self) -> int:
         return 0 if self.xray is None else len(self.xray.served(self.state))
@@ -721,17 +828,58 @@ class Service:
             raise Invalid("the Xray integration is off (PORTMETER_XRAY_CONFIG is empty)")
         return self.xray
 
+    async def _free_ports(
+        self, requested: Sequence[int | None], *, batch: bool = False
+    ) -> list[int]:
+        """The ports for new keys, in order (allocator.allocate): the requested ones first, then
+        the lowest free for the others, each counting the ones chosen before it as taken. The
+        kernel is asked only whether ports near a candidate are bound by others, each stretch
+        of PORT_PROBE ports once: a full look at the range would list every port Xray listens
+        on, 30,000 sockets at 30,000 keys. `batch`: a refusal names the item (`keys[i]`)."""
+        port_range, taken = self.settings.port_range, set(self.index.ports())
+        busy, probed, chosen = set[int](), set[int](), dict[int, int]()
+        floor = port_range.first  # below it every port is taken or busy: the scan starts here
+        for at in sorted(range(len(requested)), key=lambda at: requested[at] is None):
+            port = requested[at]
+            while True:
+                candidate = self._allocate(port, taken, busy, floor, f"keys[{at}]: " * batch)
+                if candidate not in probed:
+                    near = PortRange(candidate, min(port_range.last, candidate + PORT_PROBE - 1))
+                    busy |= await anyio.to_thread.run_sync(self.host.bound_ports, near)
+                    probed.update(range(near.first, near.last + 1))
+                if candidate not in busy:
+                    break
+            taken.add(candidate)
+            chosen[at] = candidate
+            floor = candidate if port is None else floor
+        return [chosen[at] for at in range(len(requested))]
+
+    def _allocate(
+        self, requested: int | None, taken: set[int], busy: set[int], floor: int, where: str
+    ) -> int:
+        """allocator.allocate, scanning for the lowest free port from `floor` on; 409 (Conflict)
+        saying why, after `where`, when there is none."""
+        port_range = self.settings.port_range
+        scanned = port_range if requested is not None else PortRange(floor, port_range.last)
+        try:
+            return allocator.allocate(scanned, taken, busy, requested)
+        except allocator.PortUnavailable:
+            try:  # the reason as the whole range gives it
+                return allocator.allocate(port_range, taken, busy, requested)
+            except allocator.PortUnavailable as exc:
+                raise Conflict(f"{where}{exc}") from None
+
     async def _bound_ports(self) -> set[int]:
         """Ports of the range other processes hold (blocking netlink: in a worker thread)."""
         return await anyio.to_thread.run_sync(self.host.bound_ports, self.settings.port_range)
 
 
-def new_id(keys: Mapping[str, KeyRecord]) -> str:
+def new_id(index: KeyIndex) -> str:
     """A fresh key id; never the name of a key saved before names were checked, which it would
     shadow in lookups."""
     while True:
         candidate = secrets.token_hex(4)
-        if candidate not in keys and not any(key.name == candidate for key in keys.values()):
+        if candidate not in index.keys and not index.named(candidate):
             return candidate
 
 

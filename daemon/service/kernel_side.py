@@ -29,6 +29,7 @@ from daemon.errors import Invalid, KernelRefused, OperationError
 from daemon.kernel import Host, Kernel
 from daemon.limits import Quota, Status
 from daemon.service.guards import Guards
+from daemon.service.index import KeyIndex
 from daemon.service.ledger import Ledger, StatusEvents
 from daemon.store.state import DirectionModel, KeyRecord, State, now
 
@@ -45,6 +46,7 @@ class Refresh:
     installed: list[int] = field(default_factory=list)
     removed: list[int] = field(default_factory=list)
     touched: set[str] = field(default_factory=set)  # keys whose kernel reading changed
+    read_at: float = 0.0  # monotonic time the reading began
 
 
 def status_of(key: KeyRecord, moment: datetime, kernel_over: bool, remote: int = 0) -> Status:
@@ -385,9 +387,11 @@ class KernelSide:
         settler: Settler,
         failures: Failures,
         log: Log,
+        index: KeyIndex,
     ) -> None:
         self.kernel = kernel
         self.state = state
+        self.index = index  # keys by port: a poll looks only at the ports whose reading moved
         self.ledger = ledger
         self.settler = settler
         self.failures = failures
@@ -402,7 +406,7 @@ class KernelSide:
     async def refresh(self, check_elements: bool = False) -> Refresh:
         """Read every counter into the totals, mend the table, settle the keys."""
         self.read_started = time.monotonic()
-        result = Refresh()
+        result = Refresh(read_at=self.read_started)
         view = await kernel_call("read counters", self.kernel.read())
         if view is None and self.state.table_handle is None:
             view = await self._rebuild("table_created", result, level="info")
@@ -450,9 +454,9 @@ class KernelSide:
             self.state.table_handle = view.handle
             result.changed = True
         before = {} if self._applied is None else self._applied.ports
-        for key in self.state.keys.values():
-            reading = view.ports.get(key.port)
-            if reading is not None and reading is not before.get(key.port):
+        on_port = self.index.on_port
+        for port, reading in view.ports.items():
+            if reading is not before.get(port) and (key := on_port(port)) is not None:
                 self._apply_reading(key, reading, result)
         self.settler.quotas = {port: _held(reading) for port, reading in view.ports.items()}
         self._applied = view
@@ -511,13 +515,13 @@ class KernelSide:
         self, view: TableView, result: Refresh, check_elements: bool
     ) -> TableView | None:
         """Remove what no key owns, install what a key lacks; the reading to settle against."""
-        keys_by_port = {key.port: key for key in self.state.keys.values()}
+        wanted = set(self.index.ports())
         elements = (
             await kernel_call("read maps", self.kernel.map_elements()) if check_elements else None
         )
         missing: set[int] = set()
-        orphans = view.stray - set(keys_by_port)  # half-made leftovers of ports no key owns
-        for absent, unowned in port_gaps(set(keys_by_port), view, elements).values():
+        orphans = view.stray - wanted  # half-made leftovers of ports no key owns
+        for absent, unowned in port_gaps(wanted, view, elements).values():
             missing |= absent
             orphans |= unowned
         if orphans:
@@ -526,7 +530,9 @@ class KernelSide:
             result.removed = sorted(orphans)
         installed = []
         for port in sorted(missing):
-            key = keys_by_port[port]
+            key = self.index.on_port(port)
+            if key is None:
+                continue
             try:
                 await self.install(port, self.settler.quota_for(key))
             except Exception as exc:  # noqa: BLE001 (this key alone; the others are counted)

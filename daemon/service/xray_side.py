@@ -112,10 +112,11 @@ class XraySide:
         self.applier = XrayApplier(self.options)
         # key id -> (the record's fields an XrayKey is made of, that XrayKey); see `served`.
         self._xray_keys: dict[str, tuple[tuple[Any, ...], XrayKey]] = {}
-        self._served: list[XrayKey] | None = None  # as the last call found them
+        self._served: dict[str, XrayKey] | None = None  # by key id, as the last call found them
         # Ids of keys changed since the last push (None: not known, look at every key).
         self.stale: set[str] | None = None
         self.statuses_moved = False  # a key's status changed since the last push
+        self._last_drift: tuple[tuple[Any, ...], list[XrayKey], list[DriftProblem]] | None = None
 
     def follow(self, key_id: str, status: bool) -> None:
         """A key changed (or went), its status too if `status`: the next push looks at it."""
@@ -125,15 +126,19 @@ class XraySide:
 
     # --- keys ----------------------------------------------------------------------------
 
-    def prepare(self, state: State, key: KeyRecord) -> None:
-        """Give a new key its REALITY short id, subscription token (and key pair if per key)."""
+    def prepare(self, state: State, key: KeyRecord) -> bool:
+        """Give a new key its REALITY short id, subscription token (and key pair if per key);
+        True if the key lacked any of them (it changed and must be saved)."""
+        lacking = not key.short_id or not key.sub_token
         if not key.short_id:
             key.short_id = new_short_id()
         if not key.sub_token:
             key.sub_token = secrets.token_urlsafe(24)
         if self.settings.reality_keys == "key" and key.reality_private_key is None:
             key.reality_private_key = generate_reality().private_key
+            lacking = True
         self.server_reality(state)
+        return lacking
 
     def server_reality(self, state: State) -> Reality:
         if state.reality_private_key is None:
@@ -162,22 +167,24 @@ class XraySide:
         and short ids (170 ms for 10,000 keys). So each XrayKey is kept by key id and built
         again only when a field it is made of changed; an unchanged key then is the very same
         object, which is how LiveConfig finds the changed keys quickly. When the caller knows
-        which keys `changed` since the last push, the last list is patched: only those keys
+        which keys `changed` since the last push, the last ones are patched: only those keys
         are looked at (a status change marks a key changed too).
         """
-        if changed is not None and self._served is not None:
-            served = [k for k in self._served if k.id not in changed]
+        served, self._served = self._served, None  # kept again only once patched whole
+        if changed is not None and served is not None:
             for key_id in changed:
+                served.pop(key_id, None)
                 key = state.keys.get(key_id)
                 if key is not None and self._serves(key):
-                    served.append(self._cached_key(key))
+                    served[key_id] = self._cached_key(key)
         else:
-            served = [self._cached_key(key) for key in state.keys.values() if self._serves(key)]
+            keys = state.keys.values()
+            served = {key.id: self._cached_key(key) for key in keys if self._serves(key)}
         known = self._xray_keys
         if len(known) > 2 * len(state.keys):  # forget deleted keys now and then, not every time
             self._xray_keys = {key_id: known[key_id] for key_id in state.keys if key_id in known}
         self._served = served
-        return served
+        return list(served.values())
 
     def _serves(self, key: KeyRecord) -> bool:
         return key.status is Status.ACTIVE or not self.settings.xray_remove_inactive
@@ -422,16 +429,25 @@ class XraySide:
             )
         return problems
 
-    async def drift(self, state: State) -> list[DriftProblem]:
+    async def drift(self, state: State, reuse: bool = False) -> list[DriftProblem]:
+        """The drift between the keys and Xray's config. `reuse` (a metrics scrape): the last
+        report again while neither the config's files (the stamp a splice trusts: inode, size,
+        mtime) nor the served keys nor the key pair changed; reading and comparing 30,000
+        inbounds took 2 s of every scrape."""
+        keys, reality = self.served(state), self.server_reality(state)
+        stamp = await anyio.to_thread.run_sync(self._config_stamp)
+        seen = (stamp, tuple(map(id, keys)), reality)
+        last = self._last_drift
+        if reuse and stamp is not None and last is not None and last[0] == seen:
+            return list(last[2])
         read = self.files.read if self.confdir is None else self.confdir.read
         config = await anyio.to_thread.run_sync(read)
-        return drift_report(
-            config,
-            self.served(state),
-            self.options,
-            self.settings.port_range,
-            self.server_reality(state),
-        )
+        problems = drift_report(config, keys, self.options, self.settings.port_range, reality)
+        self._last_drift = (seen, keys, problems)  # the keys kept: no id is reused meanwhile
+        return problems
+
+    def _config_stamp(self) -> Any:
+        return self.files.signature() if self.confdir is None else self.confdir.stamp()
 
 
 def _confdir_status(confdir: ConfDir, keys: Collection[XrayKey]) -> dict[str, Any]:

@@ -53,28 +53,22 @@ const user = (name) => encodeURIComponent(name);
 const num = (value) => (typeof value === "number" ? value : 0);
 const first = (...values) => values.find((v) => v !== undefined && v !== null);
 
-// Local keys: name, port, status, limit.
-export async function keys() {
-  const body = await call("GET", "api/keys");
-  return body.keys.map((k) => ({
+// A key of this server as the table shows it: name, port, status, limit, its own counts.
+function keyOf(k) {
+  return {
     id: k.id, name: k.name, port: k.port, status: k.status,
     up: num(k.rx_bytes), down: num(k.tx_bytes),
     used: num(k.used_bytes), limit: k.data_limit_bytes ?? null,
     speed: k.speed_limit_bps ?? null, maxConns: k.max_connections ?? null,
     maxIps: k.max_ips ?? null, refused: num(k.refused_connections),
-  }));
+    connections: k.connections ?? null,
+  };
 }
 
-// Exact kernel counts and connections per local key.
-export async function traffic() {
-  const body = await call("GET", "api/traffic/ports/exact");
-  const summary = body.ports_traffic;
-  const perKey = new Map();
-  for (const entry of Object.values(summary.ports_traffic)) {
-    const t = entry.traffic;
-    perKey.set(t.name, { connections: num(t.connections), up: num(t.rx_bytes), down: num(t.tx_bytes) });
-  }
-  return { total: num(summary.total_traffic), connections: num(summary.total_connections), perKey };
+// One page of this server's keys, by port (for a daemon without the usage routes).
+export async function keysPage(offset, limit) {
+  const body = await call("GET", `api/keys?limit=${limit}&offset=${offset}`);
+  return { total: num(body.total), keys: body.keys.map(keyOf) };
 }
 
 function database(db) {
@@ -88,12 +82,16 @@ function database(db) {
   };
 }
 
-// Usage across all servers: local keys plus what other servers reported.
-export async function overview() {
-  const body = await call("GET", "api/admin/usage");
+// Usage across all servers, and one page of the users (by name, those whose name contains
+// `search`), each with its key here: the page never fetches more than `limit` users.
+export async function usersPage(offset, limit, search) {
+  const query = new URLSearchParams({ limit, offset });
+  if (search) query.set("search", search);
+  const body = await call("GET", `api/admin/usage?${query}`);
   const traffic = num(first(body.traffic_used, body.total_bytes));
   return {
     users: num(body.total_users),
+    matched: num(first(body.users_matched, body.total_users)),
     servers: num(body.total_servers),
     traffic,
     up: first(body.bytes_uploaded, null),
@@ -107,6 +105,7 @@ export async function overview() {
       servers: typeof u.servers === "number" ? u.servers : (u.servers || []).length,
       lastUsed: u.last_used,  // undefined when the overview does not carry it
       connections: u.connections,
+      key: u.key ? keyOf(u.key) : null,
     })),
     db: database(first(body.database, body.db)),
   };
@@ -153,26 +152,11 @@ export async function resetUser(name) {
   return call("POST", `api/admin/usage/reset/${user(name)}`);
 }
 
-const missing = (error) => error instanceof ApiError && error.missing;
-
-// Reset every user's usage (history is kept). A daemon without the all-users route gets one
-// reset per user, one without usage routes one per local key. Returns how many were reset.
-export async function resetAll(names, keyIds) {
-  try {
-    const body = await call("POST", "api/admin/usage/reset");
-    const reset = first(body.users_reset, body.users, body.reset, names);
-    return { users: Array.isArray(reset) ? reset.length : num(reset) };
-  } catch (error) {
-    if (!missing(error)) throw error;
-  }
-  try {
-    for (const name of names) await resetUser(name);
-    return { users: names.length };
-  } catch (error) {
-    if (!missing(error)) throw error;
-  }
-  for (const id of keyIds) await call("POST", `api/keys/${user(id)}/traffic/port/reset`);
-  return { users: keyIds.length };
+// Reset every user's usage (history is kept). Returns how many were reset.
+export async function resetAll() {
+  const body = await call("POST", "api/admin/usage/reset");
+  const reset = first(body.users_reset, body.users, body.reset, []);
+  return { users: Array.isArray(reset) ? reset.length : num(reset) };
 }
 
 // Apply retention now: the rows removed, and what is left.

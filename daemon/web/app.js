@@ -2,7 +2,8 @@
 import * as api from "./api.js";
 
 const UNITS = ["B", "kB", "MB", "GB", "TB", "PB", "EB"];
-const MAX_LAST_USED = 100; // beyond this many users, "last used" is fetched only on expand
+const PAGE_SIZE = 100; // users per page: the page fetches and draws no more, however many exist
+const FILTER_DELAY = 250; // ms after the last keystroke in the filter box
 const $ = (id) => document.getElementById(id);
 const SVG = "http://www.w3.org/2000/svg";
 
@@ -77,11 +78,17 @@ function describe(error) {
 // --- state -------------------------------------------------------------------------------
 
 const page = {
-  users: [],            // rows of the users table
+  users: [],            // rows of the users table: the current page
+  offset: 0,            // of the current page, among the users matching the filter
+  search: "",           // the filter: part of a name
+  matched: 0,           // users matching the filter
+  allUsers: 0,          // users in all
+  loads: 0,             // counts loads, so an older load's late answers are dropped
   overviewOk: false,    // GET api/admin/usage answered
   expanded: new Set(),  // names whose details are open
   chart: new Map(),     // name -> "hourly" | "daily"
   busy: false,
+  stale: false,         // the page or filter changed while loading
 };
 
 async function busy(work) {
@@ -98,35 +105,62 @@ async function busy(work) {
     for (const id of ["refresh", "reset-all", "cleanup"]) $(id).disabled = false;
     document.body.classList.remove("busy");
   }
+  if (page.stale) navigate();
+}
+
+// Show the page at page.offset for page.search; a change while loading loads again after.
+function navigate() {
+  page.stale = page.busy;
+  if (!page.busy) busy(load);
 }
 
 // --- loading -----------------------------------------------------------------------------
 
-async function load() {
-  const [keys, traffic, overview] = await Promise.allSettled([api.keys(), api.traffic(), api.overview()]);
-  const errors = [];
-  const failed = (result) => {
-    if (result.status === "rejected" && !result.reason.missing) errors.push(describe(result.reason));
-    return result.status === "rejected";
-  };
-  const k = failed(keys) ? null : keys.value;
-  const t = failed(traffic) ? null : traffic.value;
-  const o = failed(overview) ? null : overview.value;
-  page.overviewOk = !!o;
-  renderGlobal(o, k, t, overview.status === "rejected" && overview.reason.missing);
-  renderDatabase(o);
-  page.users = mergeUsers(k, t, o);
-  renderUsers();
-  $("updated").textContent = `Updated ${new Date().toLocaleTimeString()}`;
-  say(errors.length ? "error" : "", [...new Set(errors)].join("\n"));
-  fillLastUsed(o);
-  for (const name of page.expanded) loadDetails(name);
-  return errors.length === 0;
+// A page of users with their keys here; this server's keys alone from a daemon without the
+// usage routes (global numbers then "not available", no filter).
+async function fetchPage() {
+  try {
+    const o = await api.usersPage(page.offset, PAGE_SIZE, page.search);
+    return { o, rows: o.perUser.map(userRow), matched: o.matched, all: o.users };
+  } catch (error) {
+    if (!error.missing) throw error;
+  }
+  const k = await api.keysPage(page.offset, PAGE_SIZE);
+  const rows = k.keys.map((key) => ({ ...key, total: key.up + key.down, servers: 1 }));
+  return { o: null, rows, matched: k.total, all: k.total };
 }
+
+async function load() {
+  const serial = ++page.loads;
+  let got = { o: null, rows: [], matched: 0, all: 0 };
+  let error = null;
+  try {
+    got = await fetchPage();
+  } catch (failure) {
+    error = failure;
+  }
+  if (!got.rows.length && page.offset > 0 && got.matched > 0) {
+    page.offset = lastOffset(got.matched);  // keys went away, or the filter matches fewer
+    return load();
+  }
+  page.overviewOk = !!got.o;
+  renderGlobal(got.o, error ? null : got.all);
+  renderDatabase(got.o);
+  Object.assign(page, { users: got.rows, matched: got.matched, allUsers: got.all });
+  renderUsers();
+  renderPager();
+  $("updated").textContent = `Updated ${new Date().toLocaleTimeString()}`;
+  say(error ? "error" : "", error ? describe(error) : "");
+  fillLastUsed(got.o, serial);
+  for (const name of page.expanded) if (detailsBox(name)) loadDetails(name);  // on this page
+  return !error;
+}
+
+const lastOffset = (count) => Math.max(0, Math.floor((count - 1) / PAGE_SIZE) * PAGE_SIZE);
 
 function setText(id, text) { $(id).textContent = text; }
 
-function renderGlobal(o, keys, traffic, missing) {
+function renderGlobal(o, keyCount) {
   const note = $("global-note");
   note.hidden = true;
   if (o) {
@@ -135,20 +169,17 @@ function renderGlobal(o, keys, traffic, missing) {
     setText("stat-traffic", displayBytes(o.traffic));
     setText("stat-traffic-split", o.up === null ? "" : `↑ ${displayBytes(o.up)}  ↓ ${displayBytes(o.down)}`);
     setText("stat-connections", o.connections);
-  } else if (keys && traffic && missing) {
-    setText("stat-users", keys.length);
-    setText("stat-servers", 1);
-    setText("stat-traffic", displayBytes(traffic.total));
-    setText("stat-traffic-split", "");
-    setText("stat-connections", traffic.connections);
-    note.textContent = "Usage across servers is not available from this daemon: this server's keys only.";
-    note.hidden = false;
-  } else {
-    for (const id of ["stat-users", "stat-servers", "stat-traffic", "stat-connections"]) setText(id, "–");
-    setText("stat-traffic-split", "");
-    note.textContent = "not available";
-    note.hidden = false;
+    return;
   }
+  for (const id of ["stat-users", "stat-servers", "stat-traffic", "stat-connections"]) setText(id, "–");
+  setText("stat-traffic-split", "");
+  note.textContent = "not available";
+  if (keyCount !== null) {
+    setText("stat-users", keyCount);
+    setText("stat-servers", 1);
+    note.textContent = "Usage across servers is not available from this daemon: this server's keys only.";
+  }
+  note.hidden = false;
 }
 
 function renderDatabase(o) {
@@ -163,39 +194,38 @@ function renderDatabase(o) {
   setText("db-retention", db.retentionDays === null ? "–" : `${db.retentionDays} days`);
 }
 
-function mergeUsers(keys, traffic, o) {
-  const rows = new Map();
-  for (const key of keys || []) {
-    const counted = traffic && traffic.perKey.get(key.name);
-    rows.set(key.name, {
-      id: key.id, name: key.name, port: key.port, status: key.status, limit: key.limit, used: key.used,
-      speed: key.speed, maxConns: key.maxConns, maxIps: key.maxIps, refused: key.refused,
-      up: key.up, down: key.down, total: key.up + key.down,
-      servers: 1, connections: counted ? counted.connections : null, lastUsed: undefined,
-    });
-  }
-  for (const user of (o && o.perUser) || []) {
-    const row = rows.get(user.name) || {
-      name: user.name, port: null, status: "remote", limit: null, used: 0, connections: null,
-    };
-    Object.assign(row, {
-      up: user.up, down: user.down, total: user.total,
-      servers: user.servers, lastUsed: user.lastUsed,
-    });
-    if (typeof user.connections === "number") row.connections = user.connections;
-    rows.set(user.name, row);
-  }
-  return [...rows.values()].sort((a, b) =>
-    (a.port === null) - (b.port === null) || (a.port || 0) - (b.port || 0) || a.name.localeCompare(b.name));
+// A row of the table: the user's usage on every server, with the key here (if any).
+function userRow(user) {
+  const key = user.key || { port: null, status: "remote", limit: null, used: 0, connections: null };
+  return {
+    ...key, name: user.name, up: user.up, down: user.down, total: user.total,
+    servers: user.servers, lastUsed: user.lastUsed,
+    connections: typeof user.connections === "number" ? user.connections : key.connections,
+  };
 }
 
-// The overview may not carry "last used": ask per user, a few at a time.
-async function fillLastUsed(o) {
+function renderPager() {
+  const { offset, matched } = page;
+  const pages = Math.max(1, Math.ceil(matched / PAGE_SIZE));
+  const shown = page.users.length;
+  setText("page-info", matched
+    ? `Page ${offset / PAGE_SIZE + 1} of ${pages}: users ${offset + 1}–${offset + shown} of ${matched}`
+    : (page.search ? "No user matches the filter" : "No users"));
+  $("first").disabled = $("prev").disabled = offset === 0;
+  $("last").disabled = $("next").disabled = offset + PAGE_SIZE >= matched;
+}
+
+function turn(to) {
+  page.offset = Math.min(Math.max(0, to), lastOffset(page.matched));
+  navigate();
+}
+
+// The overview may not carry "last used": ask per user of the page, a few at a time.
+async function fillLastUsed(o, serial) {
   if (!o) return;
-  const wanted = page.users.filter((u) => u.lastUsed === undefined).slice(0, MAX_LAST_USED);
-  const queue = [...wanted];
+  const queue = page.users.filter((u) => u.lastUsed === undefined);
   const worker = async () => {
-    for (let user = queue.shift(); user; user = queue.shift()) {
+    for (let user = queue.shift(); user && serial === page.loads; user = queue.shift()) {
       try {
         user.lastUsed = await api.lastUsed(user.name);
       } catch {
@@ -388,14 +418,14 @@ function confirmDialog(text, action) {
 }
 
 async function resetAll() {
-  const names = page.users.map((u) => u.name);
-  if (!names.length) return say("info", "There are no users to reset.");
+  const count = page.allUsers;
+  if (!count) return say("info", "There are no users to reset.");
   const ok = await confirmDialog(
-    `Reset the traffic of all ${names.length} users? Their usage starts again from zero; ` +
+    `Reset the traffic of all ${count} users? Their usage starts again from zero; ` +
     "the history is kept.", "Reset all");
   if (!ok) return;
   await busy(async () => {
-    const done = await api.resetAll(names, page.users.filter((u) => u.id).map((u) => u.id));
+    const done = await api.resetAll();
     const users = `${done.users} user${done.users === 1 ? "" : "s"}`;
     if (await load()) say("info", `Reset the traffic of ${users}.`);
   });
@@ -430,6 +460,18 @@ function start() {
   $("refresh").addEventListener("click", () => busy(load));
   $("reset-all").addEventListener("click", resetAll);
   $("cleanup").addEventListener("click", cleanup);
+  $("first").addEventListener("click", () => turn(0));
+  $("prev").addEventListener("click", () => turn(page.offset - PAGE_SIZE));
+  $("last").addEventListener("click", () => turn(lastOffset(page.matched)));
+  $("next").addEventListener("click", () => turn(page.offset + PAGE_SIZE));
+  let timer = 0;
+  $("search").addEventListener("input", () => {
+    clearTimeout(timer);
+    timer = setTimeout(() => {
+      page.search = $("search").value.trim();
+      turn(0);
+    }, FILTER_DELAY);
+  });
   window.portmeter = { displayBytes, load };
   busy(load);
 }

@@ -231,6 +231,8 @@ def _outdated(
 
 def _differences(wanted: object, present: object, path: str = "") -> list[str]:
     """Dotted paths where `present` differs from `wanted`."""
+    if wanted == present:  # the usual case, compared in C: no walk at all
+        return []
     if isinstance(wanted, Mapping) and isinstance(present, Mapping):
         found = []
         for name in [*wanted, *(k for k in present if k not in wanted)]:

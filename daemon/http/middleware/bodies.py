@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from daemon.bounds import MAX_BODY_BYTES, MAX_BODY_DEPTH
+from daemon.bounds import BATCH_PATH, MAX_BATCH_BODY_BYTES, MAX_BODY_BYTES, MAX_BODY_DEPTH
 from daemon.http.middleware import refuse
 
 
 class JsonBodies:
     """Every request body is JSON (so `curl -d '{"name": "alice"}'` works without -H), at most
-    MAX_BODY_BYTES bytes and MAX_BODY_DEPTH levels deep: larger or deeper bodies are refused
-    before parsing."""
+    MAX_BODY_BYTES bytes (a batch of keys: MAX_BATCH_BODY_BYTES) and MAX_BODY_DEPTH levels deep:
+    larger or deeper bodies are refused before parsing."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -22,14 +22,15 @@ class JsonBodies:
             return
         headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
         scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        most = MAX_BATCH_BODY_BYTES if scope["path"] == BATCH_PATH else MAX_BODY_BYTES
         body = b""
         more = True
         while more:
             message = await receive()
             body += message.get("body", b"")
             more = message.get("more_body", False)
-            if len(body) > MAX_BODY_BYTES:
-                detail = f"request body larger than {MAX_BODY_BYTES} bytes"
+            if len(body) > most:
+                detail = f"request body larger than {most} bytes"
                 await refuse(scope, send, 413, detail)
                 return
         if json_depth(body) > MAX_BODY_DEPTH:

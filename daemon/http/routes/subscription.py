@@ -3,7 +3,6 @@ headers: the unguessable token is the secret, compared in constant time."""
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated, Any
 
 from fastapi import APIRouter
@@ -39,8 +38,8 @@ async def subscription(
     fleet = service.fleet_keys  # a link per server of the fleet (README "Keys created once")
     if fleet is not None and (found := await fleet.subscription(token)) is not None:
         return PlainTextResponse(found.body, headers={"subscription-userinfo": found.userinfo})
-    for key in service.keys_by_port():
-        if key.sub_token and hmac.compare_digest(key.sub_token.encode(), token.encode()):
-            link = service.link(key) if key.status is Status.ACTIVE else None
-            return PlainTextResponse(subscription_text([] if link is None else [link]))
-    raise NotFound("no such subscription")
+    key = service.key_with_token(token)
+    if key is None:
+        raise NotFound("no such subscription")
+    link = service.link(key) if key.status is Status.ACTIVE else None
+    return PlainTextResponse(subscription_text([] if link is None else [link]))

@@ -10,16 +10,16 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Annotated, Any, TypeVar
+from typing import Any, TypeVar
 
 import anyio
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Request, Response
 
-from daemon import bounds
 from daemon.errors import OperationError
 from daemon.http.answers import traffic_object
 from daemon.http.routes import ServiceDep
-from daemon.http.schemas import ERROR_RESPONSES, KeyRef
+from daemon.http.schemas import ERROR_RESPONSES, KeyRef, PageLimit, PageOffset
+from daemon.http.shared import SharedAnswers, json_answer, json_bytes
 from daemon.service import Established, Service
 from daemon.store.state import KeyRecord
 from daemon.units import human_bytes
@@ -69,7 +69,7 @@ async def read_with_host_facts(service: Service, reading: Awaitable[T]) -> tuple
     return result, facts
 
 
-async def _read_page(service: Service, page: list[KeyRecord]) -> list[KeyRecord]:
+async def read_page(service: Service, page: list[KeyRecord]) -> list[KeyRecord]:
     """The page's keys with fresh counters: each key's own reading for a small page, one full
     reading for a large one; keys deleted meanwhile are left out."""
     if len(page) <= PAGE_READ_LIMIT:
@@ -78,39 +78,57 @@ async def _read_page(service: Service, page: list[KeyRecord]) -> list[KeyRecord]
     return [k for k in page if service.has_key(k.id)]
 
 
-@router.get("/api/traffic/ports/exact")
+@router.get("/api/traffic/ports/exact", response_model=dict[str, Any])
 async def all_traffic(
+    request: Request,
     service: ServiceDep,
-    limit: Annotated[
-        int | None, Query(ge=1, le=bounds.MAX_PAGE_LIMIT, description="keys per page, by port")
-    ] = None,
-    offset: Annotated[
-        int, Query(ge=0, le=bounds.MAX_OFFSET, description="keys to skip, by port")
-    ] = 0,
+    limit: PageLimit = None,
+    offset: PageOffset = 0,
+) -> Response:
+    """Every key's traffic, or one page of it (`limit`, `offset`; ordered by port). A small
+    page reads only its own keys' counters; a large one (or the whole list) reads the whole
+    table, and its answer is shared with every request that arrived before that reading began
+    (daemon/http/shared.py): it is as exact for them as one of their own."""
+    arrived, asked = time.monotonic(), (offset, limit)
+    shared: SharedAnswers = request.app.state.traffic_answers
+    if (body := shared.fresh(asked, arrived)) is not None:
+        return json_answer(body)
+    if limit is not None and limit <= PAGE_READ_LIMIT:
+        page = service.keys_by_port(offset, limit)
+        keys, facts = await read_with_host_facts(service, read_page(service, page))
+        return json_answer(json_bytes(_traffic_answer(service, keys, facts, asked)))
+    reading = await service.refresh()
+    if (body := shared.fresh(asked, arrived)) is not None:
+        return json_answer(body)  # another request answered from a reading as fresh
+    facts = HostFacts()
+    await facts.gather(service)
+    body = json_bytes(_traffic_answer(service, service.keys_by_port(offset, limit), facts, asked))
+    shared.keep(asked, reading.read_at, body)
+    return json_answer(body)
+
+
+def _traffic_answer(
+    service: Service, keys: list[KeyRecord], facts: HostFacts, asked: tuple[int, int | None]
 ) -> dict[str, Any]:
-    """Every key's traffic, or one page of it (`limit`, `offset`; ordered by port). A page
-    reads only its own keys' counters; the whole list reads the whole table."""
-    ordered = service.keys_by_port()
-    page = ordered[offset : None if limit is None else offset + limit]
-    keys, facts = await read_with_host_facts(service, _read_page(service, page))
     connections = facts.connections
     moment = int(time.time())
     per_key = {
-        str(k.uuid): {
+        uuid: {
             "port": k.port,
             "key_id": k.id,
             "key_name": k.name,
-            "traffic": traffic_object(k, connections, moment),
+            "traffic": traffic_object(k, connections, moment, uuid),
             "error": service.key_error(k.id),  # this key's failed kernel step, if any
         }
         for k in keys
+        for uuid in (str(k.uuid),)
     }
     return {
         "ports_traffic": {
             "total_ports": len(keys),
-            "total_keys": len(ordered),
-            "offset": offset,
-            "limit": limit,
+            "total_keys": service.key_count(),
+            "offset": asked[0],
+            "limit": asked[1],
             "ports_traffic": per_key,
             "total_traffic": sum(k.rx.bytes + k.tx.bytes for k in keys),
             "total_connections": connections.total(k.port for k in keys),

@@ -24,11 +24,13 @@ from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Body, Depends
+from fastapi import APIRouter, Body, Depends, Query
 
+from daemon import bounds, names
 from daemon.errors import Invalid, NotFound, StorageFull, StoreUnavailable
+from daemon.http.answers import key_fields
 from daemon.http.routes import HistoryDep, ReportedDep, ServiceDep
-from daemon.http.schemas import ERROR_RESPONSES, Username, parse_reports
+from daemon.http.schemas import ERROR_RESPONSES, Text, Username, parse_reports
 from daemon.service import Established, Service
 from daemon.store.history import History, ReportRefused, ServerUsage, days_back, hours_back
 from daemon.store.reported import Reported, ReportedDetail
@@ -312,25 +314,34 @@ async def usage_reset_all(service: ServiceDep, reported: ReportedDep) -> dict[st
     }
 
 
+Reports = dict[str, tuple[int, int, list[str]]]  # per user: up, down, servers
+
+
 def _per_user(
-    keys: Iterable[KeyRecord], server: str, reported: dict[str, tuple[int, int, list[str]]]
-) -> list[dict[str, Any]]:
-    """Every user's totals (local keys and reports) and on how many servers, by name."""
-    users: dict[str, dict[str, Any]] = {}
+    keys: Iterable[KeyRecord], server: str, reported: Reports, page: UserPage
+) -> tuple[list[dict[str, Any]], int, int]:
+    """The page's users, by name: totals (local keys and reports) and on how many servers; how
+    many users matched, and how many there are. Only the page's entries are built: at 30,000
+    users, building all of them cost more than the rest of the answer."""
+    local: dict[str, tuple[int, int]] = {}
     for key in keys:
-        entry = users.setdefault(key.name, {"up": 0, "down": 0, "servers": set()})
-        entry["up"] += key.rx.bytes
-        entry["down"] += key.tx.bytes
-        entry["servers"].add(server)
-    for name, (up, down, servers) in reported.items():
-        entry = users.setdefault(name, {"up": 0, "down": 0, "servers": set()})
-        entry["up"] += up
-        entry["down"] += down
-        entry["servers"].update(servers)
-    return [
-        {"username": name, **_sums(e["up"], e["down"]), "servers": len(e["servers"])}
-        for name, e in sorted(users.items())
-    ]
+        up, down = local.get(key.name, (0, 0))
+        local[key.name] = (up + key.rx.bytes, down + key.tx.bytes)
+    everyone = sorted(local.keys() | reported.keys())
+    listed, matched = page.select(everyone)
+    entries = [_user_entry(name, local.get(name), reported.get(name), server) for name in listed]
+    return entries, matched, len(everyone)
+
+
+def _user_entry(
+    name: str, here: tuple[int, int] | None, there: tuple[int, int, list[str]] | None, server: str
+) -> dict[str, Any]:
+    up, down = here or (0, 0)
+    servers = {server} if here else set()
+    if there is not None:
+        up, down = up + there[0], down + there[1]
+        servers.update(there[2])
+    return {"username": name, **_sums(up, down), "servers": len(servers)}
 
 
 def _database(database: dict[str, Any], server: str, reported_servers: list[str]) -> dict[str, Any]:
@@ -353,8 +364,62 @@ def _database(database: dict[str, Any], server: str, reported_servers: list[str]
     }
 
 
+@dataclass(frozen=True)
+class UserPage:
+    """Which users the overview lists: those whose name contains `search` (compared as names
+    are: letter case and normal form aside), `limit` of them from `offset`, by name; all without
+    a limit. A page's users carry their key here (`key`), so the page at `/` needs one request
+    per page however many keys there are."""
+
+    limit: int | None
+    offset: int
+    search: str | None
+
+    def select(self, users: list[str]) -> tuple[list[str], int]:
+        """The page of `users` (names, sorted) and how many matched the search."""
+        if self.search is not None:
+            wanted = names.fold(self.search)
+            users = [u for u in users if wanted in names.fold(u)]
+        end = None if self.limit is None else self.offset + self.limit
+        return users[self.offset : end], len(users)
+
+
+async def user_page(
+    limit: Annotated[
+        int | None, Query(ge=1, le=bounds.MAX_PAGE_LIMIT, description="users per page, by name")
+    ] = None,
+    offset: Annotated[
+        int, Query(ge=0, le=bounds.MAX_USER_OFFSET, description="users to skip, by name")
+    ] = 0,
+    search: Annotated[
+        str | None,
+        Query(
+            min_length=1,
+            max_length=bounds.MAX_SEARCH_CHARS,
+            pattern=Text,
+            description="only users whose name contains this, in any letter case",
+        ),
+    ] = None,
+) -> UserPage:
+    return UserPage(limit, offset, search)
+
+
+def _with_keys(
+    page: list[dict[str, Any]], keys: list[KeyRecord], connections: Established
+) -> list[dict[str, Any]]:
+    """The page's users, each with its key here (`key`: its fields and connections) or null."""
+    local = {k.name: k for k in keys}
+    return [{**user, "key": _key_entry(local.get(user["username"]), connections)} for user in page]
+
+
+def _key_entry(key: KeyRecord | None, connections: Established) -> dict[str, Any] | None:
+    return None if key is None else {**key_fields(key), "connections": connections.count(key.port)}
+
+
 @router.get("/api/admin/usage")
-async def usage_overview(service: ServiceDep, users: UsersDep) -> dict[str, Any]:
+async def usage_overview(
+    service: ServiceDep, users: UsersDep, page: Annotated[UserPage, Depends(user_page)]
+) -> dict[str, Any]:
     await service.refresh()
     connections = await service.connections()
     keys = service.keys_by_port()
@@ -365,9 +430,11 @@ async def usage_overview(service: ServiceDep, users: UsersDep) -> dict[str, Any]
     local_up = sum(k.rx.bytes for k in keys)
     local_down = sum(k.tx.bytes for k in keys)
     up, down = local_up + reported["bytes_uploaded"], local_down + reported["bytes_downloaded"]
-    per_user = _per_user(keys, users.server, reported_users)
+    listed, matched, total = _per_user(keys, users.server, reported_users, page)
+    if page.limit is not None:
+        listed = _with_keys(listed, keys, connections)
     return {
-        "total_users": len(per_user),
+        "total_users": total,
         "total_servers": len({users.server, *reported["servers"]}),
         "traffic_used": up + down,
         "traffic_used_formatted": human_bytes(up + down),
@@ -386,9 +453,12 @@ async def usage_overview(service: ServiceDep, users: UsersDep) -> dict[str, Any]
             "reports": reported["records"],
             **_sums(reported["bytes_uploaded"], reported["bytes_downloaded"]),
         },
-        "users": per_user,
+        "users": listed,
         "database": _database(database, users.server, reported["servers"]),
         "timestamp": int(time.time()),
+        "users_matched": matched,
+        "offset": page.offset,
+        "limit": page.limit,
     }
 
 
