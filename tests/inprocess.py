@@ -159,9 +159,16 @@ class DaemonSurface:
         return dict(self.api("GET", f"/api/keys/{key}/traffic/port/exact"))
 
     def saved_state(self) -> dict[str, Any]:
-        """What the daemon has saved (snapshot plus journal), as the state file's JSON."""
-        loaded = StateStore(self.state_dir / "state.json").load()
-        return dict(json.loads(loaded.model_dump_json()))
+        """What the daemon has saved (snapshot plus journal), as the state file's JSON. Read
+        again if the daemon replaced the snapshot meanwhile: a compaction between reading the
+        old snapshot and the emptied journal would show neither's keys (with a key or two,
+        every save is a compaction)."""
+        snapshot = self.state_dir / "state.json"
+        while True:
+            before = snapshot.stat().st_ino if snapshot.exists() else None
+            loaded = StateStore(snapshot).load()
+            if (snapshot.stat().st_ino if snapshot.exists() else None) == before:
+                return dict(json.loads(loaded.model_dump_json()))
 
     def state_bytes(self) -> bytes:
         """Everything saved, byte for byte: a refused operation must not change it."""
