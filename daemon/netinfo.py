@@ -40,12 +40,18 @@ def established_by_port(port_range: PortRange) -> dict[int, int]:
     The kernel filters by state and port (an inet_diag bytecode, daemon/nlcodec.py), so the
     host's other sockets are never sent here, however many there are."""
     counts: Counter[int] = Counter()
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as diag:
-        diag.settimeout(DIAG_TIMEOUT)
+    with _diag_socket() as diag:
         for seq, family in enumerate(FAMILIES, 1):
             diag.send(nl.established_request(family, port_range.first, port_range.last, seq))
             counts.update(_dumped(diag, nl.diag_ports))
     return dict(counts)
+
+
+def _diag_socket() -> socket.socket:
+    """A sock_diag socket whose reads give up after DIAG_TIMEOUT (use it in a `with`)."""
+    diag = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG)
+    diag.settimeout(DIAG_TIMEOUT)
+    return diag
 
 
 def _dumped(diag: socket.socket, decode: Callable[[bytes], Decoded[T]]) -> Iterator[T]:
@@ -66,8 +72,7 @@ def bound_ports(port_range: PortRange) -> set[int]:
     The kernel filters by port, so the cost follows the sockets in the range, not the host's."""
     ports: set[int] = set()
     queries = ((socket.IPPROTO_TCP, 1 << TCP_LISTEN), (socket.IPPROTO_UDP, ALL_STATES))
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as diag:
-        diag.settimeout(DIAG_TIMEOUT)
+    with _diag_socket() as diag:
         seq = 0
         for family in FAMILIES:
             for protocol, states in queries:
@@ -106,8 +111,7 @@ def close_connections(port: int) -> int:
     refusal raises OSError. The kernel filters the dump by the port, so the host's other sockets
     are never sent here."""
     closed = 0
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as diag:
-        diag.settimeout(DIAG_TIMEOUT)
+    with _diag_socket() as diag:
         for seq, family in enumerate(FAMILIES, 1):
             diag.send(nl.diag_request(family, CONNECTED, port, port, seq))
             found = list(_dumped(diag, nl.diag_sockets))

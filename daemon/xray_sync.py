@@ -653,6 +653,10 @@ class LiveConfig:
         # so the file's previous bytes it holds go once the operation is over.
         self._last: weakref.ref[Written] | None = None
 
+    def stamp(self) -> Signature | None:
+        """What changes whenever anyone writes the file (ConfDir.stamp's twin)."""
+        return self.files.signature()
+
     @property
     def opts(self) -> XrayOptions:
         return self.files.opts

@@ -435,7 +435,7 @@ class XraySide:
         mtime) nor the served keys nor the key pair changed; reading and comparing 30,000
         inbounds took 2 s of every scrape."""
         keys, reality = self.served(state), self.server_reality(state)
-        stamp = await anyio.to_thread.run_sync(self._config_stamp)
+        stamp = await anyio.to_thread.run_sync(self.live.stamp)
         seen = (stamp, tuple(map(id, keys)), reality)
         last = self._last_drift
         if reuse and stamp is not None and last is not None and last[0] == seen:
@@ -445,9 +445,6 @@ class XraySide:
         problems = drift_report(config, keys, self.options, self.settings.port_range, reality)
         self._last_drift = (seen, keys, problems)  # the keys kept: no id is reused meanwhile
         return problems
-
-    def _config_stamp(self) -> Any:
-        return self.files.signature() if self.confdir is None else self.confdir.stamp()
 
 
 def _confdir_status(confdir: ConfDir, keys: Collection[XrayKey]) -> dict[str, Any]:
