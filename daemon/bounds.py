@@ -155,6 +155,14 @@ FLEET_START_WAIT: Final = 3.0
 # Seconds a start may spend applying the fleet's keys before READY; the rest follows after it
 # (systemd's TimeoutStartSec is 120 s in the unit).
 FLEET_CONVERGE_BUDGET: Final = 60.0
+# Every node writes `servers.last_seen` at least this often (seconds); a server silent for longer
+# than SERVER_SILENT is left out of the fleet's subscriptions and shows as `silent` in a key's
+# servers (a stopped node must not keep links to it in every subscription).
+SERVER_HEARTBEAT: Final = 60.0
+SERVER_SILENT: Final = 300.0
+# Resets in the fleet database are stamped by its clock (README "A fleet in PostgreSQL"): one
+# later than its now() by more than this many seconds is damage, read as no reset.
+FLEET_RESET_SLACK: Final = 300
 # Choosing a new key's port asks the kernel which of this many ports from the candidate on are
 # bound by other processes (one filtered sock_diag dump), never the whole range.
 PORT_PROBE: Final = 64

@@ -415,12 +415,21 @@ def _fleet_status_lines(s: dict[str, Any]) -> list[str]:
         f"database:   {state}, schema version {s['schema_version'] or '-'}",
         *([f"error:      {s['error']}"] if s["error"] else []),
         f"server:     {s['server']}",
+        *_skew_line(s.get("clock_skew_seconds")),
         f"delivered:  {s['last_delivered_at'] or 'nothing yet since start'}",
         (
             f"backlog:    {backlog['messages']} messages, {backlog['rows']} rows, "
             f"{display_bytes(backlog['bytes'])}, oldest {backlog['oldest_at'] or '-'}"
         ),
     ]
+
+
+def _skew_line(skew: float | None) -> list[str]:
+    """The database's clock against this server's, when measured."""
+    if skew is None:
+        return []
+    side = "ahead of" if skew >= 0 else "behind"
+    return [f"clock:      the database is {abs(skew):.3f} s {side} this server"]
 
 
 def keys_rm(client: Client, args: argparse.Namespace) -> Any:

@@ -21,6 +21,7 @@ Names saved before the rule existed keep working: only new names are checked.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import unicodedata
 from collections.abc import Callable, Iterable
@@ -200,3 +201,26 @@ def _check_shape(folded: str) -> None:
         raise NameRefused("may not look like a key id (8 hex digits)")
     if UUID_SHAPE.fullmatch(folded.replace("-", "")):
         raise NameRefused("may not look like a uuid (32 hex digits)")
+
+
+HOST_LABEL: Final = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
+def host_problem(host: str) -> str | None:
+    """Why `host` cannot be the host of a share link (None: it can): an IP address (IPv6 also
+    in brackets), or a DNS name of labels of letters, digits, `-` and `_` (an internationalised
+    name in its Unicode or ASCII form), at most 253 characters. Anything else, a space, a
+    newline, `/`, `@` or `#`, would make a link point elsewhere or carry a second link."""
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ipaddress.ip_address(bare)
+        return None
+    except ValueError:
+        pass
+    try:
+        ascii_name = host.removesuffix(".").encode("idna").decode("ascii")
+    except UnicodeError:
+        ascii_name = ""
+    if 0 < len(ascii_name) <= 253 and all(map(HOST_LABEL.fullmatch, ascii_name.split("."))):
+        return None
+    return f"{host[:64]!r} is not a host name or an IP address"

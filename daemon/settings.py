@@ -23,7 +23,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from daemon import bounds
+from daemon import bounds, names
 from daemon.allocator import PortRange
 from daemon.xray.model import is_key_file
 
@@ -136,6 +136,15 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"unknown time zone {value!r} (use e.g. UTC or Europe/Berlin)"
             ) from None
+        return value
+
+    @field_validator("public_host")
+    @classmethod
+    def _link_host(cls, value: str) -> str:
+        """The host of every share link: a host name or an IP address, or unset."""
+        value = value.strip()
+        if value and (problem := names.host_problem(value)):
+            raise ValueError(problem)
         return value
 
     @field_validator("xray_group")

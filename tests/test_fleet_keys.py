@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import threading
 import time
 import uuid
@@ -21,10 +22,12 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 import anyio
+import pytest
 import structlog
 
+from daemon.errors import Conflict
 from daemon.fleet.db import FleetDB
-from daemon.fleet.keys import FleetKeys, differences, row_of, serves, userinfo
+from daemon.fleet.keys import FleetKeys, desired_of, differences, row_of, serves, userinfo
 from daemon.service import Service
 from daemon.store.state import KeyRecord
 from tests.conftest import Daemon, fresh_port_range
@@ -394,7 +397,8 @@ def with_writers(db: Database, body: Callable[[FleetKeys, FleetKeys], Awaitable[
 
 def fleet_key(name: str) -> KeyRecord:
     return KeyRecord(
-        id=f"id-{name}", name=name, uuid="3014594c-1a4c-4472-87bc-0a5826be09d8", port=20001,
+        id=hashlib.sha256(name.encode()).hexdigest()[:8], name=name,
+        uuid=uuid.uuid5(uuid.NAMESPACE_DNS, name), port=20001, sub_token=f"token-of-{name}-0123456",
         created_at=datetime(2026, 5, 1, 12, 0, 0, 700_000, tzinfo=UTC), fleet=True,
     )
 
@@ -431,7 +435,7 @@ def test_a_new_key_starts_its_names_fleet_usage_afresh(fleet_db: Database) -> No
             "UPDATE portmeter.users SET resets = 2, reset_at = '2026-04-01T00:00:00Z'"
             " WHERE name = 'rita'"
         )
-        await b.created(key.model_copy(update={"id": "id-rita-2"}))
+        await b.created(key.model_copy(update={"id": "0a0a0a0a"}))
 
     with_writers(fleet_db, body)
     assert fleet_db.sql("SELECT name FROM portmeter.totals") == "ritb"
@@ -479,9 +483,9 @@ def test_a_node_applies_only_the_followed_fields_that_differ() -> None:
     )
     row = row_of(key)
     assert row["same_name"] == "alice" and row["reset_strategy"] == "no_reset"
-    assert differences(key, row) == {}
+    assert differences(key, desired_of(key)) == {}
     changed = key.model_copy(update={"note": "new", "data_limit_bytes": 5, "port": 20002})
-    assert differences(key, row_of(changed)) == {"note": "new", "data_limit_bytes": 5}
+    assert differences(key, desired_of(changed)) == {"note": "new", "data_limit_bytes": 5}
 
 
 def test_userinfo_carries_fleet_usage_limit_and_expiry() -> None:
@@ -498,3 +502,42 @@ def test_bad_groups_are_422_and_change_nothing(inproc: InProcessDaemon) -> None:
         inproc.api("POST", "/api/keys", expect=422, json={"name": "mia", **body})
     assert inproc.api("GET", "/api/keys/liam")["groups"] == ["asia", "eu"]
     assert [k["name"] for k in inproc.api("GET", "/api/keys")["keys"]] == ["liam"]
+
+
+def test_a_409_for_a_name_the_fleet_has_names_its_spelling_and_the_batch_item(
+    fleet_db: Database,
+) -> None:
+    alice = fleet_key("Alice")
+    refusals: list[str] = []
+
+    async def body(a: FleetKeys, b: FleetKeys) -> None:
+        await a.created(alice)
+        for attempt in (
+            b.created(fleet_key("alice")),
+            b.created_many([fleet_key("zed"), fleet_key("ALICE")]),
+        ):
+            with pytest.raises(Conflict) as refused:
+                await attempt
+            refusals.append(refused.value.detail)
+
+    with_writers(fleet_db, body)
+    single, batch = refusals
+    assert single.startswith("a key named 'Alice' already exists in the fleet")
+    assert single.endswith("nothing was changed")
+    assert batch.startswith("keys[1]: a key named 'Alice' already exists in the fleet")
+    assert batch.endswith("nothing was created")
+    assert fleet_db.sql("SELECT name FROM portmeter.keys") == "Alice"
+
+
+def test_a_server_without_xray_creates_many_fleet_keys(fleet_db: Database) -> None:
+    """Every key has its own subscription token, with Xray or without: the fleet holds tokens
+    unique, and a counting-only server must not make every key after the first a 409."""
+
+    async def main() -> None:
+        async with ready_fleet_db(fleet_db.dsn) as db, started(xray=False) as rig:
+            rig.service.fleet_keys = FleetKeys(db, rig.service, LOG)
+            for name in ("ada", "bo", "cy"):
+                assert (await rig.service.create_key(name)).fleet
+
+    anyio.run(main)
+    assert fleet_db.sql("SELECT count(DISTINCT sub_token) FROM portmeter.keys") == "3"

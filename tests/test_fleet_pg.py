@@ -14,7 +14,7 @@ import random
 import socket
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -233,16 +233,24 @@ class Node:
 
 
 @contextlib.contextmanager
-def fleet_nodes(db: Database, root: Path, count: int, **env: str) -> Iterator[list[Node]]:
-    """`count` node daemons, each in its own pair of namespaces, all on database `db`."""
+def fleet_nodes(
+    db: Database,
+    root: Path,
+    count: int,
+    per_node: Sequence[Mapping[str, str]] = (),
+    **env: str,
+) -> Iterator[list[Node]]:
+    """`count` node daemons, each in its own pair of namespaces, all on database `db`; node i
+    also gets the environment `per_node[i]`."""
     with contextlib.ExitStack() as stack:
         made = []
         for index in range(count):
             net = stack.enter_context(lab())
             name = f"node{index}"
+            own = per_node[index] if index < len(per_node) else {}
             daemon = Daemon(
                 net.server, root / name, fresh_port_range(),
-                PORTMETER_FLEET_DSN=db.dsn, PORTMETER_SERVER_NAME=name, **env,
+                PORTMETER_FLEET_DSN=db.dsn, PORTMETER_SERVER_NAME=name, **env, **own,
             )
             stack.callback(daemon.close)
             daemon.start()

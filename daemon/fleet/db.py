@@ -21,8 +21,11 @@ import psycopg
 import psycopg_pool
 import structlog
 from psycopg import AsyncConnection
+from psycopg.abc import Buffer, Loader
 from psycopg.conninfo import conninfo_to_dict
+from psycopg.types import datetime as pgdt
 
+from daemon.fleet.rows import Unreadable
 from daemon.fleet.schema import SchemaTooNew, migrate
 from daemon.store.state import now
 
@@ -32,6 +35,7 @@ MAX_BACKOFF = 30.0
 POOL_SIZE = 4
 QUERY_DEADLINE = 15  # seconds any use of a connection may take, statement timeout included
 PROBE_INTERVAL = 1.0  # seconds between attempts to use a database known to be down
+CLOCK_SKEW_WARN = 2.0  # seconds between this server's clock and the database's worth a warning
 
 
 class FleetUnavailable(Exception):
@@ -47,6 +51,40 @@ class FleetStatus:
     schema_version: int | None = None
     error: str | None = None
     since: datetime | None = None  # when `reachable` last changed
+    clock_skew: float | None = None  # seconds the database's clock is ahead of this server's
+
+
+def _lenient(base: type[Loader]) -> type[Loader]:
+    """`base`, except that a value Python cannot hold (`infinity`, a year past 9999) loads as
+    rows.Unreadable instead of failing the whole query: one damaged row must not hide every
+    other row from a node (README "The database is input too")."""
+
+    class Lenient(base):  # type: ignore[valid-type,misc]
+        def load(self, data: Buffer) -> Any:
+            try:
+                return super().load(data)
+            except psycopg.DataError:
+                return Unreadable(bytes(data).decode(errors="replace"))
+
+    Lenient.__name__ = f"Lenient{base.__name__}"
+    return Lenient
+
+
+LENIENT_LOADERS = tuple(
+    (type_name, _lenient(loader))
+    for type_name, loaders in (
+        ("timestamptz", (pgdt.TimestamptzLoader, pgdt.TimestamptzBinaryLoader)),
+        ("timestamp", (pgdt.TimestampLoader, pgdt.TimestampBinaryLoader)),
+        ("date", (pgdt.DateLoader, pgdt.DateBinaryLoader)),
+    )
+    for loader in loaders
+)
+
+
+async def lenient_loads(conn: AsyncConnection[Any]) -> None:
+    """The pool's `configure`: dates and times load leniently on every fleet connection."""
+    for type_name, loader in LENIENT_LOADERS:
+        conn.adapters.register_loader(type_name, loader)
 
 
 def dsn_problem(dsn: str) -> str | None:
@@ -134,6 +172,7 @@ class FleetDB:
                 "tcp_user_timeout": self.deadline * 1000,
             },
             check=psycopg_pool.AsyncConnectionPool.check_connection,
+            configure=lenient_loads,
             # The pool's reconnection backs off exponentially until it gives up; given up, the
             # next request tries at once. Short, so a database that is back is used in seconds.
             reconnect_timeout=2 * CONNECT_TIMEOUT,
@@ -181,6 +220,36 @@ class FleetDB:
         finally:
             self._probing = False
         self._reachable()
+
+    @property
+    def skew(self) -> float:
+        """Whole seconds to add to this server's clock to get the database's: 0 until measured
+        and while within CLOCK_SKEW_WARN (NTP keeps servers far closer), so a measurement's
+        jitter never moves a moment this server compares with its own."""
+        skew = self.status.clock_skew or 0.0
+        return float(round(skew)) if abs(skew) > CLOCK_SKEW_WARN else 0.0
+
+    async def measure_skew(self, conn: AsyncConnection[Any]) -> float:
+        """The database's clock against this server's, from one round trip (within half of it):
+        moments the fleet compares across servers (resets, the usage since them) are stamped in
+        the database's clock, so a server whose clock runs ahead or behind neither hides the
+        others' usage nor misses their resets. Logged when it passes CLOCK_SKEW_WARN."""
+        before = time.time()
+        cursor = await conn.execute("SELECT extract(epoch FROM clock_timestamp())::float8")
+        row = await cursor.fetchone()
+        after = time.time()
+        skew = float(row[0]) - (before + after) / 2 if row else 0.0
+        was = self.status.clock_skew
+        self.status.clock_skew = skew
+        if abs(skew) > CLOCK_SKEW_WARN and (was is None or abs(was) <= CLOCK_SKEW_WARN):
+            self.log.warning(
+                "fleet_clock_skew",
+                seconds=round(skew, 3),
+                remedy="fleet moments use the database's clock; run NTP (chrony) on this server",
+            )
+        elif abs(skew) <= CLOCK_SKEW_WARN and was is not None and abs(was) > CLOCK_SKEW_WARN:
+            self.log.info("fleet_clock_skew_gone", seconds=round(skew, 3))
+        return self.skew
 
     def _reachable(self) -> None:
         if not self.status.reachable:

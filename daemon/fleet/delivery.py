@@ -224,7 +224,28 @@ def parse(stem: str, body: bytes) -> Message:
 # key_id (a webhook report) leaves server_keys alone. Answers the fresh message ids and the
 # largest total it left. Arrays go in binary (`%b`): 20 nodes pushed 92,000 deltas/s so, 38,000
 # as text (bench/fleet_ingest.py).
-DELIVER = """
+# A stored figure past its bound is damage (README "The database is input too"): adding to it
+# could overflow and fail every delivery after, so the delivery's own figure replaces it.
+MAX_COUNT = 10**9  # reports and resets counted in one row
+
+
+def _future(moment: str) -> str:
+    """SQL: `moment` (a stored reset) is later than the database's clock allows: damage, read as
+    no reset at all (every reset is stamped by that clock, at most `now()`)."""
+    return f"{moment} > now() + make_interval(secs => {bounds.FLEET_RESET_SLACK})"
+
+
+def _added(table: str, column: str, bound: int = bounds.MAX_USAGE_BYTES) -> str:
+    """SQL: the stored `column` plus the new figure, or the new figure alone where the stored
+    one is outside 0..bound."""
+    stored = f"{table}.{column}"
+    return (
+        f"CASE WHEN {stored} BETWEEN 0 AND {bound} THEN {stored} + excluded.{column} "
+        f"ELSE excluded.{column} END"
+    )
+
+
+DELIVER = f"""
 WITH msg AS (
     INSERT INTO portmeter.reports (report_id, server, deltas)
     SELECT id, %(server)s, n FROM unnest(%(ids)b::text[], %(counts)b::int[]) AS m(id, n)
@@ -237,21 +258,25 @@ WITH msg AS (
     SELECT name, reset_at FROM portmeter.users WHERE name = ANY(%(r_name)b::text[])
 ), rst AS (
     INSERT INTO portmeter.users AS u (name, resets, reset_at)
-    SELECT r.name, r.n, r.at
+    SELECT r.name, r.n, least(r.at + make_interval(secs => %(skew)s), now())
     FROM unnest(%(r_msg)b::text[], %(r_name)b::text[], %(r_n)b::int[], %(r_at)b::timestamptz[])
         AS r(msg, name, n, at)
     WHERE r.msg IN (SELECT report_id FROM msg)
     ORDER BY r.name
     ON CONFLICT (name) DO UPDATE
-        SET resets = u.resets + excluded.resets, reset_at = greatest(u.reset_at, excluded.reset_at)
+        SET resets = {_added("u", "resets", MAX_COUNT)},
+            reset_at = CASE WHEN {_future("u.reset_at")} THEN excluded.reset_at
+                            ELSE greatest(u.reset_at, excluded.reset_at) END
     RETURNING name, reset_at
 ), clr AS (
     SELECT r.name FROM rst AS r LEFT JOIN prior AS p USING (name)
-    WHERE (p.reset_at IS NULL OR p.reset_at < r.reset_at) AND r.reset_at = (
-        SELECT max(x.at) FROM unnest(%(r_name)b::text[], %(r_at)b::timestamptz[]) AS x(name, at)
+    WHERE (p.reset_at IS NULL OR {_future("p.reset_at")} OR p.reset_at < r.reset_at)
+      AND r.reset_at = (
+        SELECT max(least(x.at + make_interval(secs => %(skew)s), now()))
+        FROM unnest(%(r_name)b::text[], %(r_at)b::timestamptz[]) AS x(name, at)
         WHERE x.name = r.name)
 ), d AS (
-    SELECT d.name, d.key_id, d.uuid, d.port, d.epoch, to_timestamp(d.at) AS at,
+    SELECT d.name, d.key_id, d.uuid, d.port, d.epoch, to_timestamp(d.at + %(skew)s) AS at,
            d.rx, d.tx, d.rxp, d.txp
     FROM unnest(%(d_msg)b::text[], %(d_name)b::text[], %(d_key)b::text[], %(d_uuid)b::text[],
                 %(d_port)b::int[], %(d_epoch)b::int[], %(d_at)b::bigint[], %(d_rx)b::bigint[],
@@ -265,9 +290,9 @@ WITH msg AS (
            sum(rx), sum(tx), sum(rxp), sum(txp), count(*)
     FROM d GROUP BY name, hour ORDER BY name, hour
     ON CONFLICT (name, server, hour) DO UPDATE SET
-        rx_bytes = h.rx_bytes + excluded.rx_bytes, tx_bytes = h.tx_bytes + excluded.tx_bytes,
-        rx_packets = h.rx_packets + excluded.rx_packets,
-        tx_packets = h.tx_packets + excluded.tx_packets, reports = h.reports + excluded.reports
+        rx_bytes = {_added("h", "rx_bytes")}, tx_bytes = {_added("h", "tx_bytes")},
+        rx_packets = {_added("h", "rx_packets")}, tx_packets = {_added("h", "tx_packets")},
+        reports = {_added("h", "reports", MAX_COUNT)}
 ), keys AS (
     INSERT INTO portmeter.server_keys AS k (server, key_id, name, uuid, port, epoch, last_seen)
     SELECT DISTINCT ON (key_id) %(server)s, key_id, name, uuid, port, epoch, at
@@ -276,7 +301,9 @@ WITH msg AS (
         name = excluded.name, uuid = excluded.uuid, port = excluded.port,
         epoch = excluded.epoch, last_seen = greatest(k.last_seen, excluded.last_seen)
 ), since AS (
-    SELECT n.name, coalesce(r.reset_at, u.reset_at, '-infinity') AS reset_at
+    SELECT n.name, coalesce(
+        r.reset_at, CASE WHEN {_future("u.reset_at")} THEN NULL ELSE u.reset_at END, '-infinity'
+    ) AS reset_at
     FROM (SELECT DISTINCT name FROM d) AS n
     LEFT JOIN rst AS r USING (name) LEFT JOIN portmeter.users AS u USING (name)
 ), counted AS (
@@ -294,28 +321,31 @@ WITH msg AS (
     SELECT name, %(server)s, rx, tx, n, port, first_at, last_at FROM counted ORDER BY name
     ON CONFLICT (name, server) DO UPDATE SET
         rx_bytes = CASE WHEN t.name IN (SELECT name FROM clr) THEN excluded.rx_bytes
-                        ELSE t.rx_bytes + excluded.rx_bytes END,
+                        ELSE {_added("t", "rx_bytes")} END,
         tx_bytes = CASE WHEN t.name IN (SELECT name FROM clr) THEN excluded.tx_bytes
-                        ELSE t.tx_bytes + excluded.tx_bytes END,
+                        ELSE {_added("t", "tx_bytes")} END,
         reports = CASE WHEN t.name IN (SELECT name FROM clr) THEN excluded.reports
-                       ELSE t.reports + excluded.reports END,
+                       ELSE {_added("t", "reports", MAX_COUNT)} END,
         first_at = CASE WHEN t.name IN (SELECT name FROM clr) THEN excluded.first_at
                         ELSE least(t.first_at, excluded.first_at) END,
         port = CASE WHEN excluded.last_at >= t.last_at THEN excluded.port ELSE t.port END,
         last_at = greatest(t.last_at, excluded.last_at)
     RETURNING greatest(t.rx_bytes, t.tx_bytes) AS most
 )
-SELECT (SELECT coalesce(array_agg(report_id), '{}') FROM msg),
+SELECT (SELECT coalesce(array_agg(report_id), '{{}}') FROM msg),
        (SELECT coalesce(max(most), 0) FROM tot)
 """
 
 
-def statement_parameters(server: str, ids: list[str], batch: list[Message]) -> dict[str, Any]:
+def statement_parameters(
+    server: str, ids: list[str], batch: list[Message], skew: float = 0.0
+) -> dict[str, Any]:
     """The DELIVER statement's parameters for a batch of one server's messages (`ids`: their
-    dedupe ids, in order)."""
+    dedupe ids, in order; `skew`: seconds the database's clock is ahead of the server's)."""
     names = ("name", "key", "uuid", "port", "epoch", "at", "rx", "tx", "rxp", "txp")
     params: dict[str, Any] = {
         "server": server,
+        "skew": skew,
         "ids": ids,
         "counts": [m.rows for m in batch],
         "d_msg": [i for i, m in zip(ids, batch, strict=True) for _ in range(m.rows)],
@@ -329,23 +359,32 @@ def statement_parameters(server: str, ids: list[str], batch: list[Message]) -> d
 
 
 async def add_usage(
-    conn: psycopg.AsyncConnection[Any], server: str, ids: list[str], batch: list[Message]
+    conn: psycopg.AsyncConnection[Any],
+    server: str,
+    ids: list[str],
+    batch: list[Message],
+    skew: float = 0.0,
 ) -> tuple[set[str], int]:
     """Add one server's messages to the ledger, each dedupe id once (the caller holds the
-    transaction): the ids that were new, and the largest total (rx or tx) a user now has."""
-    cursor = await conn.execute(DELIVER, statement_parameters(server, ids, batch))
+    transaction): the ids that were new, and the largest total (rx or tx) a user now has.
+    Moments are moved by `skew` into the database's clock, and no reset is later than it."""
+    cursor = await conn.execute(DELIVER, statement_parameters(server, ids, batch, skew))
     row = await cursor.fetchone()
     assert row is not None
     return set(row[0]), int(row[1])
 
 
 async def deliver_batch(
-    conn: psycopg.AsyncConnection[Any], server: str, instance: str, batch: list[Message]
+    conn: psycopg.AsyncConnection[Any],
+    server: str,
+    instance: str,
+    batch: list[Message],
+    skew: float = 0.0,
 ) -> int:
     """Deliver `batch` in one transaction; how many of its messages were new (not duplicates)."""
     ids = [m.message_id or f"{server}:{instance}:{m.stem}" for m in batch]
     async with conn.transaction():
-        fresh, _ = await add_usage(conn, server, ids, batch)
+        fresh, _ = await add_usage(conn, server, ids, batch, skew)
     return len(fresh)
 
 
@@ -463,7 +502,8 @@ class Delivery:
     async def _deliver(self, batch: list[Message]) -> bool:
         try:
             async with self.db.connection() as conn:
-                new = await deliver_batch(conn, self.server, self.instance, batch)
+                skew = await self.db.measure_skew(conn)
+                new = await deliver_batch(conn, self.server, self.instance, batch, skew)
         except FleetUnavailable:
             return False
         except psycopg.Error as exc:
@@ -518,6 +558,7 @@ class FleetNode:
             "reachable": db.reachable,
             "error": db.error,
             "schema_version": db.schema_version,
+            "clock_skew_seconds": None if db.clock_skew is None else round(db.clock_skew, 3),
             "server": self.server,
             **self.delivery.status(),
         }

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator, Awaitable, Collection, Iterable, Sequence
+import math
+from collections.abc import AsyncIterator, Awaitable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -32,11 +33,31 @@ from psycopg import AsyncConnection, errors
 from psycopg.rows import dict_row
 
 from daemon import names
-from daemon.bounds import FLEET_CONVERGE_BUDGET, FLEET_START_WAIT
+from daemon.bounds import (
+    FLEET_CONVERGE_BUDGET,
+    FLEET_START_WAIT,
+    MAX_GROUPS,
+    MAX_NAME_CHARS,
+    MAX_NOTE_CHARS,
+    MAX_USAGE_BYTES,
+    SERVER_HEARTBEAT,
+    SERVER_SILENT,
+)
 from daemon.errors import Conflict, Invalid, NotFound, OperationError, StoreUnavailable
 from daemon.fleet.db import CONNECT_TIMEOUT, MAX_BACKOFF, FleetDB, FleetUnavailable
 from daemon.fleet.db import describe_failure as _failure
-from daemon.limits import ResetStrategy, Status
+from daemon.fleet.rows import (
+    SHOWN,
+    KeyRow,
+    RowRefused,
+    ServerRow,
+    desired,
+    key_row,
+    server_row,
+    shown,
+)
+from daemon.limits import Status
+from daemon.logs.once import Once, Throttled
 from daemon.store.state import KeyRecord
 from daemon.xray.links import subscription as subscription_text
 from daemon.xray.links import vless_link
@@ -47,6 +68,8 @@ if TYPE_CHECKING:
 
 Log = structlog.typing.FilteringBoundLogger
 CHANNEL = "portmeter_keys"
+REFUSED_RETRY = 60.0  # seconds before a row this node refused (its name taken here) is tried again
+LOG_INTERVAL = 60.0  # seconds between two lines of a failure that repeats (the LISTEN connection)
 # The fields a node follows (the rest of a key is its own: port, counters, status, resets).
 DESIRED = (
     "data_limit_bytes",
@@ -68,17 +91,45 @@ INSERT_KEY = (
 # A new key's name starts its fleet usage afresh: what a deleted key of the name left in the
 # ledger is no usage of this one (whole seconds, as the deltas' timestamps are).
 FRESH_USER = """
-INSERT INTO portmeter.users AS u (name, reset_at) VALUES (%(name)s, date_trunc('second', %(at)s))
-ON CONFLICT (name) DO UPDATE SET reset_at = greatest(u.reset_at, excluded.reset_at)
+INSERT INTO portmeter.users AS u (name, reset_at)
+VALUES (%(name)s, date_trunc('second', least(%(at)s, now())))
+ON CONFLICT (name) DO UPDATE SET reset_at = CASE
+    WHEN u.reset_at > now() THEN excluded.reset_at ELSE greatest(u.reset_at, excluded.reset_at) END
 """
 FRESH_TOTALS = "DELETE FROM portmeter.totals WHERE name = %(name)s"
 DELETE_KEY = "DELETE FROM portmeter.keys WHERE id = %(id)s"
-SELECT_KEYS = f"SELECT {', '.join(COLUMNS)} FROM portmeter.keys"
+# What a node reads of a row: text cut a little past its bound, so a row holding a 1 MB note or a
+# million groups costs a node no more than a row at the bounds, and is refused all the same.
+READ_AS = {
+    "id": "left(id, 64)",
+    "name": f"left(name, {4 * MAX_NAME_CHARS + 1})",
+    "sub_token": "left(sub_token, 129)",
+    "short_id": "left(short_id, 33)",
+    "note": f"left(note, {MAX_NOTE_CHARS + 1})",
+    "reset_strategy": "left(reset_strategy, 33)",
+    "groups": f"ARRAY(SELECT left(g, 65) FROM unnest(groups[1:{MAX_GROUPS + 1}]) AS g)",
+}
+READ = ", ".join(
+    f"{READ_AS[c]} AS {c}" if c in READ_AS else c for c in (*IDENTITY, *DESIRED, "name")
+)
+SELECT_KEYS = f"SELECT {READ}, version FROM portmeter.keys"
+# The rows this node serves (no groups, or one of its own) and the rows it cannot tell (a NULL
+# group): their ids and versions, for the comparison to fetch only what changed. A held key's row
+# missing here is read by its id (SELECT_BY_ID): deleted, moved to other groups, or damaged.
+SERVED_WHERE = """
+(cardinality(groups) = 0 OR groups && %(groups)s::text[]
+ OR array_position(groups, NULL) IS NOT NULL)
+"""
+SERVED = f"SELECT left(id, 64), version FROM portmeter.keys WHERE {SERVED_WHERE}"
+SELECT_SERVED = f"{SELECT_KEYS} WHERE id = ANY(%(ids)s) AND {SERVED_WHERE}"
+SELECT_BY_ID = f"{SELECT_KEYS} WHERE id = ANY(%(ids)s)"
+FETCH_CHUNK = 1000  # rows per read of whole rows
 PUBLISH_SERVER = """
-INSERT INTO portmeter.servers AS s (name, public_host, reality_public_key)
-VALUES (%(server)s, %(host)s, %(pbk)s)
+INSERT INTO portmeter.servers AS s (name, public_host, reality_public_key, last_seen)
+VALUES (%(server)s, %(host)s, %(pbk)s, now())
 ON CONFLICT (name) DO UPDATE SET
-    public_host = excluded.public_host, reality_public_key = excluded.reality_public_key
+    public_host = excluded.public_host, reality_public_key = excluded.reality_public_key,
+    last_seen = now()
 """
 PUBLISH_STATUSES = """
 INSERT INTO portmeter.server_keys AS k (server, key_id, name, uuid, port, epoch, status)
@@ -95,14 +146,18 @@ WHERE server = %(server)s AND status <> 'deleted' AND NOT key_id = ANY(%(held)s:
     AND (%(ids)s::text[] IS NULL OR key_id = ANY(%(ids)s::text[]))
 """
 KEY_SERVERS = """
-SELECT sk.server, sk.port, sk.status, s.public_host, s.reality_public_key
+SELECT left(sk.server, 129) AS server, sk.port, left(sk.status, 33) AS status,
+       left(s.public_host, 254) AS public_host,
+       left(s.reality_public_key, 64) AS reality_public_key,
+       coalesce(s.last_seen < now() - make_interval(secs => %(silent)s), false) AS silent
 FROM portmeter.server_keys sk LEFT JOIN portmeter.servers s ON s.name = sk.server
 WHERE sk.key_id = %(id)s AND sk.status IS DISTINCT FROM 'deleted'
 ORDER BY sk.server
 """
-FLEET_TOTALS = """
+FLEET_TOTALS = f"""
 SELECT coalesce(sum(rx_bytes), 0) AS rx, coalesce(sum(tx_bytes), 0) AS tx
 FROM portmeter.totals WHERE name = %(name)s
+  AND rx_bytes BETWEEN 0 AND {MAX_USAGE_BYTES} AND tx_bytes BETWEEN 0 AND {MAX_USAGE_BYTES}
 """
 
 
@@ -114,6 +169,11 @@ class Subscription:
     userinfo: str
 
 
+def desired_of(key: KeyRecord) -> dict[str, Any]:
+    """A key's followed fields."""
+    return {name: getattr(key, name) for name in DESIRED}
+
+
 def row_of(key: KeyRecord) -> dict[str, Any]:
     """The key as its row in portmeter.keys."""
     row = {name: getattr(key, name) for name in (*IDENTITY, *DESIRED)}
@@ -122,25 +182,45 @@ def row_of(key: KeyRecord) -> dict[str, Any]:
     return row
 
 
-def desired(row: dict[str, Any]) -> dict[str, Any]:
-    """What a node applies of a row, in the types of a KeyRecord."""
-    found = {name: row[name] for name in DESIRED}
-    found["reset_strategy"] = ResetStrategy(row["reset_strategy"])
-    found["groups"] = list(row["groups"])
-    return found
+def differences(key: KeyRecord, wanted: dict[str, Any]) -> dict[str, Any]:
+    """The followed fields where the key differs from what is wanted of it."""
+    return {name: value for name, value in wanted.items() if getattr(key, name) != value}
 
 
-def differences(key: KeyRecord, row: dict[str, Any]) -> dict[str, Any]:
-    """The followed fields where the key differs from its row."""
-    return {name: value for name, value in desired(row).items() if getattr(key, name) != value}
+def fingerprint(key: KeyRecord) -> int:
+    """The followed fields of a key, as one number: what a comparison checks for a change made
+    here (a `local` operation) without reading the row again."""
+    return hash(tuple(_hashable(getattr(key, name)) for name in DESIRED))
 
 
-def _clash(keys: Sequence[KeyRecord], exc: errors.UniqueViolation) -> str:
-    """The name of `keys` the fleet has already: PostgreSQL's detail names the `same_name`
-    (`Key (same_name)=(alice) already exists.`); the first key's name if it cannot be read."""
+def _hashable(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+@dataclass(frozen=True, slots=True)
+class Followed:
+    """What this node did with one version of a row: applied (the key's `fingerprint` after),
+    or refused (tried again from `retry_at` on, anyio's clock: never for a row that fails the
+    checks, after REFUSED_RETRY for a refusal of this node's, such as its name taken here)."""
+
+    version: int
+    fingerprint: int | None
+    retry_at: float = math.inf
+
+
+def _clash(keys: Sequence[KeyRecord], exc: errors.UniqueViolation) -> tuple[int, str, str]:
+    """Which of `keys` the fleet has already, by what (a column) and the value held: PostgreSQL's
+    detail names them (`Key (same_name)=(alice) already exists.`); the first key if it cannot be
+    read."""
     detail = exc.diag.message_detail or ""
-    folded = detail.partition("=(")[2].rpartition(")")[0]
-    return next((key.name for key in keys if names.fold(key.name) == folded), keys[0].name)
+    column = detail.partition("(")[2].partition(")")[0] or "name"
+    held = detail.partition("=(")[2].rpartition(")")[0]
+    for at, key in enumerate(keys):
+        if column == "same_name" and names.fold(key.name) == held:
+            return at, column, held
+        if column in ("uuid", "sub_token", "id") and str(getattr(key, column)) == held:
+            return at, column, held
+    return 0, column, held
 
 
 def serves(own: Collection[str], groups: Iterable[str]) -> bool:
@@ -166,7 +246,9 @@ class FleetKeys:
         self._full = False
         self._published: dict[str, tuple[int, int, str]] = {}  # key id -> port, epoch, status
         self._failing: str | None = None
-        self._refused: dict[str, str] = {}  # key id -> why this node cannot apply it (logged once)
+        self._memo: dict[str, Followed] = {}  # key id -> what this node did with its row
+        self._refusals = Once(log)
+        self._listen_lost = Throttled(log, "fleet_keys_listen_lost", LOG_INTERVAL)
 
     # --- what the service calls inside its operations -------------------------------------------
 
@@ -180,13 +262,16 @@ class FleetKeys:
             )
 
     async def created(self, key: KeyRecord) -> None:
-        """Insert the key and start its name's fleet usage afresh, in one transaction (409 when
-        the fleet has the name)."""
-        await self.created_many([key])
+        """Insert the key and start its name's fleet usage afresh, in one transaction (409
+        naming the fleet's key when the fleet has the name)."""
+        await self._insert([key], batch=False)
 
     async def created_many(self, keys: Sequence[KeyRecord]) -> None:
         """`created` for a batch (README "Batch create"): every key in ONE transaction, all or
-        nothing; 409 naming the key when the fleet has one of the names."""
+        nothing; 409 naming the item (`keys[i]`) when the fleet has one of the names."""
+        await self._insert(keys, batch=True)
+
+    async def _insert(self, keys: Sequence[KeyRecord], *, batch: bool) -> None:
         fresh = [{"name": key.name, "at": key.created_at} for key in keys]
         try:
             await self._write_many(
@@ -195,15 +280,32 @@ class FleetKeys:
                 (FRESH_TOTALS, [{"name": row["name"]} for row in fresh]),
             )
         except errors.UniqueViolation as exc:
-            raise Conflict(
-                f"a key named {_clash(keys, exc)!r} already exists in the fleet "
-                f"(the same name: {names.SAME}); nothing was changed"
-            ) from None
+            at, column, held = _clash(keys, exc)
+            where, tail = (f"keys[{at}]: ", "; nothing was created") if batch else ("", "")
+            if column != "same_name":
+                detail = f"a key with this {column} already exists in the fleet"
+            else:
+                name = await self._name_held(held) or keys[at].name
+                detail = (
+                    f"a key named {name!r} already exists in the fleet "
+                    f"(the same name: {names.SAME})"
+                )
+            raise Conflict(f"{where}{detail}{tail or '; nothing was changed'}") from None
+
+    async def _name_held(self, folded: str) -> str | None:
+        """The fleet key's own spelling of a name (the requester's may differ in case)."""
+        with contextlib.suppress(FleetUnavailable, psycopg.Error):
+            rows = await self._query(
+                "SELECT left(name, 65) AS name FROM portmeter.keys WHERE same_name = %(n)s",
+                {"n": folded},
+            )
+            return str(rows[0]["name"]) if rows else None
+        return None
 
     async def changed(self, before: KeyRecord, after: KeyRecord) -> None:
         """Write the followed fields the change changes, and only those: a field another node
         changed meanwhile keeps its change."""
-        fields = differences(after, row_of(before))
+        fields = differences(after, desired_of(before))
         if not before.fleet or not fields:
             return
         assignments = ", ".join(f"{name} = %({name})s" for name in fields)
@@ -248,39 +350,66 @@ class FleetKeys:
 
     async def servers_of(self, key: KeyRecord) -> list[dict[str, Any]] | None:
         """The servers that serve the key, with its port and status there (None: the database
-        cannot answer now; local reads go on without it)."""
+        cannot answer now; local reads go on without it). A server silent for longer than
+        SERVER_SILENT shows as `silent`."""
         try:
-            rows = await self._query(KEY_SERVERS, {"id": key.id})
+            servers = await self._servers(key.id)
         except (FleetUnavailable, psycopg.Error):
             return None
-        return [{"server": r["server"], "port": r["port"], "status": r["status"]} for r in rows]
+        return [
+            {"server": s.server, "port": s.port, "status": "silent" if s.silent else s.status}
+            for s in servers
+        ]
 
     async def subscription(self, token: str) -> Subscription | None:
-        """The fleet subscription of a token; None when the fleet has no key with it or the
-        database cannot answer, so the caller answers from this server alone."""
+        """The fleet subscription of a token; None when the fleet has no key with it, its row
+        fails the checks or the database cannot answer, so the caller answers from this server
+        alone. A server's row that fails them gives no link; the others do."""
         try:
             found = await self._query(f"{SELECT_KEYS} WHERE sub_token = %(t)s", {"t": token})
             if not found:
                 return None
-            row = found[0]
-            servers = await self._query(KEY_SERVERS, {"id": row["id"]})
-            (totals,) = await self._query(FLEET_TOTALS, {"name": row["name"]})
+            row = self._checked(found[0])
+            servers = await self._servers(row.id)
+            (totals,) = await self._query(FLEET_TOTALS, {"name": row.name})
         except (FleetUnavailable, psycopg.Error):
             return None
-        links = [self._link(row, s) for s in servers if s["status"] == Status.ACTIVE.value]
+        except RowRefused as exc:
+            self._refuse(found[0], exc)
+            return None
+        serving = [s for s in servers if s.status == Status.ACTIVE.value and not s.silent]
+        links = [self._link(row, s) for s in serving]
         return Subscription(
             subscription_text(link for link in links if link is not None),
-            userinfo(totals["rx"], totals["tx"], row["data_limit_bytes"], row["expire_at"]),
+            userinfo(int(totals["rx"]), int(totals["tx"]), row.data_limit_bytes, row.expire_at),
         )
 
-    def _link(self, row: dict[str, Any], server: dict[str, Any]) -> str | None:
+    async def _servers(self, key_id: str) -> list[ServerRow]:
+        """The key's servers whose rows pass the checks (the others logged once each)."""
+        servers = []
+        params = {"id": key_id, "silent": SERVER_SILENT}
+        for found in await self._query(KEY_SERVERS, params):
+            try:
+                servers.append(server_row(found))
+            except RowRefused as exc:
+                self._refusals.once(
+                    ("server_keys", key_id, str(found.get("server")), exc.field),
+                    "fleet_server_row_not_used",
+                    key_id=key_id,
+                    server=shown(found.get("server")),
+                    field=exc.field,
+                    error=exc.reason,
+                )
+        return servers
+
+    def _link(self, row: KeyRow, server: ServerRow) -> str | None:
         """The key's link on one server: its host, its port there, its REALITY public key."""
         xray = self.service.xray
-        if xray is None or not server["public_host"]:
+        if xray is None or not server.public_host:
             return None
-        key = XrayKey(row["id"], row["name"], str(row["uuid"]), server["port"], row["short_id"])
-        options = dataclasses.replace(xray.options, public_host=server["public_host"])
-        pbk = server["reality_public_key"]
+        key = XrayKey(row.id, row.name, str(row.uuid), server.port, row.short_id)
+        options = dataclasses.replace(xray.options, public_host=server.public_host)
+        pbk = server.reality_public_key
         try:
             return vless_link(key, options, None if pbk is None else Reality("", pbk))
         except XrayError:
@@ -311,7 +440,7 @@ class FleetKeys:
         if not await self.sync_quietly(deadline=started + budget):
             self.log.warning(
                 "fleet_keys_not_converged",
-                reason=f"not every key applied within {budget:g}s",
+                reason=self._failing or f"not every key applied within {budget:g}s",
                 keys=sum(1 for key in self.service.state.keys.values() if key.fleet),
                 remedy="the rest is applied after READY",
             )
@@ -328,25 +457,36 @@ class FleetKeys:
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(self._listen)
             tasks.start_soon(self._compare_periodically)
+            tasks.start_soon(self._heartbeat)
             while True:
                 await self._woken.wait()
                 self._woken = anyio.Event()
                 ids, full = self._pending, self._full
                 self._pending, self._full = set(), False
-                await self.sync_quietly(None if full else ids)
+                # Thousands of notifications at once (a panel's bulk insert): one comparison
+                # reads only what changed, cheaper than reading each named row.
+                await self.sync_quietly(None if full or len(ids) > FETCH_CHUNK else ids)
 
     def wake(self, key_id: str | None) -> None:
         """Sync this key soon (None: every key)."""
         if key_id is None:
             self._full = True
         else:
-            self._pending.add(key_id)
+            self._pending.add(key_id[:SHOWN])
         self._woken.set()
 
     async def _compare_periodically(self) -> None:
         while True:
             await anyio.sleep(self.interval)
             self.wake(None)
+
+    async def _heartbeat(self) -> None:
+        """This server's row, with `last_seen`, at least every SERVER_HEARTBEAT seconds whatever
+        the poll interval: subscriptions leave out a server silent for SERVER_SILENT."""
+        while True:
+            await anyio.sleep(SERVER_HEARTBEAT)
+            with contextlib.suppress(FleetUnavailable, psycopg.Error):
+                await self._publish_server()
 
     async def _listen(self) -> None:
         """A connection of its own that LISTENs; lost, it comes back with backoff (at most a poll
@@ -359,86 +499,188 @@ class FleetKeys:
                     self.db.dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT
                 ) as conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
+                    self._listen_lost.recovered()
                     self.wake(None)
                     backoff = 1.0
                     async for note in conn.notifies():
                         self.wake(note.payload)
             except (psycopg.Error, OSError) as exc:
-                self.log.warning("fleet_keys_listen_lost", error=_failure(exc), retry_in=backoff)
+                self._listen_lost.happened(error=_failure(exc), retry_in=backoff)
             await anyio.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF, max(1.0, self.interval))
 
     async def sync_quietly(
         self, ids: set[str] | None = None, deadline: float | None = None
     ) -> bool:
-        """`sync`, a database failure logged once (the next wake or comparison tries again);
-        True if it completed."""
+        """`sync`, whatever fails logged once (the next wake or comparison tries again): no
+        database content and no failure ends the node; True if it completed."""
         try:
             complete = await self.sync(ids, deadline)
-        except (FleetUnavailable, psycopg.Error) as exc:
+        except Exception as exc:  # the database is input: nothing in it may end the daemon
+            expected = isinstance(exc, FleetUnavailable | psycopg.Error)
             error = str(exc) if isinstance(exc, FleetUnavailable) else _failure(exc)
             if error != self._failing:
-                self.log.warning("fleet_keys_sync_failed", error=error, remedy="retried")
+                self.log.warning(
+                    "fleet_keys_sync_failed",
+                    error=error,
+                    remedy="retried",
+                    exc_info=None if expected else exc,
+                )
             self._failing = error
             return False
+        if self._failing is not None:
+            self.log.info("fleet_keys_sync_recovered")
         self._failing = None
         return complete
 
     async def sync(self, ids: set[str] | None = None, deadline: float | None = None) -> bool:
         """Make this node's fleet keys what the database holds: all of them (`ids` None), or
-        those named. Keys created here with `local` are never touched. With a `deadline`
-        (anyio's clock), no operation starts after it: False if some were left for later."""
+        those named. Keys created here with `local` are never touched. A row that fails the
+        checks (rows.py) is refused alone, logged once per version, and the key it names is kept
+        as this node last applied it. With a `deadline` (anyio's clock), no operation starts
+        after it: False if some were left for later."""
         async with self._syncing:
+            held = self._held()
             if ids is None:
                 await self._publish_server()
-            rows = {r["id"]: r for r in await self._rows(ids)}
-            if ids is None:  # refusals of keys the fleet no longer has are forgotten
-                self._refused = {i: why for i, why in self._refused.items() if i in rows}
-            wanted = {i: r for i, r in rows.items() if serves(self.groups, r["groups"])}
-            held = self._held()
+                versions = await self._served_versions()
+                due = [i for i, version in versions.items() if self._due(i, version, held)]
+                due = [i for i in due if self._readable(i, versions[i])]
+                due += [i for i in held if i not in versions]  # gone, moved or damaged
+            else:
+                due, versions = sorted(ids), {}
+            wanted, kept, served = await self._checked_rows(due, held)
+            present = (set(versions) if ids is None else served) | kept
             scope = set(held) if ids is None else ids & set(held)
-            due = [(key_id, None) for key_id in sorted(scope - set(wanted))]
-            for key_id, row in due + [(row["id"], row) for row in wanted.values()]:
+            steps = [(key_id, None) for key_id in sorted(scope - present)]
+            for key_id, row in steps + [(row.id, row) for row in wanted.values()]:
                 if deadline is not None and anyio.current_time() >= deadline:
                     return False
                 if row is None:
-                    await self._apply(self.service.delete_key(key_id, local=True), key_id)
+                    await self._apply(self.service.delete_key(key_id, local=True), key_id, None)
                 else:
-                    await self._follow(row, held.get(key_id))
+                    await self._follow(row, held.get(row.id))
+            self._memo = {i: m for i, m in self._memo.items() if i in present or i in held}
             await self._publish_statuses(None if ids is None else ids)
             return True
 
-    async def _rows(self, ids: set[str] | None) -> list[dict[str, Any]]:
-        if ids is None:
-            return await self._query(SELECT_KEYS, {})
-        return await self._query(f"{SELECT_KEYS} WHERE id = ANY(%(ids)s)", {"ids": list(ids)})
+    async def _served_versions(self) -> dict[str, int]:
+        async with self.db.connection() as conn:
+            cursor = await conn.execute(SERVED, {"groups": list(self.groups)})
+            return {key_id: int(version) for key_id, version in await cursor.fetchall()}
+
+    def _due(self, key_id: str, version: int, held: dict[str, KeyRecord]) -> bool:
+        """Whether a comparison must read this row whole: a version it has not handled, a
+        refusal due for another try, or a key changed or deleted here since (the database's
+        version wins)."""
+        memo = self._memo.get(key_id)
+        if memo is None or memo.version != version:
+            return True
+        if memo.fingerprint is None:
+            return anyio.current_time() >= memo.retry_at
+        key = held.get(key_id)
+        return key is None or fingerprint(key) != memo.fingerprint
+
+    async def _checked_rows(
+        self, ids: Sequence[str], held: Mapping[str, KeyRecord]
+    ) -> tuple[dict[str, KeyRow], set[str], set[str]]:
+        """The rows of `ids` that pass the checks and that this server serves, the ids of rows
+        refused (whose keys this node keeps as they are), and the ids of rows served. Rows of
+        other groups are never read whole, except a held key's (to tell a move from damage)."""
+        wanted: dict[str, KeyRow] = {}
+        kept: set[str] = set()
+        for at in range(0, len(ids), FETCH_CHUNK):
+            chunk = list(ids[at : at + FETCH_CHUNK])
+            found = await self._query(SELECT_SERVED, {"ids": chunk, "groups": list(self.groups)})
+            seen = {row["id"] for row in found}
+            elsewhere = [i for i in chunk if i in held and i not in seen]
+            if elsewhere:
+                found += await self._query(SELECT_BY_ID, {"ids": elsewhere})
+            for raw in found:
+                try:
+                    row = self._checked(raw)
+                except RowRefused as exc:
+                    self._refuse(raw, exc)
+                    kept.add(str(raw.get("id")))
+                    continue
+                if serves(self.groups, row.groups or ()):
+                    wanted[row.id] = row
+        return wanted, kept, set(wanted)
+
+    def _readable(self, key_id: str, version: int) -> bool:
+        """An id a row can be read back by: SERVED cuts ids past SHOWN characters, so a longer
+        one (no key id is) is refused from its version alone."""
+        if len(key_id) < SHOWN:
+            return True
+        self._refuse({"id": key_id, "version": version}, RowRefused("id", "is no key id"))
+        return False
+
+    def _checked(self, found: dict[str, Any]) -> KeyRow:
+        """A row as rows.py checks it, and never the id of another key's name (a lookup by that
+        name would find the fleet key instead)."""
+        row = key_row(found)
+        if any(key.id != row.id for key in self.service.keys_named(row.id)):
+            raise RowRefused("id", f"{row.id!r} is the name of another key on this server")
+        return row
+
+    def _refuse(self, found: dict[str, Any], exc: RowRefused) -> None:
+        """Log a refused row once per version, and remember not to read it again until it
+        changes."""
+        key_id, version = str(found.get("id")), found.get("version")
+        if isinstance(version, int):
+            self._memo[key_id] = Followed(version, None)
+        self._refusals.once(
+            ("keys", key_id, version, exc.field),
+            "fleet_key_not_applied",
+            key_id=shown(found.get("id")),
+            version=version,
+            field=exc.field,
+            error=exc.reason,
+            remedy="fix the row in portmeter.keys; the other keys are not affected",
+        )
 
     def _held(self) -> dict[str, KeyRecord]:
         return {key.id: key for key in self.service.state.keys.values() if key.fleet}
 
-    async def _follow(self, row: dict[str, Any], key: KeyRecord | None) -> None:
+    async def _follow(self, row: KeyRow, key: KeyRecord | None) -> None:
+        wanted = desired(row, DESIRED)
         if key is None:
-            identity = {name: row[name] for name in IDENTITY}
+            identity = {name: getattr(row, name) for name in IDENTITY}
             create = self.service.create_key(
-                row["name"], None, desired(row), local=True, identity={**identity, "fleet": True}
+                row.name, None, wanted, local=True, identity={**identity, "fleet": True}
             )
-            await self._apply(create, row["id"])
-        elif changes := differences(key, row):
-            await self._apply(self.service.update_key(key.id, changes, local=True), key.id)
+            await self._apply(create, row.id, row.version)
+        elif changes := differences(key, wanted):
+            await self._apply(
+                self.service.update_key(key.id, changes, local=True), key.id, row.version
+            )
+        else:
+            self._memo[row.id] = Followed(row.version, fingerprint(key))
 
-    async def _apply(self, operation: Awaitable[KeyRecord], key_id: str) -> None:
-        """Run one local operation; a refusal (a name or no port free here) is logged, and the
-        key's servers list shows this server without it."""
+    async def _apply(
+        self, operation: Awaitable[KeyRecord], key_id: str, version: int | None
+    ) -> None:
+        """Run one local operation; a refusal (a name or no port free here) is logged once and
+        tried again after REFUSED_RETRY, and the key's servers list shows this server without
+        it."""
         try:
-            await operation
+            done = await operation
         except NotFound:
-            pass
-        except OperationError as exc:
-            if self._refused.get(key_id) != exc.detail:
-                self.log.error("fleet_key_not_applied", key_id=key_id, error=exc.detail)
-            self._refused[key_id] = exc.detail
             return
-        self._refused.pop(key_id, None)
+        except OperationError as exc:
+            if version is not None:
+                retry = anyio.current_time() + REFUSED_RETRY
+                self._memo[key_id] = Followed(version, None, retry)
+            self._refusals.once(
+                ("apply", key_id, exc.detail),
+                "fleet_key_not_applied",
+                key_id=key_id,
+                error=exc.detail,
+                remedy=f"tried again every {REFUSED_RETRY:g}s and when the row changes",
+            )
+            return
+        if version is not None:
+            self._memo[key_id] = Followed(version, fingerprint(done))
 
     async def _publish_server(self) -> None:
         """This server's public host and REALITY public key, for the fleet's subscriptions."""

@@ -13,7 +13,7 @@ it, so the ledger drops exactly what was counted before the reset.
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import anyio
@@ -21,23 +21,35 @@ import psycopg
 import structlog
 
 from daemon.atomic import failure_reason
+from daemon.bounds import FLEET_RESET_SLACK, MAX_USAGE_BYTES
 from daemon.fleet.db import FleetDB, FleetUnavailable, describe_failure
 from daemon.fleet.delivery import FleetNode, Retried
 from daemon.fleet.reads import FleetReads
 from daemon.fleet.retention import retention_loop
+from daemon.fleet.rows import moment_or_none, shown
 from daemon.fleet.schema import SCHEMA
+from daemon.logs.once import Once
 from daemon.reports import FleetReports
 from daemon.service import Service
 from daemon.store.state import KeyRecord, now
 
 Log = structlog.typing.FilteringBoundLogger
+IN_BOUNDS = (
+    f"t.rx_bytes BETWEEN 0 AND {MAX_USAGE_BYTES} AND t.tx_bytes BETWEEN 0 AND {MAX_USAGE_BYTES}"
+)
 
+# Per name: the other servers' usage since its last reset, the rows left out of it (outside the
+# bounds: damage, logged), and that reset's moment. Sums in numeric: no row can overflow them.
 REMOTE = f"""
 SELECT n.name,
-       (SELECT coalesce(sum(t.rx_bytes + t.tx_bytes), 0) FROM {SCHEMA}.totals t
-        WHERE t.name = n.name AND t.server <> %s),
-       (SELECT u.reset_at FROM {SCHEMA}.users u WHERE u.name = n.name AND u.reset_at > '-infinity')
-FROM unnest(%s::text[]) AS n(name)
+       (SELECT coalesce(sum(t.rx_bytes::numeric + t.tx_bytes), 0) FROM {SCHEMA}.totals t
+        WHERE t.name = n.name AND t.server <> %(me)s AND {IN_BOUNDS}),
+       (SELECT count(*) FROM {SCHEMA}.totals t
+        WHERE t.name = n.name AND t.server <> %(me)s AND NOT {IN_BOUNDS}),
+       (SELECT u.reset_at FROM {SCHEMA}.users u WHERE u.name = n.name AND u.reset_at > '-infinity'),
+       (SELECT u.reset_at > now() + make_interval(secs => {FLEET_RESET_SLACK})
+        FROM {SCHEMA}.users u WHERE u.name = n.name)
+FROM unnest(%(names)s::text[]) AS n(name)
 """
 
 
@@ -94,6 +106,7 @@ class RemoteLimits:
         # Settling runs in the daemon's task group: a failure there (disk full, the kernel or
         # Xray refusing a reset) is logged and tried again next round, never ends the daemon.
         self._settling = Retried("fleet_settle_failed", log)
+        self._refusals = Once(log)
 
     async def refresh(self) -> None:
         """Read the figures for every local key's name and settle the keys they moved."""
@@ -103,16 +116,52 @@ class RemoteLimits:
         async with self._lock:
             try:
                 async with self.db.connection() as conn:
-                    cursor = await conn.execute(REMOTE, (self.server, names))
+                    params = {"me": self.server, "names": names}
+                    await self.db.measure_skew(conn)
+                    cursor = await conn.execute(REMOTE, params)
                     rows = await cursor.fetchall()
             except FleetUnavailable:
                 return  # the last figures stay in force; the database's state is logged there
             except psycopg.Error as exc:
                 self.log.error("fleet_limits_failed", error=describe_failure(exc))
                 return
-            remote = {name: int(used) for name, used, _ in rows if used}
-            resets = {name: at for name, _, at in rows if at is not None}
+            remote, resets = self._figures(rows)
             await self._settling.attempt(lambda: self.service.settle_remote(remote, resets))
+
+    def _figures(self, rows: Sequence[Sequence[Any]]) -> tuple[dict[str, int], dict[str, datetime]]:
+        """Each name's usage elsewhere and its last reset, from rows that passed the bounds: a
+        damaged row (usage past the bounds, a reset at `infinity` or later than the database's
+        own clock allows) is left out and logged once, and moves no other name's figures."""
+        remote: dict[str, int] = {}
+        resets: dict[str, datetime] = {}
+        to_local = timedelta(seconds=self.db.skew)  # stored moments are the database's clock
+        for name, used, damaged, at, future in rows:
+            if damaged:
+                self._refusals.once(
+                    ("totals", name, int(damaged)),
+                    "fleet_row_not_used",
+                    table="totals",
+                    name=name,
+                    rows=int(damaged),
+                    error=f"usage outside 0..{MAX_USAGE_BYTES} bytes",
+                )
+            if used:
+                remote[name] = int(used)
+            if at is None:
+                continue
+            moment = moment_or_none(at)
+            if moment is None or future:
+                self._refusals.once(
+                    ("users", name, str(at)),
+                    "fleet_row_not_used",
+                    table="users",
+                    name=name,
+                    field="reset_at",
+                    error=f"{shown(at)} is no moment a reset can have",
+                )
+                continue
+            resets[name] = moment - to_local
+        return remote, resets
 
     async def run(self) -> None:
         """At least every interval (and after every delivery, by the delivery's hook)."""

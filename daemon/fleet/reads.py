@@ -19,45 +19,49 @@ import psycopg
 from daemon.errors import Invalid, StoreUnavailable
 from daemon.fleet.db import FleetDB, FleetUnavailable, describe_failure
 from daemon.fleet.ingest import ingest
-from daemon.fleet.schema import SCHEMA
+from daemon.fleet.schema import SCHEMA, sane
 from daemon.store.history import FleetReport, ReportBucket, ServerUsage
 from daemon.store.reported import ReportedDetail, UserTotals
 from daemon.store.state import now
 
 PROTOCOL = "vless"  # what every portmeter node serves; `totals` does not keep it
 
+TOTALS_SANE = sane("t", ("first_at", "last_at"), port=True)
 USER = f"""
 SELECT server, port, rx_bytes, tx_bytes, reports, first_at, last_at
-FROM {SCHEMA}.totals WHERE name = %s AND server <> %s ORDER BY server
+FROM {SCHEMA}.totals t WHERE name = %s AND server <> %s AND {TOTALS_SANE} ORDER BY server
 """
 USERS = f"""
 SELECT name, sum(rx_bytes), sum(tx_bytes), array_agg(server ORDER BY server)
-FROM {SCHEMA}.totals WHERE server <> %s GROUP BY name
+FROM {SCHEMA}.totals t WHERE server <> %s AND {TOTALS_SANE} GROUP BY name
 """
 # A user's totals, series and reset in ONE statement (one round trip, one plan): rows of kind
 # t (totals: first_at in `at`), h (hours), d (days: usage_daily and the hours not yet rolled up)
 # and r (the reset). Every scan is a range of a name-first primary key.
 DETAIL = f"""
 SELECT 't' AS kind, server, first_at AS at, rx_bytes, tx_bytes, reports, port, last_at
-FROM {SCHEMA}.totals WHERE name = %(name)s AND server <> %(me)s
+FROM {SCHEMA}.totals t WHERE name = %(name)s AND server <> %(me)s AND {TOTALS_SANE}
 UNION ALL
-SELECT 'h', server, hour, rx_bytes, tx_bytes, reports, NULL, NULL FROM {SCHEMA}.usage_hourly
+SELECT 'h', server, hour, rx_bytes, tx_bytes, reports, NULL, NULL FROM {SCHEMA}.usage_hourly h
 WHERE name = %(name)s AND server <> %(me)s AND hour >= %(hours_since)s AND hour < %(until)s
+  AND {sane("h", ("hour",))}
 UNION ALL
 SELECT 'd', server, day::timestamp AT TIME ZONE 'UTC', sum(rx)::bigint, sum(tx)::bigint,
        sum(n)::bigint, NULL, NULL
 FROM (
-    SELECT server, day, rx_bytes AS rx, tx_bytes AS tx, reports AS n FROM {SCHEMA}.usage_daily
+    SELECT server, day, rx_bytes AS rx, tx_bytes AS tx, reports AS n FROM {SCHEMA}.usage_daily d
     WHERE name = %(name)s AND server <> %(me)s AND day >= %(days_since)s AND day < %(days_until)s
+      AND {sane("d", ("day",))}
     UNION ALL
     SELECT server, (hour AT TIME ZONE 'UTC')::date, rx_bytes, tx_bytes, reports
-    FROM {SCHEMA}.usage_hourly
+    FROM {SCHEMA}.usage_hourly h
     WHERE name = %(name)s AND server <> %(me)s
       AND hour >= %(days_since)s::date AT TIME ZONE 'UTC' AND hour < %(until)s
+      AND {sane("h", ("hour",))}
 ) AS days GROUP BY server, day
 UNION ALL
 SELECT 'r', NULL, reset_at, NULL, NULL, NULL, NULL, NULL FROM {SCHEMA}.users
-WHERE name = %(name)s AND reset_at > '-infinity'
+WHERE name = %(name)s AND reset_at > '-infinity' AND reset_at <= now()
 ORDER BY kind, server, at
 """
 # The number of reports received is the planner's estimate: counting the dedupe table would read
@@ -67,7 +71,7 @@ SELECT (SELECT greatest(reltuples, 0)::bigint FROM pg_class
         WHERE oid = '{SCHEMA}.reports'::regclass), count(DISTINCT name),
        coalesce(array_agg(DISTINCT server), '{{}}'), coalesce(sum(rx_bytes), 0),
        coalesce(sum(tx_bytes), 0)
-FROM {SCHEMA}.totals WHERE server <> %s
+FROM {SCHEMA}.totals t WHERE server <> %s AND {TOTALS_SANE}
 """
 
 

@@ -13,6 +13,8 @@ from typing import Any
 
 from psycopg import AsyncConnection
 
+from daemon.bounds import EARLIEST_MOMENT, LATEST_MOMENT, MAX_PORT, MAX_USAGE_BYTES, MIN_PORT
+
 SCHEMA = "portmeter"
 # pg_advisory_xact_lock keys: one per kind of work that must run on one node at a time.
 MIGRATION_LOCK = 0x706D_0001
@@ -132,8 +134,28 @@ MIGRATIONS: tuple[str, ...] = (
         FOR EACH ROW EXECUTE FUNCTION {SCHEMA}.key_changed();
     ALTER TABLE {SCHEMA}.server_keys ADD COLUMN status text;
     """,
+    # 3: each server's heartbeat (README "Keys created once"): a server silent for long is left
+    # out of the fleet's subscriptions.
+    f"""
+    ALTER TABLE {SCHEMA}.servers ADD COLUMN last_seen timestamptz;
+    """,
 )
 LATEST = len(MIGRATIONS)
+
+
+def sane(alias: str, moments: tuple[str, ...], port: bool = False) -> str:
+    """SQL: a usage row (`totals`, `usage_hourly`, `usage_daily` as `alias`) whose figures and
+    moments lie within the bounds of daemon/bounds.py. A row outside them is damage (README
+    "The database is input too"): reads leave it out instead of failing or showing it."""
+    figures = [
+        f"{alias}.{column} BETWEEN 0 AND {MAX_USAGE_BYTES}"
+        for column in ("rx_bytes", "tx_bytes", "reports")
+    ]
+    if port:
+        figures.append(f"({alias}.port IS NULL OR {alias}.port BETWEEN {MIN_PORT} AND {MAX_PORT})")
+    low, high = f"{EARLIEST_MOMENT:%Y-%m-%d}", f"{LATEST_MOMENT:%Y-%m-%d}"
+    times = [f"{alias}.{moment} BETWEEN '{low}' AND '{high}'" for moment in moments]
+    return "(" + " AND ".join(figures + times) + ")"
 
 
 class SchemaTooNew(Exception):

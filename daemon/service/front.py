@@ -251,7 +251,14 @@ class Service:
     ) -> KeyRecord:
         """Build a new key on `port` (checked against bounds.py) and install its counters."""
         moment = now()
-        made = {"id": new_id(self.index), "uuid": uuid.uuid4(), "created_at": moment}
+        # A subscription token even without Xray: a fleet key's is unique fleet-wide, and the
+        # servers that have Xray serve its subscription.
+        made = {
+            "id": new_id(self.index),
+            "uuid": uuid.uuid4(),
+            "created_at": moment,
+            "sub_token": secrets.token_urlsafe(24),
+        }
         key = KeyRecord(
             name=spec.name,
             port=port,

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import quote, urlencode
 
+from daemon.names import host_problem
 from daemon.xray.model import (
     Reality,
     XrayConfigError,
@@ -35,6 +36,8 @@ def vless_link(key: XrayKey, opts: XrayOptions, reality: Reality | None = None) 
     """
     if not opts.public_host:
         raise XrayConfigError("the public host is not set (PORTMETER_PUBLIC_HOST); links need it")
+    if problem := host_problem(opts.public_host):
+        raise XrayConfigError(f"the public host: {problem}")
     if key.template:
         inbound = render_inbound(key, opts, reality)
         stream = mapping(inbound.get("streamSettings"))
