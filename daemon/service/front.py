@@ -837,10 +837,16 @@ class Service:
         of PORT_PROBE ports once: a full look at the range would list every port Xray listens
         on, 30,000 sockets at 30,000 keys. `batch`: a refusal names the item (`keys[i]`)."""
         port_range, taken = self.settings.port_range, set(self.index.ports())
-        busy, probed, chosen = set[int](), set[int](), dict[int, int]()
+        held = set() if self.xray is None else await self.xray.operator_ports(port_range)
+        busy, probed, chosen = set(held), set[int](), dict[int, int]()
         floor = port_range.first  # below it every port is taken or busy: the scan starts here
         for at in sorted(range(len(requested)), key=lambda at: requested[at] is None):
             port = requested[at]
+            if port in held and port not in taken:
+                raise Conflict(
+                    f"{f'keys[{at}]: ' * batch}port {port} is used by an inbound of Xray's "
+                    "config that is not portmeter's"
+                )
             while True:
                 candidate = self._allocate(port, taken, busy, floor, f"keys[{at}]: " * batch)
                 if candidate not in probed:

@@ -24,6 +24,7 @@ from typing import Any
 import anyio
 import structlog
 
+from daemon.allocator import PortRange
 from daemon.errors import Invalid, NotFound, OperationError, StorageFull, XrayRefused
 from daemon.limits import Status
 from daemon.settings import Settings
@@ -158,6 +159,7 @@ class XraySide:
             flow=key.flow,
             extra_short_ids=tuple(key.extra_short_ids),
             template="" if inbound is None else json.dumps(inbound, ensure_ascii=False),
+            source_tag=_source_tag(inbound),
         )
 
     def served(self, state: State, changed: Collection[str] | None = None) -> list[XrayKey]:
@@ -206,6 +208,15 @@ class XraySide:
             kept = (*fields[:-1], list(key.extra_short_ids))
             hit = self._xray_keys[key.id] = (kept, self.xray_key(key))
         return hit[1]
+
+    async def operator_ports(self, port_range: PortRange) -> set[int]:
+        """The ports of `port_range` the operator's inbounds hold (ranges and lists too, in the
+        confdir's files as well), which no key may take. Unreadable config: none (the write
+        that follows says what is wrong)."""
+        try:
+            return await anyio.to_thread.run_sync(self.live.operator_ports, port_range)
+        except XrayError:
+            return set()
 
     def link(self, state: State, key: KeyRecord) -> str:
         return vless_link(self.xray_key(key), self.options, self.server_reality(state))
@@ -445,6 +456,12 @@ class XraySide:
         problems = drift_report(config, keys, self.options, self.settings.port_range, reality)
         self._last_drift = (seen, keys, problems)  # the keys kept: no id is reused meanwhile
         return problems
+
+
+def _source_tag(inbound: dict[str, Any] | None) -> str:
+    """The tag of the shared inbound a migrated key's inbound was copied from ("" if none)."""
+    tag = None if inbound is None else inbound.get("tag")
+    return tag if isinstance(tag, str) else ""
 
 
 def _confdir_status(confdir: ConfDir, keys: Collection[XrayKey]) -> dict[str, Any]:

@@ -25,9 +25,12 @@ from daemon.xray.model import (
     inbound_port,
     inbounds_of,
     is_portmeter_inbound,
+    port_spans,
     portmeter_inbounds,
+    ports_among,
     reality_settings,
     tag_uuid,
+    unix_listen,
 )
 from daemon.xray.reality import decode_key
 from daemon.xray.render import api_problems, render_inbound
@@ -105,9 +108,9 @@ def drift_report(
     wanted = {key.uuid for key in keys}
     key_ports = {key.port for key in keys}
     for inbound in inbounds:
-        port = inbound_port(inbound)
         if is_portmeter_inbound(inbound):
             if tag_uuid(inbound["tag"]) not in wanted:
+                port = inbound_port(inbound)
                 found.append(
                     DriftProblem(
                         "stale",
@@ -115,15 +118,17 @@ def drift_report(
                         port=port,
                     )
                 )
-        elif port_range is not None and port in port_range and port not in key_ports:
-            found.append(
-                DriftProblem(
-                    "foreign",
-                    f"inbound {_describe(inbound)} on port {port} is not portmeter's "
-                    f"but uses a port of its range {port_range}",
-                    port=port,
+        elif port_range is not None:
+            held = ports_among(port_spans(inbound), port_range.first, port_range.last)
+            for port in sorted(held - key_ports):
+                found.append(
+                    DriftProblem(
+                        "foreign",
+                        f"inbound {_describe(inbound)} on port {port} is not portmeter's "
+                        f"but uses a port of its range {port_range}",
+                        port=port,
+                    )
                 )
-            )
     found += [DriftProblem("duplicate", p) for p in _duplicate_problems(inbounds)]
     if opts.apply == "api":
         found += [DriftProblem("api", p) for p in api_problems(config, opts)]
@@ -188,7 +193,7 @@ def _key_drift(
 ) -> list[DriftProblem]:
     who = f"key {key.id} ({key.name}, port {key.port})"
     if inbound is None:
-        other = next((i for i in inbounds if inbound_port(i) == key.port), None)
+        other = next((i for i in inbounds if _holds(i, key.port)), None)
         if other is None:
             return [DriftProblem("missing", f"{who}: no inbound in the config", key.id, key.port)]
         if is_portmeter_inbound(other):
@@ -252,19 +257,40 @@ def _differences(wanted: object, present: object, path: str = "") -> list[str]:
 
 
 def _duplicate_problems(inbounds: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Tags used twice, and ports two inbounds listen on (on overlapping addresses), ranges and
+    lists of ports included: Xray would split a port's connections between its listeners."""
     found = []
     tags = Counter(i.get("tag") for i in inbounds if i.get("tag"))
     found += [f"tag {tag!r} is used by {n} inbounds" for tag, n in sorted(tags.items()) if n > 1]
-    seen: dict[int, list[str]] = {}
+    seen: dict[int, list[str]] = {}  # single ports: every key's, most of the operator's
+    wide: list[tuple[int, int, str]] = []  # spans of more than one port
     for inbound in inbounds:
-        port = inbound_port(inbound)
-        if port is None:
-            continue
+        if unix_listen(inbound) is not None:
+            continue  # a unix socket: its port is not listened on
         listen = str(inbound.get("listen") or "")
-        if any(listens_overlap(listen, other) for other in seen.get(port, [])):
-            found.append(f"port {port} is used by more than one inbound")
-        seen.setdefault(port, []).append(listen)
+        for first, last in port_spans(inbound):
+            clashes = [
+                max(first, a)
+                for a, b, other in wide
+                if a <= last and first <= b and listens_overlap(listen, other)
+            ]
+            if first == last:
+                clashes += [first] * any(listens_overlap(listen, o) for o in seen.get(first, ()))
+                seen.setdefault(first, []).append(listen)
+            else:
+                clashes += [
+                    port
+                    for port, listens in seen.items()
+                    if first <= port <= last and any(listens_overlap(listen, o) for o in listens)
+                ]
+                wide.append((first, last, listen))
+            found += [f"port {port} is used by more than one inbound" for port in sorted(clashes)]
     return sorted(set(found), key=found.index)
+
+
+def _holds(inbound: Mapping[str, Any], port: int) -> bool:
+    """Whether the inbound listens on `port` (one of its ports, ranges and lists included)."""
+    return unix_listen(inbound) is None and any(a <= port <= b for a, b in port_spans(inbound))
 
 
 def _wildcard(listen: str) -> bool:
