@@ -168,6 +168,7 @@ def plan_migration(
         used=set(taken_ports) | _listened(inbounds, port_range),
         names={fold(name) for name in taken_names},
         ours={tag_uuid(i.get("tag")): i for i in portmeter_inbounds(config)},
+        floor=port_range.first,
     )
     security = "reality" if opts is None else opts.security
     api = config.get("api")
@@ -204,6 +205,7 @@ class _Found:
     used: set[int]  # ports taken
     names: set[str]  # folded names taken
     ours: dict[str | None, Mapping[str, Any]]  # uuid -> its key's inbound in the config
+    floor: int  # the lowest port that may still be free
     moving: dict[str, int] = field(default_factory=dict)  # uuid -> inbound moved from
     moves: list[MigrationMove] = field(default_factory=list)
     dropped: list[tuple[int, str]] = field(default_factory=list)
@@ -265,12 +267,15 @@ def _move(
     source: tuple[Reality | None, tuple[str, ...], str],
 ) -> bool:
     """Give the client a port and its key; False when the range has no port left."""
-    port = lowest_free(port_range, found.used, set())
+    # Every port below the last one given is used: the scan starts there (linear, not
+    # quadratic, in the clients).
+    port = lowest_free(PortRange(found.floor, port_range.last), found.used, set())
     if port is None:
         found.unplaced.append(uuid)
         return False
     pair, short_ids, shell = source
     found.used.add(port)
+    found.floor = port
     found.moving[uuid] = index
     own_id = str(client["id"])  # as written: Xray reads it as `uuid` (model.is_client_of)
     email = str(client.get("email") or "")
@@ -336,6 +341,26 @@ def _route_lines(config: Mapping[str, Any], moves: Sequence[MigrationMove]) -> l
                 f"inbounds of the {keys} keys moved from there"
             )
     return lines
+
+
+def replaced_parts(live: Mapping[str, Any], source: Mapping[str, Any], where: str) -> list[str]:
+    """What the live config (at `where`) loses when the migration of another file `source`
+    replaces it: its own inbounds the source lacks (key inbounds excepted: they are rendered
+    again from the keys) and every section the source has otherwise or not at all."""
+    others = [i for i in inbounds_of(source) if isinstance(i, Mapping)]
+    lost = [
+        f"replace {where}: its inbound {_where(inbound, index)} goes"
+        for index, inbound in enumerate(inbounds_of(live))
+        if not is_portmeter_inbound(inbound) and inbound not in others
+    ]
+    for name, value in live.items():
+        if name == "inbounds":
+            continue
+        if name not in source:
+            lost.append(f"replace {where}: its section {name!r} goes (the source has none)")
+        elif source[name] != value:
+            lost.append(f"replace {where}: its section {name!r} goes for the source's")
+    return lost
 
 
 def apply_migration(config: Mapping[str, Any], plan: MigrationPlan) -> Config:
