@@ -8,13 +8,18 @@ proxies, routing rules, the live config and another file, ids as written, a uuid
 from __future__ import annotations
 
 import copy
+import http.server
 import json
+import socketserver
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from daemon import cli
 from daemon.allocator import PortRange
 from daemon.xray.drift import check_config, drift, drift_report
 from daemon.xray.links import vless_link
@@ -387,3 +392,161 @@ def test_a_uuid_listed_twice_stays_whole_when_its_client_cannot_move() -> None:
     assert plan.unplaced == (U1,) and plan.emptied == ()
     config = apply_migration(source, plan)
     assert config["inbounds"][1]["settings"]["clients"] == [{"id": U1, "email": "a"}, {"id": U1}]
+
+
+# --- 5. the CLI waits for a long operation and shows how far it got ----------------------------
+
+
+class SlowDaemon(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """A stand-in for a daemon busy with a long migration: the migration answers after
+    `delay` seconds, any other request of the lock's after `delay` too, and the operation's
+    progress at once (as the real daemon answers it without its lock)."""
+
+    daemon_threads = True
+
+    def __init__(self, path: str, delay: float) -> None:
+        self.delay, self.asked = delay, 0
+        super().__init__(path, SlowHandler)
+
+    def handle_error(self, *_: Any) -> None:
+        """A client that gave up closed its end (the busy call): nothing to report."""
+
+
+class SlowHandler(http.server.BaseHTTPRequestHandler):
+    server: SlowDaemon
+
+    def do_GET(self) -> None:
+        if self.path == "/api/system/operation":
+            self.server.asked += 1
+            done = min(5000, 1000 * self.server.asked)
+            self.answer(
+                {
+                    "operation": "migrate",
+                    "phase": "installing counters",
+                    "done": done,
+                    "total": 5000,
+                    "seconds": 2.0 * self.server.asked,
+                }
+            )
+        else:
+            time.sleep(self.server.delay)
+            self.answer({"keys": []})
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["content-length"] or 0))
+        time.sleep(self.server.delay)
+        self.answer(
+            {
+                "dry_run": False,
+                "plan": ["move a (a) from x port 443 to port 20001"],
+                "created": [],
+                "timestamp": 0,
+            }
+        )
+
+    def answer(self, payload: dict[str, Any]) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def slow_daemon(tmp_path: Path) -> Iterator[tuple[str, SlowDaemon]]:
+    path = str(tmp_path / "pm.sock")
+    server = SlowDaemon(path, delay=1.5)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield path, server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_busy_daemon_is_called_busy_with_what_it_does(
+    slow_daemon: tuple[str, SlowDaemon],
+) -> None:
+    path, _ = slow_daemon
+    with pytest.raises(cli.DaemonBusy) as caught:
+        cli.Client(path, timeout=0.3).call("GET", "/api/keys")
+    assert str(caught.value) == (
+        f"the portmeter daemon at {path} is busy: no answer within 0.3 s (migrate: installing "
+        "counters 1000/5000 (2 s)); it carries on with the request"
+    )
+    with pytest.raises(cli.CliError, match="^cannot reach the portmeter daemon at /nonexistent"):
+        cli.Client("/nonexistent/pm.sock").call("GET", "/api/keys")
+
+
+def test_migrate_waits_showing_progress_on_stderr(
+    slow_daemon: tuple[str, SlowDaemon],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path, _ = slow_daemon
+    monkeypatch.setattr(cli, "CALL_TIMEOUT", 0.3)  # what a 30-s answer was to a 5,000 migration
+    monkeypatch.setattr(cli, "PROGRESS_AFTER", 0.4)
+    monkeypatch.setattr(cli, "PROGRESS_EVERY", 0.4)
+    assert cli.main(["--socket", path, "migrate", "/etc/xray/config.json"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "migrated:\n  move a (a) from x port 443 to port 20001\n"
+    lines = err.splitlines()
+    assert 2 <= len(lines) <= 4, err
+    assert lines[0] == "portmeter: migrate: installing counters 1000/5000 (2 s)"
+    assert lines[1] == "portmeter: migrate: installing counters 2000/5000 (4 s)"
+    assert cli.main(["--socket", path, "--json", "migrate", "/etc/xray/config.json"]) == 0
+    assert json.loads(capsys.readouterr().out)["plan"] == [
+        "move a (a) from x port 443 to port 20001"
+    ]
+
+
+# --- 6. another file than the live config -----------------------------------------------------
+
+
+def test_another_file_replaces_the_live_config_only_when_asked(tmp_path: Path) -> None:
+    other = tmp_path / "other.json"
+    source = shared_config()
+    source["inbounds"] = [source["inbounds"][1]]  # the shared inbound alone, no VMess, no API
+    source["routing"] = {"rules": [{"type": "field", "ip": ["geoip:private"], "outboundTag": "x"}]}
+    del source["log"]
+    other.write_text(json.dumps(source))
+    with inprocess_daemon(xray_config=shared_config()) as daemon:
+        live = daemon.rig.xray_config
+        original, state = live.read_bytes(), daemon.state_bytes()
+        for dry in (True, False):
+            body = {"config_path": str(other), "dry_run": dry}
+            refused = daemon.api("POST", "/api/system/xray/migrate", expect=422, json=body)
+            assert refused["detail"] == (
+                f"{other} is not the live Xray config {live}: migrating it replaces that config "
+                'entirely, with its own inbounds and routing; pass --replace (API: "replace": '
+                "true) to do so, and --dry-run first to see what goes"
+            )
+        assert live.read_bytes() == original and daemon.state_bytes() == state
+        body = {"config_path": str(other), "dry_run": True, "replace": True}
+        plan = daemon.api("POST", "/api/system/xray/migrate", json=body)["plan"]
+        assert [line for line in plan if line.startswith("replace ")] == [
+            f"replace {live}: its inbound 'api' (dokodemo-door, port 62789) goes",
+            f"replace {live}: its inbound 'vmess-old' (vmess, port 8443) goes",
+            f"replace {live}: its section 'log' goes (the source has none)",
+            f"replace {live}: its section 'routing' goes for the source's",
+        ]
+        assert sum(line.startswith("move ") for line in plan) == len(CLIENTS)
+        assert live.read_bytes() == original
+        done = daemon.api("POST", "/api/system/xray/migrate", json={**body, "dry_run": False})
+        assert len(done["created"]) == len(CLIENTS)
+        migrated = json.loads(live.read_text())
+        assert migrated["routing"] == source["routing"] and "log" not in migrated
+        daemon.api("POST", "/api/system/xray/migrate/rollback")
+        assert live.read_bytes() == original
+        # The live config under another name is the live config: no --replace needed.
+        alias = tmp_path / "alias.json"
+        alias.hardlink_to(live)
+        body = {"config_path": str(alias), "dry_run": True}
+        assert daemon.api("POST", "/api/system/xray/migrate", json=body)["plan"][0].startswith(
+            "move "
+        )
