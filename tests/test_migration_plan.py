@@ -7,6 +7,7 @@ proxies, routing rules, the live config and another file, ids as written, a uuid
 
 from __future__ import annotations
 
+import base64
 import copy
 import http.server
 import json
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import mlkem
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from daemon import cli
 from daemon.allocator import PortRange
@@ -26,9 +29,19 @@ from daemon.xray.links import vless_link
 from daemon.xray.migration import MigrationPlan, apply_migration, plan_migration
 from daemon.xray.model import XrayConfigError, XrayKey, is_portmeter_inbound, xray_uuid
 from daemon.xray.render import render_config
+from daemon.xray.vlessenc import client_encryption
 from daemon.xray_sync import LiveConfig, XrayFiles
 from tests.inprocess import FIRST_PORT, inprocess_daemon
-from tests.test_xray_sync import CLIENTS, REALITY, U1, U2, U3, opts_for, shared_config
+from tests.test_xray_sync import (
+    CLIENTS,
+    REALITY,
+    RFC7748,
+    U1,
+    U2,
+    U3,
+    opts_for,
+    shared_config,
+)
 from tests.xray_harness import link_fields
 
 RANGE = PortRange(10001, 10100)
@@ -550,3 +563,219 @@ def test_another_file_replaces_the_live_config_only_when_asked(tmp_path: Path) -
         assert daemon.api("POST", "/api/system/xray/migrate", json=body)["plan"][0].startswith(
             "move "
         )
+
+
+# --- 7. VLESS Encryption: the links carry the client half -------------------------------------
+
+
+def b64url(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def mlkem_pair(seed: bytes) -> tuple[str, str]:
+    """An ML-KEM-768 seed and its encapsulation key, as `xray mlkem768` prints them."""
+    public = mlkem.MLKEM768PrivateKey.from_seed_bytes(seed).public_key()
+    return b64url(seed), b64url(public.public_bytes(Encoding.Raw, PublicFormat.Raw))
+
+
+def test_the_client_encryption_is_the_public_half_of_the_decryption() -> None:
+    seed, encapsulation = mlkem_pair(bytes(range(64)))
+    x25519_private, x25519_public = RFC7748[1][2], RFC7748[1][3]  # RFC 7748 section 6.1
+    decryption = f"mlkem768x25519plus.xorpub.600s.100-35-75.{x25519_private}.{seed}"
+    assert client_encryption(decryption) == (
+        f"mlkem768x25519plus.xorpub.0rtt.{x25519_public}.{encapsulation}"
+    )
+    assert client_encryption("none") == "none"
+    refused = {
+        None: 'VLESS settings: please add/set "decryption":"none" to every settings',
+        "": 'VLESS settings: please add/set "decryption":"none" to every settings',
+        "None": 'VLESS settings: unsupported "decryption": None',
+        "mlkem768x25519plus.native.600s": "",
+        "mlkem768x25519plus.fast.600s." + x25519_private: "",
+        "mlkem768x25519plus.native.ten." + x25519_private: "",
+        "mlkem768x25519plus.native.0s." + b64url(bytes(33)): "",
+        "mlkem768x25519plus.native.0s.100-35-75": "",
+    }
+    for value, message in refused.items():
+        with pytest.raises(ValueError) as caught:
+            client_encryption(value)
+        assert str(caught.value) == (
+            message or f'VLESS settings: unsupported "decryption": {value}'
+        )
+
+
+def encrypted_config(decryption: object) -> dict[str, Any]:
+    config = shared_config()
+    settings = config["inbounds"][1]["settings"]
+    settings["clients"] = settings["clients"][:2]
+    if decryption is None:
+        del settings["decryption"]
+    else:
+        settings["decryption"] = decryption
+    return config
+
+
+def test_an_encrypted_inbound_migrates_and_its_links_carry_the_clients_encryption() -> None:
+    seed, encapsulation = mlkem_pair(bytes(range(1, 65)))
+    source = encrypted_config(f"mlkem768x25519plus.native.600s.{seed}")
+    plan = plan_migration(source, RANGE, set(), opts_for())
+    assert len(plan.moves) == 2 and plan.skipped[1:] == (plan.skipped[1],)
+    config, keys = migrate(source, plan)
+    for key in keys:
+        fields = link_fields(vless_link(key, opts_for(), REALITY))
+        assert fields["encryption"] == f"mlkem768x25519plus.native.0rtt.{encapsulation}"
+        inbound = next(i for i in config["inbounds"] if i.get("tag") == key.tag)
+        assert inbound["settings"]["decryption"] == source["inbounds"][1]["settings"]["decryption"]
+    plain, _ = migrate(shared_config(), plan_migration(shared_config(), RANGE, set(), opts_for()))
+    assert drift(config, keys, opts_for(), RANGE) == [] and plain
+
+
+@pytest.mark.parametrize(
+    ("decryption", "fallbacks", "reason"),
+    [
+        (None, False, 'VLESS settings: please add/set "decryption":"none" to every settings'),
+        (
+            "mlkem768x25519plus.native",
+            False,
+            'VLESS settings: unsupported "decryption": mlkem768x25519plus.native',
+        ),
+        (
+            f"mlkem768x25519plus.random.0s.{RFC7748[0][2]}",
+            True,
+            'VLESS settings: "fallbacks" can not be used together with "decryption"',
+        ),
+    ],
+    ids=["missing", "unsupported", "with-fallbacks"],
+)
+def test_vless_settings_xray_refuses_are_skipped_in_its_words(
+    decryption: str | None, fallbacks: bool, reason: str
+) -> None:
+    source = encrypted_config(decryption)
+    if fallbacks:
+        source["inbounds"][1]["settings"]["fallbacks"] = [{"dest": 8080}]
+    plan = plan_migration(source, RANGE, set(), opts_for())
+    assert plan.is_empty and plan.skipped[1] == (
+        f"skip inbound 'vless-reality' (vless, port 443): Xray refuses its VLESS settings "
+        f"({reason}); left as it is"
+    )
+
+
+# --- 8. REALITY settings: what Xray accepts is accepted, what it refuses is named --------------
+
+
+def reality_config(stream: dict[str, Any] | None = None, **reality: Any) -> dict[str, Any]:
+    config = shared_config()
+    inbound = config["inbounds"][1]
+    inbound["settings"]["clients"] = inbound["settings"]["clients"][:1]
+    settings = inbound["streamSettings"]["realitySettings"]
+    for name, value in reality.items():
+        if value is None:
+            settings.pop(name, None)
+        else:
+            settings[name] = value
+    inbound["streamSettings"].update(stream or {})
+    return config
+
+
+@pytest.mark.parametrize(
+    ("stream", "reality"),
+    [
+        ({}, {"serverNames": [""]}),
+        ({}, {"serverNames": ["", "www.example.org"]}),
+        ({}, {"shortIds": ["AB12CD34", ""]}),
+        ({"security": "Reality"}, {}),
+        ({"security": "REALITY", "network": "RAW"}, {}),
+        ({}, {"dest": None, "target": 8443}),
+        ({}, {"dest": "8443"}),
+        ({}, {"dest": "@@nginx-reality"}),
+        ({}, {"dest": "[2001:db8::1]:443", "xver": 2}),
+        ({"network": "grpc", "grpcSettings": {"serviceName": "g"}}, {"minClientVer": "25.1"}),
+        ({"network": "xhttp"}, {"maxTimeDiff": 60000, "maxClientVer": "26.3.27"}),
+    ],
+    ids=[
+        "no-sni-only",
+        "no-sni-first",
+        "upper-case-short-id",
+        "security-Reality",
+        "security-REALITY",
+        "target-number",
+        "dest-port",
+        "dest-abstract-socket",
+        "dest-ipv6",
+        "grpc-min-version",
+        "xhttp",
+    ],
+)
+def test_reality_settings_xray_accepts_migrate(
+    stream: dict[str, Any], reality: dict[str, Any]
+) -> None:
+    source = reality_config(stream, **reality)
+    plan = plan_migration(source, RANGE, set(), opts_for())
+    assert [m.uuid for m in plan.moves] == [CLIENTS[0][0]], plan.skipped
+    config, keys = migrate(source, plan)
+    assert drift(config, keys, opts_for(), RANGE) == [] and check_config(config, opts_for()) == []
+    fields = link_fields(vless_link(keys[0], opts_for(), REALITY))
+    names = source["inbounds"][1]["streamSettings"]["realitySettings"]["serverNames"]
+    assert fields["security"] == "reality"
+    assert fields["sni"] == next((n for n in names if n), "")
+    short_ids = source["inbounds"][1]["streamSettings"]["realitySettings"]["shortIds"]
+    assert fields["sid"] == next(s for s in short_ids if s).lower()
+
+
+@pytest.mark.parametrize(
+    ("stream", "reality", "reason"),
+    [
+        ({}, {"serverNames": []}, 'empty "serverNames"'),
+        ({}, {"serverNames": None}, 'empty "serverNames"'),
+        ({}, {"shortIds": []}, 'empty "shortIds"'),
+        ({}, {"shortIds": ["abc"]}, 'invalid "shortIds[0]": abc'),
+        (
+            {},
+            {"shortIds": ["", "0123456789abcdef01"]},
+            'too long "shortIds[1]": 0123456789abcdef01',
+        ),
+        ({}, {"shortIds": ["zz"]}, 'invalid "shortIds[0]": zz'),
+        ({}, {"privateKey": ""}, 'empty "privateKey"'),
+        ({}, {"privateKey": RFC7748[0][2] + "="}, f'invalid "privateKey": {RFC7748[0][2]}='),
+        ({}, {"dest": ""}, 'please fill in a valid value for "target"'),
+        ({}, {"dest": "www.example.org"}, 'please fill in a valid value for "target"'),
+        ({}, {"dest": None}, 'no "dest" (or "target"): Xray reads these settings as a client\'s'),
+        ({}, {"xver": 3}, 'invalid PROXY protocol version, "xver" only accepts 0, 1, 2'),
+        ({}, {"minClientVer": "1.2.3.4"}, 'invalid "minClientVer": 1.2.3.4'),
+        (
+            {},
+            {"mldsa65Seed": RFC7748[0][2]},
+            f'"mldsa65Seed" and "privateKey" can not be the same value: {RFC7748[0][2]}',
+        ),
+        ({"network": "ws"}, {}, "REALITY only supports RAW, XHTTP and gRPC for now."),
+    ],
+    ids=[
+        "names-empty",
+        "names-missing",
+        "short-ids-empty",
+        "short-id-odd",
+        "short-id-long",
+        "short-id-not-hex",
+        "private-key-empty",
+        "private-key-padded",
+        "dest-empty",
+        "dest-no-port",
+        "no-dest",
+        "xver",
+        "client-version",
+        "mldsa65-seed",
+        "websocket",
+    ],
+)
+def test_reality_settings_xray_refuses_are_skipped_in_its_words(
+    stream: dict[str, Any], reality: dict[str, Any], reason: str
+) -> None:
+    source = reality_config(stream, **reality)
+    source["inbounds"][1]["streamSettings"]["realitySettings"]["privateKey"] = reality.get(
+        "privateKey", RFC7748[0][2]
+    )
+    plan = plan_migration(source, RANGE, set(), opts_for())
+    assert plan.is_empty and plan.skipped[1] == (
+        f"skip inbound 'vless-reality' (vless, port 443): Xray refuses its REALITY settings "
+        f"({reason}); left as it is"
+    )

@@ -43,6 +43,10 @@ from daemon.xray.model import (
     xray_uuid,
 )
 from daemon.xray.reality import reality_from_private
+from daemon.xray.vlessenc import client_encryption
+
+# The transports Xray serves REALITY on (Xray's names, lowercased as it reads them).
+REALITY_NETWORKS = ("tcp", "raw", "xhttp", "splithttp", "grpc")
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,18 +403,28 @@ def _not_shared(
     if is_portmeter_inbound(inbound) or (tags is not None and inbound.get("tag") not in tags):
         return ""
     protocol = inbound.get("protocol")
-    if protocol != "vless":
+    if not isinstance(protocol, str) or protocol.lower() != "vless":  # Xray reads any case
         if api_tag is not None and inbound.get("tag") == api_tag:
             return "Xray's API inbound"
         return f"protocol {protocol!r}; only VLESS clients get keys"
     stream = mapping(inbound.get("streamSettings"))
     found = str(stream.get("security") or "none")
-    if found != security:
-        certificates = " with certificates" if found == "tls" else ""
+    if found.lower() != security:
+        certificates = " with certificates" if found.lower() == "tls" else ""
         wanted = "REALITY" if security == "reality" else f"security {security!r}"
         return f"VLESS with security {found!r}{certificates}; portmeter's keys use {wanted}"
-    if security == "reality" and (problems := reality_problems(reality_settings(inbound))):
-        return f"its REALITY settings are incomplete ({problems[0]})"
+    if security == "reality" and (refused := _reality_refused(stream)):
+        return f"Xray refuses its REALITY settings ({refused})"
+    settings = mapping(inbound.get("settings"))
+    try:
+        client_encryption(settings.get("decryption"))
+    except ValueError as exc:
+        return f"Xray refuses its VLESS settings ({exc})"
+    if settings.get("decryption") != "none" and settings.get("fallbacks"):
+        return (
+            'Xray refuses its VLESS settings (VLESS settings: "fallbacks" can not be used '
+            'together with "decryption")'
+        )
     if (socket := unix_listen(inbound)) is not None:
         return (
             f"it listens on the unix socket {socket!r}, not on a port (a front proxy connects "
@@ -464,8 +478,19 @@ def _source_reality(inbound: Mapping[str, Any]) -> tuple[Reality | None, tuple[s
         pair = reality_from_private(settings.get("privateKey"))  # type: ignore[arg-type]
     except ValueError:
         return None, ()
-    short_ids = tuple(s for s in settings.get("shortIds") or [] if isinstance(s, str))
+    # Hex in either case is one short id to Xray; the key's own are written in lower case.
+    short_ids = tuple(s.lower() for s in settings.get("shortIds") or [] if isinstance(s, str))
     return pair, short_ids
+
+
+def _reality_refused(stream: Mapping[str, Any]) -> str:
+    """Why Xray refuses REALITY on this stream, in its words ("" when it takes it): the
+    transport first, then the settings (drift.reality_problems)."""
+    network = str(stream.get("network") or "tcp").lower()
+    if network not in REALITY_NETWORKS:
+        return "REALITY only supports RAW, XHTTP and gRPC for now."
+    problems = reality_problems(mapping(stream.get("realitySettings")))
+    return "; ".join(problems)
 
 
 def _behind_front(inbound: Mapping[str, Any]) -> str | None:

@@ -195,7 +195,10 @@ def tag_uuid(tag: object) -> str | None:
 
 def is_portmeter_inbound(inbound: object) -> bool:
     """The strict rule of the module docstring: vless, tag inbound-<uuid>, one client <uuid>."""
-    if not isinstance(inbound, Mapping) or inbound.get("protocol") != "vless":
+    if not isinstance(inbound, Mapping):
+        return False
+    protocol = inbound.get("protocol")
+    if not isinstance(protocol, str) or protocol.lower() != "vless":  # Xray reads any case
         return False
     uuid = tag_uuid(inbound.get("tag"))
     found = clients(inbound)
