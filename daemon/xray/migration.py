@@ -118,7 +118,9 @@ class MigrationPlan:
         """The plan as an operator reads it (`portmeter migrate --dry-run`)."""
         out = []
         if self.is_empty and not self.unplaced:
-            out.append("nothing to migrate: every VLESS+REALITY client already has its own inbound")
+            out.append(
+                "nothing to migrate: no VLESS+REALITY inbound portmeter can split has a client left"
+            )
         out += [
             f"move {m.client_id or m.uuid} ({m.name}) from "
             f"{m.source_tag or f'inbound #{m.source_index}'} port {m.source_port} to port {m.port}"
