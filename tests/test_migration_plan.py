@@ -21,6 +21,8 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import mlkem
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from daemon import cli
 from daemon.allocator import PortRange
@@ -588,6 +590,7 @@ def test_the_client_encryption_is_the_public_half_of_the_decryption() -> None:
     assert client_encryption("none") == "none"
     refused = {
         None: 'VLESS settings: please add/set "decryption":"none" to every settings',
+        ("none",): 'VLESS settings: please add/set "decryption":"none" to every settings',
         "": 'VLESS settings: please add/set "decryption":"none" to every settings',
         "None": 'VLESS settings: unsupported "decryption": None',
         "mlkem768x25519plus.native.600s": "",
@@ -779,3 +782,53 @@ def test_reality_settings_xray_refuses_are_skipped_in_its_words(
         f"skip inbound 'vless-reality' (vless, port 443): Xray refuses its REALITY settings "
         f"({reason}); left as it is"
     )
+
+
+# --- properties -----------------------------------------------------------------------------
+
+
+@st.composite
+def crowded_configs(draw: st.DrawFn) -> dict[str, Any]:
+    """The shared config with operator inbounds on ports, ranges and lists of the key range (and
+    on unix sockets), and clients whose ids come in any spelling, some listed twice."""
+    config = shared_config()
+    spans = draw(st.lists(st.tuples(st.integers(10001, 10030), st.integers(0, 4)), max_size=4))
+    for n, (first, width) in enumerate(spans):
+        port: Any = first if width == 0 else f"{first}-{first + width}"
+        if draw(st.booleans()):
+            port = f"{first},{first + width + 2}"
+        inbound = {"tag": f"op{n}", "port": port, "protocol": "socks", "settings": {}}
+        if draw(st.booleans()):
+            inbound["listen"] = f"@op{n}"
+        config["inbounds"].append(inbound)
+    uuids = draw(st.lists(st.uuids(version=4).map(str), min_size=1, max_size=8, unique=True))
+    listed = uuids + draw(st.lists(st.sampled_from(uuids), max_size=3))
+    spell = [str, str.upper, lambda u: u.replace("-", "")]
+    config["inbounds"][1]["settings"]["clients"] = [
+        {"id": draw(st.sampled_from(spell))(u), "email": f"e{n}"} for n, u in enumerate(listed)
+    ]
+    return config
+
+
+@given(crowded_configs())
+@settings(max_examples=60, deadline=None)
+def test_no_key_gets_a_port_another_inbound_listens_on(config: dict[str, Any]) -> None:
+    plan = plan_migration(config, PortRange(10001, 10040), set(), opts_for())
+    held = {
+        p
+        for inbound in config["inbounds"]
+        if inbound["protocol"] == "socks" and "listen" not in inbound
+        for part in str(inbound["port"]).split(",")
+        for p in range(int(part.split("-")[0]), int(part.split("-")[-1]) + 1)
+    }
+    ports = [m.port for m in plan.moves]
+    assert len(set(ports)) == len(ports) and not set(ports) & held
+    clients = config["inbounds"][1]["settings"]["clients"]
+    served = {xray_uuid(c["id"]): c for c in clients}  # the last entry of each uuid
+    assert {m.uuid: m.inbound["settings"]["clients"] for m in plan.moves} == {  # type: ignore[index]
+        u: [served[u]] for u in [m.uuid for m in plan.moves]
+    }
+    migrated, keys = migrate(config, plan)
+    assert plan_migration(migrated, PortRange(10001, 10040), set(), opts_for()).is_empty
+    shared = [p.message for p in drift_report(migrated, keys, opts_for()) if p.kind == "duplicate"]
+    assert not [m for m in shared if int(m.split()[1]) in ports]  # the operator's own clash stays

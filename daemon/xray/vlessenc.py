@@ -28,17 +28,22 @@ KEY_TOKEN = 20  # Xray reads a shorter part as padding, a longer one as a key
 MISSING = 'VLESS settings: please add/set "decryption":"none" to every settings'
 
 
-@functools.lru_cache(maxsize=1024)
 def client_encryption(decryption: object) -> str:
     """The `encryption` a client of an inbound with this `decryption` uses ("none" for none).
 
     The ticket lifetime becomes `0rtt` (a client uses a ticket only when the server offers one)
     and the server's padding is left out (each side pads what it sends; none means Xray's
     defaults)."""
-    if decryption == "none":
-        return "none"
     if not isinstance(decryption, str) or not decryption:
         raise ValueError(MISSING)
+    return _client_encryption(decryption)
+
+
+@functools.lru_cache(maxsize=1024)
+def _client_encryption(decryption: str) -> str:
+    """client_encryption of a string: derived once per setting, not once per link."""
+    if decryption == "none":
+        return "none"
     unsupported = ValueError(f'VLESS settings: unsupported "decryption": {decryption}')
     parts = decryption.split(".")
     if len(parts) < 4 or parts[0] != KIND or parts[1] not in MODES or not TTL.match(parts[2]):
