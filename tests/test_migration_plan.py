@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from cryptography.hazmat.primitives.asymmetric import mlkem
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -26,6 +27,7 @@ from hypothesis import strategies as st
 
 from daemon import cli
 from daemon.allocator import PortRange
+from daemon.service.xray_side import XraySide
 from daemon.xray.drift import check_config, drift, drift_report
 from daemon.xray.links import vless_link
 from daemon.xray.migration import MigrationPlan, apply_migration, plan_migration
@@ -832,3 +834,33 @@ def test_no_key_gets_a_port_another_inbound_listens_on(config: dict[str, Any]) -
     assert plan_migration(migrated, PortRange(10001, 10040), set(), opts_for()).is_empty
     shared = [p.message for p in drift_report(migrated, keys, opts_for()) if p.kind == "duplicate"]
     assert not [m for m in shared if int(m.split()[1]) in ports]  # the operator's own clash stays
+
+
+class HeldSide(XraySide):
+    """The Xray side, whose push waits for `release`: a migration held in its write step."""
+
+    release: threading.Event
+
+    async def push(self, state: Any, **options: Any) -> Any:
+        await anyio.to_thread.run_sync(self.release.wait)
+        return await super().push(state, **options)
+
+
+def test_the_operation_under_way_is_answered_while_it_holds_the_daemon() -> None:
+    HeldSide.release = threading.Event()
+    with inprocess_daemon(xray_config=shared_config(), side=HeldSide) as daemon:
+        rig = daemon.rig
+        running = daemon.portal.start_task_soon(
+            lambda: rig.service.migrate(rig.xray_config, dry_run=False)
+        )
+        try:
+            writing = "writing and applying Xray's config, saving the keys"
+            deadline = time.monotonic() + 10
+            while (answer := daemon.api("GET", "/api/system/operation"))["phase"] != writing:
+                assert time.monotonic() < deadline, answer
+            assert answer["operation"] == "migrate" and answer["seconds"] >= 0
+            assert rig.service.lock.locked()  # answered while the migration holds the lock
+        finally:
+            HeldSide.release.set()
+        assert len(running.result(10)[1]) == len(CLIENTS)
+        assert daemon.api("GET", "/api/system/operation")["operation"] is None
