@@ -127,6 +127,17 @@ def test_migrate_errors_are_clear(migrating: Daemon) -> None:
     assert nothing.returncode == 1 and "no pre-migration copy" in nothing.stderr
     bare = migrating.cli("migrate")
     assert bare.returncode == 1 and "usage: portmeter migrate" in bare.stderr
+    other = migrating.workdir / "other.json"
+    other.write_text(json.dumps({**shared_config(), "routing": {}}))
+    refused = migrating.cli("migrate", str(other), "--dry-run")
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1
+    assert refused.stderr.startswith(f"portmeter: {other} is not the live Xray config")
+    replacing = migrating.cli("migrate", str(other), "--dry-run", "--replace")
+    assert replacing.returncode == 0, replacing.stderr
+    assert replacing.stdout.count("\n  move ") == 5
+    assert f"  replace {migrating.xray_config}: its section 'routing' goes for the source's\n" in (
+        replacing.stdout
+    )
 
 
 def test_xray_commands_and_qr(daemon: Daemon) -> None:
