@@ -90,9 +90,9 @@ class Client:
     seconds is busy (an operation holds it), never "unreachable": that is only a socket
     nobody listens on."""
 
-    def __init__(self, socket_path: str, timeout: float = CALL_TIMEOUT) -> None:
+    def __init__(self, socket_path: str, timeout: float | None = None) -> None:
         self.socket_path = socket_path
-        self.timeout = timeout
+        self.timeout = CALL_TIMEOUT if timeout is None else timeout
         self._http = self._connect()
 
     def _connect(self) -> httpx.Client:

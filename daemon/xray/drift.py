@@ -221,17 +221,15 @@ def _target_valid(target: object, kind: object) -> bool:
 
 
 def _names_problems(names: object) -> list[str]:
+    if not names:
+        return ['empty "serverNames"']
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        return (
-            ['"serverNames" must be a list of strings']
-            if names is not None
-            else ['empty "serverNames"']
-        )
-    return [] if names else ['empty "serverNames"']
+        return ['"serverNames" must be a list of strings']
+    return []
 
 
 def _short_id_problems(short_ids: object) -> list[str]:
-    if short_ids is None or short_ids == []:
+    if not short_ids:
         return ['empty "shortIds"']
     if not isinstance(short_ids, list) or not all(isinstance(s, str) for s in short_ids):
         return ['"shortIds" must be a list of strings']
