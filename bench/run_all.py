@@ -27,6 +27,7 @@ from bench import (
     idle,
     limits,
     memory,
+    migration,
     objects_dump,
     ops,
     polling,
@@ -38,6 +39,7 @@ from bench.common import interruptible, parse_quick
 BENCHMARKS: list[tuple[str, Callable[[bool], None]]] = [
     ("create/delete", ops.main),
     ("batch create", batch.main),
+    ("migration", migration.main),
     ("data path", datapath.main),
     ("kernel limits", limits.main),
     ("polling", polling.main),

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,6 +26,10 @@ if TYPE_CHECKING:
     from daemon.store.state import StateStore
 
 DEFAULT_SOCKET = "/run/portmeter/portmeter.sock"
+CALL_TIMEOUT = 30.0  # seconds for an answer, except the long operations that wait
+CONNECT_TIMEOUT = 5.0
+PROBE_TIMEOUT = 2.0  # GET /api/system/operation, which never waits for the daemon's lock
+PROGRESS_AFTER, PROGRESS_EVERY = 2.0, 2.0  # seconds before and between progress lines
 
 
 class CliError(Exception):
@@ -76,22 +81,50 @@ def run_daemon_command(_: argparse.Namespace) -> int:
 # --- the client ----------------------------------------------------------------------------
 
 
-class Client:
-    def __init__(self, socket_path: str) -> None:
-        self.socket_path = socket_path
-        # Plain HTTP over a Unix socket: no TLS, so no certificate store to load (0.2 s a command).
-        transport = httpx.HTTPTransport(uds=socket_path, verify=False)
-        self._http = httpx.Client(transport=transport, base_url="http://portmeter", timeout=30)
+class DaemonBusy(CliError):
+    """The daemon took the request but has not answered in time: it is running, and busy."""
 
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+
+class Client:
+    """The daemon's API over its Unix socket. A daemon that does not answer within `timeout`
+    seconds is busy (an operation holds it), never "unreachable": that is only a socket
+    nobody listens on."""
+
+    def __init__(self, socket_path: str, timeout: float | None = None) -> None:
+        self.socket_path = socket_path
+        self.timeout = CALL_TIMEOUT if timeout is None else timeout
+        self._http = self._connect()
+
+    def _connect(self) -> httpx.Client:
+        # Plain HTTP over a Unix socket: no TLS, so no certificate store to load (0.2 s a command).
+        transport = httpx.HTTPTransport(uds=self.socket_path, verify=False)
+        timeout = httpx.Timeout(self.timeout, connect=CONNECT_TIMEOUT)
+        return httpx.Client(transport=transport, base_url="http://portmeter", timeout=timeout)
+
+    def call(
+        self, method: str, path: str, body: dict[str, Any] | None = None, *, wait: bool = False
+    ) -> Any:
+        """The answer's JSON; CliError with the daemon's reason otherwise. `wait`: no deadline
+        for the answer (a long operation, e.g. a migration of thousands of clients)."""
+        timeout = httpx.Timeout(None, connect=CONNECT_TIMEOUT) if wait else httpx.USE_CLIENT_DEFAULT
         try:
-            response = self._http.request(method, path, json=body)
+            response = self._http.request(method, path, json=body, timeout=timeout)
         except httpx.InvalidURL:
             raise CliError("the key reference is too long") from None
-        except httpx.TransportError:
+        except httpx.TimeoutException:
+            raise DaemonBusy(
+                f"the portmeter daemon at {self.socket_path} is busy: no answer within "
+                f"{self.timeout:g} s{self._doing()}; it carries on with the request"
+            ) from None
+        except httpx.ConnectError:
             raise CliError(
                 f"cannot reach the portmeter daemon at {self.socket_path} "
                 "(is it running? try: systemctl status portmeter)"
+            ) from None
+        except httpx.TransportError:
+            raise CliError(
+                f"the portmeter daemon at {self.socket_path} closed the connection without an "
+                "answer (did it stop? try: systemctl status portmeter)"
             ) from None
         try:
             payload = response.json()
@@ -101,6 +134,46 @@ class Client:
             detail = payload.get("detail") if isinstance(payload, dict) else payload
             raise CliError(str(detail))
         return payload
+
+    def call_showing_progress(
+        self, method: str, path: str, body: dict[str, Any] | None, show: Callable[[str], None]
+    ) -> Any:
+        """`call` that waits as long as the operation takes; after PROGRESS_AFTER seconds, what
+        the daemon is doing is passed to `show` whenever it changed (every PROGRESS_EVERY s)."""
+        done = threading.Event()
+
+        def watch() -> None:
+            last, pause = "", PROGRESS_AFTER
+            while not done.wait(pause):
+                pause, line = PROGRESS_EVERY, self.operation_line()
+                if line and line != last:
+                    show(line)
+                    last = line
+
+        watcher = threading.Thread(target=watch, name="progress", daemon=True)
+        watcher.start()
+        try:
+            return self.call(method, path, body, wait=True)
+        finally:
+            done.set()
+            watcher.join()
+
+    def operation_line(self) -> str:
+        """What the daemon is busy with, on a connection of its own ("" when nothing or when it
+        does not answer in time either)."""
+        with self._connect() as probe:
+            try:
+                now = probe.get("/api/system/operation", timeout=PROBE_TIMEOUT).json()
+            except (httpx.HTTPError, ValueError):
+                return ""
+        if not isinstance(now, dict) or not now.get("operation"):
+            return ""
+        counted = f" {now['done']}/{now['total']}" if now.get("total") else ""
+        return f"{now['operation']}: {now['phase']}{counted} ({now['seconds']:.0f} s)"
+
+    def _doing(self) -> str:
+        line = self.operation_line()
+        return f" ({line})" if line else ""
 
 
 def _path_segment(ref: str) -> str:
@@ -385,18 +458,26 @@ def _xray_status_lines(s: dict[str, Any]) -> list[str]:
 
 def migrate(client: Client, args: argparse.Namespace) -> Any:
     if args.rollback:
-        r = client.call("POST", "/api/system/xray/migrate/rollback")
+        r = client.call_showing_progress(
+            "POST", "/api/system/xray/migrate/rollback", None, _progress
+        )
         return r, lambda: print(
             f"restored {r['restored_from']}; removed keys: {', '.join(r['removed_keys']) or 'none'}"
         )
     if not args.config:
-        raise CliError("usage: portmeter migrate CONFIG [--dry-run] | portmeter migrate --rollback")
+        raise CliError(
+            "usage: portmeter migrate CONFIG [--dry-run] [--replace] | portmeter migrate --rollback"
+        )
     path = os.path.abspath(args.config)
-    r = client.call(
-        "POST", "/api/system/xray/migrate", {"config_path": path, "dry_run": args.dry_run}
-    )
+    body = {"config_path": path, "dry_run": args.dry_run, "replace": args.replace}
+    r = client.call_showing_progress("POST", "/api/system/xray/migrate", body, _progress)
     prefix = "plan (dry run, nothing changed):" if args.dry_run else "migrated:"
     return r, lambda: print("\n".join([prefix, *(f"  {line}" for line in r["plan"])]))
+
+
+def _progress(line: str) -> None:
+    """A long operation's progress: on stderr, so `--json` output stays one document."""
+    print(f"portmeter: {line}", file=sys.stderr, flush=True)
 
 
 def fleet_status(client: Client, _: argparse.Namespace) -> Any:
@@ -656,6 +737,8 @@ def _state_action(store: StateStore, action: str) -> int:
     if os.path.exists(socket_path):
         try:
             Client(socket_path).call("GET", "/api/system/ports")
+        except DaemonBusy:
+            raise CliError("the daemon is running (and busy): stop it first") from None
         except CliError:
             pass
         else:
@@ -784,6 +867,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mg.add_argument("config", nargs="?", help="the Xray config with the shared inbound")
     mg.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    mg.add_argument(
+        "--replace",
+        action="store_true",
+        help="CONFIG is not the live Xray config: replace the live one (the plan says what goes)",
+    )
     mg.add_argument(
         "--rollback", action="store_true", help="restore the config from before migrating"
     )

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from daemon.allocator import PortRange
 from daemon.atomic import (
     LinkRefused,
     NotRegular,
@@ -46,6 +47,7 @@ from daemon.xray.model import (
     is_key_file,
     is_portmeter_inbound,
     key_file_name,
+    operator_ports,
 )
 from daemon.xray.render import InboundChanges, api_problems
 from daemon.xray_sync import (
@@ -172,6 +174,14 @@ class ConfDir:
             model.swap(self._last_delta.reversed())
             self._stamp, self._model = self.stamp(), model
         self._last = self._last_delta = None
+
+    def operator_ports(self, port_range: PortRange) -> set[int]:
+        """The ports of `port_range` the operator's inbounds hold, in the base config and every
+        other file of the directory: from the model while nothing changed, else read."""
+        if self._model is not None and self._stamp == self.stamp():
+            return self._model.operator_ports(port_range)
+        inbounds = inbounds_of(self.scan().operator)
+        return operator_ports(inbounds, port_range.first, port_range.last)
 
     def stamp(self) -> Stamp | None:
         try:

@@ -29,6 +29,7 @@ from typing import Any
 
 import anyio
 
+from daemon.allocator import PortRange
 from daemon.atomic import (
     LinkRefused,
     NotRegular,
@@ -53,11 +54,14 @@ from daemon.xray.model import (
     XrayKey,
     XrayOptions,
     XrayStorageError,
-    inbound_port,
     inbounds_of,
+    operator_ports,
     parse_keys,
+    port_spans,
+    ports_among,
     split_host_port,
     tag_uuid,
+    unix_listen,
 )
 from daemon.xray.render import InboundChanges
 from daemon.xray.text import ConfigText, read_config_text, too_large
@@ -485,15 +489,20 @@ class KeyInbounds:
         rendered: Sequence[Rendered],
         reality: Reality | None,
         text_of: Callable[[Config], bytes],
+        routed: Collection[str] = (),
     ) -> None:
         self.reality, self.text_of = reality, text_of
+        self.routed = set(routed)  # the inbound tags routing rules name (render.route_keys)
         self.kept_tags = {
             tag for i in kept if isinstance(i, Mapping) and isinstance(tag := i.get("tag"), str)
         }
-        self.kept_ports: dict[int, list[str]] = {}
-        for inbound in kept:
-            if isinstance(inbound, Mapping) and (port := inbound_port(inbound)) is not None:
-                self.kept_ports.setdefault(port, []).append(str(inbound.get("listen") or ""))
+        # The operator's ports, each span with the listen address (unix sockets hold none).
+        self.kept_spans = [
+            (first, last, str(inbound.get("listen") or ""))
+            for inbound in kept
+            if isinstance(inbound, Mapping) and unix_listen(inbound) is None
+            for first, last in port_spans(inbound)
+        ]
         self.by_uuid = {r.key.uuid: r for r in rendered}
         # By id() of the XrayKey: the model holds each key, so no other object has its id.
         self.by_object = {id(r.key): r for r in rendered}
@@ -532,6 +541,8 @@ class KeyInbounds:
                 return None
             uuids.add(key.uuid)
             ports.add(key.port)
+        if self.routed and self._reroutes(arriving, leaving):
+            return None
         try:
             rendered = [_rendered(key, opts, reality, self.text_of) for key in arriving]
         except XrayConfigError:
@@ -552,6 +563,14 @@ class KeyInbounds:
             self.by_uuid[r.key.uuid] = r
             self.by_object[id(r.key)] = r
 
+    def _reroutes(self, arriving: Sequence[XrayKey], leaving: Sequence[Rendered]) -> bool:
+        """Whether the change adds a key's tag to the routing rules or takes one out of them
+        (render.route_keys): the rules are outside the spliced part, so it takes the full path."""
+        staying = {key.tag for key in arriving}
+        return any(r.key.tag in self.routed and r.key.tag not in staying for r in leaving) or any(
+            key.source_tag in self.routed and key.tag not in self.routed for key in arriving
+        )
+
     def _has_port(self, port: int) -> bool:
         at = bisect_left(self.ports, port)
         return at < len(self.ports) and self.ports[at] == port
@@ -562,9 +581,15 @@ class KeyInbounds:
         inbound = rendered.inbound
         if inbound["tag"] in self.kept_tags or security_problems(inbound, opts):
             return True
-        listen = str(inbound.get("listen") or "")
-        others = self.kept_ports.get(rendered.key.port, ())
-        return any(listens_overlap(listen, other) for other in others)
+        listen, port = str(inbound.get("listen") or ""), rendered.key.port
+        return any(
+            a <= port <= b and listens_overlap(listen, other) for a, b, other in self.kept_spans
+        )
+
+    def operator_ports(self, port_range: PortRange) -> set[int]:
+        """The ports of `port_range` the operator's inbounds listen on (ranges and lists too)."""
+        spans = ((a, b) for a, b, _ in self.kept_spans)
+        return ports_among(spans, port_range.first, port_range.last)
 
 
 class _Model(KeyInbounds):
@@ -583,8 +608,9 @@ class _Model(KeyInbounds):
         kept: Sequence[Any],
         rendered: Sequence[Rendered],
         reality: Reality | None,
+        routed: Collection[str] = (),
     ) -> None:
-        super().__init__(kept, rendered, reality, _fragment)
+        super().__init__(kept, rendered, reality, _fragment, routed)
         self.head, self.tail = head, tail
         self.data = self.assemble()
         self.signature: Signature | None = None
@@ -615,7 +641,7 @@ class _Model(KeyInbounds):
         around = data.split(json.dumps(marker).encode())
         if len(around) != 2:
             return None
-        return cls(around[0], around[1], kept, rendered, reality)
+        return cls(around[0], around[1], kept, rendered, reality, render.routed_tags(config))
 
     def assemble(self) -> bytes:
         return b"".join((self.head, INBOUND_SEPARATOR.join(self.texts), self.tail))
@@ -656,6 +682,14 @@ class LiveConfig:
     def stamp(self) -> Signature | None:
         """What changes whenever anyone writes the file (ConfDir.stamp's twin)."""
         return self.files.signature()
+
+    def operator_ports(self, port_range: PortRange) -> set[int]:
+        """The ports of `port_range` the operator's inbounds hold: from the model while the
+        file is as portmeter left it, else read from the file."""
+        model = self._model
+        if model is not None and model.signature == self.files.signature():
+            return model.operator_ports(port_range)
+        return operator_ports(inbounds_of(self.files.read()), port_range.first, port_range.last)
 
     @property
     def opts(self) -> XrayOptions:
@@ -726,7 +760,7 @@ class LiveConfig:
         by_port = sorted(keys, key=lambda k: k.port)
         render.check_keys_unique(by_port)
         ours = [render.render_inbound(key, self.opts, reality) for key in by_port]
-        new = render.with_inbounds(old if base is None else base, ours, self.opts)
+        new = render.with_inbounds(old if base is None else base, ours, self.opts, by_port)
         try:
             rendered = [Rendered(k, None, _fragment(i)) for k, i in zip(by_port, ours, strict=True)]
             model = _Model.build(new, rendered, self.opts, reality)

@@ -127,6 +127,17 @@ def test_migrate_errors_are_clear(migrating: Daemon) -> None:
     assert nothing.returncode == 1 and "no pre-migration copy" in nothing.stderr
     bare = migrating.cli("migrate")
     assert bare.returncode == 1 and "usage: portmeter migrate" in bare.stderr
+    other = migrating.workdir / "other.json"
+    other.write_text(json.dumps({**shared_config(), "routing": {}}))
+    refused = migrating.cli("migrate", str(other), "--dry-run")
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1
+    assert refused.stderr.startswith(f"portmeter: {other} is not the live Xray config")
+    replacing = migrating.cli("migrate", str(other), "--dry-run", "--replace")
+    assert replacing.returncode == 0, replacing.stderr
+    assert replacing.stdout.count("\n  move ") == 5
+    assert f"  replace {migrating.xray_config}: its section 'routing' goes for the source's\n" in (
+        replacing.stdout
+    )
 
 
 def test_xray_commands_and_qr(daemon: Daemon) -> None:
@@ -194,3 +205,32 @@ def test_bad_sources_get_one_clear_line_and_change_nothing(
     assert migrating.xray_config.read_bytes() == live and migrating.state_bytes() == state
     assert migrating.api("GET", "/api/keys")["total"] == 0
     assert not (migrating.xray_config.parent / "backups").exists()
+
+
+def test_thousands_of_clients_migrate_through_the_cli_that_waits(make_daemon: Any) -> None:
+    """Issue 24: at 2,500 clients the CLI gave up after 30 s ("cannot reach the portmeter
+    daemon") while the daemon went on. Now the planner is linear and the CLI waits, printing
+    on stderr what the daemon is doing whenever it takes more than two seconds."""
+    daemon: Daemon = make_daemon(size=3000, start=False)
+    config = shared_config()
+    shared = config["inbounds"][1]
+    shared["settings"]["clients"] = [
+        {"id": f"00000000-0000-4000-8000-{n:012d}", "flow": "xtls-rprx-vision", "email": f"u{n}"}
+        for n in range(2500)
+    ]
+    daemon.xray_config.parent.mkdir(parents=True)
+    daemon.xray_config.write_text(json.dumps(config))
+    daemon.start()
+    original = daemon.xray_config.read_bytes()
+    dry = daemon.cli("migrate", str(daemon.xray_config), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.count("\n  move ") == 2500
+    done = daemon.cli("--json", "migrate", str(daemon.xray_config))
+    assert done.returncode == 0, done.stderr
+    assert len(json.loads(done.stdout)["created"]) == 2500
+    assert all(line.startswith("portmeter: migrate: ") for line in done.stderr.splitlines())
+    assert daemon.cli("xray", "validate").stdout.strip() == "in sync: 2500 inbounds as expected"
+    assert daemon.api("GET", "/api/system/operation")["operation"] is None
+    rolled = daemon.cli("migrate", "--rollback")
+    assert rolled.returncode == 0, rolled.stderr
+    assert daemon.xray_config.read_bytes() == original

@@ -83,6 +83,7 @@ REALITY = Reality(RFC7748[0][2], RFC7748[0][3])
 U1 = "7f1c2b1e-1b2a-4c3d-9e8f-0123456789ab"
 U2 = "0b6c1f7a-95a1-4e0e-8d7e-5a3c2d1e0f9b"
 U3 = "c3a4e5f6-0718-4293-a4b5-c6d7e8f90a1b"
+U4 = "5d2e8a90-3b4c-4d5e-8f60-718293a4b5c6"
 
 
 def opts_for(tmp_path: Path | None = None, **overrides: Any) -> XrayOptions:
@@ -1139,7 +1140,9 @@ def test_inbounds_that_are_not_vless_reality_are_skipped_with_the_reason() -> No
     incomplete = shared_config()
     del incomplete["inbounds"][1]["streamSettings"]["realitySettings"]["serverNames"]
     plan = plan_migration(incomplete, PortRange(10001, 10100), set(), opts_for())
-    assert plan.is_empty and "REALITY field serverNames missing" in plan.skipped[1]
+    assert plan.is_empty and plan.skipped[1].endswith(
+        ': Xray refuses its REALITY settings (empty "serverNames"); left as it is'
+    )
 
 
 def test_apply_migration_refuses_a_changed_config() -> None:
@@ -1307,13 +1310,15 @@ def test_migration_keeps_ids_names_and_every_field(tmp_path: Path) -> None:
     shared["settings"]["clients"] = [
         {"id": "мама", "flow": "xtls-rprx-vision", "level": 2},
         {"id": U3.upper(), "email": "anna"},
+        {"id": U4.replace("-", ""), "email": "boris"},
     ]
     shared["settings"]["fallbacks"] = [{"dest": 8080, "xver": 1}]
     shared["listen"] = "198.51.100.7"
     plan = plan_migration(source, PortRange(10001, 10100), set(), opts_for(), taken_names={"ANNA"})
     assert [(m.client_id, m.uuid, m.name) for m in plan.moves] == [
         ("мама", xray_uuid("мама"), "мама"),
-        (U3, U3, "anna-2"),  # a uuid in another spelling is written canonically
+        (U3.upper(), U3, "anna-2"),  # a uuid in another spelling stays as written (issue 24)
+        (U4.replace("-", ""), U4, "boris"),
     ]
     assert (
         "the name 'anna' is taken (another key or client), so its key is named 'anna-2'"

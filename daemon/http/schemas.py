@@ -59,6 +59,8 @@ class Migration(BaseModel):
     model_config = ConfigDict(extra="forbid")
     config_path: str = Field(min_length=1, max_length=4096, pattern=r"^/[^\x00]*$")
     dry_run: StrictBool = False
+    # A file that is not the live config replaces it: refused unless asked for.
+    replace: StrictBool = False
 
 
 class ErrorAnswer(BaseModel):

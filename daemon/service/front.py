@@ -55,6 +55,7 @@ from daemon.service.kernel_side import (
     zero,
 )
 from daemon.service.ledger import Ledger, StatusEvents
+from daemon.service.progress import Progress
 from daemon.service.xray_side import Pushed, XraySide
 from daemon.settings import Settings
 from daemon.store.history import History
@@ -64,7 +65,7 @@ from daemon.store.state import KeyRecord, State, StateStore, now
 from daemon.store.usage import UsageSink
 from daemon.units import iso
 from daemon.xray.drift import DriftProblem
-from daemon.xray.migration import apply_migration
+from daemon.xray.migration import MigrationPlan, apply_migration
 
 Log = structlog.typing.FilteringBoundLogger
 SETTABLE = frozenset(
@@ -136,6 +137,7 @@ class Service:
         )
         self.settler.guards = Guards(kernel, self.events, settings.ip_window)
         self.index = KeyIndex(state.keys)
+        self.progress = Progress()  # of a long operation, read without the lock
         self.ledger.followers.append(self.index.follow)
         self.kernel = KernelSide(
             kernel, state, self.ledger, self.settler, self.failures, log, self.index
@@ -537,28 +539,29 @@ class Service:
             self.ledger.save_quietly()
             return pushed
 
-    async def migrate(self, source_path: Path, dry_run: bool) -> tuple[list[str], list[KeyRecord]]:
+    async def migrate(
+        self, source_path: Path, dry_run: bool, replace: bool = False
+    ) -> tuple[list[str], list[KeyRecord]]:
         """Give every client of a shared VLESS inbound its own key, port and inbound.
 
         uuid and name (email) are kept, so clients only change port. Idempotent: a second run
-        finds nothing to move. The live config is kept as a pre-migration copy first.
+        finds nothing to move. The live config is kept as a pre-migration copy first. A source
+        that is not the live config replaces it, so it is refused unless `replace`; the plan
+        then says what the live config loses. `progress` says how far it got meanwhile.
         """
         xray = self._require_xray()
         async with self.lock:
-            source = await xray.read_source(source_path)
-            plan = xray.plan(source, self.state, await self._bound_ports())
-            if dry_run or plan.is_empty:
-                return plan.lines(), []
-            async with self._all_or_nothing("migrate") as undo:
-                copy = await xray.keep_original()
-                undo.append(lambda: xray.discard_original(copy))
-                created = [
-                    checked(xray.migrated_key(self.state, move, new_id(self.index)))
-                    for move in plan.moves
-                ]
-                for key in created:
-                    await self._install(key, undo)
-                await self._commit(undo, base=apply_migration(source.config, plan))
+            with self.progress.running("migrate") as progress:
+                progress.enter(f"reading {source_path}")
+                source = await xray.read_source(source_path)
+                replaces = await xray.replacement(source, replace)
+                progress.enter("planning")
+                plan = xray.plan(source, self.state, await self._bound_ports(), replaces)
+                if dry_run or plan.is_empty:
+                    return plan.lines(), []
+                created, copy = await self._migrate(
+                    xray, plan, apply_migration(source.config, plan)
+                )
             self.settler.everything = True
             self.log.info(
                 "xray_migrated",
@@ -568,21 +571,48 @@ class Service:
             )
             return plan.lines(), created
 
+    async def _migrate(
+        self, xray: XraySide, plan: MigrationPlan, base: dict[str, Any]
+    ) -> tuple[list[KeyRecord], Path | None]:
+        """Carry out a migration plan, all or nothing: the pre-migration copy, each moved
+        client's key and counters, then Xray's config on `base`."""
+        progress = self.progress
+        async with self._all_or_nothing("migrate") as undo:
+            progress.enter("keeping a copy of the live config")
+            copy = await xray.keep_original()
+            undo.append(lambda: xray.discard_original(copy))
+            created = [
+                checked(xray.migrated_key(self.state, move, new_id(self.index)))
+                for move in plan.moves
+            ]
+            progress.enter("installing counters", len(created))
+            for key in created:
+                await self._install(key, undo)
+                progress.step()
+            progress.enter("writing and applying Xray's config, saving the keys")
+            await self._commit(undo, base=base)
+        return created, copy
+
     async def rollback_migration(self) -> tuple[str, list[KeyRecord]]:
         """Restore the pre-migration config byte for byte and delete the keys migration made."""
         xray = self._require_xray()
         async with self.lock:
-            await self.kernel.refresh()
-            migrated = [key for key in self.state.keys.values() if key.migrated]
-            async with self._all_or_nothing("roll back the migration") as undo:
-                for key in migrated:
-                    del self.state.keys[key.id]
-                    self._forget(key.id)
-                restored = await xray.restore_original()
-                undo.append(restored.undo)
-                self.ledger.save()
-            await self.kernel.uninstall_quietly(migrated)
-            await self.settler.close_deleted(migrated)
+            with self.progress.running("rollback") as progress:
+                progress.enter("reading the counters")
+                await self.kernel.refresh()
+                migrated = [key for key in self.state.keys.values() if key.migrated]
+                async with self._all_or_nothing("roll back the migration") as undo:
+                    for key in migrated:
+                        del self.state.keys[key.id]
+                        self._forget(key.id)
+                    progress.enter("restoring the pre-migration config")
+                    restored = await xray.restore_original()
+                    undo.append(restored.undo)
+                    progress.enter("saving")
+                    self.ledger.save()
+                progress.enter("removing the keys' counters and connections")
+                await self.kernel.uninstall_quietly(migrated)
+                await self.settler.close_deleted(migrated)
             copy = str(restored.copy)
             self.log.info("xray_migration_rolled_back", restored=copy, keys_removed=len(migrated))
             return copy, migrated
@@ -810,6 +840,10 @@ class Service:
         async with self.lock:
             pass
 
+    def operation(self) -> dict[str, Any]:
+        """The long operation under way and how far it got (Progress.answer); no lock taken."""
+        return self.progress.answer()
+
     def xray_expected_inbounds(self) -> int:
         return 0 if self.xray is None else len(self.xray.served(self.state))
 
@@ -844,10 +878,16 @@ class Service:
         of PORT_PROBE ports once: a full look at the range would list every port Xray listens
         on, 30,000 sockets at 30,000 keys. `batch`: a refusal names the item (`keys[i]`)."""
         port_range, taken = self.settings.port_range, set(self.index.ports())
-        busy, probed, chosen = set[int](), set[int](), dict[int, int]()
+        held = set() if self.xray is None else await self.xray.operator_ports(port_range)
+        busy, probed, chosen = set(held), set[int](), dict[int, int]()
         floor = port_range.first  # below it every port is taken or busy: the scan starts here
         for at in sorted(range(len(requested)), key=lambda at: requested[at] is None):
             port = requested[at]
+            if port in held and port not in taken:
+                raise Conflict(
+                    f"{f'keys[{at}]: ' * batch}port {port} is used by an inbound of Xray's "
+                    "config that is not portmeter's"
+                )
             while True:
                 candidate = self._allocate(port, taken, busy, floor, f"keys[{at}]: " * batch)
                 if candidate not in probed:

@@ -10,8 +10,10 @@ operation looks at that key alone.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
+import os
 import secrets
 import shlex
 import socket
@@ -24,13 +26,14 @@ from typing import Any
 import anyio
 import structlog
 
+from daemon.allocator import PortRange
 from daemon.errors import Invalid, NotFound, OperationError, StorageFull, XrayRefused
 from daemon.limits import Status
 from daemon.settings import Settings
 from daemon.store.state import KeyRecord, State, now
 from daemon.xray.drift import DriftProblem, drift_report
 from daemon.xray.links import vless_link
-from daemon.xray.migration import MigrationMove, MigrationPlan, plan_migration
+from daemon.xray.migration import MigrationMove, MigrationPlan, plan_migration, replaced_parts
 from daemon.xray.model import (
     Reality,
     XrayError,
@@ -158,6 +161,7 @@ class XraySide:
             flow=key.flow,
             extra_short_ids=tuple(key.extra_short_ids),
             template="" if inbound is None else json.dumps(inbound, ensure_ascii=False),
+            source_tag=_source_tag(inbound),
         )
 
     def served(self, state: State, changed: Collection[str] | None = None) -> list[XrayKey]:
@@ -206,6 +210,15 @@ class XraySide:
             kept = (*fields[:-1], list(key.extra_short_ids))
             hit = self._xray_keys[key.id] = (kept, self.xray_key(key))
         return hit[1]
+
+    async def operator_ports(self, port_range: PortRange) -> set[int]:
+        """The ports of `port_range` the operator's inbounds hold (ranges and lists too, in the
+        confdir's files as well), which no key may take. Unreadable config: none (the write
+        that follows says what is wrong)."""
+        try:
+            return await anyio.to_thread.run_sync(self.live.operator_ports, port_range)
+        except XrayError:
+            return set()
 
     def link(self, state: State, key: KeyRecord) -> str:
         return vless_link(self.xray_key(key), self.options, self.server_reality(state))
@@ -324,9 +337,34 @@ class XraySide:
         except (OSError, ValueError) as exc:  # e.g. a name too long for the file system
             raise Invalid(f"{path}: {getattr(exc, 'strerror', None) or exc}") from None
 
-    def plan(self, source: ConfigText, state: State, busy: set[int]) -> MigrationPlan:
-        """The migration of `source` onto the live config; says which files lose comments."""
-        return plan_migration(
+    async def replacement(self, source: ConfigText, replace: bool) -> list[str]:
+        """What the live config loses when the migration of `source`, another file, replaces
+        it (none when `source` is the live config, or there is none yet); Invalid when it is
+        another file and `replace` was not asked for."""
+        live = self.files.path
+        if _same_file(Path(source.where), live):
+            return []
+        try:
+            previous = await anyio.to_thread.run_sync(self.files.read_bytes)
+            if previous is None:
+                return []
+            config = self.files.parse(previous)
+        except XrayError as exc:
+            raise Invalid(str(exc)) from None
+        if not replace:
+            raise Invalid(
+                f"{source.where} is not the live Xray config {live}: migrating it replaces that "
+                "config entirely, with its own inbounds and routing; pass --replace (API: "
+                '"replace": true) to do so, and --dry-run first to see what goes'
+            )
+        return replaced_parts(config, source.config, str(live))
+
+    def plan(
+        self, source: ConfigText, state: State, busy: set[int], replaces: Collection[str] = ()
+    ) -> MigrationPlan:
+        """The migration of `source` onto the live config; says which files lose comments and
+        (`replaces`) what the live config loses when `source` is another file."""
+        plan = plan_migration(
             source.config,
             self.settings.port_range,
             busy | {k.port for k in state.keys.values()},
@@ -335,6 +373,7 @@ class XraySide:
             taken_names=[k.name for k in state.keys.values()],
             commented=self._commented(source),
         )
+        return dataclasses.replace(plan, replaces=tuple(replaces))
 
     def _commented(self, source: ConfigText) -> list[str]:
         """The files with comments a migration of `source` rewrites or replaces: the live one."""
@@ -445,6 +484,20 @@ class XraySide:
         problems = drift_report(config, keys, self.options, self.settings.port_range, reality)
         self._last_drift = (seen, keys, problems)  # the keys kept: no id is reused meanwhile
         return problems
+
+
+def _same_file(path: Path, other: Path) -> bool:
+    """Whether two names are one file (the live config under another name counts as itself)."""
+    try:
+        return os.path.samefile(path, other)
+    except OSError:
+        return False
+
+
+def _source_tag(inbound: dict[str, Any] | None) -> str:
+    """The tag of the shared inbound a migrated key's inbound was copied from ("" if none)."""
+    tag = None if inbound is None else inbound.get("tag")
+    return tag if isinstance(tag, str) else ""
 
 
 def _confdir_status(confdir: ConfDir, keys: Collection[XrayKey]) -> dict[str, Any]:

@@ -3,6 +3,7 @@ and shared. No module here touches a file, a socket or a process; `daemon.xray_s
 
 Modules, each importing only those above it: `model` (errors, options, keys, which inbounds are
 portmeter's), `text` (Xray's JSON-with-comments reader), `reality` (X25519 keys, short ids),
-`render` (inbounds, the api section, whole configs), `links` (vless:// links, subscriptions),
-`drift` (checks and the drift report), `migration` (plan and apply a migration).
+`vlessenc` (the client half of VLESS Encryption), `render` (inbounds, the api section, routing
+rules that follow keys, whole configs), `links` (vless:// links, subscriptions), `drift` (checks
+as Xray's loader makes them, and the drift report), `migration` (plan and apply a migration).
 """

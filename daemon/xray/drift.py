@@ -9,6 +9,7 @@ fixed here. `check_config` guards every write, `drift_report` answers the drift 
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -16,7 +17,6 @@ from typing import Any, Literal
 
 from daemon.allocator import PortRange
 from daemon.xray.model import (
-    SHORT_ID,
     Reality,
     XrayConfigError,
     XrayKey,
@@ -25,11 +25,16 @@ from daemon.xray.model import (
     inbound_port,
     inbounds_of,
     is_portmeter_inbound,
+    port_spans,
     portmeter_inbounds,
+    ports_among,
     reality_settings,
     tag_uuid,
+    unix_listen,
 )
 from daemon.xray.reality import decode_key
+
+HEX_ID = re.compile(r"(?:[0-9a-fA-F]{2})*\Z")  # a short id: hex, either case, even length
 from daemon.xray.render import api_problems, render_inbound
 
 
@@ -105,9 +110,9 @@ def drift_report(
     wanted = {key.uuid for key in keys}
     key_ports = {key.port for key in keys}
     for inbound in inbounds:
-        port = inbound_port(inbound)
         if is_portmeter_inbound(inbound):
             if tag_uuid(inbound["tag"]) not in wanted:
+                port = inbound_port(inbound)
                 found.append(
                     DriftProblem(
                         "stale",
@@ -115,15 +120,17 @@ def drift_report(
                         port=port,
                     )
                 )
-        elif port_range is not None and port in port_range and port not in key_ports:
-            found.append(
-                DriftProblem(
-                    "foreign",
-                    f"inbound {_describe(inbound)} on port {port} is not portmeter's "
-                    f"but uses a port of its range {port_range}",
-                    port=port,
+        elif port_range is not None:
+            held = ports_among(port_spans(inbound), port_range.first, port_range.last)
+            for port in sorted(held - key_ports):
+                found.append(
+                    DriftProblem(
+                        "foreign",
+                        f"inbound {_describe(inbound)} on port {port} is not portmeter's "
+                        f"but uses a port of its range {port_range}",
+                        port=port,
+                    )
                 )
-            )
     found += [DriftProblem("duplicate", p) for p in _duplicate_problems(inbounds)]
     if opts.apply == "api":
         found += [DriftProblem("api", p) for p in api_problems(config, opts)]
@@ -142,36 +149,118 @@ def drift(
 
 
 def security_problems(inbound: Mapping[str, Any], opts: XrayOptions) -> list[str]:
-    """Why the inbound's security is not what the options ask for, or its REALITY incomplete."""
+    """Why the inbound's security is not what the options ask for, or Xray would refuse its
+    REALITY settings."""
     stream = inbound.get("streamSettings")
-    security = stream.get("security", "none") if isinstance(stream, Mapping) else "none"
+    found = stream.get("security", "none") if isinstance(stream, Mapping) else "none"
+    security = found.lower() if isinstance(found, str) else found  # Xray reads any case
     if opts.security == "reality" and security != "reality":
-        return [f"security is {security!r}, REALITY is configured"]
+        return [f"security is {found!r}, REALITY is configured"]
     if security != "reality":
         return []
     return reality_problems(reality_settings(inbound))
 
 
 def reality_problems(settings: Mapping[str, Any]) -> list[str]:
-    """What Xray needs of a REALITY server and `settings` lacks (`target` is `dest`'s new name)."""
+    """What Xray's REALITY config builder refuses in a server's realitySettings, in its words
+    (REALITYConfig.Build, infra/conf/transport_security.go); empty when it accepts them.
+
+    It accepts what looks odd: `""` among serverNames (a ClientHello without SNI), short ids in
+    upper case (hex) and `""` among them, `target` for `dest`, a port number as the dest. A
+    settings object without dest or target is read as a client's, and refused."""
     if not settings:
-        return ["REALITY fields missing (no realitySettings)"]
+        return ['empty "realitySettings"']
     found = []
-    if not (settings.get("dest") or settings.get("target")):
-        found.append("REALITY field dest (or target) missing")
-    names = settings.get("serverNames")
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
-        found.append("REALITY field serverNames missing or empty")
-    try:
-        decode_key(settings.get("privateKey"))  # type: ignore[arg-type]
-    except ValueError:
-        found.append("REALITY field privateKey missing or not a 32-byte base64url key")
-    short_ids = settings.get("shortIds")
-    if not isinstance(short_ids, list) or not short_ids:
-        found.append("REALITY field shortIds missing or empty")
-    elif not all(isinstance(s, str) and SHORT_ID.match(s) for s in short_ids):
-        found.append("REALITY shortIds must be even-length hex of at most 16 digits")
+    target = settings.get("target")
+    target = settings.get("dest") if target is None else target
+    if target is None:
+        found.append('no "dest" (or "target"): Xray reads these settings as a client\'s')
+    elif not _target_valid(target, settings.get("type")):
+        found.append('please fill in a valid value for "target"')
+    xver = settings.get("xver", 0)
+    if isinstance(xver, bool) or xver not in (0, 1, 2):
+        found.append('invalid PROXY protocol version, "xver" only accepts 0, 1, 2')
+    found += _names_problems(settings.get("serverNames"))
+    private = settings.get("privateKey")
+    if not private:
+        found.append('empty "privateKey"')
+    elif not _raw_key(private):
+        found.append(f'invalid "privateKey": {private}')
+    for name in ("minClientVer", "maxClientVer"):
+        version = settings.get(name)
+        if version and not _version_valid(version):
+            found.append(f'invalid "{name}": {version}')
+    found += _short_id_problems(settings.get("shortIds"))
+    seed = settings.get("mldsa65Seed")
+    if seed and seed == private:
+        found.append(f'"mldsa65Seed" and "privateKey" can not be the same value: {seed}')
+    elif seed and not _raw_key(seed):
+        found.append(f'invalid "mldsa65Seed": {seed}')
     return found
+
+
+def _target_valid(target: object, kind: object) -> bool:
+    """A REALITY dest as Xray takes it: a port number, or a string that is a unix socket
+    ("/…", "@…"), a port, or host:port (Go's net.SplitHostPort); anything with a `type`."""
+    if kind:
+        return True
+    if isinstance(target, int) and not isinstance(target, bool):
+        return True
+    if not isinstance(target, str) or not target:
+        return False
+    if target.startswith(("/", "@")) or target.isdigit():
+        return True
+    host, colon, port = target.rpartition(":")
+    if not colon or "[" in port or "]" in port:
+        return False
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif "[" in host or "]" in host:
+        return False
+    return ":" not in host or target.startswith("[")
+
+
+def _names_problems(names: object) -> list[str]:
+    if not names:
+        return ['empty "serverNames"']
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        return ['"serverNames" must be a list of strings']
+    return []
+
+
+def _short_id_problems(short_ids: object) -> list[str]:
+    if not short_ids:
+        return ['empty "shortIds"']
+    if not isinstance(short_ids, list) or not all(isinstance(s, str) for s in short_ids):
+        return ['"shortIds" must be a list of strings']
+    found = []
+    for at, short_id in enumerate(short_ids):
+        if len(short_id) > 16:
+            found.append(f'too long "shortIds[{at}]": {short_id}')
+        elif not HEX_ID.match(short_id):
+            found.append(f'invalid "shortIds[{at}]": {short_id}')
+    return found
+
+
+def _raw_key(text: object) -> bool:
+    """32 bytes in base64url without padding, as Xray decodes REALITY's keys."""
+    return isinstance(text, str) and "=" not in text and _decodes(text)
+
+
+def _decodes(text: str) -> bool:
+    try:
+        decode_key(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _version_valid(version: object) -> bool:
+    """ "a.b.c" with each part below 256 (fewer parts are fine), as Xray reads a client version."""
+    if not isinstance(version, str):
+        return False
+    parts = version.split(".")
+    return len(parts) <= 3 and all(p.isdigit() and int(p) < 256 for p in parts)
 
 
 def listens_overlap(listen: str, other: str) -> bool:
@@ -188,7 +277,7 @@ def _key_drift(
 ) -> list[DriftProblem]:
     who = f"key {key.id} ({key.name}, port {key.port})"
     if inbound is None:
-        other = next((i for i in inbounds if inbound_port(i) == key.port), None)
+        other = next((i for i in inbounds if _holds(i, key.port)), None)
         if other is None:
             return [DriftProblem("missing", f"{who}: no inbound in the config", key.id, key.port)]
         if is_portmeter_inbound(other):
@@ -252,19 +341,40 @@ def _differences(wanted: object, present: object, path: str = "") -> list[str]:
 
 
 def _duplicate_problems(inbounds: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Tags used twice, and ports two inbounds listen on (on overlapping addresses), ranges and
+    lists of ports included: Xray would split a port's connections between its listeners."""
     found = []
     tags = Counter(i.get("tag") for i in inbounds if i.get("tag"))
     found += [f"tag {tag!r} is used by {n} inbounds" for tag, n in sorted(tags.items()) if n > 1]
-    seen: dict[int, list[str]] = {}
+    seen: dict[int, list[str]] = {}  # single ports: every key's, most of the operator's
+    wide: list[tuple[int, int, str]] = []  # spans of more than one port
     for inbound in inbounds:
-        port = inbound_port(inbound)
-        if port is None:
-            continue
+        if unix_listen(inbound) is not None:
+            continue  # a unix socket: its port is not listened on
         listen = str(inbound.get("listen") or "")
-        if any(listens_overlap(listen, other) for other in seen.get(port, [])):
-            found.append(f"port {port} is used by more than one inbound")
-        seen.setdefault(port, []).append(listen)
+        for first, last in port_spans(inbound):
+            clashes = [
+                max(first, a)
+                for a, b, other in wide
+                if a <= last and first <= b and listens_overlap(listen, other)
+            ]
+            if first == last:
+                clashes += [first] * any(listens_overlap(listen, o) for o in seen.get(first, ()))
+                seen.setdefault(first, []).append(listen)
+            else:
+                clashes += [
+                    port
+                    for port, listens in seen.items()
+                    if first <= port <= last and any(listens_overlap(listen, o) for o in listens)
+                ]
+                wide.append((first, last, listen))
+            found += [f"port {port} is used by more than one inbound" for port in sorted(clashes)]
     return sorted(set(found), key=found.index)
+
+
+def _holds(inbound: Mapping[str, Any], port: int) -> bool:
+    """Whether the inbound listens on `port` (one of its ports, ranges and lists included)."""
+    return unix_listen(inbound) is None and any(a <= port <= b for a, b in port_spans(inbound))
 
 
 def _wildcard(listen: str) -> bool:

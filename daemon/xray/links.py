@@ -25,6 +25,7 @@ from daemon.xray.model import (
 )
 from daemon.xray.reality import reality_from_private
 from daemon.xray.render import client_flow, reality_for, render_inbound
+from daemon.xray.vlessenc import client_encryption
 
 
 def vless_link(key: XrayKey, opts: XrayOptions, reality: Reality | None = None) -> str:
@@ -32,23 +33,29 @@ def vless_link(key: XrayKey, opts: XrayOptions, reality: Reality | None = None) 
 
     It describes the key's inbound as those clients read a link: the transport (`type` with
     its fields), REALITY (`pbk`, `sid` from the inbound's shortIds, `sni` from its serverNames,
-    `fp`, `spx` when set) and `flow` only where the inbound's client has one.
+    `fp`, `spx` when set), `encryption` (the client half of the inbound's VLESS decryption)
+    and `flow` only where the inbound's client has one.
     """
     if not opts.public_host:
         raise XrayConfigError("the public host is not set (PORTMETER_PUBLIC_HOST); links need it")
     if problem := host_problem(opts.public_host):
         raise XrayConfigError(f"the public host: {problem}")
+    encryption = "none"
     if key.template:
         inbound = render_inbound(key, opts, reality)
         stream = mapping(inbound.get("streamSettings"))
         client, settings = clients(inbound)[0], mapping(inbound.get("settings"))
         client_id, flow = str(client["id"]), str(client.get("flow") or settings.get("flow") or "")
+        try:
+            encryption = client_encryption(settings.get("decryption"))
+        except ValueError as exc:
+            raise XrayConfigError(f"key {key.id}: {exc}") from None
     else:
         reality_settings = {"serverNames": list(opts.server_names), "shortIds": key.short_ids}
         stream = {"security": opts.security, "realitySettings": reality_settings}
         client_id, flow = key.uuid, client_flow(key, opts)
-    security = str(stream.get("security") or "none")
-    params = {**_transport_params(stream), "encryption": "none", "security": security}
+    security = str(stream.get("security") or "none").lower()  # Xray reads any case
+    params = {**_transport_params(stream), "encryption": encryption, "security": security}
     if security == "reality":
         params.update(_reality_params(key, mapping(stream.get("realitySettings")), opts, reality))
     if flow:
@@ -76,7 +83,7 @@ def url_host(host: str) -> str:
 
 def _transport_params(stream: Mapping[str, Any]) -> dict[str, str]:
     """`type` and the fields of the inbound's transport, named as share links name them."""
-    network = str(stream.get("network") or "tcp")
+    network = str(stream.get("network") or "tcp").lower()
     if network in ("tcp", "raw"):
         header = mapping(_transport(stream, "rawSettings", "tcpSettings").get("header"))
         params = {"type": "tcp", "headerType": str(header.get("type") or "none")}
@@ -134,10 +141,11 @@ def _reality_params(
         pair = reality_from_private(str(private))
     pair = pair or reality_for(key, None)  # raises: neither the key nor the server has a pair
     client_side = {**mapping(settings.get("settings")), **settings}
-    names = [str(n) for n in settings.get("serverNames") or []]
+    # The first name a client can send: "" stands for a ClientHello without SNI.
+    names = [str(n) for n in settings.get("serverNames") or [] if n]
     short_ids = [str(s) for s in settings.get("shortIds") or []]
     # The key's own short id where the inbound takes it, else the inbound's first non-empty one.
-    if key.short_id and (key.short_id in short_ids or not short_ids):
+    if key.short_id and (key.short_id in map(str.lower, short_ids) or not short_ids):
         sid = key.short_id
     else:
         sid = next((s for s in short_ids if s), "")

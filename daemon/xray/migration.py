@@ -10,9 +10,10 @@ out, and running the result through `plan_migration` again gives an empty plan.
 from __future__ import annotations
 
 import copy
+import ipaddress
 import json
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from daemon import names as names_rule
@@ -28,16 +29,24 @@ from daemon.xray.model import (
     clients,
     inbound_port,
     inbounds_of,
-    is_client_of,
     is_portmeter_inbound,
     mapping,
     parse_keys,
+    port_spans,
     portmeter_inbounds,
+    ports_among,
     reality_settings,
+    routing_rules,
+    rule_inbound_tags,
     tag_uuid,
+    unix_listen,
     xray_uuid,
 )
 from daemon.xray.reality import reality_from_private
+from daemon.xray.vlessenc import client_encryption
+
+# The transports Xray serves REALITY on (Xray's names, lowercased as it reads them).
+REALITY_NETWORKS = ("tcp", "raw", "xhttp", "splithttp", "grpc")
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +85,7 @@ class MigrationMove:
             flow=self.flow,
             extra_short_ids=extra,
             template="" if self.inbound is None else json.dumps(self.inbound, ensure_ascii=False),
+            source_tag=self.source_tag if isinstance(self.source_tag, str) else "",
         )
 
 
@@ -95,6 +105,10 @@ class MigrationPlan:
     skipped: tuple[str, ...] = ()
     # What an operator should know: renamed keys, comments a rewrite drops.
     notes: tuple[str, ...] = ()
+    # Routing rules that name a shared inbound and will name its clients' keys too.
+    routes: tuple[str, ...] = ()
+    # What the live config loses when another file replaces it (`migrate --replace`).
+    replaces: tuple[str, ...] = ()
 
     @property
     def is_empty(self) -> bool:
@@ -104,7 +118,9 @@ class MigrationPlan:
         """The plan as an operator reads it (`portmeter migrate --dry-run`)."""
         out = []
         if self.is_empty and not self.unplaced:
-            out.append("nothing to migrate: every VLESS+REALITY client already has its own inbound")
+            out.append(
+                "nothing to migrate: no VLESS+REALITY inbound portmeter can split has a client left"
+            )
         out += [
             f"move {m.client_id or m.uuid} ({m.name}) from "
             f"{m.source_tag or f'inbound #{m.source_index}'} port {m.source_port} to port {m.port}"
@@ -117,6 +133,8 @@ class MigrationPlan:
         out += [f"remove inbound #{index}: all its clients moved" for index in self.emptied]
         out += [f"cannot move {uuid}: no free port left in the range" for uuid in self.unplaced]
         out += list(self.skipped)
+        out += list(self.routes)
+        out += list(self.replaces)
         out += [f"note: {n}" for n in self.notes]
         out += [f"warning: {w}" for w in self.warnings]
         return out
@@ -137,109 +155,218 @@ def plan_migration(
 
     Shared inbounds are VLESS inbounds that are not portmeter's, whose security is the one
     portmeter's keys use (REALITY; "none" in test setups), or with `tags` only those. Every
-    other inbound is listed as skipped and left exactly as it is. A client keeps its id, flow,
-    level and email, and its key's inbound everything of the shared one but port, tag and the
-    other clients. A client whose uuid already has a portmeter inbound or is in `known_uuids`
-    is not moved but dropped from the shared inbound; one this run moves from another inbound
-    stays where it is, so its connection there keeps working (a key serves one inbound). Ports
-    come from `port_range`, lowest first, skipping `taken_ports` and every port an inbound of
-    the config uses. `commented`: the files with comments that carrying out the plan rewrites.
-    Running the plan's result through `plan_migration` again gives an empty plan.
+    other inbound is listed as skipped and left exactly as it is, and so are shared inbounds a
+    port per key cannot serve: on a unix socket, or behind a front proxy. A client keeps its id
+    (as written), flow, level and email, and its key's inbound everything of the shared one but
+    port, tag and the other clients; a uuid listed twice keeps the entry Xray serves, the last.
+    A client whose uuid already has a portmeter inbound or is in `known_uuids` is not moved but
+    dropped from the shared inbound; one this run moves from another inbound stays where it is,
+    so its connection there keeps working (a key serves one inbound). Ports come from
+    `port_range`, lowest first, skipping `taken_ports` and every port an inbound of the config
+    listens on (ranges and lists too). Routing rules that name a shared inbound name its keys
+    too (`routes`). `commented`: the files with comments that carrying out the plan rewrites.
+    Linear in the clients. Running the plan's result through `plan_migration` again gives an
+    empty plan.
     """
     inbounds = inbounds_of(config)
-    have = {xray_uuid(u) or u for u in known_uuids} | set(parse_keys(config))
-    used = set(taken_ports) | {
-        p for i in inbounds if isinstance(i, Mapping) if (p := inbound_port(i))
-    }
-    names = {fold(name) for name in taken_names}
-    moving: dict[str, int] = {}  # uuid -> the inbound it is moved from in this run
-    # uuid -> its key's inbound: a key migrated earlier from another inbound of the same user
-    ours = {tag_uuid(i.get("tag")): i for i in portmeter_inbounds(config)}
-    moves: list[MigrationMove] = []
-    dropped: list[tuple[int, str]] = []
-    emptied: list[int] = []
-    unplaced: list[str] = []
-    warnings: list[str] = []
-    skipped: list[str] = []
-    notes: list[str] = []
+    found = _Found(
+        have={xray_uuid(u) or u for u in known_uuids} | set(parse_keys(config)),
+        used=set(taken_ports) | _listened(inbounds, port_range),
+        names={fold(name) for name in taken_names},
+        ours={tag_uuid(i.get("tag")): i for i in portmeter_inbounds(config)},
+        floor=port_range.first,
+    )
     security = "reality" if opts is None else opts.security
     api = config.get("api")
     api_tag = api.get("tag") if isinstance(api, Mapping) else None
     for index, inbound in enumerate(inbounds):
         reason = _not_shared(inbound, security, tags, api_tag)
-        if reason is not None:
-            if reason:
-                skipped.append(f"skip inbound {_where(inbound, index)}: {reason}; left as it is")
-            continue
-        pair, short_ids = _source_reality(inbound)
-        leaving = 0
-        found = clients(inbound)
-        for client in found:
-            client_id = client.get("id")
-            uuid = xray_uuid(client_id)
-            if uuid is None:
-                warnings.append(
-                    f"inbound #{index}: client id {client_id!r} is neither a uuid nor a string "
-                    "of 1-30 bytes; left in place"
-                )
-                continue
-            earlier = moving.get(uuid, index)
-            if earlier != index or _served_elsewhere(ours.get(uuid), inbound):
-                source = "another inbound" if earlier == index else f"inbound #{earlier}"
-                skipped.append(
-                    f"skip client {client_id} of inbound {_where(inbound, index)}: uuid {uuid} "
-                    f"is already migrated from {source}; a key serves one inbound: left as it was"
-                )
-                continue
-            if uuid in have or uuid in moving:
-                dropped.append((index, uuid))
-                leaving += 1
-                continue
-            port = lowest_free(port_range, used, set())
-            if port is None:
-                unplaced.append(uuid)
-                continue
-            used.add(port)
-            moving[uuid] = index
-            own_id = str(client_id) if is_client_of(client_id, uuid) else uuid
-            email = str(client.get("email") or "")
-            name, note = _key_name(email, own_id, uuid, names)
-            if note:
-                notes.append(f"client {own_id} of inbound {_where(inbound, index)}: {note}")
-            moves.append(
-                MigrationMove(
-                    uuid,
-                    name,
-                    email,
-                    str(client.get("flow") or ""),
-                    index,
-                    inbound.get("tag"),
-                    inbound_port(inbound),
-                    port,
-                    short_ids,
-                    pair,
-                    own_id,
-                    _template(inbound, {**client, "id": own_id}),
-                )
-            )
-            leaving += 1
-        if found and leaving == len(found):
-            emptied.append(index)
-    if moves or dropped or emptied:
-        notes += [
+        if reason is None:
+            _plan_inbound(found, index, inbound, port_range)
+        elif reason:
+            found.skipped.append(f"skip inbound {_where(inbound, index)}: {reason}; left as it is")
+    if found.moves or found.dropped or found.emptied:
+        found.notes += [
             f"{path} has comments: the rewritten config will not keep them (the original stays "
             "in the pre-migration copy: `portmeter migrate --rollback` restores it byte for byte)"
             for path in commented
         ]
     return MigrationPlan(
-        tuple(moves),
-        tuple(dropped),
-        tuple(emptied),
-        tuple(unplaced),
-        tuple(warnings),
-        tuple(skipped),
-        tuple(notes),
+        tuple(found.moves),
+        tuple(found.dropped),
+        tuple(found.emptied),
+        tuple(found.unplaced),
+        tuple(found.warnings),
+        tuple(found.skipped),
+        tuple(found.notes),
+        tuple(_route_lines(config, found.moves)),
     )
+
+
+@dataclass(slots=True)
+class _Found:
+    """What planning has found so far, inbound after inbound."""
+
+    have: set[str]  # uuids with a key already
+    used: set[int]  # ports taken
+    names: set[str]  # folded names taken
+    ours: dict[str | None, Mapping[str, Any]]  # uuid -> its key's inbound in the config
+    floor: int  # the lowest port that may still be free
+    moving: dict[str, int] = field(default_factory=dict)  # uuid -> inbound moved from
+    moves: list[MigrationMove] = field(default_factory=list)
+    dropped: list[tuple[int, str]] = field(default_factory=list)
+    emptied: list[int] = field(default_factory=list)
+    unplaced: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _plan_inbound(
+    found: _Found, index: int, inbound: Mapping[str, Any], port_range: PortRange
+) -> None:
+    """Plan the clients of one shared inbound: each moved, dropped, skipped or unplaced."""
+    pair, short_ids = _source_reality(inbound)
+    shell = _shell(inbound)
+    listed = clients(inbound)
+    last = {xray_uuid(c.get("id")): at for at, c in enumerate(listed)}
+    shadowed: dict[str, int] = {}  # uuid -> entries before the one Xray serves
+    leaving = 0
+    for at, client in enumerate(listed):
+        client_id = client.get("id")
+        uuid = xray_uuid(client_id)
+        if uuid is None:
+            found.warnings.append(
+                f"inbound #{index}: client id {client_id!r} is neither a uuid nor a string "
+                "of 1-30 bytes; left in place"
+            )
+            continue
+        if last[uuid] != at:
+            shadowed[uuid] = shadowed.get(uuid, 0) + 1
+            continue
+        if shadowed.get(uuid):
+            found.notes.append(_served_entry(client, inbound, index, shadowed[uuid] + 1))
+        earlier = found.moving.get(uuid, index)
+        if earlier != index or _served_elsewhere(found.ours.get(uuid), inbound):
+            source = "another inbound" if earlier == index else f"inbound #{earlier}"
+            found.skipped.append(
+                f"skip client {client_id} of inbound {_where(inbound, index)}: uuid {uuid} "
+                f"is already migrated from {source}; a key serves one inbound: left as it was"
+            )
+            continue
+        if uuid in found.have:
+            found.dropped.append((index, uuid))
+        elif not _move(found, index, inbound, client, uuid, port_range, (pair, short_ids, shell)):
+            continue
+        leaving += 1 + shadowed.get(uuid, 0)
+    if listed and leaving == len(listed):
+        found.emptied.append(index)
+
+
+def _move(
+    found: _Found,
+    index: int,
+    inbound: Mapping[str, Any],
+    client: Mapping[str, Any],
+    uuid: str,
+    port_range: PortRange,
+    source: tuple[Reality | None, tuple[str, ...], str],
+) -> bool:
+    """Give the client a port and its key; False when the range has no port left."""
+    # Every port below the last one given is used: the scan starts there (linear, not
+    # quadratic, in the clients).
+    port = lowest_free(PortRange(found.floor, port_range.last), found.used, set())
+    if port is None:
+        found.unplaced.append(uuid)
+        return False
+    pair, short_ids, shell = source
+    found.used.add(port)
+    found.floor = port
+    found.moving[uuid] = index
+    own_id = str(client["id"])  # as written: Xray reads it as `uuid` (model.is_client_of)
+    email = str(client.get("email") or "")
+    name, note = _key_name(email, own_id, uuid, found.names)
+    if note:
+        found.notes.append(f"client {own_id} of inbound {_where(inbound, index)}: {note}")
+    template: Config = json.loads(shell)
+    template["settings"]["clients"] = [copy.deepcopy(dict(client))]
+    found.moves.append(
+        MigrationMove(
+            uuid,
+            name,
+            email,
+            str(client.get("flow") or ""),
+            index,
+            inbound.get("tag"),
+            inbound_port(inbound),
+            port,
+            short_ids,
+            pair,
+            own_id,
+            template,
+        )
+    )
+    return True
+
+
+def _served_entry(client: Mapping[str, Any], inbound: Mapping[str, Any], index: int, n: int) -> str:
+    """The note for a uuid listed `n` times in one inbound: Xray keeps the last entry."""
+    return (
+        f"client {client.get('id')} is listed {n} times in inbound {_where(inbound, index)}: "
+        f"Xray serves the last entry (email {client.get('email') or ''!r}, flow "
+        f"{client.get('flow') or ''!r}), and its key keeps that one"
+    )
+
+
+def _listened(inbounds: Sequence[object], port_range: PortRange) -> set[int]:
+    """The ports of the range any inbound listens on (a port, a range or a list of them)."""
+    spans = (
+        span
+        for inbound in inbounds
+        if isinstance(inbound, Mapping) and unix_listen(inbound) is None
+        for span in port_spans(inbound)
+    )
+    return ports_among(spans, port_range.first, port_range.last)
+
+
+def _route_lines(config: Mapping[str, Any], moves: Sequence[MigrationMove]) -> list[str]:
+    """One line per routing rule that names a shared inbound: it will name the keys too."""
+    moved: dict[str, int] = {}
+    for move in moves:
+        if isinstance(move.source_tag, str):
+            moved[move.source_tag] = moved.get(move.source_tag, 0) + 1
+    lines = []
+    for at, rule in enumerate(routing_rules(config)):
+        named = [tag for tag in rule_inbound_tags(rule) if tag in moved]
+        if named:
+            keys = sum(moved[tag] for tag in named)
+            sources = ", ".join(map(repr, named))
+            target = rule.get("outboundTag") or rule.get("balancerTag")
+            lines.append(
+                f"routing rule #{at} (inboundTag {sources} -> {target!r}) will also name the "
+                f"inbounds of the {keys} keys moved from there"
+            )
+    return lines
+
+
+def replaced_parts(live: Mapping[str, Any], source: Mapping[str, Any], where: str) -> list[str]:
+    """What the live config (at `where`) loses when the migration of another file `source`
+    replaces it: its own inbounds the source lacks (key inbounds excepted: they are rendered
+    again from the keys) and every section the source has otherwise or not at all."""
+    others = [i for i in inbounds_of(source) if isinstance(i, Mapping)]
+    lost = [
+        f"replace {where}: its inbound {_where(inbound, index)} goes"
+        for index, inbound in enumerate(inbounds_of(live))
+        if not is_portmeter_inbound(inbound) and inbound not in others
+    ]
+    for name, value in live.items():
+        if name == "inbounds":
+            continue
+        if name not in source:
+            lost.append(f"replace {where}: its section {name!r} goes (the source has none)")
+        elif source[name] != value:
+            lost.append(f"replace {where}: its section {name!r} goes for the source's")
+    return lost
 
 
 def apply_migration(config: Mapping[str, Any], plan: MigrationPlan) -> Config:
@@ -278,18 +405,35 @@ def _not_shared(
     if is_portmeter_inbound(inbound) or (tags is not None and inbound.get("tag") not in tags):
         return ""
     protocol = inbound.get("protocol")
-    if protocol != "vless":
+    if not isinstance(protocol, str) or protocol.lower() != "vless":  # Xray reads any case
         if api_tag is not None and inbound.get("tag") == api_tag:
             return "Xray's API inbound"
         return f"protocol {protocol!r}; only VLESS clients get keys"
     stream = mapping(inbound.get("streamSettings"))
     found = str(stream.get("security") or "none")
-    if found != security:
-        certificates = " with certificates" if found == "tls" else ""
+    if found.lower() != security:
+        certificates = " with certificates" if found.lower() == "tls" else ""
         wanted = "REALITY" if security == "reality" else f"security {security!r}"
         return f"VLESS with security {found!r}{certificates}; portmeter's keys use {wanted}"
-    if security == "reality" and (problems := reality_problems(reality_settings(inbound))):
-        return f"its REALITY settings are incomplete ({problems[0]})"
+    if security == "reality" and (refused := _reality_refused(stream)):
+        return f"Xray refuses its REALITY settings ({refused})"
+    settings = mapping(inbound.get("settings"))
+    try:
+        client_encryption(settings.get("decryption"))
+    except ValueError as exc:
+        return f"Xray refuses its VLESS settings ({exc})"
+    if settings.get("decryption") != "none" and settings.get("fallbacks"):
+        return (
+            'Xray refuses its VLESS settings (VLESS settings: "fallbacks" can not be used '
+            'together with "decryption")'
+        )
+    if (socket := unix_listen(inbound)) is not None:
+        return (
+            f"it listens on the unix socket {socket!r}, not on a port (a front proxy connects "
+            "there); keys need ports of their own"
+        )
+    if (front := _behind_front(inbound)) is not None:
+        return front
     if not clients(inbound):
         return "no clients"
     return None
@@ -336,15 +480,66 @@ def _source_reality(inbound: Mapping[str, Any]) -> tuple[Reality | None, tuple[s
         pair = reality_from_private(settings.get("privateKey"))  # type: ignore[arg-type]
     except ValueError:
         return None, ()
-    short_ids = tuple(s for s in settings.get("shortIds") or [] if isinstance(s, str))
+    # Hex in either case is one short id to Xray; the key's own are written in lower case.
+    short_ids = tuple(s.lower() for s in settings.get("shortIds") or [] if isinstance(s, str))
     return pair, short_ids
 
 
-def _template(inbound: Mapping[str, Any], client: Mapping[str, Any]) -> Config:
-    """The inbound a moved client's key gets: the shared one with `client` as its only client."""
-    template: Config = copy.deepcopy(dict(inbound))
-    template["settings"] = {**template["settings"], "clients": [copy.deepcopy(dict(client))]}
-    return template
+def _reality_refused(stream: Mapping[str, Any]) -> str:
+    """Why Xray refuses REALITY on this stream, in its words ("" when it takes it): the
+    transport first, then the settings (drift.reality_problems)."""
+    network = str(stream.get("network") or "tcp").lower()
+    if network not in REALITY_NETWORKS:
+        return "REALITY only supports RAW, XHTTP and gRPC for now."
+    problems = reality_problems(mapping(stream.get("realitySettings")))
+    return "; ".join(problems)
+
+
+def _behind_front(inbound: Mapping[str, Any]) -> str | None:
+    """Why the inbound is behind a front proxy (None: it is not). One that listens on a
+    loopback address only, or takes the PROXY protocol, is reached through something that
+    forwards to its port; keys on ports of their own would cut every client off."""
+    listen = inbound.get("listen")
+    local = isinstance(listen, str) and _loopback(listen)
+    proxied = _accepts_proxy_protocol(mapping(inbound.get("streamSettings")))
+    if not (local or proxied):
+        return None
+    port = inbound.get("port")
+    if local and proxied:
+        where = f"it listens on {listen} port {port} only and accepts the PROXY protocol"
+    elif local:
+        where = f"it listens on {listen} port {port} only"
+    else:
+        where = f"it accepts the PROXY protocol on port {port}"
+    return (
+        f"{where}: a front proxy (nginx, HAProxy) forwards its clients to that port and would "
+        "not reach keys on ports of their own"
+    )
+
+
+def _loopback(listen: str) -> bool:
+    if listen.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(listen.removeprefix("[").removesuffix("]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _accepts_proxy_protocol(stream: Mapping[str, Any]) -> bool:
+    """`acceptProxyProtocol` set in sockopt or in the transport's settings (Xray reads both)."""
+    return any(
+        mapping(value).get("acceptProxyProtocol") is True
+        for name, value in stream.items()
+        if name == "sockopt" or name.endswith("Settings")
+    )
+
+
+def _shell(inbound: Mapping[str, Any]) -> str:
+    """The shared inbound without its clients, as JSON: each moved client's template is this
+    with the client put in, so making them costs the clients once, not once per client."""
+    settings = {k: [] if k == "clients" else v for k, v in mapping(inbound.get("settings")).items()}
+    return json.dumps({**inbound, "settings": settings}, ensure_ascii=False)
 
 
 def _unique_name(wanted: str, taken: set[str]) -> str:

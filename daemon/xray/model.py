@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +26,7 @@ Config = dict[str, Any]
 TAG_PREFIX = "inbound-"
 KEY_FILE_PREFIX = "pm-"  # key files in PORTMETER_XRAY_CONFDIR
 SHORT_ID = re.compile(r"^(?:[0-9a-f]{2}){0,8}\Z")  # \Z: no trailing newline
+PORT_SPAN = re.compile(r"(\d{1,5})(?:\s*-\s*(\d{1,5}))?\Z")
 HEX_GROUP = re.compile(rb"[0-9a-fA-F]+")
 
 
@@ -114,6 +115,9 @@ class XrayKey:
     flow: str | None = None
     extra_short_ids: tuple[str, ...] = ()
     template: str = ""
+    # The tag of the shared inbound a migrated key came from: routing rules naming it name the
+    # key's inbound too (render.route_keys).
+    source_tag: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "uuid", str(UUID(str(self.uuid))))
@@ -191,7 +195,10 @@ def tag_uuid(tag: object) -> str | None:
 
 def is_portmeter_inbound(inbound: object) -> bool:
     """The strict rule of the module docstring: vless, tag inbound-<uuid>, one client <uuid>."""
-    if not isinstance(inbound, Mapping) or inbound.get("protocol") != "vless":
+    if not isinstance(inbound, Mapping):
+        return False
+    protocol = inbound.get("protocol")
+    if not isinstance(protocol, str) or protocol.lower() != "vless":  # Xray reads any case
         return False
     uuid = tag_uuid(inbound.get("tag"))
     found = clients(inbound)
@@ -221,13 +228,10 @@ def xray_uuid(client_id: object) -> str | None:
 
 
 def is_client_of(client_id: object, uuid: str) -> bool:
-    """Whether a client id is the key's: its uuid, or a short string Xray maps to it (a migrated
-    client keeps the id it had; an id of UUID length must be the canonical form)."""
-    if client_id == uuid:
-        return True
-    if not isinstance(client_id, str) or len(client_id.encode()) > 30:
-        return False
-    return xray_uuid(client_id) == uuid
+    """Whether a client id is the key's: its uuid in any spelling Xray reads as that uuid
+    (upper case, without dashes), or a short string Xray maps to it. A migrated client keeps
+    the id as it was written (README "Xray")."""
+    return client_id == uuid or xray_uuid(client_id) == uuid
 
 
 def portmeter_inbounds(config: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -248,6 +252,61 @@ def inbound_port(inbound: Mapping[str, Any]) -> int | None:
         return port
     if isinstance(port, str) and port.strip().isdigit():
         return int(port)
+    return None
+
+
+def port_spans(inbound: Mapping[str, Any]) -> tuple[tuple[int, int], ...]:
+    """Every port an inbound listens on, as (first, last) spans, read as Xray's PortList reads
+    "port": a number, or a string of comma-separated numbers and ranges ("443", "20001-20005",
+    "20001,20002,30000-30010"). What Xray would refuse (and an env: reference) gives no span."""
+    port = inbound.get("port")
+    if isinstance(port, bool):
+        return ()
+    if isinstance(port, int):
+        return ((port, port),) if 1 <= port <= 65535 else ()
+    if not isinstance(port, str):
+        return ()
+    spans = []
+    for part in port.split(","):
+        span = PORT_SPAN.match(part.strip())
+        if span is None:
+            continue
+        first = int(span.group(1))
+        last = int(span.group(2) or first)
+        if 1 <= first <= last <= 65535:
+            spans.append((first, last))
+    return tuple(spans)
+
+
+def ports_among(spans: Iterable[tuple[int, int]], first: int, last: int) -> set[int]:
+    """The ports of `spans` from `first` to `last`: a range "1-65535" costs only the ports
+    asked about."""
+    return {p for a, b in spans for p in range(max(a, first), min(b, last) + 1)}
+
+
+def operator_ports(inbounds: Iterable[object], first: int, last: int) -> set[int]:
+    """The ports from `first` to `last` that the operator's inbounds (not portmeter's, not on
+    a unix socket) listen on: taken for keys, whatever the form of their "port"."""
+    return ports_among(
+        (
+            span
+            for inbound in inbounds
+            if isinstance(inbound, Mapping)
+            and not is_portmeter_inbound(inbound)
+            and unix_listen(inbound) is None
+            for span in port_spans(inbound)
+        ),
+        first,
+        last,
+    )
+
+
+def unix_listen(inbound: Mapping[str, Any]) -> str | None:
+    """The unix socket an inbound listens on ("/path", or "@name" and "@@name" for abstract
+    sockets, as Xray reads `listen`), else None."""
+    listen = inbound.get("listen")
+    if isinstance(listen, str) and listen.startswith(("/", "@")):
+        return listen
     return None
 
 
@@ -291,3 +350,18 @@ def split_host_port(address: str) -> tuple[str, int]:
     if not sep or not port.isdigit():
         raise XrayConfigError(f"address {address!r} must look like host:port")
     return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def routing_rules(config: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The config's routing rules that are objects (the list itself holds anything)."""
+    routing = config.get("routing")
+    rules = routing.get("rules") if isinstance(routing, Mapping) else None
+    return [r for r in rules if isinstance(r, Mapping)] if isinstance(rules, list) else []
+
+
+def rule_inbound_tags(rule: Mapping[str, Any]) -> list[str]:
+    """The inbound tags a routing rule names (Xray takes one string or a list of them)."""
+    tags = rule.get("inboundTag")
+    if isinstance(tags, str):
+        return [tags]
+    return [t for t in tags if isinstance(t, str)] if isinstance(tags, list) else []

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import json
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,8 +23,12 @@ from daemon.xray.model import (
     XrayOptions,
     inbounds_of,
     is_portmeter_inbound,
+    mapping,
     portmeter_inbounds,
+    routing_rules,
+    rule_inbound_tags,
     split_host_port,
+    tag_uuid,
 )
 
 
@@ -93,19 +97,55 @@ def render_config(
     """
     keys = sorted(keys, key=lambda k: k.port)
     check_keys_unique(keys)
-    return with_inbounds(base, [render_inbound(key, opts, reality) for key in keys], opts)
+    return with_inbounds(base, [render_inbound(key, opts, reality) for key in keys], opts, keys)
 
 
-def with_inbounds(base: Mapping[str, Any], ours: list[Config], opts: XrayOptions) -> Config:
-    """`base` with its portmeter inbounds replaced by `ours` (rendered, by port); see
-    render_config."""
+def with_inbounds(
+    base: Mapping[str, Any], ours: list[Config], opts: XrayOptions, keys: Sequence[XrayKey] = ()
+) -> Config:
+    """`base` with its portmeter inbounds replaced by `ours` (rendered from `keys`, by port)
+    and its routing rules following the keys (`route_keys`); see render_config."""
     config: Config = copy.deepcopy(dict(base))
     kept = [i for i in inbounds_of(config) if not is_portmeter_inbound(i)]
     if kept or ours or "inbounds" in config:
         config["inbounds"] = kept + ours
+    route_keys(config, keys, {t for i in kept if isinstance(t := mapping(i).get("tag"), str)})
     if opts.apply == "api":
         config = with_api(config, opts)
     return config
+
+
+def route_keys(config: Config, keys: Sequence[XrayKey], kept_tags: Collection[str]) -> None:
+    """In place: every routing rule that names the shared inbound a key was migrated from
+    names the key's inbound too, and a key inbound's tag leaves the rules with its key (the
+    operator's tags, `kept_tags` among them, always stay; a rule is never emptied). Rules that
+    need no change are not touched."""
+    rules = routing_rules(config)
+    if not rules:
+        return
+    by_source: dict[str, list[str]] = {}
+    for key in keys:
+        if key.source_tag:
+            by_source.setdefault(key.source_tag, []).append(key.tag)
+    present = {key.tag for key in keys}
+    for rule in rules:
+        named = rule_inbound_tags(rule)
+        if not named or not isinstance(rule, dict):
+            continue
+        kept = [t for t in named if tag_uuid(t) is None or t in present or t in kept_tags]
+        wanted = list(kept or named)
+        seen = set(wanted)
+        for source in (t for t in named if t in by_source):
+            wanted += [t for t in by_source[source] if t not in seen]
+            seen.update(by_source[source])
+        if wanted != named:
+            rule["inboundTag"] = wanted
+
+
+def routed_tags(config: Mapping[str, Any]) -> set[str]:
+    """Every inbound tag a routing rule names: a key whose tag or source is among them changes
+    the rules when it comes or goes."""
+    return {tag for rule in routing_rules(config) for tag in rule_inbound_tags(rule)}
 
 
 def check_keys_unique(keys: Sequence[XrayKey]) -> None:

@@ -59,3 +59,10 @@ async def ports_status(service: ServiceDep) -> dict[str, Any]:
         "nft_table": f"inet {service.nft_table()}",
         "timestamp": int(time.time()),
     }
+
+
+@router.get("/api/system/operation")
+async def operation(service: ServiceDep) -> dict[str, Any]:
+    """The long operation under way (a migration), its phase and how far it got: answered at
+    once, also while that operation holds the daemon (`portmeter migrate` shows it)."""
+    return {**service.operation(), "timestamp": int(time.time())}

@@ -65,7 +65,7 @@ async def xray_migrate(body: Annotated[Migration, Body()], service: ServiceDep) 
     path = Path(body.config_path)
     if not path.is_absolute():
         raise Invalid("config_path: must be an absolute path")
-    plan, created = await service.migrate(path, body.dry_run)
+    plan, created = await service.migrate(path, body.dry_run, body.replace)
     return {
         "dry_run": body.dry_run,
         "plan": plan,
