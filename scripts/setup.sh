@@ -9,8 +9,9 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(nftables libnftables1 iproute2 python3 python3-venv v2ray iperf3 systemd curl
               chromium chromium-driver debootstrap systemd-container prometheus)
 if [[ ${1:-} == --test ]]; then
-    # PostgreSQL for the fleet tests; a C compiler for the data path bench's sender (bench/blast.c).
-    APT_PACKAGES+=(postgresql-15 gcc libc6-dev)
+    # PostgreSQL for the fleet tests; a C compiler for the data path bench's sender (bench/blast.c);
+    # libfaketime for a fleet node whose clock runs a day off.
+    APT_PACKAGES+=(postgresql-15 gcc libc6-dev faketime)
 fi
 VENV=.venv
 STAMP="$VENV/.installed"
