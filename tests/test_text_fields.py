@@ -54,11 +54,19 @@ BAD_TEXT: list[tuple[str, str, dict[str, Any], str]] = [
     ("POST", "/api/keys", {"name": "n1", "reset_strategy": "day\x00"}, "reset_strategy: "),
     ("POST", "/api/keys", {"name": "n1", "groups": ["eu", "u\x00s"]}, "groups: "),
     ("PATCH", "/api/keys/held", {"note": NUL}, "note: "),
-    ("POST", "/api/keys/batch", {"keys": [{"name": "n1"}, {"name": "n2", "note": NUL}]},
-     "keys.1.note: "),
+    (
+        "POST",
+        "/api/keys/batch",
+        {"keys": [{"name": "n1"}, {"name": "n2", "note": NUL}]},
+        "keys.1.note: ",
+    ),
     ("POST", "/api/traffic/webhook", {**REPORT, "user_token": NUL}, "user_token: "),
-    ("POST", "/api/xpert/traffic-webhook", {"reports": [{**REPORT, "server": NUL}]},
-     "reports.0.server: "),
+    (
+        "POST",
+        "/api/xpert/traffic-webhook",
+        {"reports": [{**REPORT, "server": NUL}]},
+        "reports.0.server: ",
+    ),
     ("POST", "/api/system/xray/migrate", {"config_path": "/etc/x\x00"}, "config_path: "),
 ]
 
@@ -133,8 +141,11 @@ def test_stored_text_refuses_exactly_nul_and_lone_surrogates(text: str) -> None:
     ("text", "form", "problem"),
     [
         ("name,note\nalice,fine\nbob,a\x00b\n", "csv", f"line 3: note: {NUL_REFUSED}"),
-        ('{"name": "alice"}\n{"name": "bob", "note": "a\\u0000b"}\n', "jsonl",
-         f"line 2: note: {NUL_REFUSED}"),
+        (
+            '{"name": "alice"}\n{"name": "bob", "note": "a\\u0000b"}\n',
+            "jsonl",
+            f"line 2: note: {NUL_REFUSED}",
+        ),
         ('{"name": "alice", "note": "\\ud800"}\n', "jsonl", "line 1: note: may not contain U+D800"),
         ("name,groups\nalice,eu\x00\n", "csv", f"line 2: groups: {NUL_REFUSED}"),
     ],
@@ -192,4 +203,3 @@ def test_a_fleet_node_answers_422_too_and_the_database_is_untouched(fleet_db: Da
         (422, f"keys.0.note: {NUL_REFUSED}: no store can hold it"),
     ]
     assert fleet_db.sql("SELECT name, note FROM portmeter.keys") == "held|"
-
