@@ -165,7 +165,7 @@ def whole_number(text: str) -> int:
 
 # Text every store holds: PostgreSQL's `text` cannot hold U+0000 (NUL), and a lone surrogate
 # (which JSON can spell, "\ud800") is no Unicode text, so no UTF-8 store holds it. Every text
-# value of every request body passes `stored_text` (keyfields.RequestBody), on every node.
+# value of every request body (keyfields.RequestBody) and every setting passes `stored_text`.
 UNSTORABLE_TEXT: Final = re.compile(r"[\x00\ud800-\udfff]")
 
 
@@ -176,6 +176,15 @@ def stored_text(value: str) -> str:
         code = ord(found.group())
         what = "NUL" if code == 0 else "a lone surrogate"
         raise ValueError(f"may not contain U+{code:04X} ({what}): no store can hold it")
+    return value
+
+
+def stored_texts(value: object) -> object:
+    """`value` if it is text every store holds, or a list or tuple whose text items are; any
+    other value as it is (its own checks judge it). ValueError as `stored_text`."""
+    for text in value if isinstance(value, list | tuple) else (value,):
+        if isinstance(text, str):
+            stored_text(text)
     return value
 
 

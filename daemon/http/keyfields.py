@@ -115,13 +115,7 @@ class RequestBody(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _storable(cls, value: Any) -> Any:
-        for text in value if isinstance(value, list) else (value,):
-            if isinstance(text, str):
-                try:
-                    bounds.stored_text(text)
-                except ValueError as exc:
-                    raise PydanticCustomError("stored_text", str(exc)) from None
-        return value
+        return bounds.stored_texts(value)
 
 
 class KeySettings(RequestBody):
