@@ -1,4 +1,5 @@
-"""The documented bounds of every number portmeter accepts, in one place.
+"""The documented bounds of every number portmeter accepts, and the text every store holds, in
+one place.
 
 Each bound lies well inside what every store of the number can hold: nf_tables (u64 quota and
 counter bytes, encoded by `nlcodec`), SQLite and PostgreSQL (signed 64-bit integers, also when
