@@ -1,4 +1,5 @@
-"""The documented bounds of every number portmeter accepts, in one place.
+"""The documented bounds of every number portmeter accepts, and the text every store holds, in
+one place.
 
 Each bound lies well inside what every store of the number can hold: nf_tables (u64 quota and
 counter bytes, encoded by `nlcodec`), SQLite and PostgreSQL (signed 64-bit integers, also when
@@ -9,6 +10,7 @@ holding one damaged. README "Bounds and names" lists them for operators.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Final
 
@@ -142,6 +144,48 @@ def speed_bps(value: int) -> int:
         raise ValueError(
             f"a speed of {value} bit/s is outside {MIN_SPEED_BPS}..{MAX_SPEED_BPS} (100 Gbit)"
         )
+    return value
+
+
+# A whole number as typed (a CSV cell, a CLI option, a JSON number of an import file): ASCII
+# digits, at most MAX_DIGITS of them. Every bound is below 10^20, and Python refuses to convert a
+# number of more than 4,300 digits (sys.get_int_max_str_digits) with an error of its own.
+MAX_DIGITS: Final = 20
+
+
+def whole_number(text: str) -> int:
+    """`text` as a whole number if it is ASCII digits (`int("\u0665")` would be 5), at most
+    MAX_DIGITS of them; ValueError saying which otherwise."""
+    digits = text.removeprefix("-")
+    if len(digits) > MAX_DIGITS and digits.isascii() and digits.isdecimal():
+        raise ValueError(f"a number of {len(digits)} digits: no field takes more than {MAX_DIGITS}")
+    if not text.isascii() or not text.isdecimal() or len(text) > MAX_DIGITS:
+        raise ValueError(f"{text!r} is not a whole number")
+    return int(text)
+
+
+# Text every store holds: PostgreSQL's `text` cannot hold U+0000 (NUL), and a lone surrogate
+# (which JSON can spell, "\ud800") is no Unicode text, so no UTF-8 store holds it. Every text
+# value of every request body (keyfields.RequestBody) and every setting passes `stored_text`.
+UNSTORABLE_TEXT: Final = re.compile(r"[\x00\ud800-\udfff]")
+
+
+def stored_text(value: str) -> str:
+    """`value` if every store can hold it; ValueError naming the first character none can."""
+    found = UNSTORABLE_TEXT.search(value)
+    if found is not None:
+        code = ord(found.group())
+        what = "NUL" if code == 0 else "a lone surrogate"
+        raise ValueError(f"may not contain U+{code:04X} ({what}): no store can hold it")
+    return value
+
+
+def stored_texts(value: object) -> object:
+    """`value` if it is text every store holds, or a list or tuple whose text items are; any
+    other value as it is (its own checks judge it). ValueError as `stored_text`."""
+    for text in value if isinstance(value, list | tuple) else (value,):
+        if isinstance(text, str):
+            stored_text(text)
     return value
 
 

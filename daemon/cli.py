@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
 import re
+import shutil
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
 from urllib.parse import quote
 
 import httpx
@@ -30,6 +33,7 @@ CALL_TIMEOUT = 30.0  # seconds for an answer, except the long operations that wa
 CONNECT_TIMEOUT = 5.0
 PROBE_TIMEOUT = 2.0  # GET /api/system/operation, which never waits for the daemon's lock
 PROGRESS_AFTER, PROGRESS_EVERY = 2.0, 2.0  # seconds before and between progress lines
+HEAD_BYTES = 4096  # what `keys import` reads to tell JSON lines from CSV by the first character
 
 
 class CliError(Exception):
@@ -295,9 +299,14 @@ def _count(option: str, text: str, most: int) -> int | None:
     """--max-conns / --max-ips: a whole number from 1 to `most`, or None for 'none'."""
     if _cleared(text):
         return None
-    if not text.strip().isdecimal() or not 1 <= int(text) <= most:
-        raise CliError(f"{option}: {text!r} is not a whole number from 1 to {most} (or 'none')")
-    return int(text)
+    try:
+        value = bounds.whole_number(text.strip())
+    except ValueError:
+        value = 0  # refused below, as a number out of range is
+    if not 1 <= value <= most:
+        shown = repr(text) if len(text) <= bounds.MAX_DIGITS else f"{len(text)} characters"
+        raise CliError(f"{option}: {shown} is not a whole number from 1 to {most} (or 'none')")
+    return value
 
 
 def _checked_limit(text: str) -> str:
@@ -319,37 +328,67 @@ def keys_add(client: Client, args: argparse.Namespace) -> Any:
 
 def keys_import(client: Client, args: argparse.Namespace) -> Any:
     """Create every key of a CSV or JSON lines file (README "Batch create"): the whole file is
-    checked first, then sent in batches of MAX_BATCH_KEYS, each all or nothing."""
-    rows = _key_rows(args.file, args.format)
-    created: list[dict[str, Any]] = []
-    for start in range(0, len(rows), bounds.MAX_BATCH_KEYS):
-        chunk = rows[start : start + bounds.MAX_BATCH_KEYS]
-        body = {"keys": [row.body for row in chunk]}
+    checked first, then sent in batches of MAX_BATCH_KEYS, each all or nothing. The file is read
+    twice, a row at a time (daemon/keyfile.py), so its rows are never all held at once; only
+    --json keeps every created key (it prints them)."""
+    with _rereadable(args.file) as source:
+        start = source.tell()
+        form = keyfile.format_of(args.file, source.read(HEAD_BYTES), args.format)
+        source.seek(start)
         try:
-            created += client.call("POST", f"/api/keys/batch{_scope(args)}", body)["keys"]
-        except CliError as exc:
-            raise CliError(_refused_batch(str(exc), chunk, len(created))) from None
-    ports = sorted(key["port"] for key in created)
-    return {"keys": created}, lambda: print(
-        f"created {len(created)} keys from {args.file} (ports {ports[0]}-{ports[-1]})"
+            keyfile.check(keyfile.rows(source, form))
+        except (keyfile.KeyFileError, OSError) as exc:
+            raise CliError(f"{args.file}: {_problem(exc)}; nothing was created") from None
+        source.seek(start)
+        ports, every = _send_batches(client, args, keyfile.batches(keyfile.rows(source, form)))
+    return {"keys": every}, lambda: print(
+        f"created {len(ports)} keys from {args.file} (ports {min(ports)}-{max(ports)})"
     )
 
 
-def _key_rows(path: str, form: keyfile.Format | None) -> list[keyfile.Row]:
-    """The file's keys, checked; one line naming the file's line when one is bad."""
+def _send_batches(
+    client: Client, args: argparse.Namespace, chunks: Iterator[list[keyfile.Row]]
+) -> tuple[list[int], list[dict[str, Any]]]:
+    """Send each batch: the ports of the keys created, and the keys themselves with --json."""
+    ports: list[int] = []
+    every: list[dict[str, Any]] = []
     try:
-        if path == "-":
-            text = sys.stdin.buffer.read().decode("utf-8-sig")
-        else:
-            text = Path(path).read_text(encoding="utf-8-sig")
-    except OSError as exc:
-        raise CliError(f"{path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise CliError(f"{path}: not UTF-8 text; nothing was created") from None
-    try:
-        return keyfile.read_rows(text, keyfile.format_of(path, text, form))
-    except keyfile.KeyFileError as exc:
-        raise CliError(f"{path}: {exc}; nothing was created") from None
+        for chunk in chunks:
+            body = {"keys": [row.body for row in chunk]}
+            try:
+                made = client.call("POST", f"/api/keys/batch{_scope(args)}", body)["keys"]
+            except CliError as exc:
+                raise CliError(_refused_batch(str(exc), chunk, len(ports))) from None
+            ports += [key["port"] for key in made]
+            if getattr(args, "json", False):
+                every += made
+    except (keyfile.KeyFileError, OSError) as exc:  # the file changed since it was checked
+        raise CliError(
+            f"{args.file} changed while it was imported: {_problem(exc)}; "
+            f"{len(ports)} keys were created before"
+        ) from None
+    return ports, every
+
+
+@contextlib.contextmanager
+def _rereadable(path: str) -> Iterator[BinaryIO]:
+    """The file (`-`: stdin) open for reading, and for reading again from where it started: a
+    pipe is copied into a temporary file first."""
+    with contextlib.ExitStack() as stack:
+        try:
+            source = sys.stdin.buffer if path == "-" else stack.enter_context(open(path, "rb"))
+            if not source.seekable():
+                spool = stack.enter_context(tempfile.TemporaryFile())
+                shutil.copyfileobj(source, spool)
+                spool.seek(0)
+                source = spool
+        except OSError as exc:
+            raise CliError(f"{path}: {_problem(exc)}") from None
+        yield source
+
+
+def _problem(exc: Exception) -> str:
+    return (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
 
 
 def _refused_batch(detail: str, chunk: Sequence[keyfile.Row], before: int) -> str:

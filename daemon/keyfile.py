@@ -1,25 +1,34 @@
 """The files `portmeter keys import` reads (README "Batch create"): CSV with a header row, or JSON
-lines, each row one key as `POST /api/keys` takes it. Pure: text in, request bodies out, every
+lines, each row one key as `POST /api/keys` takes it. Pure: lines in, request bodies out, every
 problem as a KeyFileError naming its line, so a bad file is refused before anything is created.
+
+A file may be far larger than memory should hold as objects (50 MB of CSV were 700 MB of rows),
+so rows are parsed one at a time from the file's lines: `check` reads every row once and keeps
+only the folded names (for names the file holds twice), then `batches` reads the file again and
+hands out MAX_BATCH_KEYS rows at a time. Lines end at "\\n" alone ("\\r\\n" too), as iterating a
+binary file splits them: a raw U+2028 or U+0085 inside a JSON string is part of its line.
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import json
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from daemon import names
+from daemon import bounds, names
 from daemon.http.keyfields import NewKey, describe_errors
 
 Format = Literal["csv", "jsonl"]
 FORMATS: tuple[Format, ...] = ("csv", "jsonl")
 EXTENSIONS: dict[str, Format] = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+BOM = b"\xef\xbb\xbf"
+JSON_SPACE = " \t\r\n"
 # CSV cells are text; these columns become JSON numbers, booleans and lists as the API takes them.
 WHOLE_COLUMNS = frozenset({"port", "max_connections", "max_ips"})
 GROUP_SEPARATORS = re.compile(r"[,;\s]+")
@@ -42,25 +51,30 @@ class Row:
     body: dict[str, Any]
 
 
-def format_of(path: str, text: str, chosen: Format | None) -> Format:
-    """`chosen` (--format), else by the file's extension, else by the first character: JSON
-    lines start with `{`."""
+def format_of(path: str, head: bytes, chosen: Format | None) -> Format:
+    """`chosen` (--format), else by the file's extension, else by the first character of the
+    file's `head` (its first bytes): JSON lines start with `{`."""
     if chosen is not None:
         return chosen
     for extension, found in EXTENSIONS.items():
         if path.lower().endswith(extension):
             return found
-    return "jsonl" if text.lstrip().startswith("{") else "csv"
+    return "jsonl" if head.removeprefix(BOM).lstrip().startswith(b"{") else "csv"
 
 
-def read_rows(text: str, form: Format) -> list[Row]:
-    """Every key of the file, checked as the daemon checks a new key (http/schemas.py NewKey)
-    and for names the file holds twice; KeyFileError for the first bad line."""
-    rows = _csv_rows(text) if form == "csv" else _json_rows(text)
-    if not rows:
-        raise KeyFileError(1, "the file holds no keys")
+def rows(lines: Iterable[bytes], form: Format) -> Iterator[Row]:
+    """The keys of a file given as its lines (bytes, each ending at "\\n"), one at a time, parsed
+    but not checked (`check`); KeyFileError for a line that is not UTF-8, CSV or JSON."""
+    text = _decoded(lines)
+    return _csv_rows(text) if form == "csv" else _json_rows(text)
+
+
+def check(keys: Iterable[Row]) -> int:
+    """Check every key as the daemon checks a new key (http/keyfields.py NewKey) and for names
+    the file holds twice; the number of keys, or KeyFileError for the first bad line (or for a
+    file without any)."""
     seen: dict[str, int] = {}
-    for row in rows:
+    for row in keys:
         _check(row)
         folded = names.fold(row.body["name"])
         if folded in seen:
@@ -68,7 +82,16 @@ def read_rows(text: str, form: Format) -> list[Row]:
                 row.line, f"{row.body['name']!r} has the same name as line {seen[folded]}"
             )
         seen[folded] = row.line
-    return rows
+    if not seen:
+        raise KeyFileError(1, "the file holds no keys")
+    return len(seen)
+
+
+def batches(keys: Iterable[Row], size: int = bounds.MAX_BATCH_KEYS) -> Iterator[list[Row]]:
+    """The keys `size` at a time, as the import sends them."""
+    found = iter(keys)
+    while chunk := list(islice(found, size)):
+        yield chunk
 
 
 def _check(row: Row) -> None:
@@ -78,39 +101,53 @@ def _check(row: Row) -> None:
         raise KeyFileError(row.line, describe_errors(exc.errors())) from None
 
 
-def _json_rows(text: str) -> list[Row]:
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+def _decoded(lines: Iterable[bytes]) -> Iterator[str]:
+    for number, line in enumerate(lines, start=1):
+        try:
+            yield (line.removeprefix(BOM) if number == 1 else line).decode("utf-8")
+        except UnicodeDecodeError:
+            raise KeyFileError(number, "not UTF-8 text") from None
+
+
+def _json_rows(lines: Iterable[str]) -> Iterator[Row]:
+    for number, line in enumerate(lines, start=1):
+        if not line.strip(JSON_SPACE):
             continue
         try:
-            body = json.loads(line)
+            body = json.loads(line, parse_int=_json_int)
         except json.JSONDecodeError as exc:
             raise KeyFileError(number, f"not JSON ({exc.msg})") from None
+        except ValueError as exc:  # a number of too many digits (_json_int)
+            raise KeyFileError(number, str(exc)) from None
         except RecursionError:
             raise KeyFileError(number, "not a key: JSON nested too deeply") from None
         if not isinstance(body, dict):
             raise KeyFileError(number, 'each line must be one JSON object, e.g. {"name": "alice"}')
-        rows.append(Row(number, body))
-    return rows
+        yield Row(number, body)
 
 
-def _csv_rows(text: str) -> list[Row]:
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+def _json_int(text: str) -> int:
+    """A JSON integer, refused past bounds.MAX_DIGITS digits (before Python's int() refuses one
+    of thousands of digits with an error of its own)."""
+    value = bounds.whole_number(text.removeprefix("-"))
+    return -value if text.startswith("-") else value
+
+
+def _csv_rows(lines: Iterable[str]) -> Iterator[Row]:
+    reader = csv.reader(lines, strict=True)
     try:
         header = [cell.strip() for cell in next(reader, [])]
         if not header:
-            return []
+            return
         if "name" not in header:
             raise KeyFileError(1, "the header row must name the columns, `name` among them")
-        rows, start = [], reader.line_num + 1
+        start = reader.line_num + 1
         for cells in reader:
             if any(cell.strip() for cell in cells):
-                rows.append(Row(start, _csv_body(start, header, cells)))
+                yield Row(start, _csv_body(start, header, cells))
             start = reader.line_num + 1
     except csv.Error as exc:
         raise KeyFileError(reader.line_num, f"not CSV ({exc})") from None
-    return rows
 
 
 def _csv_body(line: int, header: list[str], cells: list[str]) -> dict[str, Any]:
@@ -126,9 +163,10 @@ def _csv_body(line: int, header: list[str], cells: list[str]) -> dict[str, Any]:
 
 def _csv_value(line: int, column: str, cell: str) -> Any:
     if column in WHOLE_COLUMNS:
-        if not cell.isascii() or not cell.isdecimal():
-            raise KeyFileError(line, f"{column}: {cell!r} is not a whole number")
-        return int(cell)
+        try:
+            return bounds.whole_number(cell)
+        except ValueError as exc:
+            raise KeyFileError(line, f"{column}: {exc}") from None
     if column == "enabled":
         if cell.lower() not in TRUE | FALSE:
             raise KeyFileError(line, f"enabled: {cell!r} is not true or false")

@@ -168,12 +168,24 @@ ISO_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 def parse_size(text: str) -> int:
     """'50GB' (10^9), '50GiB' (2^30), '1.5 TB', '1000' (bytes) -> bytes. Units B, KB ... EB and
-    KiB ... EiB in any case (the B may be left out); ASCII digits only. No bounds: parse_limit."""
+    KiB ... EiB in any case (the B may be left out); ASCII digits only; a whole number of bytes
+    ("0.5B" is refused). No bounds: parse_limit."""
     match = SIZE.fullmatch(text)
     unit = (match.group(2) or "").lower() if match else ""
     if not match or unit not in SIZE_FACTORS:
         raise ValueError(f"{text!r} is not a size: use e.g. 50GB, 512MiB or a number of bytes")
-    return int(Decimal(match.group(1)) * SIZE_FACTORS[unit])  # exact: no float rounding
+    return _whole(text, Decimal(match.group(1)) * SIZE_FACTORS[unit], "bytes", "a size", "bytes")
+
+
+def _whole(text: str, exact: Decimal, unit: str, what: str, whole: str) -> int:
+    """`exact` (Decimal: no float rounding) as an int, or ValueError if it has a fraction: a
+    fraction of a byte rounded down made "0.5B" a limit of 0; "1.5KiB" is 1,536 bytes."""
+    if exact != exact.to_integral_value():
+        raise ValueError(
+            f"{text.strip()!r} is {exact.normalize():f} {unit}: {what} must be a whole number"
+            f" of {whole}"
+        )
+    return int(exact)
 
 
 def parse_limit(text: str) -> int:
@@ -195,7 +207,8 @@ def parse_rate(text: str) -> int:
     match = RATE.fullmatch(text) if len(text) <= bounds.MAX_SIZE_CHARS else None
     if match is None:
         raise ValueError(f"{text!r} is not a speed: use e.g. 20Mbit, 500kbit, 1Gbit or bits/s")
-    return bounds.speed_bps(int(Decimal(match.group(1)) * RATE_FACTORS[match.group(2).lower()]))
+    exact = Decimal(match.group(1)) * RATE_FACTORS[match.group(2).lower()]
+    return bounds.speed_bps(_whole(text, exact, "bit/s", "a speed", "bits per second"))
 
 
 def parse_moment(text: str, now: datetime, zone: tzinfo) -> datetime:

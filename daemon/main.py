@@ -20,6 +20,7 @@ from anyio.abc import TaskStatus
 from daemon import netinfo
 from daemon.counters import Counters
 from daemon.http import metrics
+from daemon.logs.repeats import RepeatedFailure
 from daemon.reports import FleetReports, fleet_outbox, webhook_outbox
 from daemon.sdnotify import Notifier
 from daemon.service import Service
@@ -188,15 +189,19 @@ async def _watchdog(notifier: Notifier, interval: float) -> None:
 def _textfile_writer(
     service: Service, settings: Settings, log: Log
 ) -> Callable[[], Awaitable[None]] | None:
-    """What the poll loop does after each poll: write node_exporter's textfile, when set."""
+    """What the poll loop does after each poll: write node_exporter's textfile, when set (a
+    failure, which repeats at every poll, is logged once a minute with a count)."""
     path = settings.metrics_textfile
     if path is None:
         return None
+    failures = RepeatedFailure(log, "metrics_textfile_failed", "metrics_textfile_recovered")
 
     async def write() -> None:
         try:
             await metrics.write_textfile(service, path)
         except OSError as exc:
-            log.error("metrics_textfile_failed", error=exc.strerror or str(exc))
+            failures.failed(error=exc.strerror or str(exc))
+            return
+        failures.succeeded()
 
     return write

@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 from socket import gethostname
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
@@ -126,6 +126,13 @@ class Settings(BaseSettings):
         default=10.0, ge=bounds.MIN_LOG_REPEAT_INTERVAL, le=bounds.MAX_LOG_REPEAT_INTERVAL
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _storable(cls, value: Any) -> Any:
+        """No setting holds what no store can (bounds.stored_text): a NUL, which TOML can spell,
+        in a path stopped the start with a traceback, in the server's name PostgreSQL refused."""
+        return bounds.stored_texts(value)
 
     @field_validator("timezone")
     @classmethod

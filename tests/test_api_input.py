@@ -22,6 +22,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
+from daemon import cli
 from daemon.store.state import StateStore
 from tests.conftest import REPO, Daemon
 from tests.inprocess import InProcessDaemon, inprocess_daemon
@@ -200,6 +201,58 @@ def test_issue_17_the_bounds_themselves_are_taken(inproc: InProcessDaemon) -> No
     assert (changed["data_limit_bytes"], changed["expire_at"]) == (10**18, last)
     page = inproc.api("GET", f"{PAGES}?limit=10000&offset=65535")
     assert page["ports_traffic"]["total_ports"] == 0
+
+
+HALF_A_BYTE = "data_limit_bytes: '0.5B' is 0.5 bytes: a size must be a whole number of bytes"
+HALF_A_BIT = (
+    "speed_limit_bps: '8000.5' is 8000.5 bit/s: a speed must be a whole number of bits per second"
+)
+
+
+def test_issue_23_a_fraction_of_a_byte_is_refused_everywhere(
+    inproc: InProcessDaemon, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """"0.5B" was a limit of 0 (rounded down): the key was limited from its creation. Now the
+    API, the CLI and the import refuse it; "1.5KiB" is 1,536 bytes and stays fine."""
+    inproc.create("alice")
+    before = memory_snapshot(inproc)
+    for method, path, body, detail in (
+        ("POST", "/api/keys", {"name": "bob", "data_limit_bytes": "0.5B"}, HALF_A_BYTE),
+        ("PATCH", "/api/keys/alice", {"data_limit_bytes": "0.5B"}, HALF_A_BYTE),
+        ("POST", "/api/keys/batch", {"keys": [{"name": "bob", "data_limit_bytes": "0.5B"}]},
+         f"keys.0.{HALF_A_BYTE}"),
+        ("POST", "/api/keys", {"name": "bob", "speed_limit_bps": "8000.5"}, HALF_A_BIT),
+    ):
+        answer = inproc.http.request(method, path, json=body)
+        assert (answer.status_code, answer.json()) == (422, {"detail": detail}), body
+    assert memory_snapshot(inproc) == before
+    made = inproc.create("carol", data_limit_bytes="1.5KiB", speed_limit_bps="1.5Mbit")
+    assert (made["data_limit_bytes"], made["speed_limit_bps"], made["status"]) == (
+        1536, 1_500_000, "active"
+    )
+    for argv in (["keys", "add", "x", "--limit", "0.5B"], ["keys", "set", "x", "--limit", "0.5"]):
+        assert cli.main(["--socket", "/nonexistent/pm.sock", *argv]) == 1
+        assert capsys.readouterr().err == (
+            f"portmeter: --limit: '{argv[-1]}' is 0.5 bytes: a size must be a whole number of"
+            " bytes\n"
+        )
+    keys = tmp_path / "keys.csv"
+    keys.write_text("name,data_limit_bytes\nbob,1.5KiB\ncarl,0.5B\n")
+    assert cli.main(["--socket", "/nonexistent/pm.sock", "keys", "import", str(keys)]) == 1
+    assert capsys.readouterr().err == (
+        f"portmeter: {keys}: line 3: {HALF_A_BYTE}; nothing was created\n"
+    )
+
+
+def test_issue_23_a_409_names_the_key_that_has_the_name(inproc: InProcessDaemon) -> None:
+    """The existing key's spelling, not the request's: `alice` asked for, `Alice` exists."""
+    inproc.create("Alice")
+    before = memory_snapshot(inproc)
+    single = inproc.api("POST", "/api/keys", expect=409, json={"name": "alice"})
+    assert single["detail"] == f"a key named 'Alice' {SAME_NAME}"
+    batched = inproc.api("POST", "/api/keys/batch", expect=409, json={"keys": [{"name": "ALICE"}]})
+    assert batched["detail"] == f"keys[0]: a key named 'Alice' {SAME_NAME}; nothing was created"
+    assert memory_snapshot(inproc) == before
 
 
 def test_issue_17_names_saved_before_the_rule_still_load_and_are_found(tmp_path: Path) -> None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import errno
 import io
 import json
+import os
 import socket
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -166,10 +168,17 @@ def largest_batch_and_beyond(inproc: InProcessDaemon) -> None:
 # --- the file the CLI reads --------------------------------------------------------------------
 
 
+def read(text: str, form: keyfile.Format) -> list[keyfile.Row]:
+    """The file's keys as the import reads them: parsed line by line, then checked."""
+    lines = text.encode().splitlines(keepends=True)
+    keyfile.check(keyfile.rows(lines, form))
+    return list(keyfile.rows(lines, form))
+
+
 def test_csv_and_json_lines_become_request_bodies_with_their_lines() -> None:
     text = 'name,port,data_limit_bytes,enabled,groups,note\nalice,20001,50GB,false,"eu, us",\n\n'
     text += "bob,,,,,hello\n"
-    rows = keyfile.read_rows(text, keyfile.format_of("keys.csv", text, None))
+    rows = read(text, keyfile.format_of("keys.csv", text.encode(), None))
     assert [(row.line, row.body) for row in rows] == [
         (
             2,
@@ -184,18 +193,22 @@ def test_csv_and_json_lines_become_request_bodies_with_their_lines() -> None:
         (4, {"name": "bob", "note": "hello"}),
     ]
     lines = '{"name": "carol"}\n\n{"name": "dave", "max_ips": 3}\n'
-    assert keyfile.format_of("-", lines, None) == "jsonl"
-    rows = keyfile.read_rows(lines, "jsonl")
+    assert keyfile.format_of("-", lines.encode(), None) == "jsonl"
+    assert keyfile.format_of("-", b'\xef\xbb\xbf \n {"name": "x"}', None) == "jsonl"
+    rows = read(lines, "jsonl")
     assert [(row.line, row.body) for row in rows] == [
         (1, {"name": "carol"}),
         (3, {"name": "dave", "max_ips": 3}),
     ]
 
 
+DIGITS = "1" * 5000  # past Python's own limit of 4,300 digits for int()
 BAD_FILES: list[tuple[str, keyfile.Format, str]] = [
     ("", "csv", "line 1: the file holds no keys"),
     ("port\n20001\n", "csv", "line 1: the header row must name the columns, `name` among them"),
     ("name,port\na,1\nb,x\n", "csv", "line 3: port: 'x' is not a whole number"),
+    ("name,port\na,1\nb,\u0665\n", "csv", "line 3: port: '\u0665' is not a whole number"),
+    (f"name,port\na,1\nb,{DIGITS}\n", "csv", "line 3: port: a number of 5000 digits: no field"),
     ("name,port\na,1,2\n", "csv", "line 2: 3 cells, but the header names 2"),
     ("name,enabled\na,maybe\n", "csv", "line 2: enabled: 'maybe' is not true or false"),
     ("name,colour\na,red\n", "csv", "line 2: colour: Extra inputs are not permitted"),
@@ -206,14 +219,64 @@ BAD_FILES: list[tuple[str, keyfile.Format, str]] = [
     ('{"name": "a"}\n\n["b"]\n', "jsonl", "line 3: each line must be one JSON object"),
     ('{"name": "a", "port": "1"}\n', "jsonl", "line 1: port: must be a whole number"),
     ('{"port": 20001}\n', "jsonl", "line 1: name: Field required"),
+    (f'{{"name": "a"}}\n{{"name": "b", "port": {DIGITS}}}\n', "jsonl",
+     "line 2: a number of 5000 digits: no field takes more than 20"),
+    (f'{{"name": "a", "data_limit_bytes": -{DIGITS}}}\n', "jsonl",
+     "line 1: a number of 5000 digits: no field takes more than 20"),
 ]
 
 
 @pytest.mark.parametrize(("text", "form", "problem"), BAD_FILES)
 def test_a_bad_line_is_named(text: str, form: keyfile.Format, problem: str) -> None:
     with pytest.raises(keyfile.KeyFileError) as refusal:
-        keyfile.read_rows(text, form)
+        read(text, form)
     assert str(refusal.value).startswith(problem)
+
+
+def test_lines_end_at_a_newline_alone() -> None:
+    """A JSON string may hold U+2028, U+2029 and U+0085 (NEL) raw, a CSV cell also a form feed
+    or a vertical tab: they are part of their line (str.splitlines() split there, and the line
+    was not JSON)."""
+    separators = "\u2028\u2029\x85"  # what JSON allows raw in a string, of str.splitlines()'s
+    text = f'{{"name": "a", "note": "x{separators}y"}}\r\n{{"name": "b"}}\n'
+    rows = read(text, "jsonl")
+    assert [(row.line, row.body) for row in rows] == [
+        (1, {"name": "a", "note": f"x{separators}y"}),
+        (2, {"name": "b"}),
+    ]
+    in_cells = separators + "\x0c\x0b\x1c"
+    csv_text = f'name,note\r\na,"x{in_cells}y"\r\nb,"two\nlines"\nc,\n'
+    rows = read(csv_text, "csv")
+    assert [(row.line, row.body.get("note")) for row in rows] == [
+        (2, f"x{in_cells}y"),
+        (3, "two\nlines"),
+        (5, None),
+    ]
+
+
+def test_a_line_that_is_not_utf8_is_named() -> None:
+    lines = [b'{"name": "a"}\n', b'{"name": "b\xff"}\n']
+    with pytest.raises(keyfile.KeyFileError, match=r"^line 2: not UTF-8 text$"):
+        keyfile.check(keyfile.rows(lines, "jsonl"))
+
+
+def test_the_import_holds_no_more_than_the_names_of_a_large_file() -> None:
+    """Checking and batching 20,000 keys of 273 bytes each (5.5 MB of CSV) allocate 2.2 MB at
+    most: the folded names (to find a name the file holds twice) and one batch. Read as one text
+    into a list of rows (before), the same file took 41 MB."""
+    note = "n" * 256
+    lines = [b"name,note,data_limit_bytes\n"]
+    lines += [f"user{i:06},{note},50GB\n".encode() for i in range(20_000)]
+    size = sum(map(len, lines))
+    tracemalloc.start()
+    try:
+        assert keyfile.check(keyfile.rows(lines, "csv")) == 20_000
+        sent = sum(len(chunk) for chunk in keyfile.batches(keyfile.rows(lines, "csv")))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert sent == 20_000
+    assert size > 5_000_000 and peak < 4_000_000, peak
 
 
 # --- the real daemon ---------------------------------------------------------------------------
@@ -329,13 +392,47 @@ def test_a_fleet_batch_reaches_the_other_node_and_a_refused_one_nowhere(
 def test_cli_import_reads_stdin(inproc: InProcessDaemon, monkeypatch: pytest.MonkeyPatch) -> None:
     lines = '{"name": "alice", "note": "from stdin"}\n{"name": "bob"}\n'
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(lines.encode())))
-    args = cli.build_parser().parse_args(["keys", "import", "-", "--format", "jsonl"])
+    args = cli.build_parser().parse_args(["keys", "import", "-", "--format", "jsonl", "--json"])
     answer, _ = cli.keys_import(inprocess_client(inproc), args)
     assert [(key["name"], key["note"]) for key in answer["keys"]] == [
         ("alice", "from stdin"),
         ("bob", ""),
     ]
     assert inproc.service.key_count() == 2
+
+
+def test_cli_import_reads_a_pipe_twice(
+    inproc: InProcessDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The import reads the file twice (check, then send); a pipe is copied aside first."""
+    lines = "name,note\nalice,from a pipe\nbob,\n"
+    read_end, write_end = os.pipe()
+    os.write(write_end, lines.encode())
+    os.close(write_end)
+    with open(read_end, "rb") as pipe:
+        assert not pipe.seekable()
+        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(pipe))
+        args = cli.build_parser().parse_args(["keys", "import", "-", "--json"])
+        answer, _ = cli.keys_import(inprocess_client(inproc), args)
+    assert [(key["name"], key["note"]) for key in answer["keys"]] == [
+        ("alice", "from a pipe"),
+        ("bob", ""),
+    ]
+
+
+def test_cli_import_refuses_thousands_of_digits_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Python's int() refuses a number of more than 4,300 digits with an error of its own: that
+    was a traceback; now it is the line's refusal, before the daemon is asked anything."""
+    keys = tmp_path / "keys.csv"
+    keys.write_text(f"name,max_ips\nalice,1\nbob,{DIGITS}\n")
+    code = cli.main(["--socket", "/nonexistent/pm.sock", "keys", "import", str(keys)])
+    assert code == 1
+    assert capsys.readouterr().err == (
+        f"portmeter: {keys}: line 3: max_ips: a number of 5000 digits: no field takes more than"
+        " 20; nothing was created\n"
+    )
 
 
 def inprocess_client(inproc: InProcessDaemon) -> cli.Client:

@@ -13,6 +13,7 @@ import re
 import resource
 import select
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -173,6 +174,29 @@ def test_head_and_body_deadlines_close_slow_requests(net: Lab, make_daemon: Any)
         sock.close()
 
 
+def test_a_kept_alive_tcp_connection_answers_without_waiting_for_delayed_acks(
+    net: Lab, make_daemon: Any
+) -> None:
+    """Issue 23: 44 ms per request on a kept-alive TCP connection (2 ms on a new one): Nagle's
+    algorithm held each answer's body until the client's delayed ACK of its head. The real
+    daemon, 20 requests on one connection: median under 20 ms."""
+    make_daemon(**LISTEN)
+    sock = tcp(net)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # the client's side is not it
+    request = b"GET /api/system/ports HTTP/1.1\r\nHost: x\r\nX-API-Key: " + API_KEY.encode()
+    took = []
+    for _ in range(20):
+        started = time.perf_counter()
+        sock.sendall(request + b"\r\n\r\n")
+        answer = b""
+        while not answer.endswith(b"}"):
+            answer += sock.recv(65536)
+        took.append(time.perf_counter() - started)
+        assert answer.startswith(b"HTTP/1.1 200 ")
+    sock.close()
+    assert statistics.median(took) < 0.020, [round(t * 1000, 1) for t in took]
+
+
 def test_connection_caps_per_client_and_in_total(net: Lab, make_daemon: Any) -> None:
     make_daemon(
         **LISTEN, PORTMETER_HTTP_MAX_CONNECTIONS="6", PORTMETER_HTTP_MAX_CONNECTIONS_PER_CLIENT="4"
@@ -273,7 +297,9 @@ def test_head_is_answered_wherever_get_is(daemon: Daemon) -> None:
 
 def test_control_characters_are_escaped_in_the_log(daemon: Daemon) -> None:
     key = daemon.create("escaped")
-    note = "red\x1b[31m bell\x07 nul\x00 del\x7f c1\x9b line\u2028 para\u2029 nl\n"
+    # No NUL: no store holds it, so a note with one is refused (tests/test_text_fields.py); the
+    # request path below carries one into the log.
+    note = "red\x1b[31m bell\x07 del\x7f c1\x9b line\u2028 para\u2029 nl\n"
     daemon.api("PATCH", f"/api/keys/{key['id']}", json={"note": note})
     daemon.http.post("/api/keys/%1b%5d0;owned%07%00/disable")
     # The audit line is written once the answer went out: wait for it, not for the answer.
@@ -283,7 +309,7 @@ def test_control_characters_are_escaped_in_the_log(daemon: Daemon) -> None:
     assert raw == []
     lines = log.decode().splitlines()
     (updated,) = [line for line in lines if "event=key_updated" in line]
-    escaped = r"red\\x1b[31m bell\\x07 nul\\x00 del\\x7f c1\\x9b line\\u2028 para\\u2029 nl\\n"
+    escaped = r"red\\x1b[31m bell\\x07 del\\x7f c1\\x9b line\\u2028 para\\u2029 nl\\n"
     assert f'note="{escaped}"' in updated
     (call,) = [line for line in lines if "path=/api/keys/" in line and "disable" in line]
     assert r"path=/api/keys/\x1b]0;owned\x07\x00/disable" in call

@@ -145,6 +145,8 @@ def test_refusal_bursts_are_one_event_per_window(inproc: InProcessDaemon) -> Non
         (["--max-conns", "0"], "--max-conns: '0' is not a whole number from 1 to 100000"),
         (["--max-ips", "1001"], "--max-ips: '1001' is not a whole number from 1 to 1000"),
         (["--max-ips", "-1"], "--max-ips: '-1' is not a whole number"),
+        (["--max-ips", "\u0665"], "--max-ips: '\u0665' is not a whole number from 1 to 1000"),
+        (["--max-conns", "1" * 5000], "--max-conns: 5000 characters is not a whole number"),
     ],
 )
 def test_cli_refuses_bad_limits_in_one_line(

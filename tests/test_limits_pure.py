@@ -629,6 +629,38 @@ def test_parse_size_decimals_with_whole_byte_results_are_exact(hundredths: int, 
     assert parse_size(text) == int(exact), text
 
 
+@pytest.mark.parametrize(
+    ("text", "bytes_"),
+    [("0.5B", "0.5"), ("0.5", "0.5"), ("1.5", "1.5"), ("0.0001KB", "0.1"), ("1.0001 kB", "1000.1"),
+     ("0.3KiB", "307.2"), ("1.1 EiB", "1268213655067531673.6")],
+)
+def test_parse_size_refuses_a_fraction_of_a_byte(text: str, bytes_: str) -> None:
+    """'0.5B' was a limit of 0 bytes (rounded down), so the key was limited from its creation."""
+    with pytest.raises(ValueError) as refused:
+        parse_size(text)
+    assert str(refused.value) == (
+        f"{text.strip()!r} is {bytes_} bytes: a size must be a whole number of bytes"
+    )
+
+
+@fast
+@given(
+    whole=st.integers(min_value=0, max_value=10**6),
+    decimals=st.text("0123456789", min_size=1, max_size=6),
+    unit=st.sampled_from(sorted(UNITS)),
+)
+def test_parse_size_is_the_exact_size_or_refused(whole: int, decimals: str, unit: str) -> None:
+    """Whatever is typed, the size is the exact number it names, or a refusal saying it is not
+    a whole number of bytes: never a rounded one ("1.5KiB" is 1536 bytes, "0.5B" nothing)."""
+    text = f"{whole}.{decimals}{unit}"
+    exact = Decimal(f"{whole}.{decimals}") * UNITS[unit]
+    if exact == int(exact):
+        assert parse_size(text) == exact
+    else:
+        with pytest.raises(ValueError, match="a size must be a whole number of bytes"):
+            parse_size(text)
+
+
 def test_parse_size_large_byte_counts_are_exact() -> None:
     """Integers beyond 2**53 bytes (9 PB) lose their last digits through float()."""
     assert parse_size(str(2**53 + 1)) == 2**53 + 1

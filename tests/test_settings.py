@@ -236,6 +236,28 @@ def test_config_file_bad_value(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     assert "1 <= first <= last <= 65535" in message
 
 
+@pytest.mark.parametrize(
+    ("line", "setting"),
+    [
+        ('state_dir = "/var/lib/a\\u0000b"', "STATE_DIR"),  # a traceback at start before
+        ('server_name = "node\\u0000one"', "SERVER_NAME"),  # PostgreSQL refused it
+        ('public_host = "vpn\\u0000.example"', "PUBLIC_HOST"),
+        ('reality_server_names = ["a.example", "b\\u0000"]', "REALITY_SERVER_NAMES"),
+    ],
+)
+def test_config_file_text_no_store_holds(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, line: str, setting: str
+) -> None:
+    """TOML can spell a NUL (environment variables cannot): refused with one line, as the API
+    refuses it (bounds.stored_text), instead of a traceback at start or a database's refusal."""
+    path = write_toml(tmp_path, line + "\n")
+    with pytest.raises(SettingsError) as info:
+        load(monkeypatch, PORTMETER_CONFIG=str(path))
+    assert str(info.value) == (
+        f"PORTMETER_{setting}: may not contain U+0000 (NUL): no store can hold it"
+    )
+
+
 def test_config_file_unknown_setting(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     path = write_toml(tmp_path, 'nft_tabel = "typo"\n')
     with pytest.raises(SettingsError, match=r"NFT_TABEL: Extra inputs are not permitted"):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -57,7 +58,7 @@ from daemon.fleet.rows import (
     shown,
 )
 from daemon.limits import Status
-from daemon.logs.once import Once, Throttled
+from daemon.logs.repeats import Once, RepeatedFailure
 from daemon.store.state import KeyRecord
 from daemon.xray.links import subscription as subscription_text
 from daemon.xray.links import vless_link
@@ -69,7 +70,6 @@ if TYPE_CHECKING:
 Log = structlog.typing.FilteringBoundLogger
 CHANNEL = "portmeter_keys"
 REFUSED_RETRY = 60.0  # seconds before a row this node refused (its name taken here) is tried again
-LOG_INTERVAL = 60.0  # seconds between two lines of a failure that repeats (the LISTEN connection)
 # The fields a node follows (the rest of a key is its own: port, counters, status, resets).
 DESIRED = (
     "data_limit_bytes",
@@ -248,7 +248,9 @@ class FleetKeys:
         self._failing: str | None = None
         self._memo: dict[str, Followed] = {}  # key id -> what this node did with its row
         self._refusals = Once(log)
-        self._listen_lost = Throttled(log, "fleet_keys_listen_lost", LOG_INTERVAL)
+        self._listen_lost = RepeatedFailure(
+            log, "fleet_keys_listen_lost", "fleet_keys_listen_recovered", level=logging.WARNING
+        )
 
     # --- what the service calls inside its operations -------------------------------------------
 
@@ -499,13 +501,13 @@ class FleetKeys:
                     self.db.dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT
                 ) as conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
-                    self._listen_lost.recovered()
+                    self._listen_lost.succeeded()
                     self.wake(None)
                     backoff = 1.0
                     async for note in conn.notifies():
                         self.wake(note.payload)
             except (psycopg.Error, OSError) as exc:
-                self._listen_lost.happened(error=_failure(exc), retry_in=backoff)
+                self._listen_lost.failed(error=_failure(exc), retry_in=backoff)
             await anyio.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF, max(1.0, self.interval))
 

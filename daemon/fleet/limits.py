@@ -28,7 +28,7 @@ from daemon.fleet.reads import FleetReads
 from daemon.fleet.retention import retention_loop
 from daemon.fleet.rows import moment_or_none, shown
 from daemon.fleet.schema import SCHEMA
-from daemon.logs.once import Once
+from daemon.logs.repeats import Once
 from daemon.reports import FleetReports
 from daemon.service import Service
 from daemon.store.state import KeyRecord, now

@@ -18,6 +18,7 @@ from pydantic import (
     StrictBool,
     StrictInt,
     WithJsonSchema,
+    field_validator,
 )
 from pydantic_core import PydanticCustomError
 
@@ -104,7 +105,20 @@ Groups = Annotated[list[Group], AfterValidator(lambda groups: sorted(set(groups)
 Port = Annotated[StrictInt, Field(ge=bounds.MIN_PORT, le=bounds.MAX_PORT)]
 
 
-class KeySettings(BaseModel):
+class RequestBody(BaseModel):
+    """What every request body's model is: its text values (a field, or an item of a list field)
+    must be text every store holds (`bounds.stored_text`). One rule for every field of every
+    request, present and future, checked before the field's own rules: a NUL in a note is 422 on
+    every node, never a refusal of the fleet database afterwards. Nested models (the items of a
+    batch) are RequestBodies too and check their own fields."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _storable(cls, value: Any) -> Any:
+        return bounds.stored_texts(value)
+
+
+class KeySettings(RequestBody):
     """Limits and lifecycle, as sent by clients: sizes as bytes or "50GB", dates as ISO or "+30d".
     Types are strict: a boolean is `true`/`false`, a number is a JSON number."""
 
@@ -131,7 +145,7 @@ class NewKey(KeySettings):
     port: Port | None = None
 
 
-class NewKeys(BaseModel):
+class NewKeys(RequestBody):
     """`POST /api/keys/batch` (README "Batch create"): keys as `POST /api/keys` takes them."""
 
     model_config = ConfigDict(extra="forbid")

@@ -29,7 +29,7 @@ from pydantic import (
 
 from daemon import bounds, limits
 from daemon.errors import Invalid
-from daemon.http.keyfields import KeySettings
+from daemon.http.keyfields import KeySettings, RequestBody
 from daemon.store.history import FleetReport
 from daemon.store.state import now
 
@@ -55,7 +55,7 @@ Username = Annotated[
 FUTURE_SLACK = timedelta(days=1)  # reports from servers whose clock runs ahead are still taken
 
 
-class Migration(BaseModel):
+class Migration(RequestBody):
     model_config = ConfigDict(extra="forbid")
     config_path: str = Field(min_length=1, max_length=4096, pattern=r"^/[^\x00]*$")
     dry_run: StrictBool = False
@@ -114,7 +114,7 @@ def _moment(value: str, zone: ZoneInfo) -> datetime:
 Bytes = Annotated[StrictInt, Field(ge=0, le=bounds.MAX_REPORT_BYTES)]
 
 
-class Report(BaseModel):
+class Report(RequestBody):
     """One usage report from a server: the report intake's fields (README "Usage history, the
     Traffic Manager page, a fleet, Prometheus"), a report id and a time.
     Each direction carries at most MAX_REPORT_BYTES; an unknown field is refused."""
@@ -170,7 +170,7 @@ class Report(BaseModel):
         )
 
 
-class ReportBatch(BaseModel):
+class ReportBatch(RequestBody):
     model_config = ConfigDict(extra="forbid")
     reports: list[Report] = Field(min_length=1, max_length=bounds.MAX_REPORT_BATCH)
 

@@ -16,6 +16,7 @@ from typing import Any
 import structlog
 
 from daemon.errors import StorageFull, StoreUnavailable
+from daemon.logs.repeats import RepeatedFailure
 from daemon.store.outbox import Outbox
 from daemon.store.state import KeyRecord, State, StateStore, StorageError, now
 from daemon.store.usage import SinkError, UsageDelta, UsageSink
@@ -39,6 +40,9 @@ class Ledger:
         self.dirty: set[str] = set()
         self.followers: list[Follower] = []  # who else needs to know of a changed key
         self._pending: dict[tuple[str, int], UsageDelta] = {}  # traffic since the last save
+        # A full disk fails every save (every poll): logged once a minute with a count.
+        self.write_failures = RepeatedFailure(log, "state_write_failed", "state_write_recovered")
+        self.backup_failures = RepeatedFailure(log, "state_backup_failed", "state_backup_recovered")
 
     def mark(self, key_id: str, *, status: bool = False) -> None:
         """The key changed (or went): the next save writes it and the followers hear of it;
@@ -83,7 +87,7 @@ class Ledger:
                 sink.rollback(generation)
             if not isinstance(exc, (StorageError, SinkError)):
                 raise
-            self.log.error("state_write_failed", error=str(exc))
+            self.write_failures.failed(error=str(exc))
             refusal = StorageFull if exc.disk_full else StoreUnavailable
             raise refusal(f"{exc}; nothing was changed") from None
         for sink in self.sinks:  # also those with nothing staged: what waits for the save goes
@@ -91,6 +95,7 @@ class Ledger:
         self._pending.clear()
         self.dirty.clear()
         self.unsaved = False
+        self.write_failures.succeeded()
 
     def save_quietly(self, compact: bool = False) -> None:
         """Persist from a background loop: a failure is logged and retried at the next poll."""
@@ -104,8 +109,9 @@ class Ledger:
         try:
             target = self.store.backup(self.state)
         except StorageError as exc:
-            self.log.error("state_backup_failed", error=str(exc))
+            self.backup_failures.failed(error=str(exc))
             return
+        self.backup_failures.succeeded()
         if target is not None:
             self.log.info("state_backup_written", path=str(target))
 
