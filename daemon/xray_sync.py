@@ -567,8 +567,11 @@ class KeyInbounds:
         """Whether the change adds a key's tag to the routing rules or takes one out of them
         (render.route_keys): the rules are outside the spliced part, so it takes the full path."""
         staying = {key.tag for key in arriving}
+        before = {r.key.tag: r.key.route_sources for r in leaving}  # a changed key: as it was
         return any(r.key.tag in self.routed and r.key.tag not in staying for r in leaving) or any(
-            key.source_tag in self.routed and key.tag not in self.routed for key in arriving
+            before.get(key.tag) != key.route_sources
+            and not self.routed.isdisjoint(key.route_sources)
+            for key in arriving
         )
 
     def _has_port(self, port: int) -> bool:

@@ -83,6 +83,7 @@ async def started(
     xray_config: Mapping[str, Any] | None = None,
     store: Callable[[Path], StateStore] = StateStore,
     side: Callable[[Settings, Log], XraySide] = XraySide,
+    directory: Path | None = None,
     **extra: Any,
 ) -> AsyncIterator[InProcess]:
     """A started service in a temporary directory, removed afterwards.
@@ -90,8 +91,14 @@ async def started(
     `xray`: the Xray integration on (its config file is `xray_config`, when given); `history`:
     the usage history in the state dir, a sink of every save, as the daemon has it; `store` and
     `side` make the state store and the Xray side (a test's subclass that fails on demand);
-    `extra`: settings."""
-    with tempfile.TemporaryDirectory(prefix="pm-inproc-") as name:
+    `directory`: start in this one instead, kept afterwards (a restart: the state and files as
+    the service before left them); `extra`: settings."""
+    place = (
+        tempfile.TemporaryDirectory(prefix="pm-inproc-")
+        if directory is None
+        else contextlib.nullcontext(str(directory))
+    )
+    with place as name:
         directory = Path(name)
         settings = inprocess_settings(directory, xray=xray, **extra)
         if xray_config is not None:
@@ -226,7 +233,6 @@ class InProcessDaemon(DaemonSurface):
         """The rx bytes of `port`'s counter (0 while it has none)."""
         found = self.kernel.contents()[1].get(port)
         return 0 if found is None else found[3]
-
 
 
 class _SyncClient:

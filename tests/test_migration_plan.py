@@ -14,6 +14,7 @@ import json
 import socketserver
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,10 +33,10 @@ from daemon.xray.drift import check_config, drift, drift_report
 from daemon.xray.links import vless_link
 from daemon.xray.migration import MigrationPlan, apply_migration, plan_migration
 from daemon.xray.model import XrayConfigError, XrayKey, is_portmeter_inbound, xray_uuid
-from daemon.xray.render import render_config
+from daemon.xray.render import render_config, route_keys
 from daemon.xray.vlessenc import client_encryption
 from daemon.xray_sync import LiveConfig, XrayFiles
-from tests.inprocess import FIRST_PORT, inprocess_daemon
+from tests.inprocess import FIRST_PORT, InProcessDaemon, inprocess_daemon
 from tests.test_xray_sync import (
     CLIENTS,
     REALITY,
@@ -283,13 +284,14 @@ def test_rules_naming_the_shared_inbound_name_every_moved_key() -> None:
     assert plan.routes == (
         (
             "routing rule #1 (inboundTag 'vless-reality' -> 'warp') will also name the inbounds "
-            "of the 5 keys moved from there"
+            "of the 5 keys moved from there, and of keys added later"
         ),
         (
             "routing rule #2 (inboundTag 'vless-reality' -> 'block') will also name the inbounds "
-            "of the 5 keys moved from there"
+            "of the 5 keys moved from there, and of keys added later"
         ),
     )
+    assert plan.routed == ("vless-reality",)
     assert [line for line in plan.lines() if line.startswith("routing rule")] == list(plan.routes)
     config, keys = migrate(source, plan)
     tags = [k.tag for k in sorted(keys, key=lambda k: k.port)]
@@ -306,26 +308,228 @@ def test_rules_naming_the_shared_inbound_name_every_moved_key() -> None:
     assert plan_migration(config, RANGE, set(), opts_for()).routes == ()
 
 
-def test_rules_follow_keys_added_and_deleted_later() -> None:
+def migrated_tags(daemon: InProcessDaemon) -> list[str]:
+    """Migrate the daemon's live config (routed_config): the tags of the keys made, by port."""
+    rig = daemon.rig
+    plan, created = daemon.run(lambda: rig.service.migrate(rig.xray_config, dry_run=False))
+    assert len(created) == len(CLIENTS) and sum("routing rule #" in line for line in plan) == 2
+    return [f"inbound-{k.uuid}" for k in sorted(created, key=lambda k: k.port)]
+
+
+def live_rules(daemon: InProcessDaemon) -> list[dict[str, Any]]:
+    return list(json.loads(daemon.rig.xray_config.read_text())["routing"]["rules"])
+
+
+def backups(daemon: InProcessDaemon) -> set[bytes]:
+    """What the rotated backups of Xray's config hold: a write adds the file before it."""
+    return {path.read_bytes() for path in XrayFiles(daemon.rig.xray.options).backups()}
+
+
+def test_a_key_added_after_the_migration_joins_its_rules_and_leaves_them_when_deleted() -> None:
+    """A rule written for the shared inbound (to WARP, a BitTorrent block) holds for a user
+    added later too: the new key's tag enters every rule the migration rewrote, in the write
+    that adds its inbound, and leaves with the key; other rules are not touched."""
     with inprocess_daemon(xray_config=routed_config()) as daemon:
-        rig = daemon.rig
-        plan, created = daemon.run(lambda: rig.service.migrate(rig.xray_config, dry_run=False))
-        assert len(created) == len(CLIENTS) and sum("routing rule #" in line for line in plan) == 2
-        tags = [f"inbound-{k.uuid}" for k in sorted(created, key=lambda k: k.port)]
-
-        def rules() -> list[dict[str, Any]]:
-            return list(json.loads(rig.xray_config.read_text())["routing"]["rules"])
-
-        assert rules()[1]["inboundTag"] == ["vless-reality", *tags]
-        new = daemon.create("newcomer")  # an inbound of portmeter's own: named by no rule
-        assert rules()[1]["inboundTag"] == ["vless-reality", *tags]
-        assert f"inbound-{new['uuid']}" not in json.dumps(rules())
-        daemon.api("DELETE", f"/api/keys/{created[1].id}")
-        assert rules()[1]["inboundTag"] == ["vless-reality", tags[0], *tags[2:]]
-        assert rules()[2]["inboundTag"] == ["vless-reality", tags[0], *tags[2:]]
-        daemon.api("PATCH", f"/api/keys/{created[0].id}", json={"note": "still routed"})
-        assert rules()[1]["inboundTag"] == ["vless-reality", tags[0], *tags[2:]]
+        tags = migrated_tags(daemon)
+        rules = live_rules(daemon)
+        assert [r["inboundTag"] for r in rules[1:3]] == [["vless-reality", *tags]] * 2
+        before, kept = daemon.rig.xray_config.read_bytes(), backups(daemon)
+        new = daemon.create("newcomer")
+        tag = f"inbound-{new['uuid']}"
+        assert backups(daemon) - kept == {before}  # one write: the inbound and the rules
+        assert live_rules(daemon) == [
+            rules[0],
+            {**rules[1], "inboundTag": ["vless-reality", *tags, tag]},
+            {**rules[2], "inboundTag": ["vless-reality", *tags, tag]},
+            rules[3],
+        ]
+        saved = daemon.saved_state()
+        assert saved["route_sources"] == ["vless-reality"]
+        assert saved["keys"][new["id"]]["route_sources"] == ["vless-reality"]
         assert daemon.api("GET", "/api/system/xray/validate-sync")["in_sync"]
+        daemon.api("PATCH", f"/api/keys/{new['id']}", json={"note": "still routed"})
+        assert live_rules(daemon)[1]["inboundTag"] == ["vless-reality", *tags, tag]
+        daemon.api("DELETE", f"/api/keys/{new['id']}")
+        assert live_rules(daemon) == rules
+        daemon.api("DELETE", f"/api/keys/{tags[1].removeprefix('inbound-')}")
+        assert live_rules(daemon)[1]["inboundTag"] == ["vless-reality", tags[0], *tags[2:]]
+        assert live_rules(daemon)[2]["inboundTag"] == ["vless-reality", tags[0], *tags[2:]]
+
+
+def test_a_batch_after_the_migration_joins_its_rules() -> None:
+    with inprocess_daemon(xray_config=routed_config()) as daemon:
+        tags = migrated_tags(daemon)
+        before, kept = daemon.rig.xray_config.read_bytes(), backups(daemon)
+        body = {"keys": [{"name": "b1"}, {"name": "b2"}, {"name": "b3"}]}
+        made = daemon.api("POST", "/api/keys/batch", expect=201, json=body)["keys"]
+        added = [f"inbound-{key['uuid']}" for key in made]
+        assert backups(daemon) - kept == {before}
+        rules = live_rules(daemon)
+        assert [r["inboundTag"] for r in rules[1:3]] == [["vless-reality", *tags, *added]] * 2
+        assert rules[3]["inboundTag"] == ["vmess-old"]
+        daemon.api("DELETE", f"/api/keys/{made[1]['id']}")
+        rules = live_rules(daemon)
+        assert [r["inboundTag"] for r in rules[1:3]] == [
+            ["vless-reality", *tags, added[0], added[2]]
+        ] * 2
+
+
+def test_rules_the_operator_changed_by_hand_keep_the_operators_tags() -> None:
+    """A rule that no longer names the shared inbound is the operator's alone: new keys stay
+    out of it and its tags stay as written (a deleted key's tag still leaves). One that still
+    names it keeps the operator's own tags and takes new keys."""
+    with inprocess_daemon(xray_config=routed_config()) as daemon:
+        tags = migrated_tags(daemon)
+        config = json.loads(daemon.rig.xray_config.read_text())
+        rules = config["routing"]["rules"]
+        rules[1]["inboundTag"] = [tags[0], "vmess-old", tags[2]]  # WARP for two users and VMess
+        rules[2]["inboundTag"] = ["socks-in", *rules[2]["inboundTag"]]
+        daemon.rig.xray_config.write_text(json.dumps(config, indent=2))
+        new = f"inbound-{daemon.create('newcomer')['uuid']}"
+        assert live_rules(daemon) == [
+            rules[0],
+            rules[1],
+            {**rules[2], "inboundTag": ["socks-in", "vless-reality", *tags, new]},
+            rules[3],
+        ]
+        daemon.api("DELETE", f"/api/keys/{tags[2].removeprefix('inbound-')}")
+        assert live_rules(daemon)[1]["inboundTag"] == [tags[0], "vmess-old"]
+        assert live_rules(daemon)[2]["inboundTag"] == [
+            "socks-in",
+            "vless-reality",
+            *tags[:2],
+            *tags[3:],
+            new,
+        ]
+
+
+def test_without_a_migration_new_keys_touch_no_rule() -> None:
+    """Rules naming an inbound that was never migrated stay byte for byte, keys come and go."""
+    with inprocess_daemon(xray_config=routed_config()) as daemon:
+        daemon.create("first")
+        routing = json.loads(daemon.rig.xray_config.read_text())["routing"]
+        assert routing == routed_config()["routing"]
+        made = daemon.api("POST", "/api/keys/batch", expect=201, json={"keys": [{"name": "b"}]})
+        daemon.api("DELETE", f"/api/keys/{made['keys'][0]['id']}")
+        assert json.loads(daemon.rig.xray_config.read_text())["routing"] == routing
+        saved = daemon.saved_state()
+        assert saved["route_sources"] == []
+        assert [key["route_sources"] for key in saved["keys"].values()] == [[]]
+
+
+def test_which_rules_new_keys_join_survives_a_restart(tmp_path: Path) -> None:
+    """Saved with the migration (in the journal, with keys enough that a save is no
+    compaction), read at the next start: a key made after the restart joins the rules too.
+    Keys made before the migration never join them."""
+    with inprocess_daemon(xray_config=routed_config(), directory=tmp_path) as daemon:
+        older = [daemon.create(f"older{n}") for n in range(6)]
+        tags = migrated_tags(daemon)
+        assert (tmp_path / "state" / "state.journal").stat().st_size > 0
+    with inprocess_daemon(directory=tmp_path) as daemon:
+        assert daemon.service.state.route_sources == ("vless-reality",)
+        new = f"inbound-{daemon.create('after-restart')['uuid']}"
+        rules = live_rules(daemon)
+        assert [r["inboundTag"] for r in rules[1:3]] == [["vless-reality", *tags, new]] * 2
+        assert not any(f"inbound-{key['uuid']}" in json.dumps(rules) for key in older)
+
+
+def test_with_a_confdir_the_base_and_its_rules_are_never_written(tmp_path: Path) -> None:
+    """Migrated with the single file, then switched to PORTMETER_XRAY_CONFDIR as the README
+    says (key inbounds taken out of the base): a new key gets its file and remembers the rules
+    it joins, but the base, which holds them, stays byte for byte."""
+    with inprocess_daemon(xray_config=routed_config(), directory=tmp_path) as daemon:
+        tags = migrated_tags(daemon)
+    base = tmp_path / "xray" / "config.json"
+    config = json.loads(base.read_text())
+    config["inbounds"] = [i for i in config["inbounds"] if not is_portmeter_inbound(i)]
+    base.write_text(json.dumps(config, indent=2))
+    before = base.read_bytes()
+    directory = tmp_path / "conf.d"
+    with inprocess_daemon(directory=tmp_path, xray_confdir=directory) as daemon:
+        new = daemon.create("newcomer")
+        assert (directory / f"pm-{new['uuid']}.json").exists()
+        assert daemon.saved_state()["keys"][new["id"]]["route_sources"] == ["vless-reality"]
+        daemon.api("DELETE", f"/api/keys/{tags[0].removeprefix('inbound-')}")
+        assert base.read_bytes() == before
+
+
+def test_a_rollback_restores_the_rules_and_new_keys_leave_them() -> None:
+    """The original config comes back byte for byte, and keys made after the migration no
+    longer join the rules of the inbound it brought back."""
+    original = json.dumps(routed_config(), indent=2).encode()
+    with inprocess_daemon(xray_config=routed_config()) as daemon:
+        migrated_tags(daemon)
+        new = daemon.create("newcomer")
+        daemon.run(daemon.service.rollback_migration)
+        assert daemon.rig.xray_config.read_bytes() == original
+        saved = daemon.saved_state()
+        assert saved["route_sources"] == [] and list(saved["keys"]) == [new["id"]]
+        assert saved["keys"][new["id"]]["route_sources"] == []
+        daemon.create("later")
+        assert (
+            json.loads(daemon.rig.xray_config.read_text())["routing"] == routed_config()["routing"]
+        )
+
+
+SOURCES = ("vless-reality", "vless-grpc")
+OPERATOR_TAGS = (*SOURCES, "socks-in", "api")
+ROUTE_UUIDS = [str(uuid.UUID(int=n + 1, version=4)) for n in range(6)]
+
+
+@st.composite
+def routed_keys(draw: st.DrawFn) -> tuple[list[dict[str, Any]], list[XrayKey]]:
+    """Rules naming the operator's tags, shared inbounds and key tags (of keys that exist or
+    not), and keys each joining the rules of some shared inbounds (or none)."""
+    present = draw(st.sets(st.sampled_from(range(len(ROUTE_UUIDS)))))
+    keys = [
+        XrayKey(
+            id=f"k{n}",
+            name=f"k{n}",
+            uuid=ROUTE_UUIDS[n],
+            port=10001 + n,
+            route_sources=tuple(draw(st.lists(st.sampled_from(SOURCES), unique=True))),
+        )
+        for n in sorted(present)
+    ]
+    tags = st.sampled_from([*OPERATOR_TAGS, *(f"inbound-{u}" for u in ROUTE_UUIDS)])
+    rules = draw(
+        st.lists(
+            st.fixed_dictionaries(
+                {"inboundTag": st.lists(tags, min_size=1, unique=True), "outboundTag": tags}
+            ),
+            max_size=4,
+        )
+    )
+    return rules, keys
+
+
+@given(routed_keys())
+@settings(max_examples=200, deadline=None)
+def test_rules_name_every_key_of_the_inbounds_they_name_and_keep_the_operators_tags(
+    drawn: tuple[list[dict[str, Any]], list[XrayKey]],
+) -> None:
+    """Whatever the rules and keys: a rule that names a shared inbound names every key joining
+    its rules; the operator's tags all stay, in their order; a key tag leaves with its key
+    unless the rule would be left empty; a rule that needs nothing is left as it was; and
+    routing again changes nothing."""
+    rules, keys = drawn
+    config = {"routing": {"rules": copy.deepcopy(rules)}}
+    route_keys(config, keys, ())
+    present = {key.tag for key in keys}
+    for before, after in zip(rules, config["routing"]["rules"], strict=True):
+        named, now = before["inboundTag"], after["inboundTag"]
+        joining = {k.tag for k in keys if set(k.route_sources) & set(named)}
+        assert joining <= set(now)
+        assert [t for t in now if t in OPERATOR_TAGS] == [t for t in named if t in OPERATOR_TAGS]
+        gone = {t for t in named if t not in OPERATOR_TAGS and t not in present}
+        if gone and set(named) != gone:
+            assert not gone & set(now)
+        if not joining - set(named) and not (gone and set(named) != gone):
+            assert after == before
+        assert set(now) <= set(named) | joining
+    again = copy.deepcopy(config)
+    route_keys(again, keys, ())
+    assert again == config
 
 
 # --- 5. the planner is linear in the clients -------------------------------------------------

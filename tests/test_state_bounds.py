@@ -192,6 +192,31 @@ def test_a_key_xray_field_xray_would_refuse_is_refused_at_load(tmp_path: Path, c
     )
 
 
+@pytest.mark.parametrize(
+    ("tags", "words"),
+    [
+        (["vless-reality", "vless-reality"], "route_sources: Value error, a tag is listed twice"),
+        ([""], "route_sources.0: String should have at least 1 character"),
+    ],
+    ids=["twice", "empty"],
+)
+@pytest.mark.parametrize("where", ["state", "key"])
+def test_route_sources_out_of_shape_are_refused_at_load(
+    tmp_path: Path, tags: list[str], words: str, where: str
+) -> None:
+    """The shared inbounds whose routing rules keys join (README "Xray"): tags, each once."""
+    path, _, state = snapshotted(tmp_path)
+    raw = json.loads(snapshot_bytes(state))
+    (raw if where == "state" else raw["keys"]["k1"])["route_sources"] = tags
+    path.write_text(json.dumps(raw))
+    with pytest.raises(StateError) as refused:
+        StateStore(path).load()
+    at = "" if where == "state" else "keys.k1."
+    assert str(refused.value).startswith(
+        f"state file {path} does not match the schema ({at}{words}"
+    )
+
+
 def test_a_bad_server_private_key_is_refused_in_the_snapshot_and_the_journal(
     tmp_path: Path,
 ) -> None:

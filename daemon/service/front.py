@@ -254,12 +254,14 @@ class Service:
         """Build a new key on `port` (checked against bounds.py) and install its counters."""
         moment = now()
         # A subscription token even without Xray: a fleet key's is unique fleet-wide, and the
-        # servers that have Xray serve its subscription.
+        # servers that have Xray serve its subscription. After a migration the key joins the
+        # routing rules of the shared inbounds it replaced (README "Xray").
         made = {
             "id": new_id(self.index),
             "uuid": uuid.uuid4(),
             "created_at": moment,
             "sub_token": secrets.token_urlsafe(24),
+            "route_sources": self.state.route_sources,
         }
         key = KeyRecord(
             name=spec.name,
@@ -589,12 +591,15 @@ class Service:
             for key in created:
                 await self._install(key, undo)
                 progress.step()
+            routed = self.state.route_sources
+            self.state.route_sources = (*routed, *(t for t in plan.routed if t not in routed))
             progress.enter("writing and applying Xray's config, saving the keys")
             await self._commit(undo, base=base)
         return created, copy
 
     async def rollback_migration(self) -> tuple[str, list[KeyRecord]]:
-        """Restore the pre-migration config byte for byte and delete the keys migration made."""
+        """Restore the pre-migration config byte for byte and delete the keys migration made;
+        keys created since then no longer join the rules of the shared inbounds it replaced."""
         xray = self._require_xray()
         async with self.lock:
             with self.progress.running("rollback") as progress:
@@ -605,6 +610,7 @@ class Service:
                     for key in migrated:
                         del self.state.keys[key.id]
                         self._forget(key.id)
+                    self._leave_routes()
                     progress.enter("restoring the pre-migration config")
                     restored = await xray.restore_original()
                     undo.append(restored.undo)
@@ -616,6 +622,13 @@ class Service:
             copy = str(restored.copy)
             self.log.info("xray_migration_rolled_back", restored=copy, keys_removed=len(migrated))
             return copy, migrated
+
+    def _leave_routes(self) -> None:
+        """No shared inbound is replaced any more: no key joins its routing rules."""
+        self.state.route_sources = ()
+        for key in [key for key in self.state.keys.values() if key.route_sources]:
+            self.state.keys[key.id] = key.model_copy(update={"route_sources": ()})
+            self.ledger.mark(key.id)
 
     # --- the steps of an operation -------------------------------------------------------------
 

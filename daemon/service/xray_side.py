@@ -161,7 +161,7 @@ class XraySide:
             flow=key.flow,
             extra_short_ids=tuple(key.extra_short_ids),
             template="" if inbound is None else json.dumps(inbound, ensure_ascii=False),
-            source_tag=_source_tag(inbound),
+            route_sources=(*_migrated_from(inbound), *key.route_sources),
         )
 
     def served(self, state: State, changed: Collection[str] | None = None) -> list[XrayKey]:
@@ -202,6 +202,7 @@ class XraySide:
             key.reality_private_key,
             key.flow,
             key.xray_inbound,
+            key.route_sources,
             key.extra_short_ids,
         )
         hit = self._xray_keys.get(key.id)
@@ -494,10 +495,10 @@ def _same_file(path: Path, other: Path) -> bool:
         return False
 
 
-def _source_tag(inbound: dict[str, Any] | None) -> str:
-    """The tag of the shared inbound a migrated key's inbound was copied from ("" if none)."""
+def _migrated_from(inbound: dict[str, Any] | None) -> tuple[str, ...]:
+    """The tag of the shared inbound a migrated key's inbound was copied from (none: ())."""
     tag = None if inbound is None else inbound.get("tag")
-    return tag if isinstance(tag, str) else ""
+    return (tag,) if isinstance(tag, str) and tag else ()
 
 
 def _confdir_status(confdir: ConfDir, keys: Collection[XrayKey]) -> dict[str, Any]:

@@ -97,9 +97,20 @@ def _private_key(text: str) -> str:
     return text
 
 
+def _each_once(tags: tuple[str, ...]) -> tuple[str, ...]:
+    if len(set(tags)) != len(tags):
+        raise ValueError("a tag is listed twice")
+    return tags
+
+
 # Xray's own rules (daemon/xray), so a value Xray would refuse stops the load, not Xray's start.
 ShortId = Annotated[str, AfterValidator(check_short_id)]
 PrivateKey = Annotated[str, AfterValidator(_private_key)]
+# Tags of shared inbounds a migration replaced, each once (`route_sources` below); a tuple, so
+# the thousands of keys without any share one empty tuple.
+RouteSources = Annotated[
+    tuple[Annotated[str, Field(min_length=1)], ...], AfterValidator(_each_once)
+]
 
 
 class LeanModel(BaseModel):
@@ -226,6 +237,9 @@ class KeyRecord(LeanModel):
     # A migrated key's source inbound with its client alone (the id as the client had it):
     # the key's inbound repeats it except port and tag (README, section Xray).
     xray_inbound: dict[str, Any] | None = Field(default=None, repr=False)
+    # A key created after a migration: the shared inbounds it replaced whose routing rules name
+    # this key's inbound too (the state's `route_sources` when the key was made).
+    route_sources: RouteSources = ()
 
     @field_validator("xray_inbound")
     @classmethod
@@ -255,6 +269,9 @@ class State(BaseModel):
     table_handle: KernelNumber | None = None
     # The server's REALITY key.
     reality_private_key: PrivateKey | None = Field(default=None, repr=False)
+    # The shared inbounds migrations replaced whose routing rules they rewrote (by tag): keys
+    # created from now on join those rules (README "Xray"). A rollback empties it.
+    route_sources: RouteSources = ()
     keys: dict[str, KeyRecord] = Field(default_factory=dict)
 
     def ensure_instance(self) -> str:
@@ -277,6 +294,7 @@ class JournalRecord(BaseModel):
     instance: str = Field(pattern=r"^([0-9a-f]{8})?$")
     table_handle: KernelNumber | None
     reality_private_key: PrivateKey | None = Field(repr=False)
+    route_sources: RouteSources = ()
     keys: dict[str, KeyRecord | None]
 
     @model_validator(mode="after")
@@ -289,6 +307,7 @@ class JournalRecord(BaseModel):
         state.instance = self.instance
         state.table_handle = self.table_handle
         state.reality_private_key = self.reality_private_key
+        state.route_sources = self.route_sources
         for key_id, key in self.keys.items():
             if key is None:
                 state.keys.pop(key_id, None)
@@ -407,6 +426,7 @@ class StateStore:
                 instance=state.instance,
                 table_handle=state.table_handle,
                 reality_private_key=state.reality_private_key,
+                route_sources=state.route_sources,
                 keys={key_id: state.keys.get(key_id) for key_id in changed},
             )
             data = record.model_dump_json().encode() + b"\n"

@@ -72,7 +72,9 @@ class MigrationMove:
     inbound: Config | None = None
 
     def key(self, key_id: str) -> XrayKey:
-        """The key to create for this client: same id, REALITY pair, short ids and inbound."""
+        """The key to create for this client: same id, REALITY pair, short ids and inbound; the
+        routing rules that name its shared inbound name it too."""
+        source = self.source_tag if isinstance(self.source_tag, str) else ""
         first = next((s for s in self.short_ids if s), self.short_ids[0] if self.short_ids else "")
         extra = tuple(s for s in self.short_ids if s != first)
         return XrayKey(
@@ -85,7 +87,7 @@ class MigrationMove:
             flow=self.flow,
             extra_short_ids=extra,
             template="" if self.inbound is None else json.dumps(self.inbound, ensure_ascii=False),
-            source_tag=self.source_tag if isinstance(self.source_tag, str) else "",
+            route_sources=(source,) if source else (),
         )
 
 
@@ -105,8 +107,10 @@ class MigrationPlan:
     skipped: tuple[str, ...] = ()
     # What an operator should know: renamed keys, comments a rewrite drops.
     notes: tuple[str, ...] = ()
-    # Routing rules that name a shared inbound and will name its clients' keys too.
+    # Routing rules that name a shared inbound and will name its clients' keys too (and keys
+    # created later: `routed` holds the tags of those shared inbounds).
     routes: tuple[str, ...] = ()
+    routed: tuple[str, ...] = ()
     # What the live config loses when another file replaces it (`migrate --replace`).
     replaces: tuple[str, ...] = ()
 
@@ -164,9 +168,9 @@ def plan_migration(
     so its connection there keeps working (a key serves one inbound). Ports come from
     `port_range`, lowest first, skipping `taken_ports` and every port an inbound of the config
     listens on (ranges and lists too). Routing rules that name a shared inbound name its keys
-    too (`routes`). `commented`: the files with comments that carrying out the plan rewrites.
-    Linear in the clients. Running the plan's result through `plan_migration` again gives an
-    empty plan.
+    too (`routes`), and keys created later (`routed`: those inbounds' tags). `commented`: the
+    files with comments that carrying out the plan rewrites. Linear in the clients. Running the
+    plan's result through `plan_migration` again gives an empty plan.
     """
     inbounds = inbounds_of(config)
     found = _Found(
@@ -191,6 +195,7 @@ def plan_migration(
             "in the pre-migration copy: `portmeter migrate --rollback` restores it byte for byte)"
             for path in commented
         ]
+    routes, routed = _routes(config, found.moves)
     return MigrationPlan(
         tuple(found.moves),
         tuple(found.dropped),
@@ -199,7 +204,8 @@ def plan_migration(
         tuple(found.warnings),
         tuple(found.skipped),
         tuple(found.notes),
-        tuple(_route_lines(config, found.moves)),
+        tuple(routes),
+        tuple(routed),
     )
 
 
@@ -329,13 +335,17 @@ def _listened(inbounds: Sequence[object], port_range: PortRange) -> set[int]:
     return ports_among(spans, port_range.first, port_range.last)
 
 
-def _route_lines(config: Mapping[str, Any], moves: Sequence[MigrationMove]) -> list[str]:
-    """One line per routing rule that names a shared inbound: it will name the keys too."""
+def _routes(
+    config: Mapping[str, Any], moves: Sequence[MigrationMove]
+) -> tuple[list[str], list[str]]:
+    """One line per routing rule that names a shared inbound: it will name the keys too, and
+    those created later; and the tags of the shared inbounds such rules name, in rule order."""
     moved: dict[str, int] = {}
     for move in moves:
-        if isinstance(move.source_tag, str):
+        if isinstance(move.source_tag, str) and move.source_tag:
             moved[move.source_tag] = moved.get(move.source_tag, 0) + 1
-    lines = []
+    lines: list[str] = []
+    routed: dict[str, None] = {}  # ordered, each once
     for at, rule in enumerate(routing_rules(config)):
         named = [tag for tag in rule_inbound_tags(rule) if tag in moved]
         if named:
@@ -344,9 +354,10 @@ def _route_lines(config: Mapping[str, Any], moves: Sequence[MigrationMove]) -> l
             target = rule.get("outboundTag") or rule.get("balancerTag")
             lines.append(
                 f"routing rule #{at} (inboundTag {sources} -> {target!r}) will also name the "
-                f"inbounds of the {keys} keys moved from there"
+                f"inbounds of the {keys} keys moved from there, and of keys added later"
             )
-    return lines
+            routed.update(dict.fromkeys(named))
+    return lines, list(routed)
 
 
 def replaced_parts(live: Mapping[str, Any], source: Mapping[str, Any], where: str) -> list[str]:

@@ -115,9 +115,10 @@ class XrayKey:
     flow: str | None = None
     extra_short_ids: tuple[str, ...] = ()
     template: str = ""
-    # The tag of the shared inbound a migrated key came from: routing rules naming it name the
-    # key's inbound too (render.route_keys).
-    source_tag: str = ""
+    # Tags of shared inbounds a migration replaced: routing rules naming one name the key's
+    # inbound too (render.route_keys). A migrated key has its own source's; a key created after
+    # a migration has those of every source whose rules it rewrote.
+    route_sources: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "uuid", str(UUID(str(self.uuid))))

@@ -116,8 +116,9 @@ def with_inbounds(
 
 
 def route_keys(config: Config, keys: Sequence[XrayKey], kept_tags: Collection[str]) -> None:
-    """In place: every routing rule that names the shared inbound a key was migrated from
-    names the key's inbound too, and a key inbound's tag leaves the rules with its key (the
+    """In place: every routing rule that names a shared inbound among a key's `route_sources`
+    (the one it was migrated from, or those a migration replaced before it was created) names
+    the key's inbound too, and a key inbound's tag leaves the rules with its key (the
     operator's tags, `kept_tags` among them, always stay; a rule is never emptied). Rules that
     need no change are not touched."""
     rules = routing_rules(config)
@@ -125,8 +126,8 @@ def route_keys(config: Config, keys: Sequence[XrayKey], kept_tags: Collection[st
         return
     by_source: dict[str, list[str]] = {}
     for key in keys:
-        if key.source_tag:
-            by_source.setdefault(key.source_tag, []).append(key.tag)
+        for source in key.route_sources:
+            by_source.setdefault(source, []).append(key.tag)
     present = {key.tag for key in keys}
     for rule in rules:
         named = rule_inbound_tags(rule)
