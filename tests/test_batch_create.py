@@ -383,7 +383,8 @@ def test_a_fleet_batch_reaches_the_other_node_and_a_refused_one_nowhere(
         )
         before, counters = settings_of(a), a.counters()
         detail = a.daemon.api("POST", BATCH, expect=409, **batch("x1", "x2", "olga"))["detail"]
-        assert detail.startswith("a key named 'olga' already exists in the fleet")
+        assert detail.startswith("keys[2]: a key named 'olga' already exists in the fleet")
+        assert detail.endswith("nothing was created")
         assert (settings_of(a), a.counters()) == (before, counters)
         assert fleet_db.sql("SELECT count(*) FROM portmeter.keys") == "31"
         assert b.names() == names_sent

@@ -33,8 +33,7 @@ from daemon.store.state import State
 from daemon.xray.links import vless_link
 from daemon.xray.model import XrayConfigError, XrayKey, XrayOptions, key_file_name
 from daemon.xray.render import render_inbound
-from daemon.xray_confdir import ConfDir, key_file_bytes
-from daemon.xray_sync import XrayFiles
+from daemon.xray_sync import ConfDir, XrayFiles, key_file_bytes
 from tests.inprocess import inprocess_daemon
 from tests.test_xray_incremental import add_key
 from tests.test_xray_sync import REALITY, opts_for

@@ -31,6 +31,7 @@ from daemon.xray import render
 from daemon.xray.drift import check_config
 from daemon.xray.model import XrayConfigError, XrayKey
 from daemon.xray.render import inbound_changes, render_config
+from daemon.xray_io import files as xray_files
 from daemon.xray_sync import LiveConfig, XrayFiles, serialize
 from tests.test_xray_sync import REALITY, U1, U2, U3, base_configs, key, opts_for
 
@@ -213,7 +214,7 @@ def test_backup_is_copied_where_hard_links_fail(
     def cross_device(*_: Any, **__: Any) -> None:
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
-    monkeypatch.setattr(xs.os, "link", cross_device)
+    monkeypatch.setattr(xray_files.os, "link", cross_device)
     written = live.push(keys, REALITY)
     assert written.backup is not None and written.backup.read_bytes() == previous
 

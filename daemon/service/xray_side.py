@@ -1,10 +1,10 @@
 """The service's Xray side: which keys Xray must serve, and how a change reaches it.
 
-All Xray file and process work happens in daemon/xray_sync.py and, with one file per key,
-daemon/xray_confdir.py (in a worker thread where it blocks); this module turns state records
-into XrayKeys, packages "write, apply, and how to undo it", and remembers which keys changed
-since the last push (the ledger's marks reach it through `follow`), so a push after one key
-operation looks at that key alone.
+All Xray file and process work happens in daemon/xray_io/ (entry point daemon/xray_sync.py), in
+a worker thread where it blocks; this module turns state records into XrayKeys, packages
+"write, apply, and how to undo it", and remembers which keys changed since the last push (the
+ledger's marks reach it through `follow`), so a push after one key operation looks at that key
+alone.
 """
 
 from __future__ import annotations
@@ -44,11 +44,13 @@ from daemon.xray.model import (
 from daemon.xray.reality import generate_reality, new_short_id, reality_from_private
 from daemon.xray.render import inbound_changes
 from daemon.xray.text import ConfigText
-from daemon.xray_confdir import NO_MIGRATION, ConfDir
 from daemon.xray_sync import (
+    NO_MIGRATION,
+    ConfDir,
     LiveConfig,
     XrayApplier,
     XrayFiles,
+    XrayWriter,
     config_status,
     inbound_status,
     read_source,
@@ -111,7 +113,7 @@ class XraySide:
         directory = settings.xray_confdir
         # With a confdir, one file per key there (README "One file per key"); else one file.
         self.confdir = None if directory is None else ConfDir(self.files, directory)
-        self.live: LiveConfig | ConfDir = self.confdir or LiveConfig(self.files)
+        self.live: XrayWriter = self.confdir or LiveConfig(self.files)
         self.applier = XrayApplier(self.options)
         # key id -> (the record's fields an XrayKey is made of, that XrayKey); see `served`.
         self._xray_keys: dict[str, tuple[tuple[Any, ...], XrayKey]] = {}
@@ -480,8 +482,7 @@ class XraySide:
         last = self._last_drift
         if reuse and stamp is not None and last is not None and last[0] == seen:
             return list(last[2])
-        read = self.files.read if self.confdir is None else self.confdir.read
-        config = await anyio.to_thread.run_sync(read)
+        config = await anyio.to_thread.run_sync(self.live.read)
         problems = drift_report(config, keys, self.options, self.settings.port_range, reality)
         self._last_drift = (seen, keys, problems)  # the keys kept: no id is reused meanwhile
         return problems

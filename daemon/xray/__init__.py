@@ -1,5 +1,5 @@
 """Pure Xray knowledge: what a key's inbound looks like, how a config is read, checked, migrated
-and shared. No module here touches a file, a socket or a process; `daemon.xray_sync` does that.
+and shared. No module here touches a file, a socket or a process; `daemon.xray_io` does that.
 
 Modules, each importing only those above it: `model` (errors, options, keys, which inbounds are
 portmeter's), `text` (Xray's JSON-with-comments reader), `reality` (X25519 keys, short ids),

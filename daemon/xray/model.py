@@ -73,7 +73,7 @@ class XrayOptions:
     command_timeout: float = 30.0
     # The group Xray runs as (PORTMETER_XRAY_GROUP): the config is then 0640 root:group and a
     # directory portmeter creates for it 0750 root:group. None: see
-    # xray_sync.XrayFiles._mode_and_owner.
+    # xray_io.files.XrayFiles._mode_and_owner.
     file_group: int | None = None
 
     @property

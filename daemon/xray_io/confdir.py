@@ -7,7 +7,8 @@ writes one file, a delete removes one, whatever the number of keys. Every other 
 base config PORTMETER_XRAY_CONFIG, is the operator's: read to check collisions and drift, never
 written (README "One file per key (PORTMETER_XRAY_CONFDIR)").
 
-`ConfDir` has LiveConfig's interface (push, undo), so the service drives either the same way.
+`ConfDir` is the other `XrayWriter` (writer.py): the service drives it as it drives the one-file
+`LiveConfig`, and the model, push and undo logic both share lives in `IncrementalWriter`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from daemon.allocator import PortRange
 from daemon.atomic import (
     LinkRefused,
     NotRegular,
@@ -41,24 +41,16 @@ from daemon.xray.model import (
     Reality,
     XrayConfigError,
     XrayKey,
-    XrayOptions,
     XrayStorageError,
     inbounds_of,
     is_key_file,
     is_portmeter_inbound,
     key_file_name,
-    operator_ports,
 )
 from daemon.xray.render import InboundChanges, api_problems
-from daemon.xray_sync import (
-    Delta,
-    KeyInbounds,
-    Rendered,
-    Signature,
-    Written,
-    XrayFiles,
-    serialize,
-)
+from daemon.xray_io.files import Signature, XrayFiles, serialize
+from daemon.xray_io.inbounds import Delta, KeyInbounds, Rendered, rendered_key
+from daemon.xray_io.writer import IncrementalWriter, Written
 
 KEY_FILES = r"pm-.*\.json"  # the temporaries of key files, for `remove_stale_temporaries`
 FILE_MODE = 0o640
@@ -76,14 +68,6 @@ def key_file_bytes(inbound: Mapping[str, Any]) -> bytes:
         return (json.dumps({"inbounds": [inbound]}, ensure_ascii=False) + "\n").encode()
     except (TypeError, ValueError) as exc:
         raise XrayConfigError(f"the inbound cannot be written as JSON ({exc})") from None
-
-
-@dataclass(frozen=True, slots=True)
-class DirWritten(Written):
-    """What one ConfDir push did: each key file it changed, with its bytes before (None: it
-    did not exist), which `undo` puts back."""
-
-    restores: tuple[tuple[Path, bytes | None], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +105,7 @@ class Scan:
         return {**self.operator, "inbounds": inbounds}
 
 
-class ConfDir:
+class ConfDir(IncrementalWriter[KeyInbounds]):
     """The key files of one directory, written at the cost of what changed.
 
     After a full pass (the first push, `xray sync`, autosync at start, or whenever the
@@ -131,16 +115,8 @@ class ConfDir:
     """
 
     def __init__(self, files: XrayFiles, directory: Path) -> None:
-        self.files = files  # the base config: read, never written here
+        super().__init__(files)  # the base config: read, never written here
         self.directory = directory
-        self._model: KeyInbounds | None = None
-        self._stamp: Stamp | None = None
-        self._last: DirWritten | None = None
-        self._last_delta: Delta | None = None
-
-    @property
-    def opts(self) -> XrayOptions:
-        return self.files.opts
 
     def push(
         self,
@@ -148,40 +124,11 @@ class ConfDir:
         reality: Reality | None,
         base: Mapping[str, Any] | None = None,
     ) -> Written:
-        """Write the key files for `keys`; raise XrayError having left every file as it was."""
+        """Write the key files for `keys`; raise XrayError having left every file as it was.
+        A migration's `base` is refused: migration works on a single config file."""
         if base is not None:
             raise XrayConfigError(NO_MIGRATION)
-        model, self._model = self._model, None  # until the files are known to match it again
-        delta = None
-        if model is not None and self._stamp == self.stamp():
-            delta = model.delta(keys, self.opts, reality)
-        if model is None or delta is None:
-            self._last = self._full(keys, reality)
-            self._last_delta = None
-            return self._last
-        self._last = self._write(model, delta)
-        self._last_delta = delta
-        self._model = model
-        return self._last
-
-    def undo(self, written: Written) -> None:
-        """Put back the key files `written` changed; Xray is the caller's part."""
-        if not isinstance(written, DirWritten) or not written.wrote:
-            return
-        model, self._model = self._model, None
-        self._restore(written.restores)
-        if model is not None and written is self._last and self._last_delta is not None:
-            model.swap(self._last_delta.reversed())
-            self._stamp, self._model = self.stamp(), model
-        self._last = self._last_delta = None
-
-    def operator_ports(self, port_range: PortRange) -> set[int]:
-        """The ports of `port_range` the operator's inbounds hold, in the base config and every
-        other file of the directory: from the model while nothing changed, else read."""
-        if self._model is not None and self._stamp == self.stamp():
-            return self._model.operator_ports(port_range)
-        inbounds = inbounds_of(self.scan().operator)
-        return operator_ports(inbounds, port_range.first, port_range.last)
+        return super().push(keys, reality)
 
     def stamp(self) -> Stamp | None:
         try:
@@ -195,6 +142,10 @@ class ConfDir:
     def read(self) -> Config:
         """The config Xray reads, merged from the base and the directory (drift, status)."""
         return self.scan().merged()
+
+    def _operators(self) -> Config:
+        """The operator's configs: the base and every other file of the directory."""
+        return self.scan().operator
 
     def scan(self) -> Scan:
         """Read the base config and every *.json of the directory (XrayConfigError when the
@@ -242,14 +193,16 @@ class ConfDir:
 
     # --- writing ---------------------------------------------------------------------------
 
-    def _full(self, keys: Sequence[XrayKey], reality: Reality | None) -> DirWritten:
+    def _full(
+        self, keys: Sequence[XrayKey], reality: Reality | None, base: Mapping[str, Any] | None
+    ) -> Written:
         """Read everything, render every key, check the whole, write what differs, remove
-        key files of keys that are gone."""
+        key files of keys that are gone (`base` is None: `push` refuses one)."""
         scan = self.scan()
         self._make_directory()
         by_port = sorted(keys, key=lambda k: k.port)
         render.check_keys_unique(by_port)
-        rendered = [_rendered(key, self.opts, reality) for key in by_port]
+        rendered = [rendered_key(key, self.opts, reality, key_file_bytes) for key in by_port]
         merged = self._check(scan, rendered)
         by_name = {key_file_name(r.key.uuid): r for r in rendered}
         wanted = {name: r.text for name, r in by_name.items()}
@@ -267,7 +220,7 @@ class ConfDir:
         self._model = KeyInbounds(kept, rendered, reality, key_file_bytes)
         self._stamp = self.stamp()
         new = {r.key.tag: r.inbound for r in rendered}
-        return DirWritten(
+        return Written(
             None,
             None,
             InboundChanges.between(old, new),
@@ -299,7 +252,7 @@ class ConfDir:
             raise XrayConfigError(f"refusing to write {self.directory}: {problems[0]}{more}")
         return config
 
-    def _write(self, model: KeyInbounds, delta: Delta) -> DirWritten:
+    def _splice(self, model: KeyInbounds, delta: Delta) -> Written:
         """Write the arriving keys' files and remove the leaving keys' (same uuid: rewritten)."""
         arriving = {key_file_name(r.key.uuid): r.text for r in delta.arriving}
         before = {key_file_name(r.key.uuid): r.text for r in delta.leaving}
@@ -311,13 +264,14 @@ class ConfDir:
             before,
         )
         model.swap(delta)
-        self._stamp = self.stamp()
-        return DirWritten(
+        self._stamp, self._model = self.stamp(), model
+        return Written(
             None,
             None,
             delta.changes(),
             delta.reversed().changes,
             bool(restores),
+            delta,
             restores=tuple(restores),
         )
 
@@ -364,6 +318,9 @@ class ConfDir:
             ) from None
         return done
 
+    def _put_back(self, written: Written) -> None:
+        self._restore(written.restores)
+
     def _restore(self, restores: Sequence[tuple[Path, bytes | None]]) -> None:
         owner = self._owner()
         for path, data in reversed(restores):
@@ -385,11 +342,6 @@ NO_MIGRATION = (
     "migrate works on a single Xray config: unset PORTMETER_XRAY_CONFDIR, migrate, then set it "
     'again (README "One file per key (PORTMETER_XRAY_CONFDIR)")'
 )
-
-
-def _rendered(key: XrayKey, opts: XrayOptions, reality: Reality | None) -> Rendered:
-    inbound = render.render_inbound(key, opts, reality)
-    return Rendered(key, inbound, key_file_bytes(inbound))
 
 
 def _merge(into: Config, where: dict[str, str], config: Mapping[str, Any], source: str) -> None:
