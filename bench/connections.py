@@ -31,7 +31,7 @@ from bench.common import (
 )
 from daemon import netinfo
 from daemon.allocator import PortRange
-from daemon.nlcodec import TCP_ESTABLISHED
+from daemon.nft.codec import TCP_ESTABLISHED
 from tests.netlab import SERVER_V4, Lab, inside, lab
 
 KEYS = PortRange(20001, 21000)

@@ -5,7 +5,7 @@ with a data limit). nf_tables answers a dump in skbs of at most 32 KB (about 300
 each continuation walks the table's object list from its first entry to where the last one
 stopped, so the kernel's work grows with the square of the objects. This bench builds tables of
 plain counters of each size in a namespace of its own and reports the system CPU time of one
-dump, taken by the daemon's own reader (daemon/counters.py), and how many answers it came in.
+dump, taken by the daemon's own reader (daemon/nft/netlink.py), and how many answers it came in.
 Usage: .venv/bin/python -m bench.objects_dump [--quick]
 """
 
@@ -27,8 +27,8 @@ TABLE = "pmbdump"
 
 def measure_here(objects: int) -> dict[str, float]:
     """Inside the namespace: build the table, time DUMPS dumps, remove it."""
-    from daemon import nlcodec as nl
-    from daemon.counters import RECEIVE_BUFFER, Netlink
+    from daemon.nft import codec as nl
+    from daemon.nft.netlink import RECEIVE_BUFFER, Netlink
 
     lines = [f"table inet {TABLE} {{"]
     lines += [f"counter c_{n} {{}}" for n in range(objects)]

@@ -2,7 +2,7 @@
 one place.
 
 Each bound lies well inside what every store of the number can hold: nf_tables (u64 quota and
-counter bytes, encoded by `nlcodec`), SQLite and PostgreSQL (signed 64-bit integers, also when
+counter bytes, encoded by `nft/codec.py`), SQLite and PostgreSQL (signed 64-bit integers, also when
 summed over many keys and hours), JSON readers in browsers (exact up to 2^53). The API refuses a
 value outside them with 422, the CLI with one line, and `portmeter state check` calls a state file
 holding one damaged. README "Bounds and names" lists them for operators.
@@ -42,8 +42,8 @@ LATEST_MOMENT: Final = datetime(9998, 12, 31, tzinfo=UTC)
 MAX_EPOCH: Final = 10**9
 
 # What nf_tables holds: counters, object handles and a quota's `used` are u64; a quota's limit is
-# at most 2^63 - 1 (the kernel refuses more with EOVERFLOW). nlcodec and counters refuse a value
-# outside these before it reaches the kernel.
+# at most 2^63 - 1 (the kernel refuses more with EOVERFLOW). nft/codec.py and nft/layout.py refuse
+# a value outside these before it reaches the kernel.
 MAX_U64: Final = 2**64 - 1
 MAX_KERNEL_QUOTA: Final = 2**63 - 1
 

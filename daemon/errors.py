@@ -16,9 +16,9 @@ detail on one line and exits 1. Nothing reaches a client as a 500 (OperationFail
 Module errors below never reach a client as they are: the module named turns each into one of
 the above (or the CLI into a one-line message and exit 1), as the arrow says.
 
-    daemon/counters.py       NftError -> KernelRefused
+    daemon/kernel.py         NftError -> KernelRefused
                              └── OutOfRange -> Invalid
-    daemon/nlcodec.py        EncodeError (ValueError) -> OutOfRange
+    daemon/nft/codec.py      EncodeError (ValueError) -> OutOfRange
     daemon/allocator.py      PortUnavailable -> Conflict
     daemon/names.py          NameRefused (ValueError) -> 422 (a request validation error)
     daemon/store/state.py    StateError -> CLI: the daemon refuses to start

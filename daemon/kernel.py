@@ -1,8 +1,10 @@
-"""The service's seam to the kernel: what it calls on the nftables table (`Kernel`) and which facts
-it asks about the host (`Host`), with in-memory doubles of both for tests that run without root.
+"""The service's seam to the kernel: what it calls on the nftables table (`Kernel`), what the
+table answers (`TableView`, `PortReading`, `KernelQuota`) and refuses with (`NftError`,
+`OutOfRange`), and which facts it asks about the host (`Host`), with in-memory doubles of both
+for tests that run without root.
 
-The real table is counters.Counters and the real host is the module netinfo; the value types
-(TableView, PortReading, NftError) belong to counters.py, which defines what the kernel answers.
+The real table is counters.Counters (with its parts in daemon/nft/) and the real host is the
+module netinfo. Neither this module nor the service imports them: only main.py wires them in.
 `MemoryKernel` keeps the semantics the service relies on (README "Limits, expiry and resets" and
 "How it counts"): counters that only grow, a quota shared by both directions that drops the packet
 which would pass its limit (dropped bytes are counted apart, never as usage), handles that change
@@ -15,16 +17,91 @@ from __future__ import annotations
 import errno
 import itertools
 from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from daemon.accounting import Reading
 from daemon.allocator import PortRange
-from daemon.counters import KernelQuota, NftError, PortReading, TableView
 from daemon.limits import Guard, Quota
 
 PACKET = 1500  # bytes per packet `MemoryKernel.add_traffic` sends: an Ethernet MTU
 Contents = tuple[int | None, dict[int, tuple[int | None, int | None, int, int, int]]]
+
+
+class NftError(Exception):
+    """libnftables or the kernel refused a command; the message is nft's (or the kernel's) own.
+
+    `code` is the errno when it is known: only EPERM and EACCES mean missing privileges."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+    @property
+    def denied(self) -> bool:
+        return self.code in (errno.EPERM, errno.EACCES)
+
+
+class OutOfRange(NftError):
+    """A value nf_tables cannot hold (bounds.MAX_KERNEL_QUOTA, MAX_U64); refused before sending."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, errno.EOVERFLOW)
+
+
+@dataclass(frozen=True, slots=True)
+class KernelQuota:
+    limit: int
+    used: int
+
+    @property
+    def over(self) -> bool:
+        """The allowance is used up: the kernel reports `used` capped at the limit once over."""
+        return self.used >= self.limit
+
+
+@dataclass(frozen=True, slots=True)
+class PortReading:
+    rx: Reading
+    tx: Reading
+    dropped: Reading | None = None
+    quota: KernelQuota | None = None
+    refused: Reading | None = None  # new connections over max_connections, refused
+    ip_refused: Reading | None = None  # packets from addresses over max_ips, refused
+
+    @property
+    def over(self) -> bool:
+        """The kernel enforces a quota on this port and its allowance is used up."""
+        return self.quota is not None and self.quota.over
+
+
+@dataclass(slots=True)
+class TableView:
+    """What `list table` shows of our table: its identity, counters, quotas, and layout problems."""
+
+    handle: int
+    ports: dict[int, PortReading] = field(default_factory=dict)
+    stray: set[int] = field(default_factory=set)
+    problems: list[str] = field(default_factory=list)
+    guards: dict[int, Guard] | None = None  # known from a full listing only
+
+
+def port_gaps(
+    wanted: AbstractSet[int],
+    view: TableView,
+    elements: Mapping[str, Mapping[int, str]] | None = None,
+) -> dict[str, tuple[set[int], set[int]]]:
+    """Where the table disagrees with the keys' ports: for the counters (and, given the maps'
+    elements, for maps rx and tx) the ports a key has that are missing there, and the ports
+    there that no key owns. One answer for the consistency report and for the repair."""
+    present = set(view.ports)
+    gaps = {"counters": (set(wanted) - present, present - set(wanted))}
+    if elements is not None:
+        for direction in ("rx", "tx"):
+            mapped = set(elements.get(direction, {}))
+            gaps[f"map {direction}"] = (set(wanted) - mapped, mapped - set(wanted))
+    return gaps
 
 
 class Kernel(Protocol):

@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-from daemon import nlcodec as nl
 from daemon.allocator import PortRange
+from daemon.nft import codec as nl
 
 TCP_TIME_WAIT = 6
 TCP_CLOSE = 7
@@ -37,7 +37,7 @@ Decoded = tuple[list[T], nl.Message | None]  # what one chunk of a dump held, an
 def established_by_port(port_range: PortRange) -> dict[int, int]:
     """Established TCP connections whose local port is in the range, counted per port.
 
-    The kernel filters by state and port (an inet_diag bytecode, daemon/nlcodec.py), so the
+    The kernel filters by state and port (an inet_diag bytecode, daemon/nft/codec.py), so the
     host's other sockets are never sent here, however many there are."""
     counts: Counter[int] = Counter()
     with _diag_socket() as diag:

@@ -24,13 +24,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from daemon import nlcodec as nl
 from daemon.bounds import MAX_EPOCH, MAX_KERNEL_QUOTA, MAX_LIMIT_BYTES
-from daemon.counters import NftError, OutOfRange, Transaction, checked_quota
 from daemon.errors import OperationError, XrayRefused
 from daemon.http.app import create_app
-from daemon.kernel import MemoryKernel
+from daemon.kernel import MemoryKernel, NftError, OutOfRange
 from daemon.limits import Quota
+from daemon.nft import codec as nl
+from daemon.nft.layout import Transaction, checked_quota
 from daemon.service import KeySpec, Service
 from daemon.service.kernel_side import desired_quota
 from daemon.service.loops import poll_loop

@@ -21,7 +21,7 @@ import pytest
 
 from daemon import bounds, cli, keyfile, names
 from daemon.allocator import PortRange
-from daemon.counters import NftError
+from daemon.kernel import NftError
 from tests.conftest import Daemon
 from tests.inprocess import FIRST_PORT, PORTS, InProcessDaemon, inprocess_daemon
 from tests.netlab import Lab

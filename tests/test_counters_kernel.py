@@ -14,7 +14,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from daemon.accounting import Reading
-from daemon.counters import Counters, NftError, PortReading, TableView, port_gaps
+from daemon.counters import Counters
+from daemon.kernel import NftError, PortReading, TableView, port_gaps
 from daemon.limits import Quota
 from tests.netlab import CLIENT_V4, SERVER_V4, Lab, inside, lab, unique_name
 

@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from daemon import netinfo
-from daemon import nlcodec as nl
 from daemon.allocator import PortRange
+from daemon.nft import codec as nl
 from tests.inprocess import InProcessDaemon
 from tests.netlab import SERVER_V4, SERVER_V6, Lab, inside
 

@@ -11,7 +11,7 @@ from datetime import timedelta
 
 import anyio
 
-from daemon.counters import NftError
+from daemon.kernel import NftError
 from daemon.store.state import now
 from tests.inprocess import started
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from daemon import nlcodec as nl
+from daemon.nft import codec as nl
 
 TABLE = "pmtest"
 names = st.builds(

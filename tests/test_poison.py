@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from daemon.bounds import MAX_KERNEL_QUOTA
-from daemon.counters import OutOfRange
+from daemon.kernel import OutOfRange
 from daemon.limits import Quota
 from tests.conftest import REPO, Daemon
 from tests.netlab import Lab, wait_for

@@ -34,9 +34,8 @@ from pydantic import ValidationError
 from daemon import allocator, limits, names
 from daemon.allocator import PortRange
 from daemon.bounds import MAX_BATCH_KEYS, PORT_PROBE
-from daemon.counters import NftError
 from daemon.errors import Conflict, Invalid, NotFound, OperationError, OperationFailed
-from daemon.kernel import Host, Kernel
+from daemon.kernel import Host, Kernel, NftError
 from daemon.limits import Quota, ResetStrategy
 from daemon.service.fleet_port import FleetKeysPort, FleetStatusSource
 from daemon.service.guards import Guards

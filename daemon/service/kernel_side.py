@@ -24,9 +24,8 @@ import structlog
 
 from daemon import limits
 from daemon.allocator import PortRange
-from daemon.counters import NftError, OutOfRange, PortReading, TableView, port_gaps
 from daemon.errors import Invalid, KernelRefused, OperationError
-from daemon.kernel import Host, Kernel
+from daemon.kernel import Host, Kernel, NftError, OutOfRange, PortReading, TableView, port_gaps
 from daemon.limits import Quota, Status
 from daemon.service.guards import Guards
 from daemon.service.index import KeyIndex

@@ -1,12 +1,13 @@
 """nf_tables netlink messages, encoded and decoded. Pure: bytes in, values out.
 
-counters.py speaks netlink itself for the hot paths because libnftables rebuilds its cache of the
-whole table for every command (adding one map element takes 60-100 ms at 10,000 ports) and
-prints JSON for every object (listing 20,000 counters takes ~400 ms), and pyroute2 has no
-nf_tables object messages and decodes 20,000 messages far too slowly. The messages needed are
-few and fixed: get/new/delete of counter, quota and limit objects and map elements, a key's guard
-chain with its sets and rules, and reads of the table, its sets, chains and rules to check the
-layout.
+portmeter speaks netlink itself for the hot paths (daemon/nft/netlink.py sends these messages)
+because libnftables rebuilds its cache of the whole table for every command (adding one map
+element takes 60-100 ms at 10,000 ports) and prints JSON for every object (listing 20,000
+counters takes ~400 ms), and pyroute2 has no nf_tables object messages and decodes 20,000
+messages far too slowly. The messages needed are few and fixed: get/new/delete of counter, quota
+and limit objects and map elements, the expressions of a key's guard chain (layout.py says which),
+its sets and rules, and reads of the table, its sets, chains and rules to check the layout. The
+sock_diag messages netinfo.py sends share the framing and sit at the end.
 """
 
 from __future__ import annotations
@@ -162,10 +163,10 @@ def port_element(port: int, target: str | None) -> bytes:
     return nest(LIST_ELEM, *parts)
 
 
-# --- a key's guard chain (README "Speed, connection and device limits") ----------------------
-# The messages libnftables would send for the chain of rules, sets and verdict map element of a
-# key's connection and address limits: built here, the change costs one transaction at any
-# number of keys (libnftables first reads the whole table, ~45 ms at 10,000 keys).
+# --- expressions (the netlink form of a rule; layout.py composes them) ----------------------
+# A rule sent as netlink messages holds the expressions libnftables would send for its text, so
+# a chain made over netlink lists exactly as one libnftables made. Built here, a change costs one
+# transaction at any number of keys (libnftables first reads the whole table, ~45 ms at 10,000).
 
 NEWCHAIN, DELCHAIN, NEWRULE, DELRULE, NEWSET, DELSET = 3, 5, 6, 8, 9, 11
 APPEND = 0x800
@@ -178,41 +179,93 @@ EXPR_NAME, EXPR_DATA = 1, 2
 REG_VERDICT, REG_1 = 0, 1
 META_NFPROTO, META_L4PROTO, CT_STATE, CT_STATE_NEW = 15, 16, 0, 8
 CMP_EQ, CMP_NEQ = 0, 1
-IPPROTO_TCP, PAYLOAD_NETWORK, DYNSET_UPDATE = 6, 1, 1
+IPPROTO = {"tcp": 6, "udp": 17}
+PAYLOAD_NETWORK, DYNSET_UPDATE = 1, 1
 REJECT_TCP_RST, CONNLIMIT_OVER = 1, 1
-VERDICT_DROP, VERDICT_JUMP, VERDICT_RETURN = 0, 0xFFFFFFFD, 0xFFFFFFFB
+VERDICTS = {"accept": 1, "drop": 0, "return": 0xFFFFFFFB}
+VERDICT_JUMP = 0xFFFFFFFD
 
 
-def _expr(name: str, *attrs: bytes) -> bytes:
+def expression(name: str, *attrs: bytes) -> bytes:
     return nest(LIST_ELEM, attr(EXPR_NAME, text(name)), nest(EXPR_DATA, *attrs))
 
 
-def _cmp(op: int, value: bytes) -> bytes:
-    return _expr("cmp", attr(1, be32(REG_1)), attr(2, be32(op)), nest(3, attr(DATA_VALUE, value)))
+def compare(op: int, value: bytes) -> bytes:
+    """cmp: register 1 against `value` (CMP_EQ, CMP_NEQ)."""
+    return expression(
+        "cmp", attr(1, be32(REG_1)), attr(2, be32(op)), nest(3, attr(DATA_VALUE, value))
+    )
 
 
-def _meta_is(key: int, value: int) -> bytes:
-    """meta nfproto / l4proto == value (both one byte)."""
-    return _expr("meta", attr(1, be32(REG_1)), attr(2, be32(key))) + _cmp(CMP_EQ, bytes([value]))
+def meta_is(key: int, value: int, op: int = CMP_EQ) -> bytes:
+    """meta nfproto / l4proto ==/!= value (both one byte)."""
+    return expression("meta", attr(1, be32(REG_1)), attr(2, be32(key))) + compare(
+        op, bytes([value])
+    )
 
 
-def _counted(counter: str) -> bytes:
-    return _expr("objref", attr(1, be32(OBJECT_COUNTER)), attr(2, text(counter)))
+def ct_state_is(bits: int) -> bytes:
+    """ct state in `bits`: the state masked with them is not zero."""
+    return (
+        expression("ct", attr(1, be32(REG_1)), attr(2, be32(CT_STATE)))
+        + expression(
+            "bitwise",
+            attr(1, be32(REG_1)),
+            attr(2, be32(REG_1)),
+            attr(3, be32(4)),
+            nest(4, attr(DATA_VALUE, struct.pack("=I", bits))),
+            nest(5, attr(DATA_VALUE, bytes(4))),
+        )
+        + compare(CMP_NEQ, bytes(4))
+    )
 
 
-def _verdict(code: int, chain: str | None = None) -> bytes:
+def connlimit_over(limit: int) -> bytes:
+    return expression("connlimit", attr(1, be32(limit)), attr(2, be32(CONNLIMIT_OVER)))
+
+
+def counter_ref(counter: str) -> bytes:
+    """counter name C: the named counter object counts the packet."""
+    return expression("objref", attr(1, be32(OBJECT_COUNTER)), attr(2, text(counter)))
+
+
+def tcp_reset() -> bytes:
+    return expression("reject", attr(1, be32(REJECT_TCP_RST)), attr(2, b"\0"))
+
+
+def source_address(version: int) -> bytes:
+    """ip saddr / ip6 saddr into register 1."""
+    _type, length, offset = ADDRESS_TYPES[version]
+    return expression(
+        "payload",
+        attr(1, be32(REG_1)),
+        attr(2, be32(PAYLOAD_NETWORK)),
+        attr(3, be32(offset)),
+        attr(4, be32(length)),
+    )
+
+
+def set_update(set_name: str, set_id: int) -> bytes:
+    """update @set { register 1 }: the set made in the same batch as `set_id`."""
+    return expression(
+        "dynset",
+        attr(1, text(set_name)),
+        attr(2, be32(set_id)),
+        attr(3, be32(DYNSET_UPDATE)),
+        attr(4, be32(REG_1)),
+    )
+
+
+def verdict(code: int, chain: str | None = None) -> bytes:
     parts = [attr(VERDICT_CODE, be32(code))]
     if chain is not None:
         parts.append(attr(VERDICT_CHAIN, text(chain)))
     return nest(DATA_VERDICT, *parts)
 
 
-def _immediate(code: int) -> bytes:
-    return _expr("immediate", attr(1, be32(REG_VERDICT)), nest(2, _verdict(code)))
-
-
-TCP = _meta_is(META_L4PROTO, IPPROTO_TCP)
-RESET = _expr("reject", attr(1, be32(REJECT_TCP_RST)), attr(2, b"\0"))
+def immediate(code: int) -> bytes:
+    """accept, drop, return: the verdict register set."""
+    return expression("immediate", attr(1, be32(REG_VERDICT)), nest(2, verdict(code)))
 
 
 def rule_message_attrs(table: str, chain: str, exprs: bytes) -> bytes:
@@ -221,49 +274,6 @@ def rule_message_attrs(table: str, chain: str, exprs: bytes) -> bytes:
         + attr(RULE_CHAIN, text(chain))
         + nest(RULE_EXPRESSIONS, exprs)
     )
-
-
-def connection_rule(limit: int, counter: str) -> bytes:
-    """meta l4proto tcp ct state new ct count over `limit` counter name C reject with tcp reset"""
-    new = (
-        _expr("ct", attr(1, be32(REG_1)), attr(2, be32(CT_STATE)))
-        + _expr(
-            "bitwise",
-            attr(1, be32(REG_1)),
-            attr(2, be32(REG_1)),
-            attr(3, be32(4)),
-            nest(4, attr(DATA_VALUE, struct.pack("=I", CT_STATE_NEW))),
-            nest(5, attr(DATA_VALUE, bytes(4))),
-        )
-        + _cmp(CMP_NEQ, bytes(4))
-    )
-    over = _expr("connlimit", attr(1, be32(limit)), attr(2, be32(CONNLIMIT_OVER)))
-    return TCP + new + over + _counted(counter) + RESET
-
-
-def address_rule(version: int, set_name: str, set_id: int) -> bytes:
-    """meta nfproto ipvN update @set { ip(6) saddr } return"""
-    _type, length, offset = ADDRESS_TYPES[version]
-    load = _expr(
-        "payload",
-        attr(1, be32(REG_1)),
-        attr(2, be32(PAYLOAD_NETWORK)),
-        attr(3, be32(offset)),
-        attr(4, be32(length)),
-    )
-    update = _expr(
-        "dynset",
-        attr(1, text(set_name)),
-        attr(2, be32(set_id)),
-        attr(3, be32(DYNSET_UPDATE)),
-        attr(4, be32(REG_1)),
-    )
-    return _meta_is(META_NFPROTO, NFPROTO[version]) + load + update + _immediate(VERDICT_RETURN)
-
-
-def refusal_rules(counter: str) -> list[bytes]:
-    """What follows the address rules: count, reset TCP, drop the rest."""
-    return [_counted(counter), TCP + RESET, _immediate(VERDICT_DROP)]
 
 
 def address_set_attrs(
@@ -286,7 +296,7 @@ def jump_element(port: int, chain: str | None) -> bytes:
     """One verdict map element: the port as key, `jump chain` as value (None when deleting)."""
     parts = [nest(ELEM_KEY, attr(DATA_VALUE, unsigned(port, 2)))]
     if chain is not None:
-        parts.append(nest(ELEM_DATA, _verdict(VERDICT_JUMP, chain)))
+        parts.append(nest(ELEM_DATA, verdict(VERDICT_JUMP, chain)))
     return nest(LIST_ELEM, *parts)
 
 
