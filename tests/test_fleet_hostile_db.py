@@ -76,6 +76,8 @@ def test_a_node_whose_clock_is_a_day_off_neither_hides_nor_loses_fleet_usage(
         keys = {n.name: local_key(n, "kim", data_limit_bytes=LIMIT) for n in (a, b)}
         ports = {name: key["port"] for name, key in keys.items()}
         ids = {name: key["id"] for name, key in keys.items()}
+        time.sleep(1.1)  # resets travel in whole seconds: one in the second a key was made is
+        # no reset of it (nothing was counted before it)
 
         def after_reset_on(resetting: Node, sending: Node, amount: int) -> int:
             resets = {n.name: key_of(n, ids[n.name])["last_reset_at"] for n in (a, b)}

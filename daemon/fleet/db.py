@@ -36,6 +36,7 @@ POOL_SIZE = 4
 QUERY_DEADLINE = 15  # seconds any use of a connection may take, statement timeout included
 PROBE_INTERVAL = 1.0  # seconds between attempts to use a database known to be down
 CLOCK_SKEW_WARN = 2.0  # seconds between this server's clock and the database's worth a warning
+SKEW_SAMPLE_RTT = 0.25  # seconds: a clock sample that took longer says too little
 
 
 class FleetUnavailable(Exception):
@@ -129,6 +130,7 @@ class FleetDB:
         self._ready = anyio.Event()
         self._probing = False  # a connection attempt is finding out whether the database is back
         self._probe_after = 0.0  # monotonic time before which a down database is not tried
+        self._skew = 0.0  # whole seconds the database's clock is ahead of this server's
 
     async def run(self) -> None:
         """Connect and migrate in the background until it works; a bad DSN or a schema from a
@@ -223,33 +225,38 @@ class FleetDB:
 
     @property
     def skew(self) -> float:
-        """Whole seconds to add to this server's clock to get the database's: 0 until measured
-        and while within CLOCK_SKEW_WARN (NTP keeps servers far closer), so a measurement's
-        jitter never moves a moment this server compares with its own."""
-        skew = self.status.clock_skew or 0.0
-        return float(round(skew)) if abs(skew) > CLOCK_SKEW_WARN else 0.0
+        """Whole seconds to add to this server's clock to get the database's (0 until measured,
+        and while the clocks agree within CLOCK_SKEW_WARN: NTP keeps servers far closer)."""
+        return self._skew
 
     async def measure_skew(self, conn: AsyncConnection[Any]) -> float:
         """The database's clock against this server's, from one round trip (within half of it):
         moments the fleet compares across servers (resets, the usage since them) are stamped in
         the database's clock, so a server whose clock runs ahead or behind neither hides the
-        others' usage nor misses their resets. Logged when it passes CLOCK_SKEW_WARN."""
+        others' usage nor misses their resets. A sample whose round trip took longer than
+        SKEW_SAMPLE_RTT is not used, and the skew in use moves only when a sample leaves it by
+        more than CLOCK_SKEW_WARN: a measurement's jitter must never move a moment this server
+        compares with its own (its own reset read back as a newer one)."""
         before = time.time()
         cursor = await conn.execute("SELECT extract(epoch FROM clock_timestamp())::float8")
         row = await cursor.fetchone()
         after = time.time()
-        skew = float(row[0]) - (before + after) / 2 if row else 0.0
-        was = self.status.clock_skew
-        self.status.clock_skew = skew
-        if abs(skew) > CLOCK_SKEW_WARN and (was is None or abs(was) <= CLOCK_SKEW_WARN):
-            self.log.warning(
-                "fleet_clock_skew",
-                seconds=round(skew, 3),
-                remedy="fleet moments use the database's clock; run NTP (chrony) on this server",
-            )
-        elif abs(skew) <= CLOCK_SKEW_WARN and was is not None and abs(was) > CLOCK_SKEW_WARN:
-            self.log.info("fleet_clock_skew_gone", seconds=round(skew, 3))
-        return self.skew
+        if row is None or after - before > SKEW_SAMPLE_RTT:
+            return self._skew
+        measured = float(row[0]) - (before + after) / 2
+        self.status.clock_skew = measured
+        if abs(measured - self._skew) > CLOCK_SKEW_WARN:
+            was, self._skew = self._skew, float(round(measured))
+            if abs(self._skew) > CLOCK_SKEW_WARN:
+                self.log.warning(
+                    "fleet_clock_skew",
+                    seconds=round(measured, 3),
+                    remedy="fleet moments use the database's clock; run NTP (chrony) here",
+                )
+            elif was:
+                self._skew = 0.0
+                self.log.info("fleet_clock_skew_gone", seconds=round(measured, 3))
+        return self._skew
 
     def _reachable(self) -> None:
         if not self.status.reachable:
